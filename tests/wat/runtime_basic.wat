@@ -1,0 +1,37 @@
+;; Calls, host imports of each shape, memory growth, a global for clone isolation.
+(module
+  (import "env" "host_add" (func $host_add (param i32 i32) (result i32)))
+  (import "env" "host_log" (func $host_log (param i32 i32)))
+  (import "env" "host_i64" (func $host_i64 (param i32 i64) (result i64)))
+  (import "env" "host_void" (func $host_void))
+  (memory (export "memory") 1)
+  (global $counter (mut i32) (i32.const 0))
+  (data (i32.const 16) "hello")
+  (func (export "add") (param i32 i32) (result i32)
+    local.get 0 local.get 1 i32.add)
+  (func (export "add64") (param i64 i64) (result i64)
+    local.get 0 local.get 1 i64.add)
+  (func (export "fmix") (param i32 f64) (result f64)
+    local.get 0 f64.convert_i32_s local.get 1 f64.add)
+  (func (export "swap") (param i32 i32) (result i32 i32)
+    local.get 1 local.get 0)
+  (func (export "call_host_add") (param i32 i32) (result i32)
+    local.get 0 local.get 1 call $host_add)
+  (func (export "call_host_log")
+    i32.const 16 i32.const 5 call $host_log)
+  (func (export "call_host_i64") (param i64) (result i64)
+    i32.const 7 local.get 0 call $host_i64)
+  (func (export "call_host_void") call $host_void)
+  (func (export "incr") (result i32)
+    global.get $counter i32.const 1 i32.add global.set $counter global.get $counter)
+  ;; memory.grow by n pages, then store a marker byte at the new last byte; returns the old size.
+  (func (export "grow") (param i32) (result i32)
+    (local $old i32)
+    local.get 0 memory.grow local.set $old
+    memory.size i32.const 65536 i32.mul i32.const 1 i32.sub
+    i32.const 0x5a i32.store8
+    local.get $old)
+  (func (export "store32") (param i32 i32) local.get 0 local.get 1 i32.store)
+  (func (export "load32") (param i32) (result i32) local.get 0 i32.load)
+  (func (export "proxy_abi_version_0_2_1"))
+)

@@ -1,0 +1,740 @@
+"""The one module that talks to wasmtime: engine, compiled modules, VMs and their fast paths.
+
+Everything else in wasmproxy sees plain Python: ints in, ints out, bytes for memory. This mirrors
+proxy-wasm-cpp-host's ``WasmVm`` (``include/proxy-wasm/wasm_vm.h``), which alone faces the engine.
+
+Public API (thread rules in each docstring's first line)::
+
+    engine() -> wasmtime.Engine             # one per process: cranelift, epoch interruption on
+    engine_tick() -> None                   # any thread: advance the epoch by one tick
+    EpochTicker(interval_s).start()/.stop() # a daemon thread calling engine_tick() periodically
+    compile_module(code, *, cache_dir=None, name="") -> WasmModule
+    WasmModule: .sha256 .name .abi_version .exports{name: FuncSig} .imports[(module, name, FuncSig)]
+                .from_disk_cache
+    WasmVm(module, host_functions, *, name="", memory_limit_bytes=MAX_WASM_MEMORY_SIZE_BYTES,
+           epoch_deadline_ticks=None)
+      .get_function(name) -> Callable[..., int | float | tuple | None] | None
+      .memory: WasmMemory  read/write/read_u32/write_u32/read_u64/write_u64/read_cstr/size
+      .clone(host_functions=None) -> WasmVm
+      .set_epoch_deadline_ticks(ticks | None)
+    FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64' ...
+    WasmTrap(message, trap_code, frames)  .backtrace: str
+    WasmLoadError, InvalidMemoryAccess
+
+Value conventions (the same both ways across the boundary, as cpp-host's ``Word``):
+``i32`` values are unsigned Python ints ``0 .. 2**32-1`` (pointers and sizes are u32), ``i64``
+values are signed, ``f32``/``f64`` are floats. A host callable returns an int for a single
+result, ``None`` when the import has no result; a function with several results takes/returns
+a tuple.
+
+Why the raw C API: wasmtime-py's ``Func.__call__`` costs ~24 us and its Python host callbacks
+~10 us on this machine; ``wasmtime_func_call_unchecked`` with a preallocated
+``wasmtime_val_raw_t`` array, host functions made by ``wasmtime_func_new_unchecked`` that read
+their raw argument array, and linear memory accessed through ``memoryview`` over
+``wasmtime_memory_data`` cost a small fraction of that (see ``bench/micro/bench_runtime.py``).
+
+Safety invariants this module relies on:
+* ``memory_may_move`` is off, so a linear memory's base address is fixed for its lifetime and a
+  cached view only needs to be re-read when an access goes past its cached size (memory only
+  grows). Every access is bounds-checked against the current size.
+* Every ctypes callback and buffer is owned by the ``WasmVm`` (and the memory view keeps the
+  Store alive), so nothing is freed while wasmtime may still use it.
+* A host callable's exception never unwinds through wasm: it becomes a trap of the current call
+  and the caller sees ``WasmTrap`` (whose ``__cause__`` is the Python exception).
+* Re-entrancy: a host function may call back into the same VM (e.g. the plugin's ``malloc``).
+  The context a host function receives (``wasmtime_caller_context``) is the same
+  ``wasmtime_context_t`` as the Store's, so nested calls use it directly; a test pins this.
+* Epoch interruption is always compiled in. A VM without a CPU deadline gets a deadline so far
+  away that it never fires; with ``epoch_deadline_ticks`` the deadline is re-armed before every
+  outermost entry into the guest (without re-arming, the next call would trap at once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import os
+import struct
+import tempfile
+import threading
+from ctypes import CFUNCTYPE, POINTER, addressof, c_double, c_float, c_int64, c_size_t, c_uint32
+from ctypes import c_uint64, c_void_p
+from operator import itemgetter
+from typing import Any, Callable, Mapping, NamedTuple
+
+import wasmtime
+from wasmtime import _ffi as _wffi
+
+__all__ = [
+    "MAX_WASM_MEMORY_SIZE_BYTES",
+    "EpochTicker",
+    "FuncSig",
+    "HostFunction",
+    "InvalidMemoryAccess",
+    "WasmFrame",
+    "WasmLoadError",
+    "WasmMemory",
+    "WasmModule",
+    "WasmTrap",
+    "WasmVm",
+    "compile_module",
+    "engine",
+    "engine_tick",
+]
+
+log = logging.getLogger(__name__)
+
+# cpp-host limits.h: PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES.
+MAX_WASM_MEMORY_SIZE_BYTES = 1024 * 1024 * 1024
+
+# ABI versions a module declares by exporting an empty function of this name.
+_ABI_VERSION_EXPORTS = {
+    "proxy_abi_version_0_1_0": "0.1.0",
+    "proxy_abi_version_0_2_0": "0.2.0",
+    "proxy_abi_version_0_2_1": "0.2.1",
+}
+
+# A deadline this many ticks away never fires (a 10 ms ticker would need ~10^9 years).
+_NO_DEADLINE_TICKS = 1 << 62
+
+HostFunction = Callable[..., Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class WasmLoadError(Exception):
+    """The code could not be compiled, or the module could not be linked or instantiated."""
+
+
+class InvalidMemoryAccess(Exception):
+    """A guest pointer/length pair lies outside the current linear memory."""
+
+
+class WasmFrame(NamedTuple):
+    func_index: int
+    func_name: str | None  # from the name section, when the module has one
+    module_offset: int
+
+
+class WasmTrap(Exception):
+    """The guest trapped (unreachable, out-of-bounds, interrupt, a host callable raising...).
+
+    ``trap_code`` is wasmtime's code in lower case (``"unreachable"``, ``"interrupt"``,
+    ``"stack_overflow"``, ...) or None for a trap raised by the host; ``frames`` is the wasm
+    backtrace, innermost first.
+    """
+
+    def __init__(self, message: str, trap_code: str | None = None,
+                 frames: list[WasmFrame] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.trap_code = trap_code
+        self.frames = frames or []
+
+    @property
+    def backtrace(self) -> str:
+        lines = []
+        for i, f in enumerate(self.frames):
+            name = f.func_name or f"<wasm function {f.func_index}>"
+            lines.append(f"  {i}: {f.module_offset:#x} - {name}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        if not self.frames:
+            return self.message
+        return f"{self.message}\nwasm backtrace:\n{self.backtrace}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and epoch
+# ---------------------------------------------------------------------------------------------
+
+# The settings below are part of the precompiled-cache key: change one, change the key.
+_ENGINE_SETTINGS = "cranelift;opt=speed;epoch_interruption;memory_may_move=0"
+_engine: wasmtime.Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> wasmtime.Engine:
+    """Any thread: the process-wide Engine (created on first use)."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                cfg = wasmtime.Config()
+                cfg.strategy = "cranelift"
+                cfg.cranelift_opt_level = "speed"
+                cfg.epoch_interruption = True
+                # WasmMemory caches the base address: memories must never move.
+                cfg.memory_may_move = False
+                _engine = wasmtime.Engine(cfg)
+    return _engine
+
+
+def engine_tick() -> None:
+    """Any thread: advance the engine's epoch; guests past their deadline trap "interrupt"."""
+    engine().increment_epoch()
+
+
+class EpochTicker:
+    """Owner thread: a daemon thread that ticks the engine every ``interval_s`` until stopped.
+
+    With ``epoch_deadline_ticks=N`` a guest entry may run between (N-1) and N intervals.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wasm_epoch", daemon=True)
+
+    def start(self) -> "EpochTicker":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        eng = engine()
+        while not self._stop.wait(self.interval_s):
+            eng.increment_epoch()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw C entry points (own prototypes taking plain ints, so ctypes converts nothing)
+# ---------------------------------------------------------------------------------------------
+
+_dll = _wffi.dll
+
+
+def _c(name: str, restype: Any, *argtypes: Any) -> Any:
+    # A fresh function object: never mutate the argtypes of wasmtime-py's shared ones.
+    return CFUNCTYPE(restype, *argtypes)((name, _dll))
+
+
+_func_call_unchecked = _c("wasmtime_func_call_unchecked", c_size_t,
+                          c_size_t, c_size_t, c_size_t, c_size_t, c_size_t)
+_context_set_epoch_deadline = _c("wasmtime_context_set_epoch_deadline", None, c_size_t, c_uint64)
+_memory_data = _c("wasmtime_memory_data", c_size_t, c_size_t, c_size_t)
+_memory_data_size = _c("wasmtime_memory_data_size", c_size_t, c_size_t, c_size_t)
+_trap_new = _c("wasmtime_trap_new", c_size_t, ctypes.c_char_p, c_size_t)
+_caller_context = _c("wasmtime_caller_context", c_size_t, c_size_t)
+
+# wasmtime_func_unchecked_callback_t with every pointer as a plain int.
+_HOST_CALLBACK = CFUNCTYPE(c_size_t, c_size_t, c_size_t, c_size_t, c_size_t)
+_func_new_unchecked = _c("wasmtime_func_new_unchecked", None,
+                         c_size_t, c_size_t, _HOST_CALLBACK, c_void_p, c_void_p, c_size_t)
+
+# One wasmtime_val_raw_t is 16 bytes (a union up to v128), little-endian.
+_VAL_RAW_SIZE = 16
+_RAW_VIEW = {  # wasm type -> (ctypes element, elements per val_raw slot)
+    "i32": (c_uint32, 4),
+    "i64": (c_int64, 2),
+    "f32": (c_float, 4),
+    "f64": (c_double, 2),
+}
+
+
+def _trap_reason(message: str) -> str:
+    """wasmtime's text without its own backtrace (WasmTrap keeps the frames separately)."""
+    _, sep, cause = message.rpartition("Caused by:")
+    return cause.strip() if sep else message.strip()
+
+
+def _context_address(ptr: Any) -> int:
+    return ctypes.cast(ptr, c_void_p).value or 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class FuncSig(NamedTuple):
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+
+
+def _sig(ft: wasmtime.FuncType) -> FuncSig:
+    return FuncSig(tuple(str(t) for t in ft.params), tuple(str(t) for t in ft.results))
+
+
+class WasmModule:
+    """Compiled code, shared by every VM of it in the process (any thread)."""
+
+    def __init__(self, module: wasmtime.Module, sha256: str, name: str,
+                 from_disk_cache: bool = False) -> None:
+        self._module = module
+        self.sha256 = sha256
+        self.name = name
+        self.from_disk_cache = from_disk_cache  # deserialized from cache_dir, not compiled
+        self.exports: dict[str, FuncSig] = {}
+        for exp in module.exports:
+            if isinstance(exp.type, wasmtime.FuncType):
+                self.exports[exp.name] = _sig(exp.type)
+        # (module, name, FuncSig, FuncType) in import order; non-function imports have sig None.
+        self._imports: list[tuple[str, str, FuncSig | None, Any]] = []
+        for imp in module.imports:
+            ty = imp.type
+            sig = _sig(ty) if isinstance(ty, wasmtime.FuncType) else None
+            self._imports.append((imp.module, imp.name or "", sig, ty))
+        self.imports: list[tuple[str, str, FuncSig]] = [
+            (m, n, s) for m, n, s, _ in self._imports if s is not None]
+        self.abi_version: str | None = None
+        for export, version in _ABI_VERSION_EXPORTS.items():
+            if export in self.exports:
+                self.abi_version = version
+
+    def __repr__(self) -> str:
+        return f"WasmModule(name={self.name!r}, sha256={self.sha256[:12]}..., abi={self.abi_version})"
+
+
+_modules: dict[str, WasmModule] = {}
+_modules_lock = threading.Lock()
+_CACHE_MAGIC = b"wasmproxy-cwasm-1\n"
+_WASM_MAGIC = b"\0asm"
+
+
+def _cache_key() -> str:
+    version = importlib.metadata.version("wasmtime")
+    return hashlib.sha256(f"{version};{_ENGINE_SETTINGS}".encode()).hexdigest()[:16]
+
+
+def _load_cached(path: str) -> wasmtime.Module | None:
+    """Deserialize a cache file written by _store_cached, or None when it is missing or bad."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("wasm code cache: cannot read %s: %s", path, e)
+        return None
+    header = len(_CACHE_MAGIC) + 32
+    payload = blob[header:]
+    # Deserializing trusts the bytes: only hand wasmtime what we wrote ourselves, intact.
+    if (len(blob) < header or not blob.startswith(_CACHE_MAGIC)
+            or hashlib.sha256(payload).digest() != blob[len(_CACHE_MAGIC):header]):
+        log.warning("wasm code cache: ignoring corrupt entry %s", path)
+        return None
+    try:
+        return wasmtime.Module.deserialize(engine(), payload)
+    except wasmtime.WasmtimeError as e:
+        log.warning("wasm code cache: ignoring unusable entry %s: %s", path, e)
+        return None
+
+
+def _store_cached(path: str, module: wasmtime.Module) -> None:
+    payload = module.serialize()
+    blob = _CACHE_MAGIC + hashlib.sha256(payload).digest() + payload
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        log.warning("wasm code cache: cannot write %s: %s", path, e)
+
+
+def compile_module(code: bytes, *, cache_dir: str | None = None, name: str = "") -> WasmModule:
+    """Any thread: compile ``code`` once per process (cached by sha256).
+
+    With ``cache_dir`` (Envoy's ``allow_precompiled``) compiled code is also kept on disk, keyed
+    by code hash, engine settings and wasmtime version; corrupt entries are ignored and rewritten.
+    Raises WasmLoadError naming ``name`` for invalid or truncated code.
+    """
+    digest = hashlib.sha256(code).hexdigest()
+    with _modules_lock:
+        cached = _modules.get(digest)
+    if cached is not None:
+        return cached
+    path = os.path.join(cache_dir, f"{digest}-{_cache_key()}.cwasm") if cache_dir else None
+    module = _load_cached(path) if path else None
+    from_disk_cache = module is not None
+    if module is None:
+        if not code.startswith(_WASM_MAGIC):
+            # wasmtime-py would parse text as WAT; a plugin must be a binary, as in Envoy.
+            raise WasmLoadError(f"Failed to load Wasm code {name!r}: not a Wasm binary "
+                                f"(bad magic header {code[:4]!r})")
+        try:
+            module = wasmtime.Module(engine(), code)
+        except wasmtime.WasmtimeError as e:
+            detail = str(e).strip().replace("\n\n", "\n")
+            raise WasmLoadError(f"Failed to load Wasm code {name!r}: {detail}") from None
+        if path:
+            _store_cached(path, module)
+    wm = WasmModule(module, digest, name, from_disk_cache)
+    with _modules_lock:
+        return _modules.setdefault(digest, wm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear memory
+# ---------------------------------------------------------------------------------------------
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class WasmMemory:
+    """Owner thread of the VM: bounds-checked access to the exported "memory".
+
+    Reads copy out (``bytes``); writes copy in. Bounds are checked against the current size,
+    which may have grown during any call; a bad pointer raises InvalidMemoryAccess.
+    """
+
+    __slots__ = ("_store", "_ctx", "_mem_addr", "_mem", "_view", "_size")
+
+    def __init__(self, store: wasmtime.Store | None, ctx: int, mem: Any) -> None:
+        self._store = store  # keeps the Store, hence the memory, alive as long as this view
+        self._ctx = ctx
+        self._mem = mem
+        self._mem_addr = addressof(mem) if mem is not None else 0
+        self._view = memoryview(b"")
+        self._size = 0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if not self._mem_addr:
+            return
+        size = _memory_data_size(self._ctx, self._mem_addr)
+        if size != self._size:
+            base = _memory_data(self._ctx, self._mem_addr)
+            self._view = memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
+            self._size = size
+
+    def _check(self, ptr: int, n: int) -> None:
+        """Slow path: refresh after growth, then raise if the range is still out of bounds."""
+        self._refresh()
+        if not (0 <= ptr and 0 <= n and ptr + n <= self._size):
+            raise InvalidMemoryAccess(
+                f"wasm memory access out of bounds: ptr={ptr} size={n} memory={self._size}")
+
+    def size(self) -> int:
+        """Current size in bytes."""
+        self._refresh()
+        return self._size
+
+    def read(self, ptr: int, n: int) -> bytes:
+        end = ptr + n
+        if not (0 <= ptr <= end <= self._size):
+            self._check(ptr, n)
+        return self._view[ptr:end].tobytes()
+
+    def write(self, ptr: int, data: bytes | bytearray | memoryview) -> None:
+        end = ptr + len(data)
+        if not (0 <= ptr <= end <= self._size):
+            self._check(ptr, len(data))
+        self._view[ptr:end] = data
+
+    def read_u32(self, ptr: int) -> int:
+        if not (0 <= ptr and ptr + 4 <= self._size):
+            self._check(ptr, 4)
+        return _U32.unpack_from(self._view, ptr)[0]
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        if not (0 <= ptr and ptr + 4 <= self._size):
+            self._check(ptr, 4)
+        _U32.pack_into(self._view, ptr, value & 0xFFFFFFFF)
+
+    def read_u64(self, ptr: int) -> int:
+        if not (0 <= ptr and ptr + 8 <= self._size):
+            self._check(ptr, 8)
+        return _U64.unpack_from(self._view, ptr)[0]
+
+    def write_u64(self, ptr: int, value: int) -> None:
+        if not (0 <= ptr and ptr + 8 <= self._size):
+            self._check(ptr, 8)
+        _U64.pack_into(self._view, ptr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def read_cstr(self, ptr: int, max_len: int = 1 << 20) -> bytes:
+        """The NUL-terminated bytes at ptr (without the NUL); raises if none within max_len."""
+        if not (0 <= ptr < self._size):
+            self._check(ptr, 1)
+        end = min(self._size, ptr + max_len)
+        pos = ptr
+        while pos < end:  # scan in chunks: strings are short, memory may be large
+            chunk = self._view[pos:min(end, pos + 256)].tobytes()
+            idx = chunk.find(b"\0")
+            if idx >= 0:
+                return self._view[ptr:pos + idx].tobytes()
+            pos += len(chunk)
+        raise InvalidMemoryAccess(f"no NUL terminator within {max_len} bytes at ptr={ptr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# VMs
+# ---------------------------------------------------------------------------------------------
+
+
+def _views(buf: ctypes.Array, slots: int) -> dict[str, ctypes.Array]:
+    return {t: (ct * (per * slots)).from_buffer(buf) for t, (ct, per) in _RAW_VIEW.items()}
+
+
+class WasmVm:
+    """One Store + Instance of a module, used only from the thread that created it.
+
+    ``host_functions`` maps ``(module, name)`` to a Python callable for each function import
+    (see the module docstring for value conventions). Unused entries are ignored; an import
+    with no entry raises WasmLoadError "Failed to load Wasm module due to a missing import:
+    env.proxy_foo" (cpp-host's wording).
+    """
+
+    def __init__(self, module: WasmModule, host_functions: Mapping[tuple[str, str], HostFunction],
+                 *, name: str = "", memory_limit_bytes: int | None = MAX_WASM_MEMORY_SIZE_BYTES,
+                 epoch_deadline_ticks: int | None = None) -> None:
+        self.module = module
+        self.name = name or module.name
+        self.thread_id = threading.get_ident()
+        self._host_functions = host_functions
+        self._memory_limit_bytes = memory_limit_bytes
+        self._deadline_ticks = epoch_deadline_ticks
+        self._depth = 0  # nesting of guest entries (re-entrant calls from host functions)
+        self._host_error: BaseException | None = None
+        self._trap_out = c_size_t(0)
+        self._trap_out_addr = addressof(self._trap_out)
+        self._functions: dict[str, Callable[..., Any]] = {}
+
+        self._store = store = wasmtime.Store(engine())
+        self._ctx = _context_address(store._context())
+        if memory_limit_bytes is not None:
+            store.set_limits(memory_size=memory_limit_bytes)
+        _context_set_epoch_deadline(self._ctx, _NO_DEADLINE_TICKS)
+
+        # Everything wasmtime may call back into or read from stays referenced here.
+        self._keepalive: list[Any] = []
+        imports = []
+        for mod_name, imp_name, sig, ty in module._imports:
+            if sig is None:
+                raise WasmLoadError(
+                    f"Failed to load Wasm module due to a missing import: {mod_name}.{imp_name}"
+                    f" (only function imports are provided)")
+            fn = host_functions.get((mod_name, imp_name))
+            if fn is None:
+                raise WasmLoadError(
+                    f"Failed to load Wasm module due to a missing import: {mod_name}.{imp_name}")
+            cb = _HOST_CALLBACK(self._make_host_trampoline(f"{mod_name}.{imp_name}", fn, sig))
+            func_t = _wffi.wasmtime_func_t()
+            _func_new_unchecked(self._ctx, _context_address(ty.ptr()), cb, None, None,
+                                addressof(func_t))
+            self._keepalive += (cb, ty, func_t)
+            imports.append(wasmtime.Func._from_raw(func_t))
+        try:
+            self._instance = wasmtime.Instance(store, module._module, imports)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from e
+        self._exports = self._instance.exports(store)
+        mem = self._exports.get("memory")
+        self.memory = WasmMemory(
+            store if isinstance(mem, wasmtime.Memory) else None, self._ctx,
+            mem._memory if isinstance(mem, wasmtime.Memory) else None)
+
+    # -- calls into the guest ----------------------------------------------------------------
+
+    def get_function(self, name: str) -> Callable[..., Any] | None:
+        """Owner thread: a fast callable for the exported function ``name``, or None.
+
+        Calling it raises WasmTrap if the guest traps (including an interrupted deadline).
+        """
+        fn = self._functions.get(name)
+        if fn is None:
+            sig = self.module.exports.get(name)
+            if sig is None:
+                return None
+            ext = self._exports.get(name)
+            if not isinstance(ext, wasmtime.Func):
+                return None
+            fn = self._make_call(name, ext._func, sig)
+            self._functions[name] = fn
+        return fn
+
+    def _make_call(self, name: str, func_t: Any, sig: FuncSig) -> Callable[..., Any]:
+        nparams, nresults = len(sig.params), len(sig.results)
+        slots = max(nparams, nresults, 1)
+        buf = (c_uint64 * (2 * slots))()
+        views = _views(buf, slots)
+        self._keepalive += (buf, func_t)
+        func_addr, buf_addr = addressof(func_t), addressof(buf)
+        ctx, trap_out, trap_out_addr = self._ctx, self._trap_out, self._trap_out_addr
+        owner = self.thread_id
+        get_ident = threading.get_ident
+        call_unchecked = _func_call_unchecked
+        set_deadline = _context_set_epoch_deadline
+        failed = self._call_failed
+        vm = self
+
+        # Argument setter: one slice assignment when all params share a type.
+        if nparams and len(set(sig.params)) == 1 and sig.params[0] in _RAW_VIEW:
+            view = views[sig.params[0]]
+            per = _RAW_VIEW[sig.params[0]][1]
+            stop = per * nparams
+
+            def set_args(args: tuple) -> None:
+                view[0:stop:per] = args
+        else:
+            targets = []
+            for i, t in enumerate(sig.params):
+                if t not in _RAW_VIEW:
+                    raise WasmLoadError(f"{self.name}: export {name} takes unsupported type {t}")
+                targets.append((views[t], i * _RAW_VIEW[t][1]))
+
+            def set_args(args: tuple) -> None:
+                if len(args) != nparams:
+                    raise TypeError(f"{name}() takes {nparams} arguments ({len(args)} given)")
+                for (v, idx), a in zip(targets, args):
+                    v[idx] = a
+
+        if nresults == 0:
+            def get_results() -> Any:
+                return None
+        elif nresults == 1:
+            rview = views[sig.results[0]]
+
+            def get_results() -> Any:
+                return rview[0]
+        else:
+            getters = [(views[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.results)]
+
+            def get_results() -> Any:
+                return tuple(v[idx] for v, idx in getters)
+
+        def call(*args: Any) -> Any:
+            if get_ident() != owner:
+                raise AssertionError(
+                    f"wasm vm {vm.name!r} used from a thread other than the one that created it")
+            set_args(args)
+            if vm._deadline_ticks is not None and not vm._depth:
+                set_deadline(ctx, vm._deadline_ticks)
+            vm._depth += 1
+            try:
+                err = call_unchecked(ctx, func_addr, buf_addr, slots, trap_out_addr)
+            finally:
+                vm._depth -= 1
+            if err or trap_out.value:
+                failed(name, err)
+            return get_results()
+
+        call.__name__ = name
+        call.__qualname__ = f"WasmVm.{name}"
+        return call
+
+    def _call_failed(self, name: str, err: int | None) -> None:
+        """Turn wasmtime's error/trap out-parameters into a WasmTrap (and consume them)."""
+        cause, self._host_error = self._host_error, None
+        if err:
+            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, POINTER(_wffi.wasmtime_error_t)))
+            raise WasmTrap(f"{self.name}: {name}: {e}") from cause
+        trap_ptr, self._trap_out.value = self._trap_out.value, 0
+        trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, POINTER(_wffi.wasm_trap_t)))
+        code = trap.trap_code
+        frames = [WasmFrame(f.func_index, f.func_name, f.module_offset) for f in trap.frames]
+        raise WasmTrap(_trap_reason(trap.message), code.name.lower() if code is not None else None,
+                       frames) from cause
+
+    # -- calls from the guest ----------------------------------------------------------------
+
+    def _make_host_trampoline(self, qualname: str, fn: HostFunction,
+                              sig: FuncSig) -> Callable[[int, int, int, int], int]:
+        nparams, nresults = len(sig.params), len(sig.results)
+        slots = max(nparams, nresults, 1)
+        host_trap = self._host_trap
+        for t in sig.params + sig.results:
+            if t not in _RAW_VIEW:
+                raise WasmLoadError(f"{self.name}: import {qualname} uses unsupported type {t}")
+
+        if set(sig.params + sig.results) <= {"i32"}:
+            # The common case (every Proxy-Wasm import but a few): one u32 view over the array.
+            arr_t = c_uint32 * (4 * slots)
+            from_address = arr_t.from_address
+            if nparams == 0:
+                def read_args(a: Any) -> tuple:
+                    return ()
+            elif nparams == 1:
+                def read_args(a: Any) -> tuple:
+                    return (a[0],)
+            else:
+                read_args = itemgetter(*range(0, 4 * nparams, 4))
+
+            if nresults == 0:
+                def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
+                    try:
+                        fn(*read_args(from_address(args)))
+                        return 0
+                    except BaseException as e:
+                        return host_trap(qualname, e)
+            else:
+                def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
+                    try:
+                        a = from_address(args)
+                        a[0] = fn(*read_args(a))
+                        return 0
+                    except BaseException as e:
+                        return host_trap(qualname, e)
+            return trampoline
+
+        # Mixed types (i64 metrics, WASI clock/seek...): a view per type.
+        view_types = {t: (ct * (per * slots)) for t, (ct, per) in _RAW_VIEW.items()}
+        param_src = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.params)]
+        result_dst = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.results)]
+
+        def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
+            try:
+                r = fn(*[vt.from_address(args)[idx] for vt, idx in param_src])
+                if nresults == 1:
+                    vt, idx = result_dst[0]
+                    vt.from_address(args)[idx] = r
+                elif nresults:
+                    for (vt, idx), v in zip(result_dst, r, strict=True):
+                        vt.from_address(args)[idx] = v
+                return 0
+            except BaseException as e:
+                return host_trap(qualname, e)
+        return trampoline
+
+    def _host_trap(self, qualname: str, e: BaseException) -> int:
+        """A host callable raised: log it and turn it into a trap of the current guest call."""
+        if isinstance(e, WasmTrap):
+            msg = f"{qualname}: {e.message}"  # a nested guest call trapped: propagate its text
+        else:
+            msg = f"host function {qualname} raised {type(e).__name__}: {e}"
+            log.error("wasm vm %r: %s", self.name, msg, exc_info=e)
+        if self._host_error is None:
+            self._host_error = e
+        data = msg.encode("utf-8", "replace")
+        return _trap_new(data, len(data))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def clone(self, host_functions: Mapping[tuple[str, str], HostFunction] | None = None,
+              *, name: str | None = None) -> WasmVm:
+        """Any thread: a fresh Store + Instance of the same module, owned by the calling thread.
+
+        It shares nothing with this VM but the compiled code (globals and memory start anew),
+        and uses the same host functions unless others are given (host callables that close
+        over per-VM state should be given anew).
+        """
+        return WasmVm(self.module, self._host_functions if host_functions is None else host_functions,
+                      name=self.name if name is None else name,
+                      memory_limit_bytes=self._memory_limit_bytes,
+                      epoch_deadline_ticks=self._deadline_ticks)
+
+    def set_epoch_deadline_ticks(self, ticks: int | None) -> None:
+        """Owner thread: give each outermost guest entry ``ticks`` epoch ticks (None: no limit)."""
+        self._deadline_ticks = ticks
+        if ticks is None:
+            _context_set_epoch_deadline(self._ctx, _NO_DEADLINE_TICKS)
+
+    def __repr__(self) -> str:
+        return f"WasmVm(name={self.name!r}, module={self.module!r})"
