@@ -1,0 +1,706 @@
+"""Sans-IO HTTP/1.1 codec on httptools (llhttp): ServerCodec for downstream, ClientCodec for upstream.
+
+No sockets here, in the style of h11: `feed(bytes)` parses and reports events through a
+callbacks object, and `encode_*` return the bytes to write. Framing, limits, error codes and
+details follow Envoy's HTTP/1 codec (source/common/http/http1/codec_impl.cc):
+
+* requests without a body deliver headers with end_stream=True; with a body, headers then
+  data(..., False) chunks then data(b"", True) (or trailers when enabled), as Envoy does;
+* the server parses one request at a time: once a request is complete, later pipelined
+  requests wait until the response to it has been encoded and `resume()` is called;
+* a bad request is reported once as a `CodecError` carrying Envoy's local-reply status and
+  response-code details; nothing is parsed after it.
+
+User callbacks never run inside httptools' own callbacks: parser callbacks only queue events,
+which are delivered after `feed_data` returns, so a callback may pause, encode or raise freely.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Protocol
+
+import httptools
+
+from .headers import HeaderMap
+
+__all__ = [
+    "CodecError",
+    "ServerCodec",
+    "ServerCodecCallbacks",
+    "ClientCodec",
+    "ClientCodecCallbacks",
+    "reason_phrase",
+    "DEFAULT_MAX_HEADERS_KB",
+    "DEFAULT_MAX_HEADERS_COUNT",
+]
+
+# Envoy's defaults: HttpConnectionManager.max_request_headers_kb and
+# common_http_protocol_options.max_headers_count.
+DEFAULT_MAX_HEADERS_KB = 60
+DEFAULT_MAX_HEADERS_COUNT = 100
+
+# Envoy's Http1ResponseCodeDetailValues and StreamInfo::ResponseCodeDetails used by the codec.
+DETAILS_CODEC_ERROR = "http1.codec_error"
+DETAILS_HEADERS_TOO_LARGE = "http1.headers_too_large"
+DETAILS_TOO_MANY_HEADERS = "http1.too_many_headers"
+DETAILS_INVALID_URL = "http1.invalid_url"
+DETAILS_INVALID_TRANSFER_ENCODING = "http1.invalid_transfer_encoding"
+DETAILS_LOW_VERSION = "low_version"
+
+# CodeUtility::toString (source/common/http/codes.cc); anything else prints "Unknown".
+_REASONS: dict[int, str] = {
+    100: "Continue",
+    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
+    204: "No Content", 205: "Reset Content", 206: "Partial Content", 207: "Multi-Status",
+    208: "Already Reported", 226: "IM Used",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Found", 303: "See Other",
+    304: "Not Modified", 305: "Use Proxy", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 409: "Conflict", 410: "Gone",
+    411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 421: "Misdirected Request", 422: "Unprocessable Entity",
+    423: "Locked", 424: "Failed Dependency", 426: "Upgrade Required",
+    428: "Precondition Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+    506: "Variant Also Negotiates", 507: "Insufficient Storage", 508: "Loop Detected",
+    510: "Not Extended", 511: "Network Authentication Required",
+}
+
+
+def reason_phrase(status: int) -> str:
+    """The reason phrase Envoy prints for `status` (also the body of its local replies)."""
+    return _REASONS.get(status, "Unknown")
+
+
+# Built once, as uvicorn does: the request path never formats a status line.
+_STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason_phrase(code).encode()) for code in range(100, 600)
+}
+_CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+class CodecError(Exception):
+    """A protocol error in what the peer sent.
+
+    `status` is the local reply Envoy sends for it (400, 413, 426, 431, 501...; 502 for a bad
+    upstream response) and `details` Envoy's response-code details ("http1.codec_error", ...).
+    Any other exception escaping `feed` is a bug.
+    """
+
+    def __init__(self, status: int, details: str, message: str = "") -> None:
+        super().__init__(message or details)
+        self.status = status
+        self.details = details
+
+
+class ServerCodecCallbacks(Protocol):
+    def on_message_begin(self) -> None: ...
+
+    def on_headers(self, headers: HeaderMap, end_stream: bool) -> None: ...
+
+    def on_data(self, data: bytes, end_stream: bool) -> None: ...
+
+    def on_trailers(self, trailers: HeaderMap) -> None: ...
+
+    def on_codec_error(self, error: CodecError) -> None: ...
+
+
+class ClientCodecCallbacks(Protocol):
+    def on_1xx(self, headers: HeaderMap) -> None: ...
+
+    def on_headers(self, headers: HeaderMap, end_stream: bool) -> None: ...
+
+    def on_data(self, data: bytes, end_stream: bool) -> None: ...
+
+    def on_trailers(self, trailers: HeaderMap) -> None: ...
+
+    def on_codec_error(self, error: CodecError) -> None: ...
+
+
+def _error_from_parser(exc: Exception) -> CodecError:
+    """Map an llhttp error to Envoy's status and details."""
+    message = str(exc)
+    if "Transfer-Encoding" in message and "invalid" in message:
+        # Envoy answers an unknown transfer-coding with 501 (RFC 9112 6.1).
+        return CodecError(501, DETAILS_INVALID_TRANSFER_ENCODING, message)
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return CodecError(400, DETAILS_INVALID_URL, message)
+    return CodecError(400, DETAILS_CODEC_ERROR, message)
+
+
+def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[list[bytes], bool]:
+    """Encode the regular headers of `headers`; also says whether content-length was seen."""
+    lines: list[bytes] = []
+    saw_content_length = False
+    for key, value in headers.items():
+        if key[0] == ":" or key in skip:
+            continue
+        if key == "content-length":
+            saw_content_length = True
+        lines.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("latin-1")))
+    return lines, saw_content_length
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _encode_trailer_block(trailers: HeaderMap) -> bytes:
+    lines, _ = _header_lines(trailers, frozenset())
+    return b"0\r\n" + b"".join(lines) + _CRLF
+
+
+class _MessageParser:
+    """What httptools calls back; it only records, and queues events on its codec."""
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: "_CodecBase") -> None:
+        self.codec = codec
+
+    def on_message_begin(self) -> None:
+        self.codec._on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self.codec._on_url(url)
+
+    def on_status(self, status: bytes) -> None:
+        pass
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.codec._on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.codec._on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.codec._on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.codec._on_message_complete()
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to end parsing on purpose (HEAD responses, limits)."""
+
+
+class _CodecBase:
+    """Message assembly and limits shared by both directions."""
+
+    def __init__(self, max_headers_kb: int, max_headers_count: int, enable_trailers: bool) -> None:
+        self._max_headers_bytes = max_headers_kb * 1024
+        self._max_headers_count = max_headers_count
+        self._enable_trailers = enable_trailers
+        self._events: deque[tuple[Callable[..., None], tuple[object, ...]]] = deque()
+        self._error: CodecError | None = None
+        # Per message.
+        self._in_head = False
+        self._headers_done = False
+        self._url = b""
+        self._pairs: list[tuple[str, str]] = []
+        self._trailer_pairs: list[tuple[str, str]] = []
+        self._head_bytes = 0  # the parsed part of the head, counted as on the wire
+        self._head_raw_bytes = 0  # bytes of whole feeds that were all head (catches huge headers)
+        self._has_body = False
+        self._messages_completed = 0
+
+    # -- limits -----------------------------------------------------------------------------
+
+    def _check_head_size(self) -> None:
+        if max(self._head_bytes, self._head_raw_bytes) > self._max_headers_bytes:
+            self._fail(CodecError(431, DETAILS_HEADERS_TOO_LARGE, "headers size exceeds limit"))
+
+    def _fail(self, error: CodecError) -> None:
+        if self._error is None:
+            self._error = error
+            self._events.append((self._deliver_error, (error,)))
+        raise _StopParsing
+
+    # -- parser callbacks (queue only) -------------------------------------------------------
+
+    def _on_message_begin(self) -> None:
+        self._in_head = True
+        self._headers_done = False
+        self._url = b""
+        self._pairs = []
+        self._trailer_pairs = []
+        self._head_bytes = 0
+        self._head_raw_bytes = 0
+        self._has_body = False
+
+    def _on_url(self, url: bytes) -> None:
+        self._url += url
+        # At least "GET " + url + " HTTP/1.1\r\n"; made exact once the method is known.
+        self._head_bytes += len(url) + 15
+        self._check_head_size()
+
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        if self._headers_done:
+            self._trailer_pairs.append(pair)
+            if len(self._trailer_pairs) > self._max_headers_count:
+                self._fail(CodecError(431, DETAILS_TOO_MANY_HEADERS, "trailers count exceeds limit"))
+            return
+        self._pairs.append(pair)
+        self._head_bytes += len(name) + len(value) + 4
+        if len(self._pairs) > self._max_headers_count:
+            self._fail(CodecError(431, DETAILS_TOO_MANY_HEADERS, "headers count exceeds limit"))
+        self._check_head_size()
+
+    def _on_headers_complete(self) -> None:
+        raise NotImplementedError
+
+    def _on_body(self, body: bytes) -> None:
+        self._events.append((self._deliver_data, (body, False)))
+
+    def _on_message_complete(self) -> None:
+        raise NotImplementedError
+
+    def _deliver_data(self, data: bytes, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def _deliver_error(self, error: CodecError) -> None:
+        raise NotImplementedError
+
+    def _end_message_event(self) -> tuple[Callable[..., None], tuple[object, ...]]:
+        """The event that ends a message with a body: trailers when enabled, else empty data."""
+        if self._trailer_pairs and self._enable_trailers:
+            return (self._deliver_trailers, (HeaderMap(self._trailer_pairs),))
+        return (self._deliver_data, (b"", True))
+
+    def _deliver_trailers(self, trailers: HeaderMap) -> None:
+        raise NotImplementedError
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def _parse(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes) -> None:
+        """Run the parser over `data`, turning every llhttp failure into one queued CodecError."""
+        head_at_start = self._in_head
+        self._messages_completed = 0
+        try:
+            parser.feed_data(data)
+        except _StopParsing:  # pragma: no cover - httptools wraps callback exceptions
+            pass
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _StopParsing) and self._error is None:
+                raise
+        except httptools.HttpParserUpgrade:
+            self._on_upgrade()
+        except httptools.HttpParserError as exc:
+            if self._error is None:
+                self._error = _error_from_parser(exc)
+                self._events.append((self._deliver_error, (self._error,)))
+        else:
+            if self._in_head and self._error is None and (head_at_start or not self._messages_completed):
+                # All of `data` belongs to the unfinished head (a lower bound when it began
+                # here): llhttp only reports a header once complete, so this is what stops an
+                # endless one.
+                self._head_raw_bytes += len(data)
+                try:
+                    self._check_head_size()
+                except _StopParsing:
+                    pass
+
+    def _on_upgrade(self) -> None:
+        raise NotImplementedError
+
+
+class ServerCodec(_CodecBase):
+    """The downstream side: parses requests, encodes responses. One request at a time."""
+
+    def __init__(
+        self,
+        callbacks: ServerCodecCallbacks,
+        *,
+        max_request_headers_kb: int = DEFAULT_MAX_HEADERS_KB,
+        max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT,
+        accept_http_10: bool = False,
+        enable_trailers: bool = False,
+    ) -> None:
+        super().__init__(max_request_headers_kb, max_headers_count, enable_trailers)
+        self._callbacks = callbacks
+        self._accept_http_10 = accept_http_10
+        self._parser = httptools.HttpRequestParser(_MessageParser(self))
+        self._paused = False
+        # Set when a complete request was delivered; cleared when its response is encoded.
+        self._awaiting_response = False
+        self._dispatching = False
+        # What the current request says about its response (read by the connection manager).
+        self.protocol = "HTTP/1.1"
+        self.keep_alive = True
+        self.is_head_request = False
+        self._upgrade = False
+        self._pending_headers: tuple[HeaderMap, str, bool, str] | None = None
+        # Response encoding state.
+        self._chunk_encoding = False
+        self._response_body_allowed = True
+        self._response_started = False
+        self._response_complete = False
+
+    # -- public: parsing -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data` and deliver the events it completes (unless paused)."""
+        if self._error is None and not self._upgrade:
+            self._parse(self._parser, data)
+        self._dispatch()
+
+    def pause(self) -> None:
+        """Stop delivering events (flow control); data fed meanwhile is parsed and queued."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Deliver queued events again, e.g. the next pipelined request once a response is done."""
+        self._paused = False
+        self._dispatch()
+
+    @property
+    def paused(self) -> bool:
+        """True when events are held back: explicitly paused, or a response is awaited."""
+        return self._paused or self._awaiting_response
+
+    @property
+    def has_pending_events(self) -> bool:
+        """True when parsed events wait for delivery (the caller should stop reading)."""
+        return bool(self._events)
+
+    # -- public: encoding ------------------------------------------------------------------
+
+    def encode_100_continue(self) -> bytes:
+        return _CONTINUE_100
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> bytes:
+        """The status line and headers of a response (`:status` required), with Envoy's framing.
+
+        Adds `content-length: 0` to a headers-only response (not 1xx/204, not to HEAD), and
+        `transfer-encoding: chunked` when a body follows without a content-length.
+        """
+        status = int(headers.get(":status") or 0)
+        lines, saw_content_length = _header_lines(headers, frozenset())
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        if 100 <= status < 200:
+            return status_line + b"".join(lines) + _CRLF
+        self._response_started = True
+        self._response_body_allowed = not self.is_head_request and status not in (204, 304)
+        self._chunk_encoding = False
+        if not saw_content_length:
+            if status == 204 or status == 304:
+                pass
+            elif end_stream:
+                if not self.is_head_request:
+                    lines.append(b"content-length: 0\r\n")
+            elif self.protocol == "HTTP/1.1":
+                lines.append(b"transfer-encoding: chunked\r\n")
+                self._chunk_encoding = self._response_body_allowed
+        if end_stream:
+            self._end_response()
+        return status_line + b"".join(lines) + _CRLF
+
+    def encode_data(self, data: bytes, end_stream: bool) -> bytes:
+        out = b""
+        if data and self._response_body_allowed:
+            out = _chunk(data) if self._chunk_encoding else bytes(data)
+        if end_stream:
+            if self._chunk_encoding:
+                out += _LAST_CHUNK
+            self._end_response()
+        return out
+
+    def encode_trailers(self, trailers: HeaderMap) -> bytes:
+        """End a response with trailers; dropped (last chunk only) unless trailers are enabled."""
+        out = b""
+        if self._chunk_encoding:
+            out = _encode_trailer_block(trailers) if self._enable_trailers else _LAST_CHUNK
+        self._end_response()
+        return out
+
+    @property
+    def response_started(self) -> bool:
+        return self._response_started
+
+    def _end_response(self) -> None:
+        self._response_complete = True
+        self._awaiting_response = False
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def _on_message_begin(self) -> None:
+        super()._on_message_begin()
+        self._events.append((self._deliver_begin, ()))
+
+    def _on_headers_complete(self) -> None:
+        self._in_head = False
+        self._headers_done = True
+        parser = self._parser
+        # The whole head as Envoy's parser counts it: request line, header lines, blank line.
+        self._head_bytes += len(parser.get_method()) - 3 + 2
+        self._check_head_size()
+        version = parser.get_http_version()
+        protocol = "HTTP/1.1" if version == "1.1" else "HTTP/1.0"
+        if protocol != "HTTP/1.1" and not self._accept_http_10:
+            self._fail(CodecError(426, DETAILS_LOW_VERSION, "Upgrade required for HTTP/1.0 or HTTP/0.9"))
+        method = parser.get_method().decode("latin-1")
+        headers = self._request_headers(method)
+        content_length = headers.get("content-length")
+        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        self._has_body = chunked or (content_length is not None and content_length.strip() not in ("", "0"))
+        keep_alive = parser.should_keep_alive()
+        if self._has_body:
+            self._events.append((self._deliver_headers, (headers, False, protocol, keep_alive, method)))
+        else:
+            self._pending_headers = (headers, protocol, keep_alive, method)
+
+    def _request_headers(self, method: str) -> HeaderMap:
+        url = self._url.decode("latin-1")
+        host = None
+        regular: list[tuple[str, str]] = []
+        for key, value in self._pairs:
+            if key == "host":
+                if host is None:
+                    host = value
+                continue
+            regular.append((key, value))
+        path = url
+        scheme = "http"
+        if method != "CONNECT" and url[:1] not in ("/", "*"):
+            # RFC 9112 3.2.2: a proxy takes the authority of an absolute-form target over Host.
+            sep = url.find("://")
+            if sep <= 0:
+                self._fail(CodecError(400, DETAILS_INVALID_URL, "invalid url in request line"))
+            scheme = url[:sep].lower()
+            rest = url[sep + 3 :]
+            slash = rest.find("/")
+            host, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+            if scheme not in ("http", "https") or not host:
+                self._fail(CodecError(400, DETAILS_INVALID_URL, "invalid url in request line"))
+        pseudo = [(":method", method)]
+        if method == "CONNECT":
+            host = url
+        else:
+            pseudo.append((":path", path))
+        if host is not None:
+            pseudo.append((":authority", host))
+        pseudo.append((":scheme", scheme))
+        return HeaderMap(pseudo + regular)
+
+    def _on_message_complete(self) -> None:
+        self._messages_completed += 1
+        if self._has_body:
+            self._events.append(self._end_message_event())
+        else:
+            assert self._pending_headers is not None
+            headers, protocol, keep_alive, method = self._pending_headers
+            self._events.append((self._deliver_headers, (headers, True, protocol, keep_alive, method)))
+        self._events.append((self._deliver_request_complete, ()))
+
+    def _on_upgrade(self) -> None:
+        # llhttp has completed the request; without upgrade support it is answered (403 by the
+        # connection manager) and nothing after its headers is parsed.
+        self._upgrade = True
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._dispatching:
+            return  # a callback fed or resumed us: the outer loop continues
+        self._dispatching = True
+        try:
+            events = self._events
+            while events and not self._paused and not self._awaiting_response:
+                fn, args = events.popleft()
+                fn(*args)
+        finally:
+            self._dispatching = False
+
+    def _deliver_begin(self) -> None:
+        self.protocol = "HTTP/1.1"
+        self.keep_alive = True
+        self.is_head_request = False
+        self._response_started = False
+        self._response_complete = False
+        self._chunk_encoding = False
+        self._callbacks.on_message_begin()
+
+    def _deliver_headers(self, headers: HeaderMap, end_stream: bool, protocol: str, keep_alive: bool, method: str) -> None:
+        self.protocol = protocol
+        self.keep_alive = keep_alive
+        self.is_head_request = method == "HEAD"
+        self._callbacks.on_headers(headers, end_stream)
+
+    def _deliver_data(self, data: bytes, end_stream: bool) -> None:
+        self._callbacks.on_data(data, end_stream)
+
+    def _deliver_trailers(self, trailers: HeaderMap) -> None:
+        self._callbacks.on_trailers(trailers)
+
+    def _deliver_request_complete(self) -> None:
+        # As Envoy's parser pause after onMessageComplete: the next request waits for this response.
+        if not self._response_complete:
+            self._awaiting_response = True
+
+    def _deliver_error(self, error: CodecError) -> None:
+        self._events.clear()
+        self._callbacks.on_codec_error(error)
+
+
+# Requests whose empty body needs no "content-length: 0" (RFC 9110 8.6: no body semantics).
+_BODILESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"))
+_CLIENT_SKIP = frozenset(("host",))
+
+
+class ClientCodec(_CodecBase):
+    """The upstream side: encodes one request at a time and parses its response."""
+
+    def __init__(
+        self,
+        callbacks: ClientCodecCallbacks,
+        *,
+        max_response_headers_kb: int = DEFAULT_MAX_HEADERS_KB,
+        max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT,
+        enable_trailers: bool = False,
+    ) -> None:
+        super().__init__(max_response_headers_kb, max_headers_count, enable_trailers)
+        self._callbacks = callbacks
+        self._parser = httptools.HttpResponseParser(_MessageParser(self))
+        self._is_head_request = False
+        self._chunk_encoding = False
+        self._response_complete = False
+        self._status = 0
+        self._is_1xx = False
+        # True after a complete response when the connection may carry another request.
+        self.keep_alive = False
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def encode_request_headers(self, headers: HeaderMap, end_stream: bool) -> bytes:
+        """Request line from :method/:path, `host` from :authority, then the regular headers."""
+        method = headers.get(":method") or "GET"
+        path = headers.get(":path") or "/"
+        authority = headers.get(":authority")
+        if method == "CONNECT":
+            path = authority or path
+        self._is_head_request = method == "HEAD"
+        self._response_complete = False
+        self.keep_alive = False
+        self._parser = httptools.HttpResponseParser(_MessageParser(self))
+        self._error = None
+        self._events.clear()
+        lines, saw_content_length = _header_lines(headers, _CLIENT_SKIP)
+        head = [b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), path.encode("latin-1"))]
+        if authority is not None:
+            head.append(b"host: %s\r\n" % authority.encode("latin-1"))
+        elif headers.get("host") is not None:
+            head.append(b"host: %s\r\n" % headers.get("host").encode("latin-1"))  # type: ignore[union-attr]
+        self._chunk_encoding = False
+        if not saw_content_length:
+            if end_stream:
+                if method not in _BODILESS_METHODS:
+                    lines.append(b"content-length: 0\r\n")
+            else:
+                lines.append(b"transfer-encoding: chunked\r\n")
+                self._chunk_encoding = True
+        return b"".join(head) + b"".join(lines) + _CRLF
+
+    def encode_data(self, data: bytes, end_stream: bool) -> bytes:
+        out = b""
+        if data:
+            out = _chunk(data) if self._chunk_encoding else bytes(data)
+        if end_stream and self._chunk_encoding:
+            out += _LAST_CHUNK
+        return out
+
+    def encode_trailers(self, trailers: HeaderMap) -> bytes:
+        if not self._chunk_encoding:
+            return b""
+        return _encode_trailer_block(trailers) if self._enable_trailers else _LAST_CHUNK
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse response bytes and deliver events."""
+        if self._error is None and not self._response_complete:
+            self._parse(self._parser, data)
+        self._dispatch()
+
+    def feed_eof(self) -> None:
+        """The upstream closed: ends a close-delimited body, or is an error mid-response."""
+        if self._error is None and not self._response_complete:
+            if self._headers_done and not self._has_body:
+                # Neither content-length nor chunked: RFC 9112 6.3 rule 8, the body ends at close.
+                self._response_complete = True
+                self.keep_alive = False
+                self._events.append((self._deliver_data, (b"", True)))
+            else:
+                self._error = CodecError(502, DETAILS_CODEC_ERROR, "upstream closed before the response completed")
+                self._events.append((self._deliver_error, (self._error,)))
+        self._dispatch()
+
+    @property
+    def response_complete(self) -> bool:
+        return self._response_complete
+
+    def _on_headers_complete(self) -> None:
+        self._in_head = False
+        self._headers_done = True
+        self._head_bytes += 2
+        self._check_head_size()
+        parser = self._parser
+        self._status = parser.get_status_code()
+        self._is_1xx = 100 <= self._status < 200 and self._status != 101
+        headers = HeaderMap([(":status", str(self._status))] + self._pairs)
+        if self._is_1xx:
+            self._events.append((self._callbacks.on_1xx, (headers,)))
+            return
+        content_length = headers.get("content-length")
+        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        no_body = self._is_head_request or self._status in (204, 304)
+        # has_body False with a body following means "delimited by close" (see feed_eof).
+        self._has_body = not no_body and (chunked or content_length is not None)
+        body_follows = not no_body and (chunked or content_length is None or content_length.strip() != "0")
+        if not body_follows:
+            self._events.append((self._callbacks.on_headers, (headers, True)))
+            self._finish(parser.should_keep_alive())
+            if self._is_head_request:
+                raise _StopParsing  # llhttp would wait for the body the headers announce
+            return
+        self._events.append((self._callbacks.on_headers, (headers, False)))
+
+    def _on_message_complete(self) -> None:
+        if self._is_1xx:
+            return  # the final response follows on the same parser
+        if self._response_complete:
+            return  # already ended at its headers
+        self._events.append(self._end_message_event())
+        self._finish(self._parser.should_keep_alive())
+        raise _StopParsing  # one response per request: bytes after it are not a response to us
+
+    def _finish(self, keep_alive: bool) -> None:
+        self._response_complete = True
+        self.keep_alive = keep_alive
+
+    def _on_upgrade(self) -> None:
+        self._error = CodecError(502, DETAILS_CODEC_ERROR, "upgrade responses are not supported")
+        self._events.append((self._deliver_error, (self._error,)))
+
+    def _dispatch(self) -> None:
+        events = self._events
+        while events:
+            fn, args = events.popleft()
+            fn(*args)
+
+    def _deliver_data(self, data: bytes, end_stream: bool) -> None:
+        self._callbacks.on_data(data, end_stream)
+
+    def _deliver_trailers(self, trailers: HeaderMap) -> None:
+        self._callbacks.on_trailers(trailers)
+
+    def _deliver_error(self, error: CodecError) -> None:
+        self._events.clear()
+        self._callbacks.on_codec_error(error)
