@@ -1,1 +1,12 @@
+"""Event loop per thread (Dispatcher) and the watchdog that checks the loops keep turning."""
 
+from wasmproxy.event.dispatcher import (
+    Dispatcher,
+    DispatcherExitedError,
+    RealTimeSource,
+    SimulatedTimeSource,
+    TimeSource,
+    Timer,
+)
+
+__all__ = ["Dispatcher", "DispatcherExitedError", "RealTimeSource", "SimulatedTimeSource", "TimeSource", "Timer"]

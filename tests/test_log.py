@@ -1,0 +1,70 @@
+"""log: Envoy's line format, level names, per-component levels, laziness when disabled."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+
+from wasmproxy import log
+
+
+@pytest.fixture
+def buf():
+    out = io.StringIO()
+    log.configure("info", stream=out)
+    yield out
+    log.configure("info", stream=sys.stderr)
+
+
+def test_line_format_matches_envoy(buf) -> None:
+    log.get_logger("wasm").info("hello %s", "world")
+    line = buf.getvalue().rstrip("\n")
+    assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\]\[\d+\]\[info\]\[wasm\] hello world", line)
+
+
+def test_levels_use_envoy_names(buf) -> None:
+    log.set_log_level("trace")
+    lg = log.get_logger("upstream")
+    lg.trace("t")
+    lg.debug("d")
+    lg.warning("w")
+    lg.error("e")
+    lg.critical("c")
+    levels = re.findall(r"\]\[(\w+)\]\[upstream\]", buf.getvalue())
+    assert levels == ["trace", "debug", "warning", "error", "critical"]
+
+
+def test_global_level_and_component_override(buf) -> None:
+    log.set_log_level("warning")
+    log.get_logger("http").info("hidden")
+    log.set_component_log_level("http:debug")
+    log.get_logger("http").debug("shown")
+    log.get_logger("router").info("hidden too")
+    assert "shown" in buf.getvalue()
+    assert "hidden" not in buf.getvalue()
+    log.set_log_level("off")
+    log.get_logger("http").critical("nothing")
+    assert "nothing" not in buf.getvalue()
+
+
+def test_disabled_level_does_not_format(buf) -> None:
+    class Expensive:
+        def __str__(self) -> str:
+            raise AssertionError("formatted while disabled")
+
+    log.set_log_level("info")
+    log.get_logger("wasm").debug("value %s", Expensive())
+    log.get_logger("wasm").trace("value %s", Expensive())
+    assert buf.getvalue() == ""
+
+
+def test_parse_level_accepts_envoy_aliases_and_rejects_unknown() -> None:
+    assert log.parse_level("warn") == log.parse_level("warning")
+    assert log.parse_level("err") == log.parse_level("error")
+    with pytest.raises(ValueError, match="invalid log level"):
+        log.parse_level("loud")
+    with pytest.raises(ValueError):
+        log.set_component_log_level("wasm")

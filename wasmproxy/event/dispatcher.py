@@ -1,0 +1,261 @@
+"""Dispatcher: one uvloop event loop per thread, with Envoy's cross-thread ``post``.
+
+Mirrors ``source/common/event/dispatcher_impl.cc``:
+
+* ``post(cb)`` (any thread) appends to a list under a small lock and, only when
+  the list was empty, arms one wake-up of the loop. One lock covers the append
+  and the wake-up, as trio's ``run_sync_soon`` does, so a wake-up is never lost.
+* ``_run_post_callbacks`` (the dispatcher's thread) first clears the
+  deferred-delete list, then swaps the whole list out under the lock, releases
+  it and runs the callbacks in order, touching the watchdog before each. A
+  callback posted while draining lands in the new list and arms a new wake-up,
+  so it runs in a later loop iteration: a callback that keeps posting cannot
+  starve the loop.
+
+Where we differ from Envoy, on purpose:
+
+* A callback that raises is logged (component "main", with the dispatcher name)
+  and the drain goes on. Envoy has no exceptions on this path and would crash.
+* ``post`` after ``exit()`` raises :class:`DispatcherExitedError` (trio's
+  ``RunFinishedError``) instead of queueing work that would never run. Work
+  posted before ``exit()`` still runs: ``run()`` does a final drain before it
+  returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import uvloop
+
+from wasmproxy.log import get_logger
+
+__all__ = [
+    "Dispatcher",
+    "DispatcherExitedError",
+    "RealTimeSource",
+    "SimulatedTimeSource",
+    "TimeSource",
+    "Timer",
+]
+
+_log = get_logger("main")
+
+
+class DispatcherExitedError(RuntimeError):
+    """``post`` was called after the dispatcher's ``exit()``: the callback would never run."""
+
+
+class TimeSource(Protocol):
+    """Where a dispatcher (and the watchdog) reads time; tests pass a simulated one."""
+
+    def monotonic(self) -> float: ...
+
+    def system_time(self) -> float: ...
+
+
+class RealTimeSource:
+    """``time.monotonic`` / ``time.time``, in seconds."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def system_time(self) -> float:
+        return time.time()
+
+
+class SimulatedTimeSource:
+    """A clock that moves only when a test calls ``advance`` (Envoy's SimulatedTimeSystem)."""
+
+    def __init__(self, monotonic: float = 1000.0, system_time: float = 1_800_000_000.0) -> None:
+        self._monotonic = monotonic
+        self._system_time = system_time
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def system_time(self) -> float:
+        return self._system_time
+
+    def advance(self, seconds: float) -> None:
+        self._monotonic += seconds
+        self._system_time += seconds
+
+
+class Timer:
+    """A one-shot timer on its dispatcher's loop (Envoy's ``Event::Timer``).
+
+    Dispatcher thread only. ``enable_timer`` re-arms (cancelling a pending fire);
+    the callback runs at most once per enable.
+    """
+
+    __slots__ = ("_cb", "_dispatcher", "_handle")
+
+    def __init__(self, dispatcher: Dispatcher, cb: Callable[[], None]) -> None:
+        self._dispatcher = dispatcher
+        self._cb = cb
+        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    def enable_timer(self, ms: float) -> None:
+        """Fire ``cb`` after ``ms`` milliseconds (0: in the next loop iteration)."""
+        self._dispatcher.assert_thread_safe()
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = self._dispatcher.loop
+        if ms <= 0:
+            self._handle = loop.call_soon(self._fire)
+        else:
+            self._handle = loop.call_later(ms / 1000.0, self._fire)
+
+    def disable_timer(self) -> None:
+        """Cancel a pending fire; harmless when not enabled."""
+        self._dispatcher.assert_thread_safe()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def enabled(self) -> bool:
+        return self._handle is not None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._dispatcher._run_guarded(self._cb)
+
+
+class Dispatcher:
+    """An event loop bound to one thread; see the module docstring for the post rules."""
+
+    def __init__(
+        self,
+        name: str,
+        watchdog_touch: Callable[[], None] | None = None,
+        time_source: TimeSource | None = None,
+    ) -> None:
+        self.name = name
+        self.time_source: TimeSource = time_source if time_source is not None else RealTimeSource()
+        self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        self.thread_id: int | None = None
+        self._watchdog_touch = watchdog_touch
+        self._post_lock = threading.Lock()
+        self._post_callbacks: list[Callable[[], None]] = []
+        self._exited = False
+        self._deferred_delete: list[Any] = []
+        self._deferred_delete_scheduled = False
+
+    # -- thread binding ---------------------------------------------------
+
+    def is_thread_safe(self) -> bool:
+        """True when called on the dispatcher's own thread (the one running ``run``)."""
+        return self.thread_id == threading.get_ident()
+
+    def assert_thread_safe(self) -> None:
+        """Raise AssertionError unless called on the dispatcher's own thread."""
+        if self.thread_id != threading.get_ident():
+            raise AssertionError(
+                f"dispatcher '{self.name}' used from thread {threading.current_thread().name!r}; "
+                f"it runs on thread id {self.thread_id}"
+            )
+
+    def set_watchdog_touch(self, touch: Callable[[], None] | None) -> None:
+        """Install the watchdog's touch (called before each post callback). Any thread, before run."""
+        self._watchdog_touch = touch
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until ``exit()``; binds the dispatcher to it."""
+        if self.thread_id is not None:
+            raise AssertionError(f"dispatcher '{self.name}' is already bound to thread {self.thread_id}")
+        self.thread_id = threading.get_ident()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Work accepted before exit() runs now; post() refuses anything newer.
+            self._run_post_callbacks()
+            self._clear_deferred_delete_list()
+
+    def exit(self) -> None:
+        """Any thread: stop the loop after the current iteration; later posts raise."""
+        with self._post_lock:
+            if self._exited:
+                return
+            self._exited = True
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def close(self) -> None:
+        """Release the loop's resources; after ``run`` returned, or if it never ran."""
+        self.loop.close()
+
+    # -- post ---------------------------------------------------------------
+
+    def post(self, cb: Callable[[], None]) -> None:
+        """Any thread: run ``cb`` on this dispatcher's thread, in post order, in a later drain.
+
+        Raises DispatcherExitedError after ``exit()``.
+        """
+        with self._post_lock:
+            if self._exited:
+                raise DispatcherExitedError(f"dispatcher '{self.name}' has exited")
+            self._post_callbacks.append(cb)
+            if len(self._post_callbacks) == 1:
+                if self.thread_id == threading.get_ident():
+                    self.loop.call_soon(self._run_post_callbacks)
+                else:
+                    self.loop.call_soon_threadsafe(self._run_post_callbacks)
+
+    def _run_post_callbacks(self) -> None:
+        # Clear deferred deletes first (as Envoy) so a post callback touching a
+        # deleted object shows up deterministically.
+        self._clear_deferred_delete_list()
+        with self._post_lock:
+            callbacks = self._post_callbacks
+            self._post_callbacks = []
+        touch = self._watchdog_touch
+        for cb in callbacks:
+            if touch is not None:
+                touch()
+            self._run_guarded(cb)
+
+    def _run_guarded(self, cb: Callable[[], None]) -> None:
+        try:
+            cb()
+        except Exception:
+            _log.exception("dispatcher '%s': callback %r raised; continuing", self.name, cb)
+
+    # -- timers and deferred delete ----------------------------------------------
+
+    def create_timer(self, cb: Callable[[], None]) -> Timer:
+        """Dispatcher thread (or before run): a disabled Timer that will call ``cb``."""
+        return Timer(self, cb)
+
+    def deferred_delete(self, obj: Any) -> None:
+        """Dispatcher thread: drop ``obj`` (calling ``obj.on_deferred_delete()`` if present) soon.
+
+        Happens at the start of the next post drain or the next loop iteration,
+        whichever comes first, never inside the current callback stack.
+        """
+        self.assert_thread_safe()
+        self._deferred_delete.append(obj)
+        if not self._deferred_delete_scheduled:
+            self._deferred_delete_scheduled = True
+            self.loop.call_soon(self._clear_deferred_delete_list)
+
+    def _clear_deferred_delete_list(self) -> None:
+        self._deferred_delete_scheduled = False
+        # Bounded: objects deferred by an on_deferred_delete go to the fresh list
+        # and are handled by the iteration scheduled for them.
+        to_delete, self._deferred_delete = self._deferred_delete, []
+        for obj in to_delete:
+            hook = getattr(obj, "on_deferred_delete", None)
+            if hook is not None:
+                self._run_guarded(hook)
+        to_delete.clear()
+
+    def __repr__(self) -> str:
+        return f"<Dispatcher {self.name} thread={self.thread_id}>"

@@ -1,0 +1,150 @@
+"""Envoy-style logging: ``[time][thread][level][component] message``.
+
+Envoy logs through spdlog with one logger per component ("main", "upstream",
+"wasm", ...) and the level names trace/debug/info/warning/error/critical/off.
+``-l/--log-level`` sets every component at once and
+``--component-log-level wasm:debug,http:trace`` overrides single ones. We sit
+on the standard ``logging`` package so third-party handlers still work, but
+keep Envoy's names and line format.
+
+Cheap when disabled: ``Logger.isEnabledFor`` is checked (and cached) before a
+record is built, and messages use lazy ``%`` arguments, so a disabled
+``log.debug("x %s", obj)`` costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import IO, Any
+
+__all__ = [
+    "LEVELS",
+    "Logger",
+    "configure",
+    "get_logger",
+    "parse_level",
+    "set_component_log_level",
+    "set_log_level",
+]
+
+TRACE = 5
+OFF = logging.CRITICAL + 10
+
+# Envoy's level names, lowest first (spdlog::level names as Envoy prints them).
+LEVELS: dict[str, int] = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": OFF,
+}
+_LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
+
+_ROOT_NAME = "wasmproxy"
+
+
+class Logger(logging.Logger):
+    """A component logger; adds Envoy's ``trace`` level."""
+
+    def trace(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(TRACE):
+            self._log(TRACE, msg, args, **kwargs)
+
+
+class EnvoyFormatter(logging.Formatter):
+    """Formats ``[%Y-%m-%d %T.%e][%t][%l][%n] %v`` as Envoy's default log format does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        secs = int(record.created)
+        millis = int((record.created - secs) * 1000)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(secs))
+        level = _LEVEL_NAMES.get(record.levelno, record.levelname.lower())
+        component = record.name.rpartition(".")[2]
+        # Envoy prints the OS thread id; handlers run on the logging thread, so ask it now.
+        tid = getattr(record, "native_thread_id", None) or threading.get_native_id()
+        line = f"[{stamp}.{millis:03d}][{tid}][{level}][{component}] {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+_root = Logger(_ROOT_NAME, logging.INFO)
+_root.propagate = False
+_loggers: dict[str, Logger] = {}
+_handler: logging.Handler | None = None
+_global_level = logging.INFO
+
+
+def parse_level(name: str) -> int:
+    """Map an Envoy level name (``warn`` and ``err`` accepted as Envoy does) to a logging level."""
+    key = name.strip().lower()
+    key = {"warn": "warning", "err": "error"}.get(key, key)
+    if key not in LEVELS:
+        raise ValueError(f"error: invalid log level '{name}' (expected one of {', '.join(LEVELS)})")
+    return LEVELS[key]
+
+
+def get_logger(component: str) -> Logger:
+    """Return the logger for an Envoy component name ("main", "wasm", "upstream", ...)."""
+    lg = _loggers.get(component)
+    if lg is None:
+        lg = Logger(f"{_ROOT_NAME}.{component}", logging.NOTSET)
+        lg.parent = _root
+        _loggers[component] = lg
+    return lg
+
+
+def _clear_caches() -> None:
+    # Our loggers are not in logging's manager dict, so its cache clearing misses them.
+    _root._cache.clear()  # type: ignore[attr-defined]
+    for lg in _loggers.values():
+        lg._cache.clear()  # type: ignore[attr-defined]
+
+
+def set_log_level(level: str | int) -> None:
+    """Set every component's level (``-l/--log-level``): clears per-component overrides."""
+    global _global_level
+    _global_level = parse_level(level) if isinstance(level, str) else level
+    _root.setLevel(_global_level)
+    for lg in _loggers.values():
+        lg.setLevel(logging.NOTSET)
+    _clear_caches()
+
+
+def set_component_log_level(spec: str) -> None:
+    """Apply ``--component-log-level`` (``comp:level,comp:level``)."""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        component, sep, level = item.partition(":")
+        if not sep:
+            raise ValueError(f"error: component log level not correctly specified '{item}'")
+        get_logger(component).setLevel(parse_level(level))
+    _clear_caches()
+
+
+def configure(level: str | int = "info", stream: IO[str] | None = None, component_levels: str = "") -> None:
+    """Install the Envoy-format handler on ``stream`` (stderr, as Envoy) and set levels."""
+    global _handler
+    if _handler is not None:
+        _root.removeHandler(_handler)
+    _handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    _handler.setFormatter(EnvoyFormatter())
+    _root.addHandler(_handler)
+    set_log_level(level)
+    if component_levels:
+        set_component_log_level(component_levels)
+
+
+def _install_default_handler() -> None:
+    # Until configure() is called, log to stderr at info like Envoy's default.
+    global _handler
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(EnvoyFormatter())
+    _root.addHandler(_handler)
+
+
+_install_default_handler()
