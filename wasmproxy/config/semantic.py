@@ -1,0 +1,209 @@
+"""The checks Envoy makes while it builds the server from a valid-looking Bootstrap, for the
+subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed with the field path):
+
+* cluster manager: duplicate cluster names, STATIC endpoints that are not IP addresses,
+  LOGICAL_DNS with more than one endpoint, CLUSTER_PROVIDED lb without a provider;
+* listeners: a listener needs an address; each network filter and HTTP filter resolves to a
+  supported extension; terminal filters (router, HCM, tcp_proxy) come last and only last;
+* static route tables: every cluster a route names exists (``validate_clusters`` defaults to true
+  for an inline route_config), domains are unique and there is at most one ``*`` per table;
+* what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
+  cluster types) is an error naming the field, never silently ignored.
+
+Envoy accepts two static listeners with the same name (the later one replaces the earlier one),
+so that is not an error here either.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from google.protobuf.message import Message
+
+from wasmproxy.config import registry
+from wasmproxy.config.errors import ConfigError
+from wasmproxy.config.registry import Category
+
+_RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+_SUPPORTED_DISCOVERY = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
+
+
+def check_bootstrap(bootstrap: Message) -> None:
+    """Raise ConfigError for the first load-time problem Envoy (or wasmproxy's subset) would reject."""
+    if bootstrap.HasField("dynamic_resources"):
+        raise ConfigError("dynamic resources (xDS: LDS/CDS/ADS) are not supported by wasmproxy; "
+                          "use static_resources", "dynamic_resources")
+    for i, ext in enumerate(bootstrap.bootstrap_extensions):
+        registry.find(Category.BOOTSTRAP_EXTENSIONS, ext.name,
+                      ext.typed_config if ext.HasField("typed_config") else None, f"bootstrap_extensions[{i}]")
+    resources = bootstrap.static_resources
+    clusters = _check_clusters(resources.clusters)
+    for i, listener in enumerate(resources.listeners):
+        _check_listener(listener, f"static_resources.listeners[{i}]", clusters)
+
+
+# -- clusters ------------------------------------------------------------------------------------
+
+def _check_clusters(clusters: Any) -> set[str]:
+    names: set[str] = set()
+    for i, cluster in enumerate(clusters):
+        path = f"static_resources.clusters[{i}]"
+        if cluster.name in names:
+            raise ConfigError(f"cluster manager: duplicate cluster '{cluster.name}'", f"{path}.name")
+        names.add(cluster.name)
+        discovery = _check_discovery_type(cluster, path)
+        if cluster.HasField("transport_socket"):
+            _check_transport_socket(cluster.transport_socket, f"{path}.transport_socket")
+        if cluster.lb_policy == cluster.CLUSTER_PROVIDED:
+            raise ConfigError(f"cluster manager: cluster provided LB specified but cluster '{cluster.name}' did "
+                              f"not provide one. Check cluster documentation.", f"{path}.lb_policy")
+        endpoints = cluster.load_assignment.endpoints
+        if discovery == "LOGICAL_DNS" and (len(endpoints) != 1 or len(endpoints[0].lb_endpoints) != 1):
+            raise ConfigError("LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single "
+                              "lb_endpoint", f"{path}.load_assignment")
+        if discovery == "STATIC":
+            _check_static_endpoints(endpoints, f"{path}.load_assignment")
+    return names
+
+
+def _check_discovery_type(cluster: Any, path: str) -> str:
+    if cluster.WhichOneof("cluster_discovery_type") == "cluster_type":
+        custom = cluster.cluster_type
+        registry.find(Category.CLUSTERS, custom.name, custom.typed_config if custom.HasField("typed_config")
+                      else None, f"{path}.cluster_type")
+        return "custom"
+    discovery: str = cluster.DiscoveryType.Name(cluster.type)
+    if discovery not in _SUPPORTED_DISCOVERY:
+        raise ConfigError(f"cluster type {discovery} not supported by wasmproxy (supported: "
+                          f"{', '.join(_SUPPORTED_DISCOVERY)})", f"{path}.type")
+    return discovery
+
+
+def _check_static_endpoints(endpoints: Any, path: str) -> None:
+    for j, locality in enumerate(endpoints):
+        for k, lb_endpoint in enumerate(locality.lb_endpoints):
+            address = lb_endpoint.endpoint.address
+            if address.WhichOneof("address") != "socket_address" or address.socket_address.resolver_name:
+                continue
+            host = address.socket_address.address
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(
+                    f"malformed IP address: {host}. Consider setting resolver_name or setting cluster type to "
+                    f"'STRICT_DNS' or 'LOGICAL_DNS'",
+                    f"{path}.endpoints[{j}].lb_endpoints[{k}].endpoint.address.socket_address.address") from None
+
+
+def _check_transport_socket(socket: Any, path: str) -> None:
+    type_name = registry.type_name_of(socket.typed_config) if socket.HasField("typed_config") else ""
+    if type_name not in ("", _RAW_BUFFER):
+        raise ConfigError(f"extension not supported: transport socket '{socket.name}' with type URL "
+                          f"'type.googleapis.com/{type_name}' (wasmproxy supports plaintext only)", path)
+
+
+# -- listeners and filter chains -----------------------------------------------------------------
+
+def _check_listener(listener: Any, path: str, clusters: set[str]) -> None:
+    if not listener.HasField("address"):
+        raise ConfigError(f"error adding listener named '{listener.name}': address is necessary", f"{path}.address")
+    if len(listener.listener_filters):
+        first = listener.listener_filters[0]
+        raise ConfigError(f"extension not supported: listener filter '{first.name}' (wasmproxy supports no "
+                          f"listener filters)", f"{path}.listener_filters[0]")
+    _check_access_logs(listener.access_log, f"{path}.access_log")
+    chains = [(f"{path}.filter_chains[{i}]", chain) for i, chain in enumerate(listener.filter_chains)]
+    if listener.HasField("default_filter_chain"):
+        chains.append((f"{path}.default_filter_chain", listener.default_filter_chain))
+    for chain_path, chain in chains:
+        if chain.HasField("transport_socket"):
+            _check_transport_socket(chain.transport_socket, f"{chain_path}.transport_socket")
+        _check_network_filters(chain.filters, f"{chain_path}.filters", clusters)
+
+
+def _check_network_filters(filters: Any, path: str, clusters: set[str]) -> None:
+    for i, entry in enumerate(filters):
+        entry_path = f"{path}[{i}]"
+        typed = entry.typed_config if entry.HasField("typed_config") else None
+        ext = registry.find(Category.NETWORK_FILTERS, entry.name, typed, entry_path)
+        _check_terminal(ext, entry.name, i == len(filters) - 1, "network", entry_path)
+        assert typed is not None  # find() rejects a filter without a type
+        if ext.name == "envoy.filters.network.http_connection_manager":
+            _check_hcm(registry.unpack(typed), f"{entry_path}.typed_config", clusters)
+        elif ext.name == "envoy.filters.network.tcp_proxy":
+            _check_access_logs(registry.unpack(typed).access_log, f"{entry_path}.typed_config.access_log")
+
+
+def _check_terminal(ext: registry.Extension, name: str, is_last: bool, chain: str, path: str) -> None:
+    if ext.terminal and not is_last:
+        raise ConfigError(f"Error: terminal filter named {name} of type {ext.name} must be the last filter in a "
+                          f"{chain} filter chain.", path)
+    if is_last and not ext.terminal:
+        raise ConfigError(f"Error: non-terminal filter named {name} of type {ext.name} is the last filter in a "
+                          f"{chain} filter chain.", path)
+
+
+def _check_access_logs(logs: Any, path: str) -> None:
+    for i, log in enumerate(logs):
+        registry.find(Category.ACCESS_LOGGERS, log.name, log.typed_config if log.HasField("typed_config") else None,
+                      f"{path}[{i}]")
+
+
+# -- HTTP connection manager ---------------------------------------------------------------------
+
+def _check_hcm(hcm: Any, path: str, clusters: set[str]) -> None:
+    specifier = hcm.WhichOneof("route_specifier")
+    if specifier != "route_config":
+        raise ConfigError(f"{specifier} is not supported by wasmproxy (no xDS); use an inline route_config",
+                          f"{path}.{specifier}")
+    _check_access_logs(hcm.access_log, f"{path}.access_log")
+    # An empty list gets the router by default (Envoy's HCM config), so only a non-empty chain is checked.
+    filters = [(i, f) for i, f in enumerate(hcm.http_filters)]
+    active: list[tuple[int, Any, registry.Extension]] = []
+    for i, entry in filters:
+        entry_path = f"{path}.http_filters[{i}]"
+        typed = entry.typed_config if entry.HasField("typed_config") else None
+        if entry.is_optional and (typed is None or registry.lookup(Category.HTTP_FILTERS, typed) is None):
+            continue  # Envoy skips an optional filter it has no factory for
+        active.append((i, entry, registry.find(Category.HTTP_FILTERS, entry.name, typed, entry_path)))
+    for n, (i, entry, ext) in enumerate(active):
+        _check_terminal(ext, entry.name, n == len(active) - 1, "http", f"{path}.http_filters[{i}]")
+    route_config = hcm.route_config
+    _check_route_table(route_config, f"{path}.route_config",
+                       clusters if _validate_clusters(route_config) else None)
+
+
+def _validate_clusters(route_config: Any) -> bool:
+    # RouteConfiguration.validate_clusters: unset means true for a static (inline) route table.
+    return not route_config.HasField("validate_clusters") or route_config.validate_clusters.value
+
+
+def _check_route_table(route_config: Any, path: str, clusters: set[str] | None) -> None:
+    seen_domains: set[str] = set()
+    for v, vhost in enumerate(route_config.virtual_hosts):
+        vhost_path = f"{path}.virtual_hosts[{v}]"
+        for d, domain in enumerate(vhost.domains):
+            key = domain.lower()
+            if key == "*" and key in seen_domains:
+                raise ConfigError(f"Only a single wildcard domain is permitted in route {route_config.name}",
+                                  f"{vhost_path}.domains[{d}]")
+            if key in seen_domains:
+                raise ConfigError(f"Only unique values for domains are permitted. Duplicate entry of domain {domain} "
+                                  f"in route {route_config.name}", f"{vhost_path}.domains[{d}]")
+            seen_domains.add(key)
+        if clusters is None:
+            continue
+        for r, route in enumerate(vhost.routes):
+            if route.WhichOneof("action") != "route":
+                continue
+            action = route.route
+            action_path = f"{vhost_path}.routes[{r}].route"
+            specifier = action.WhichOneof("cluster_specifier")
+            if specifier == "cluster" and action.cluster not in clusters:
+                raise ConfigError(f"route: unknown cluster '{action.cluster}'", f"{action_path}.cluster")
+            if specifier == "weighted_clusters":
+                for w, weighted in enumerate(action.weighted_clusters.clusters):
+                    if weighted.name and weighted.name not in clusters:
+                        raise ConfigError(f"route: unknown weighted cluster '{weighted.name}'",
+                                          f"{action_path}.weighted_clusters.clusters[{w}].name")
