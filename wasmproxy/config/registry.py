@@ -114,30 +114,31 @@ def resolve(category: Category, any_or_name: Message | str) -> Callable[..., Any
     return factory
 
 
-def unpack(typed_config: Message) -> Message:
-    """The typed config message inside an Any (a ``TypedStruct`` is converted to its named type),
-    for factories. ConfigError when the type is not installed."""
-    from wasmproxy.config import proto_json, type_index
-    from wasmproxy.config.pgv import unpack_any
+def unpack(typed_config: Message, path: str = "") -> Message:
+    """The typed config message inside an Any, for factories. A ``TypedStruct`` is converted to the
+    type it names and validated (Envoy does both when the factory runs); errors name ``path``."""
+    from wasmproxy.config import pgv, proto_json, type_index
 
     name = _strip(typed_config.type_url)  # type: ignore[attr-defined]
-    if name in _TYPED_STRUCTS:
-        from google.protobuf import json_format
-
-        cls = type_index.message_class(name)
-        assert cls is not None
-        typed_struct = cls()
-        typed_struct.ParseFromString(typed_config.value)  # type: ignore[attr-defined]
-        inner_name = _strip(typed_struct.type_url)  # type: ignore[attr-defined]
-        inner_cls = type_index.message_class(inner_name)
-        if inner_cls is None:
-            raise ConfigError(f"could not find @type '{typed_struct.type_url}'")  # type: ignore[attr-defined]
-        message = inner_cls()
-        proto_json.parse_into(json_format.MessageToDict(typed_struct.value), message)  # type: ignore[attr-defined]
+    if name not in _TYPED_STRUCTS:
+        message = pgv.unpack_any(typed_config)
+        if message is None:
+            raise ConfigError(f"could not find @type '{typed_config.type_url}'", path)  # type: ignore[attr-defined]
         return message
-    message = unpack_any(typed_config)
-    if message is None:
-        raise ConfigError(f"could not find @type '{typed_config.type_url}'")  # type: ignore[attr-defined]
+    from google.protobuf import json_format
+
+    cls = type_index.message_class(name)
+    assert cls is not None  # both TypedStructs ship with xds-protos
+    typed_struct = cls()
+    typed_struct.ParseFromString(typed_config.value)  # type: ignore[attr-defined]
+    inner_cls = type_index.message_class(_strip(typed_struct.type_url))  # type: ignore[attr-defined]
+    if inner_cls is None:
+        raise ConfigError(f"Unable to parse JSON as proto (INVALID_ARGUMENT: could not find @type "
+                          f"'{typed_struct.type_url}')", f"{path}.type_url" if path else "type_url")  # type: ignore[attr-defined]
+    message = inner_cls()
+    value_path = f"{path}.value" if path else "value"
+    proto_json.parse_into(json_format.MessageToDict(typed_struct.value), message, value_path)  # type: ignore[attr-defined]
+    pgv.validate(message, value_path)
     return message
 
 

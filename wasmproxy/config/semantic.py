@@ -35,8 +35,7 @@ def check_bootstrap(bootstrap: Message) -> None:
         raise ConfigError("dynamic resources (xDS: LDS/CDS/ADS) are not supported by wasmproxy; "
                           "use static_resources", "dynamic_resources")
     for i, ext in enumerate(bootstrap.bootstrap_extensions):
-        registry.find(Category.BOOTSTRAP_EXTENSIONS, ext.name,
-                      ext.typed_config if ext.HasField("typed_config") else None, f"bootstrap_extensions[{i}]")
+        _find_and_unpack(Category.BOOTSTRAP_EXTENSIONS, ext, f"bootstrap_extensions[{i}]")
     resources = bootstrap.static_resources
     clusters = _check_clusters(resources.clusters)
     for i, listener in enumerate(resources.listeners):
@@ -70,8 +69,7 @@ def _check_clusters(clusters: Any) -> set[str]:
 def _check_discovery_type(cluster: Any, path: str) -> str:
     if cluster.WhichOneof("cluster_discovery_type") == "cluster_type":
         custom = cluster.cluster_type
-        registry.find(Category.CLUSTERS, custom.name, custom.typed_config if custom.HasField("typed_config")
-                      else None, f"{path}.cluster_type")
+        _find_and_unpack(Category.CLUSTERS, custom, f"{path}.cluster_type")
         return "custom"
     discovery: str = cluster.DiscoveryType.Name(cluster.type)
     if discovery not in _SUPPORTED_DISCOVERY:
@@ -129,10 +127,11 @@ def _check_network_filters(filters: Any, path: str, clusters: set[str]) -> None:
         ext = registry.find(Category.NETWORK_FILTERS, entry.name, typed, entry_path)
         _check_terminal(ext, entry.name, i == len(filters) - 1, "network", entry_path)
         assert typed is not None  # find() rejects a filter without a type
+        config = registry.unpack(typed, f"{entry_path}.typed_config")
         if ext.name == "envoy.filters.network.http_connection_manager":
-            _check_hcm(registry.unpack(typed), f"{entry_path}.typed_config", clusters)
+            _check_hcm(config, f"{entry_path}.typed_config", clusters)
         elif ext.name == "envoy.filters.network.tcp_proxy":
-            _check_access_logs(registry.unpack(typed).access_log, f"{entry_path}.typed_config.access_log")
+            _check_access_logs(config.access_log, f"{entry_path}.typed_config.access_log")
 
 
 def _check_terminal(ext: registry.Extension, name: str, is_last: bool, chain: str, path: str) -> None:
@@ -146,8 +145,17 @@ def _check_terminal(ext: registry.Extension, name: str, is_last: bool, chain: st
 
 def _check_access_logs(logs: Any, path: str) -> None:
     for i, log in enumerate(logs):
-        registry.find(Category.ACCESS_LOGGERS, log.name, log.typed_config if log.HasField("typed_config") else None,
-                      f"{path}[{i}]")
+        _find_and_unpack(Category.ACCESS_LOGGERS, log, f"{path}[{i}]")
+
+
+def _find_and_unpack(category: Category, entry: Any, path: str) -> registry.Extension:
+    """Resolve an extension entry (name + typed_config) and unpack its config once, which validates
+    a TypedStruct's contents the way Envoy's factory does."""
+    typed = entry.typed_config if entry.HasField("typed_config") else None
+    ext = registry.find(category, entry.name, typed, path)
+    assert typed is not None  # find() rejects an entry without a type
+    registry.unpack(typed, f"{path}.typed_config")
+    return ext
 
 
 # -- HTTP connection manager ---------------------------------------------------------------------
@@ -159,14 +167,12 @@ def _check_hcm(hcm: Any, path: str, clusters: set[str]) -> None:
                           f"{path}.{specifier}")
     _check_access_logs(hcm.access_log, f"{path}.access_log")
     # An empty list gets the router by default (Envoy's HCM config), so only a non-empty chain is checked.
-    filters = [(i, f) for i, f in enumerate(hcm.http_filters)]
     active: list[tuple[int, Any, registry.Extension]] = []
-    for i, entry in filters:
-        entry_path = f"{path}.http_filters[{i}]"
-        typed = entry.typed_config if entry.HasField("typed_config") else None
-        if entry.is_optional and (typed is None or registry.lookup(Category.HTTP_FILTERS, typed) is None):
+    for i, entry in enumerate(hcm.http_filters):
+        if entry.is_optional and (not entry.HasField("typed_config")
+                                  or registry.lookup(Category.HTTP_FILTERS, entry.typed_config) is None):
             continue  # Envoy skips an optional filter it has no factory for
-        active.append((i, entry, registry.find(Category.HTTP_FILTERS, entry.name, typed, entry_path)))
+        active.append((i, entry, _find_and_unpack(Category.HTTP_FILTERS, entry, f"{path}.http_filters[{i}]")))
     for n, (i, entry, ext) in enumerate(active):
         _check_terminal(ext, entry.name, n == len(active) - 1, "http", f"{path}.http_filters[{i}]")
     route_config = hcm.route_config
