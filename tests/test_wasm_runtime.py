@@ -442,3 +442,90 @@ def test_clone_made_on_a_worker_belongs_to_that_worker(basic_vm):
     t.start()
     t.join(timeout=10)
     assert out == [4]
+
+
+# -- edges -----------------------------------------------------------------------------------
+
+
+def test_start_section_trap_is_a_wasm_trap():
+    code = wasmtime.wat2wasm('(module (func $s unreachable) (start $s))')
+    with pytest.raises(WasmTrap) as e:
+        WasmVm(compile_module(code), {})
+    assert e.value.trap_code == "unreachable"
+
+
+def test_module_without_memory_rejects_every_access():
+    vm = WasmVm(compile_module(wasmtime.wat2wasm('(module (func (export "f")))')), {})
+    assert vm.memory.size() == 0
+    with pytest.raises(InvalidMemoryAccess):
+        vm.memory.read(0, 1)
+    with pytest.raises(InvalidMemoryAccess):
+        vm.memory.write_u32(0, 1)
+
+
+def test_keyboard_interrupt_in_a_host_function_is_not_wrapped():
+    def interrupt(x):
+        raise KeyboardInterrupt
+
+    vm = trap_vm(raise_fn=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        vm.get_function("call_raise")(1)
+    assert vm.get_function("call_raise") is not None
+    assert vm.get_function("ok")() == 42
+
+
+def test_trap_inside_a_reentrant_call_fails_the_outer_call_too():
+    box: dict = {}
+
+    def raise_fn(x):
+        box["vm"].get_function("do_unreachable")()  # raises WasmTrap inside the host call
+        return 0
+
+    vm = box["vm"] = trap_vm(raise_fn=raise_fn)
+    with pytest.raises(WasmTrap) as e:
+        vm.get_function("call_raise")(1)
+    assert "unreachable" in e.value.message
+    assert isinstance(e.value.__cause__, WasmTrap)
+    assert vm.get_function("ok")() == 42
+
+
+def test_mixed_i32_i64_host_call_sees_unsigned_i32_and_signed_i64():
+    code = wasmtime.wat2wasm('''(module
+      (import "env" "m" (func $m (param i32 i64 i32) (result i64)))
+      (import "env" "f" (func $f (param f64 i32) (result f32)))
+      (func (export "call_m") (param i32 i64 i32) (result i64)
+        local.get 0 local.get 1 local.get 2 call $m)
+      (func (export "call_f") (param f64 i32) (result f32) local.get 0 local.get 1 call $f))''')
+    seen = []
+    vm = WasmVm(compile_module(code), {
+        ("env", "m"): lambda a, b, c: seen.append((a, b, c)) or b - 1,
+        ("env", "f"): lambda x, n: x * n})
+    assert vm.get_function("call_m")(-1, -(1 << 63), 7) == (1 << 63) - 1  # wraps in i64
+    assert seen == [(0xFFFFFFFF, -(1 << 63), 7)]
+    assert vm.get_function("call_f")(1.5, 3) == 4.5
+
+
+def test_deadline_interrupts_spinning_guests_on_two_threads_at_once():
+    module = compile_module(wasm("runtime_traps.wat"))
+    barrier = threading.Barrier(2)
+    codes: dict = {}
+
+    def worker(tag: int) -> None:
+        vm = WasmVm(module, {("env", "tick"): lambda: None, ("env", "raise"): lambda x: x},
+                    epoch_deadline_ticks=2)
+        barrier.wait(timeout=10)
+        try:
+            vm.get_function("spin")()
+        except WasmTrap as e:
+            codes[tag] = e.trap_code
+
+    ticker = rt.EpochTicker(0.001).start()
+    try:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        ticker.stop()
+    assert codes == {1: "interrupt", 2: "interrupt"}

@@ -233,7 +233,6 @@ _func_new_unchecked = _c("wasmtime_func_new_unchecked", None,
                          c_void_p, c_void_p, _HOST_CALLBACK, c_void_p, c_void_p, c_void_p)
 
 # One wasmtime_val_raw_t is 16 bytes (a union up to v128), little-endian.
-_VAL_RAW_SIZE = 16
 _RAW_VIEW = {  # wasm type -> (ctypes element, elements per val_raw slot)
     "i32": (c_uint32, 4),
     "i64": (c_int64, 2),
@@ -246,6 +245,13 @@ def _trap_reason(message: str) -> str:
     """wasmtime's text without its own backtrace (WasmTrap keeps the frames separately)."""
     _, sep, cause = message.rpartition("Caused by:")
     return cause.strip() if sep else message.strip()
+
+
+def _wasm_trap(trap: wasmtime.Trap) -> WasmTrap:
+    code = trap.trap_code
+    frames = [WasmFrame(f.func_index, f.func_name, f.module_offset) for f in trap.frames]
+    return WasmTrap(_trap_reason(trap.message), code.name.lower() if code is not None else None,
+                    frames)
 
 
 def _context_address(ptr: Any) -> int:
@@ -490,7 +496,7 @@ class WasmVm:
     ``host_functions`` maps ``(module, name)`` to a Python callable for each function import
     (see the module docstring for value conventions). Unused entries are ignored; an import
     with no entry raises WasmLoadError "Failed to load Wasm module due to a missing import:
-    env.proxy_foo" (cpp-host's wording).
+    env.proxy_foo" (Envoy's wording); a trapping start section raises WasmTrap.
     """
 
     def __init__(self, module: WasmModule, host_functions: Mapping[tuple[str, str], HostFunction],
@@ -534,7 +540,9 @@ class WasmVm:
             imports.append(wasmtime.Func._from_raw(func_t))
         try:
             self._instance = wasmtime.Instance(store, module._module, imports)
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+        except wasmtime.Trap as e:  # the module's start section trapped
+            raise _wasm_trap(e) from self._take_host_error()
+        except wasmtime.WasmtimeError as e:
             raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from e
         self._exports = self._instance.exports(store)
         mem = self._exports.get("memory")
@@ -637,18 +645,24 @@ class WasmVm:
         finally:
             self._depth -= 1
 
+    def _take_host_error(self) -> BaseException | None:
+        """The exception a host callable raised during the failed call, if any (consumed).
+
+        KeyboardInterrupt/SystemExit are re-raised as themselves once wasm has unwound."""
+        cause, self._host_error = self._host_error, None
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause
+        return cause
+
     def _call_failed(self, name: str, err: int | None) -> None:
         """Turn wasmtime's error/trap out-parameters into a WasmTrap (and consume them)."""
-        cause, self._host_error = self._host_error, None
+        trap_ptr, self._trap_out.value = self._trap_out.value, 0
+        cause = self._take_host_error()
         if err:
             e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, POINTER(_wffi.wasmtime_error_t)))
             raise WasmTrap(f"{self.name}: {name}: {e}") from cause
-        trap_ptr, self._trap_out.value = self._trap_out.value, 0
         trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, POINTER(_wffi.wasm_trap_t)))
-        code = trap.trap_code
-        frames = [WasmFrame(f.func_index, f.func_name, f.module_offset) for f in trap.frames]
-        raise WasmTrap(_trap_reason(trap.message), code.name.lower() if code is not None else None,
-                       frames) from cause
+        raise _wasm_trap(trap) from cause
 
     # -- calls from the guest ----------------------------------------------------------------
 
@@ -691,7 +705,25 @@ class WasmVm:
                         return host_trap(qualname, e)
             return trampoline
 
-        # Mixed types (i64 metrics, WASI clock/seek...): a view per type.
+        if set(sig.params + sig.results) <= {"i32", "i64"}:
+            # i64 metrics, WASI clock/seek: one i64 view; an i32 is the low half of its slot
+            # (wasm stores only 4 bytes, the upper ones are not defined).
+            i64_from_address = (c_int64 * (2 * slots)).from_address
+            masks = [0xFFFFFFFF if t == "i32" else -1 for t in sig.params]  # -1 & v == v
+            slots_idx = range(0, 2 * nparams, 2)
+
+            def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
+                try:
+                    a = i64_from_address(args)
+                    r = fn(*[a[i] & m for i, m in zip(slots_idx, masks)])
+                    if nresults:
+                        a[0] = r
+                    return 0
+                except BaseException as e:
+                    return host_trap(qualname, e)
+            return trampoline
+
+        # Floats (no Proxy-Wasm import has any): a view per type.
         view_types = {t: (ct * (per * slots)) for t, (ct, per) in _RAW_VIEW.items()}
         param_src = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.params)]
         result_dst = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.results)]
