@@ -1,0 +1,457 @@
+"""The route table: RouteConfiguration -> virtual hosts -> routes, as Envoy's router/config_impl.cc.
+
+`RouteConfig.from_proto(route_configuration)` is built once (main thread) and is
+immutable afterwards, so every worker shares it. `RouteConfig.route(headers, stream_id)`
+picks the virtual host by host header and the first matching route.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from google.protobuf.json_format import MessageToDict
+
+from ..http.headers import HeaderMap
+from ..http.stream_info import StreamInfo
+from .header_parser import HeaderParser
+from .matchers import HeaderMatcher, MatcherConfigError, QueryParameterMatcher, compile_regex, parse_query
+
+DEFAULT_ROUTE_TIMEOUT_MS = 15000
+
+# envoy.config.route.v3.RedirectAction.RedirectResponseCode -> status.
+_REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+# envoy.config.route.v3.RouteAction.ClusterNotFoundResponseCode -> status.
+_CLUSTER_NOT_FOUND_CODES = {0: 503, 1: 404, 2: 500}
+
+
+class RouteConfigError(ValueError):
+    """A RouteConfiguration Envoy would reject; the message is Envoy's where it has one."""
+
+
+def _metadata(proto: Any, owner: Any) -> dict[str, Any]:
+    if not owner.HasField("metadata"):
+        return {}
+    return MessageToDict(proto.metadata, preserving_proto_field_name=True).get("filter_metadata", {})
+
+
+def _ms(duration: Any) -> int:
+    return duration.seconds * 1000 + duration.nanos // 1_000_000
+
+
+def _split_query(path: str) -> tuple[str, str]:
+    """('/a/b', '?x=1') — the query (and fragment) kept verbatim with its '?'."""
+    for i, ch in enumerate(path):
+        if ch in "?#":
+            return path[:i], path[i:]
+    return path, ""
+
+
+def strip_port(host: str) -> str:
+    """Host without ':port' (IPv6 literals keep their brackets)."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end >= 0 else host
+    colon = host.rfind(":")
+    if colon >= 0 and host[colon + 1 :].isdigit():
+        return host[:colon]
+    return host
+
+
+class Route:
+    """One route: its match, its action (route / direct_response / redirect) and its header mutations."""
+
+    def __init__(self, proto: Any, vhost: "VirtualHost") -> None:
+        self.virtual_host = vhost
+        self.name: str = proto.name
+        self.metadata = _metadata(proto, proto)
+        self.typed_per_filter_config: dict[str, Any] = dict(proto.typed_per_filter_config)
+        self._build_match(proto.match)
+        self.request_headers_parser = HeaderParser(proto.request_headers_to_add, proto.request_headers_to_remove)
+        self.response_headers_parser = HeaderParser(proto.response_headers_to_add, proto.response_headers_to_remove)
+
+        self.action: str = proto.WhichOneof("action") or ""
+        if self.action not in ("route", "direct_response", "redirect"):
+            raise RouteConfigError(f"route action '{self.action or 'none'}' is not supported")
+        # route action
+        self.cluster_name = ""
+        self.cluster_header = ""
+        self.weighted_clusters: list[tuple[str, int]] = []
+        self.cluster_not_found_response_code = 503
+        self.timeout_ms = DEFAULT_ROUTE_TIMEOUT_MS
+        self.idle_timeout_ms: int | None = None
+        self.prefix_rewrite = ""
+        self.regex_rewrite: tuple[re.Pattern[str], str] | None = None
+        self.host_rewrite_literal = ""
+        self.host_rewrite_header = ""
+        self.auto_host_rewrite = False
+        self.append_x_forwarded_host = False
+        # direct_response
+        self.direct_status = 0
+        self.direct_body = b""
+        # redirect
+        self.redirect: Any = None
+        self.redirect_code = 301
+        if self.action == "route":
+            self._build_route_action(proto.route)
+        elif self.action == "direct_response":
+            self.direct_status = proto.direct_response.status
+            if not 200 <= self.direct_status <= 599:
+                raise RouteConfigError("direct_response status must be in [200, 599]")
+            self.direct_body = _data_source(proto.direct_response.body)
+        else:
+            r = proto.redirect
+            self.redirect = r
+            self.redirect_code = _REDIRECT_CODES.get(r.response_code, 301)
+            self.prefix_rewrite = r.prefix_rewrite
+            if r.HasField("regex_rewrite"):
+                self.regex_rewrite = (compile_regex(r.regex_rewrite.pattern), r.regex_rewrite.substitution)
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def _build_match(self, m: Any) -> None:
+        self.case_sensitive = m.case_sensitive.value if m.HasField("case_sensitive") else True
+        kind = m.WhichOneof("path_specifier")
+        if kind not in ("prefix", "path", "safe_regex", "path_separated_prefix"):
+            raise RouteConfigError(f"route match '{kind}' is not supported")
+        self.match_kind: str = kind
+        self.match_value: str = "" if kind == "safe_regex" else getattr(m, kind)
+        if kind == "path_separated_prefix" and (
+            "?" in self.match_value or "#" in self.match_value or self.match_value.endswith("/")
+        ):
+            raise RouteConfigError("path_separated_prefix must not end with '/' nor contain '?' or '#'")
+        self._match_cmp = self.match_value if self.case_sensitive else self.match_value.lower()
+        self.match_regex = compile_regex(m.safe_regex) if kind == "safe_regex" else None
+        self.header_matchers = [HeaderMatcher(h) for h in m.headers]
+        self.query_matchers = [QueryParameterMatcher(q) for q in m.query_parameters]
+        self.grpc_only = m.HasField("grpc")
+        self.runtime_fraction: tuple[int, int] | None = None
+        if m.HasField("runtime_fraction"):
+            dv = m.runtime_fraction.default_value
+            self.runtime_fraction = (dv.numerator, (100, 10_000, 1_000_000)[dv.denominator])
+
+    def matches(self, headers: HeaderMap, stream_id: int) -> bool:
+        path_header = headers.get(":path")
+        if path_header is None:
+            return False
+        path, _ = _split_query(path_header)
+        cmp = path if self.case_sensitive else path.lower()
+        kind = self.match_kind
+        if kind == "prefix":
+            ok = cmp.startswith(self._match_cmp)
+        elif kind == "path":
+            ok = cmp == self._match_cmp
+        elif kind == "path_separated_prefix":
+            n = len(self._match_cmp)
+            ok = cmp.startswith(self._match_cmp) and (len(cmp) == n or cmp[n] == "/")
+        else:
+            assert self.match_regex is not None
+            ok = self.match_regex.fullmatch(path) is not None
+        if not ok:
+            return False
+        if self.runtime_fraction is not None:
+            numerator, denominator = self.runtime_fraction
+            if stream_id % denominator >= numerator:
+                return False
+        if self.grpc_only and not (headers.get("content-type") or "").startswith("application/grpc"):
+            return False
+        for hm in self.header_matchers:
+            if not hm.match(headers):
+                return False
+        if self.query_matchers:
+            params = parse_query(path_header)
+            for qm in self.query_matchers:
+                if not qm.match(params):
+                    return False
+        return True
+
+    # -- route action ---------------------------------------------------------------------------
+
+    def _build_route_action(self, a: Any) -> None:
+        spec = a.WhichOneof("cluster_specifier")
+        if spec == "cluster":
+            self.cluster_name = a.cluster
+        elif spec == "cluster_header":
+            self.cluster_header = a.cluster_header.lower()
+        elif spec == "weighted_clusters":
+            self.weighted_clusters = [(c.name, c.weight.value) for c in a.weighted_clusters.clusters]
+            if sum(w for _, w in self.weighted_clusters) <= 0:
+                raise RouteConfigError("Sum of weights in the weighted_cluster must be greater than 0.")
+        else:
+            raise RouteConfigError(f"cluster specifier '{spec}' is not supported")
+        self.cluster_not_found_response_code = _CLUSTER_NOT_FOUND_CODES[a.cluster_not_found_response_code]
+        if a.HasField("timeout"):
+            self.timeout_ms = _ms(a.timeout)
+        if a.HasField("idle_timeout"):
+            self.idle_timeout_ms = _ms(a.idle_timeout)
+        self.prefix_rewrite = a.prefix_rewrite
+        if a.HasField("regex_rewrite"):
+            self.regex_rewrite = (compile_regex(a.regex_rewrite.pattern), a.regex_rewrite.substitution)
+        if self.prefix_rewrite and self.regex_rewrite:
+            raise RouteConfigError("Cannot specify both prefix_rewrite and regex_rewrite")
+        self.host_rewrite_literal = a.host_rewrite_literal
+        self.host_rewrite_header = a.host_rewrite_header.lower()
+        self.auto_host_rewrite = a.auto_host_rewrite.value if a.HasField("auto_host_rewrite") else False
+        self.append_x_forwarded_host = a.append_x_forwarded_host
+
+    def cluster_for(self, headers: HeaderMap, stream_id: int) -> str:
+        """The target cluster: fixed, from a header, or weighted by stream_id as Envoy does."""
+        if self.cluster_name:
+            return self.cluster_name
+        if self.cluster_header:
+            return headers.get(self.cluster_header) or ""
+        total = sum(w for _, w in self.weighted_clusters)
+        pick = stream_id % total
+        for name, weight in self.weighted_clusters:
+            if pick < weight:
+                return name
+            pick -= weight
+        return self.weighted_clusters[-1][0]  # pragma: no cover - the loop always returns
+
+    def rewritten_path(self, path_header: str) -> str | None:
+        """The :path after prefix_rewrite / regex_rewrite, or None when neither applies."""
+        path, query = _split_query(path_header)
+        if self.prefix_rewrite:
+            if self.match_kind in ("prefix", "path_separated_prefix"):
+                return self.prefix_rewrite + path[len(self.match_value) :] + query
+            return self.prefix_rewrite + query
+        if self.regex_rewrite is not None:
+            pattern, substitution = self.regex_rewrite
+            return pattern.sub(substitution, path) + query
+        return None
+
+    # -- header mutations ---------------------------------------------------------------------------
+
+    def _parsers(self, request: bool) -> list[HeaderParser]:
+        vh = self.virtual_host
+        rc = vh.route_config
+        if request:
+            levels = [self.request_headers_parser, vh.request_headers_parser, rc.request_headers_parser]
+        else:
+            levels = [self.response_headers_parser, vh.response_headers_parser, rc.response_headers_parser]
+        # Envoy evaluates the most specific level first so that, by default, the least specific
+        # one's overwrite wins; most_specific_header_mutations_wins flips the order.
+        if rc.most_specific_header_mutations_wins:
+            levels.reverse()
+        return [p for p in levels if p]
+
+    def finalize_request_headers(
+        self, headers: HeaderMap, info: StreamInfo, keep_original_host_or_path: bool = True
+    ) -> None:
+        """Headers to add/remove (route, vhost, config), then host and path rewrites."""
+        for parser in self._parsers(True):
+            parser.evaluate(headers, info)
+        new_host = self.host_rewrite_literal
+        if not new_host and self.host_rewrite_header:
+            new_host = headers.get(self.host_rewrite_header) or ""
+        if new_host:
+            update_authority(headers, new_host, self.append_x_forwarded_host, keep_original_host_or_path)
+        path = headers.get(":path")
+        if path is not None:
+            new_path = self.rewritten_path(path)
+            if new_path is not None:
+                if keep_original_host_or_path:
+                    headers.set("x-envoy-original-path", path)
+                headers.set(":path", new_path)
+
+    def finalize_response_headers(
+        self, headers: HeaderMap, info: StreamInfo, request_headers: HeaderMap | None = None
+    ) -> None:
+        for parser in self._parsers(False):
+            parser.evaluate(headers, info, request_headers)
+
+    def per_filter_config(self, name: str) -> Any | None:
+        """The most specific typed_per_filter_config for filter `name` (route > vhost > config)."""
+        for level in (self.typed_per_filter_config, self.virtual_host.typed_per_filter_config,
+                      self.virtual_host.route_config.typed_per_filter_config):
+            if name in level:
+                return level[name]
+        return None
+
+    # -- redirect ---------------------------------------------------------------------------
+
+    def redirect_location(self, headers: HeaderMap) -> str:
+        """The Location for a redirect route (RouteEntryImplBase::newUri, basic cases)."""
+        r = self.redirect
+        orig_scheme = headers.get("x-forwarded-proto") or headers.get(":scheme") or "http"
+        scheme = "https" if r.https_redirect else (r.scheme_redirect or orig_scheme)
+        authority = headers.get(":authority") or ""
+        host = r.host_redirect or strip_port(authority)
+        port = ""
+        if r.port_redirect:
+            port = f":{r.port_redirect}"
+        elif not r.host_redirect:
+            orig_port = authority[len(strip_port(authority)) :]
+            # A scheme change drops the old scheme's default port, as Envoy does.
+            if not (scheme != orig_scheme and orig_port in (":80", ":443")):
+                port = orig_port
+        path_header = headers.get(":path") or "/"
+        _, orig_query = _split_query(path_header)
+        if r.path_redirect:
+            path = r.path_redirect
+            if "?" not in path and not r.strip_query:
+                path += orig_query
+        else:
+            path = self.rewritten_path(path_header) or path_header
+            if r.strip_query:
+                path = _split_query(path)[0]
+        return f"{scheme}://{host}{port}{path}"
+
+
+def update_authority(headers: HeaderMap, host: str, append_xfh: bool, keep_original: bool) -> None:
+    """Http::Utility::updateAuthority: rewrite :authority, keeping the old one where asked."""
+    old = headers.get(":authority") or ""
+    if append_xfh and old:
+        existing = headers.get("x-forwarded-host")
+        headers.set("x-forwarded-host", f"{existing},{old}" if existing else old)
+    if keep_original and old:
+        headers.set("x-envoy-original-host", old)
+    headers.set(":authority", host)
+
+
+def _data_source(ds: Any) -> bytes:
+    kind = ds.WhichOneof("specifier")
+    if kind is None:
+        return b""
+    if kind == "inline_string":
+        return ds.inline_string.encode()
+    if kind == "inline_bytes":
+        return bytes(ds.inline_bytes)
+    if kind == "filename":
+        try:
+            with open(ds.filename, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise RouteConfigError(f"cannot read {ds.filename}: {e.strerror}") from None
+    raise RouteConfigError(f"data source '{kind}' is not supported")
+
+
+class VirtualHost:
+    def __init__(self, proto: Any, config: "RouteConfig") -> None:
+        self.route_config = config
+        self.name: str = proto.name
+        self.domains = [d.lower() for d in proto.domains]
+        self.metadata = _metadata(proto, proto)
+        self.typed_per_filter_config: dict[str, Any] = dict(proto.typed_per_filter_config)
+        self.request_headers_parser = HeaderParser(proto.request_headers_to_add, proto.request_headers_to_remove)
+        self.response_headers_parser = HeaderParser(proto.response_headers_to_add, proto.response_headers_to_remove)
+        if proto.HasField("matcher"):
+            raise RouteConfigError("virtual_hosts.matcher is not supported")
+        self.routes = [Route(r, self) for r in proto.routes]
+
+    def route(self, headers: HeaderMap, stream_id: int) -> Route | None:
+        for r in self.routes:
+            if r.matches(headers, stream_id):
+                return r
+        return None
+
+
+class RouteConfig:
+    """An immutable route table shared by all workers."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.virtual_hosts: list[VirtualHost] = []
+        self._exact: dict[str, VirtualHost] = {}
+        # wildcard text without '*' -> vhost, grouped by length, longest first.
+        self._suffixes: list[tuple[int, dict[str, VirtualHost]]] = []
+        self._prefixes: list[tuple[int, dict[str, VirtualHost]]] = []
+        self._default: VirtualHost | None = None
+        self.request_headers_parser = HeaderParser((), ())
+        self.response_headers_parser = HeaderParser((), ())
+        self.most_specific_header_mutations_wins = False
+        self.ignore_port_in_host_matching = False
+        self.vhost_header = ":authority"
+        self.internal_only_headers: list[str] = []
+        self.typed_per_filter_config: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = {}
+
+    @classmethod
+    def from_proto(
+        cls, proto: Any, cluster_exists: Callable[[str], bool] | None = None, validate_clusters_default: bool = True
+    ) -> "RouteConfig":
+        """Build from envoy.config.route.v3.RouteConfiguration.
+
+        With `cluster_exists`, fixed cluster names are checked as Envoy's validate_clusters does
+        (on by default for static route configs).
+        """
+        self = cls()
+        self.name = proto.name
+        self.metadata = _metadata(proto, proto)
+        self.most_specific_header_mutations_wins = proto.most_specific_header_mutations_wins
+        self.ignore_port_in_host_matching = proto.ignore_port_in_host_matching
+        if proto.vhost_header:
+            self.vhost_header = proto.vhost_header.lower()
+        self.internal_only_headers = [h.lower() for h in proto.internal_only_headers]
+        self.typed_per_filter_config = dict(proto.typed_per_filter_config)
+        try:
+            self.request_headers_parser = HeaderParser(proto.request_headers_to_add, proto.request_headers_to_remove)
+            self.response_headers_parser = HeaderParser(
+                proto.response_headers_to_add, proto.response_headers_to_remove
+            )
+            self.virtual_hosts = [VirtualHost(v, self) for v in proto.virtual_hosts]
+        except MatcherConfigError as e:
+            raise RouteConfigError(str(e)) from None
+        suffixes: dict[int, dict[str, VirtualHost]] = {}
+        prefixes: dict[int, dict[str, VirtualHost]] = {}
+        for vh in self.virtual_hosts:
+            for domain in vh.domains:
+                if domain == "*":
+                    if self._default is not None:
+                        raise RouteConfigError(
+                            f"Only a single wildcard domain is permitted in route {self.name}"
+                        )
+                    self._default = vh
+                    continue
+                if domain.startswith("*"):
+                    table = suffixes.setdefault(len(domain) - 1, {})
+                    key = domain[1:]
+                elif domain.endswith("*"):
+                    table = prefixes.setdefault(len(domain) - 1, {})
+                    key = domain[:-1]
+                else:
+                    table, key = self._exact, domain
+                if key in table:
+                    raise RouteConfigError(
+                        f"Only unique values for domains are permitted. Duplicate entry of domain {domain}"
+                        f" in route {self.name}"
+                    )
+                table[key] = vh
+        self._suffixes = sorted(suffixes.items(), reverse=True)
+        self._prefixes = sorted(prefixes.items(), reverse=True)
+        validate = proto.validate_clusters.value if proto.HasField("validate_clusters") else validate_clusters_default
+        if validate and cluster_exists is not None:
+            for vh in self.virtual_hosts:
+                for r in vh.routes:
+                    names = [r.cluster_name] if r.cluster_name else [n for n, _ in r.weighted_clusters]
+                    for n in names:
+                        if n and not cluster_exists(n):
+                            raise RouteConfigError(f"route: unknown cluster '{n}'")
+        return self
+
+    def virtual_host(self, headers: HeaderMap) -> VirtualHost | None:
+        """Envoy's precedence: exact, then `*suffix` longest first, then `prefix*` longest first, then `*`."""
+        if not self._exact and not self._suffixes and not self._prefixes:
+            return self._default
+        host = (headers.get(self.vhost_header) or "").lower()
+        if self.ignore_port_in_host_matching:
+            host = strip_port(host)
+        vh = self._exact.get(host)
+        if vh is not None:
+            return vh
+        n = len(host)
+        for length, table in self._suffixes:
+            if length < n:
+                vh = table.get(host[n - length :])
+                if vh is not None:
+                    return vh
+        for length, table in self._prefixes:
+            if length < n:
+                vh = table.get(host[:length])
+                if vh is not None:
+                    return vh
+        return self._default
+
+    def route(self, headers: HeaderMap, stream_id: int = 0) -> Route | None:
+        vh = self.virtual_host(headers)
+        return vh.route(headers, stream_id) if vh is not None else None
