@@ -253,18 +253,44 @@ def test_unreachable_trap_has_code_and_named_backtrace():
     assert "inner_unreachable" in str(t)
 
 
-@pytest.mark.parametrize("export,args,code", [
-    ("div", (1, 0), "integer_division_by_zero"),
-    ("div", (-0x80000000, -1), "integer_overflow"),
-    ("recurse", (0,), "stack_overflow"),
-    ("oob", (), "memory_out_of_bounds"),
+@pytest.mark.parametrize("export,args,code,message", [
+    # Messages are V8's, as Envoy 1.40 logs them.
+    ("div", (1, 0), "integer_division_by_zero", "Uncaught RuntimeError: divide by zero"),
+    ("rem", (1, 0), "integer_division_by_zero", "Uncaught RuntimeError: remainder by zero"),
+    ("div", (-0x80000000, -1), "integer_overflow",
+     "Uncaught RuntimeError: divide result unrepresentable"),
+    ("trunc", (float("nan"),), "bad_conversion_to_integer",
+     "Uncaught RuntimeError: float unrepresentable in integer range"),
+    ("recurse", (0,), "stack_overflow", "Uncaught RangeError: Maximum call stack size exceeded"),
+    ("oob", (), "memory_out_of_bounds", "Uncaught RuntimeError: memory access out of bounds"),
+    ("indirect", (0,), "indirect_call_to_null", "Uncaught RuntimeError: function signature mismatch"),
+    ("indirect", (1,), "bad_signature", "Uncaught RuntimeError: function signature mismatch"),
+    ("indirect", (5,), "table_out_of_bounds", "Uncaught RuntimeError: table index is out of bounds"),
 ])
-def test_guest_traps(export, args, code):
+def test_guest_traps(export, args, code, message):
     vm = trap_vm()
     with pytest.raises(WasmTrap) as e:
         vm.get_function(export)(*args)
-    assert e.value.trap_code == code
+    assert (e.value.trap_code, e.value.message) == (code, message)
+    assert e.value.detail  # wasmtime's own words
     assert vm.get_function("ok")() == 42
+
+
+def test_trap_text_has_envoys_backtrace_format():
+    with pytest.raises(WasmTrap) as e:
+        trap_vm().get_function("do_unreachable")()
+    lines = str(e.value).splitlines()
+    assert lines[:2] == ["Uncaught RuntimeError: unreachable", "Proxy-Wasm plugin in-VM backtrace:"]
+    assert lines[2].startswith("  0:  0x") and lines[2].endswith(" - inner_unreachable")
+    assert lines[3].startswith("  1:  0x") and lines[3].endswith(" - do_unreachable")
+
+
+def test_trap_without_name_section_has_no_backtrace_text():
+    code = wasmtime.wat2wasm('(module (func (export "f") unreachable))')
+    with pytest.raises(WasmTrap) as e:
+        WasmVm(compile_module(code), {}).get_function("f")()
+    assert str(e.value) == "Uncaught RuntimeError: unreachable"
+    assert len(e.value.frames) == 1
 
 
 def test_epoch_deadline_interrupts_a_spinning_guest_and_is_rearmed():

@@ -124,30 +124,32 @@ class WasmFrame(NamedTuple):
 class WasmTrap(Exception):
     """The guest trapped (unreachable, out-of-bounds, interrupt, a host callable raising...).
 
+    ``message`` uses V8's wording as Envoy logs it ("Uncaught RuntimeError: unreachable"), so
+    "Function: <name> failed: <str(trap)>" reads as in Envoy; ``detail`` is wasmtime's own text.
     ``trap_code`` is wasmtime's code in lower case (``"unreachable"``, ``"interrupt"``,
-    ``"stack_overflow"``, ...) or None for a trap raised by the host; ``frames`` is the wasm
-    backtrace, innermost first.
+    ``"stack_overflow"``, ...) or None for a trap raised by a host callable; ``frames`` is the
+    wasm backtrace, innermost first. ``str()`` adds Envoy's "Proxy-Wasm plugin in-VM backtrace"
+    when the module has a name section (as cpp-host does; without names it prints none).
     """
 
     def __init__(self, message: str, trap_code: str | None = None,
-                 frames: list[WasmFrame] | None = None) -> None:
+                 frames: list[WasmFrame] | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.trap_code = trap_code
         self.frames = frames or []
+        self.detail = detail or message
 
     @property
     def backtrace(self) -> str:
-        lines = []
-        for i, f in enumerate(self.frames):
-            name = f.func_name or f"<wasm function {f.func_index}>"
-            lines.append(f"  {i}: {f.module_offset:#x} - {name}")
-        return "\n".join(lines)
+        """cpp-host's format: index right-aligned in 3 columns, module offset, function name."""
+        return "\n".join(f"{i:>3}:  {f.module_offset:#x} - {f.func_name or ''}"
+                         for i, f in enumerate(self.frames))
 
     def __str__(self) -> str:
-        if not self.frames:
+        if not any(f.func_name for f in self.frames):
             return self.message
-        return f"{self.message}\nwasm backtrace:\n{self.backtrace}"
+        return f"{self.message}\nProxy-Wasm plugin in-VM backtrace:\n{self.backtrace}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +249,37 @@ def _trap_reason(message: str) -> str:
     return cause.strip() if sep else message.strip()
 
 
-def _wasm_trap(trap: wasmtime.Trap) -> WasmTrap:
-    code = trap.trap_code
+# V8's messages for wasmtime's trap codes, as Envoy 1.40 logs them (checked by running a
+# trapping plugin under Envoy for each).
+_V8_TRAP_MESSAGES = {
+    "unreachable": "Uncaught RuntimeError: unreachable",
+    "integer_division_by_zero": "Uncaught RuntimeError: divide by zero",
+    "integer_overflow": "Uncaught RuntimeError: divide result unrepresentable",
+    "bad_conversion_to_integer": "Uncaught RuntimeError: float unrepresentable in integer range",
+    "memory_out_of_bounds": "Uncaught RuntimeError: memory access out of bounds",
+    "stack_overflow": "Uncaught RangeError: Maximum call stack size exceeded",
+    "indirect_call_to_null": "Uncaught RuntimeError: function signature mismatch",
+    "bad_signature": "Uncaught RuntimeError: function signature mismatch",
+    "table_out_of_bounds": "Uncaught RuntimeError: table index is out of bounds",
+    "heap_misaligned": "Uncaught RuntimeError: operation does not support unaligned accesses",
+    # Not a V8 trap (Envoy has no CPU deadline): say what happened.
+    "interrupt": "Uncaught RuntimeError: interrupted: the plugin exceeded its CPU deadline",
+}
+# i32.rem_s i32.rem_u i64.rem_s i64.rem_u: V8 says "remainder by zero" for these.
+_REM_OPCODES = frozenset((0x6F, 0x70, 0x81, 0x82))
+
+
+def _wasm_trap(trap: wasmtime.Trap, code: bytes) -> WasmTrap:
+    trap_code = trap.trap_code
+    name = trap_code.name.lower() if trap_code is not None else None
     frames = [WasmFrame(f.func_index, f.func_name, f.module_offset) for f in trap.frames]
-    return WasmTrap(_trap_reason(trap.message), code.name.lower() if code is not None else None,
-                    frames)
+    detail = _trap_reason(trap.message)
+    message = _V8_TRAP_MESSAGES.get(name or "", detail if name is None else
+                                    f"Uncaught RuntimeError: {detail}")
+    if (name == "integer_division_by_zero" and frames
+            and frames[0].module_offset < len(code) and code[frames[0].module_offset] in _REM_OPCODES):
+        message = "Uncaught RuntimeError: remainder by zero"
+    return WasmTrap(message, name, frames, detail)
 
 
 def _context_address(ptr: Any) -> int:
@@ -275,9 +303,10 @@ def _sig(ft: wasmtime.FuncType) -> FuncSig:
 class WasmModule:
     """Compiled code, shared by every VM of it in the process (any thread)."""
 
-    def __init__(self, module: wasmtime.Module, sha256: str, name: str,
+    def __init__(self, module: wasmtime.Module, code: bytes, sha256: str, name: str,
                  from_disk_cache: bool = False) -> None:
         self._module = module
+        self._code = code  # trap messages look at the trapping instruction
         self.sha256 = sha256
         self.name = name
         self.from_disk_cache = from_disk_cache  # deserialized from cache_dir, not compiled
@@ -382,7 +411,7 @@ def compile_module(code: bytes, *, cache_dir: str | None = None, name: str = "")
             raise WasmLoadError(f"Failed to load Wasm code {name!r}: {detail}") from None
         if path:
             _store_cached(path, module)
-    wm = WasmModule(module, digest, name, from_disk_cache)
+    wm = WasmModule(module, code, digest, name, from_disk_cache)
     with _modules_lock:
         return _modules.setdefault(digest, wm)
 
@@ -541,7 +570,7 @@ class WasmVm:
         try:
             self._instance = wasmtime.Instance(store, module._module, imports)
         except wasmtime.Trap as e:  # the module's start section trapped
-            raise _wasm_trap(e) from self._take_host_error()
+            raise _wasm_trap(e, module._code) from self._take_host_error()
         except wasmtime.WasmtimeError as e:
             raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from e
         self._exports = self._instance.exports(store)
@@ -662,7 +691,7 @@ class WasmVm:
             e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, POINTER(_wffi.wasmtime_error_t)))
             raise WasmTrap(f"{self.name}: {name}: {e}") from cause
         trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, POINTER(_wffi.wasm_trap_t)))
-        raise _wasm_trap(trap) from cause
+        raise _wasm_trap(trap, self.module._code) from cause
 
     # -- calls from the guest ----------------------------------------------------------------
 
