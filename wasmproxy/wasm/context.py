@@ -1,0 +1,1309 @@
+"""VM, root and stream contexts: the host side of one Proxy-Wasm context, and the calls into it.
+
+cpp-host ContextBase (include/proxy-wasm/context.h, src/context.cc) merged with Envoy's
+Context (source/extensions/common/wasm/context.cc), which is where the observable behaviour
+lives (header maps, buffers, metrics, status translation). Three kinds, as in cpp-host:
+
+* the VM context (id 0): one per Wasm, for code that runs outside any plugin (``_start``);
+* a root context: one per plugin per Wasm (``Wasm.start(plugin)``), host-allocated id;
+* a stream context: one per HTTP stream or TCP connection, parented to a root context.
+
+Everything is driven by plain calls (sans-IO). A stream context talks to the proxy only
+through a `StreamEnvironment` (continue/close the stream, local replies, StreamInfo); a Wasm
+talks to the outside through a `WasmEnvironment` (HTTP/gRPC callouts, DNS). Their defaults do
+nothing and say so: a context without an environment answers ``Unimplemented``.
+
+Re-entrancy (Envoy's rule): actions that would re-enter the filter chain (continue, close,
+local reply) are never done inside a host call; they are queued with
+`Wasm.add_after_vm_call_action` and run when the outermost call into the plugin returns.
+
+Threading: a context, its Wasm and its environment live on one thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from ..http.filter import FilterDataStatus as HttpDataStatus
+from ..http.filter import FilterHeadersStatus as HttpHeadersStatus
+from ..http.filter import FilterTrailersStatus as HttpTrailersStatus
+from ..http.headers import HeaderMap
+from ..log import get_logger
+from . import properties
+from .abi import (
+    GRPC_STATUS_MAXIMUM_KNOWN,
+    AbiVersion,
+    CloseType,
+    FilterDataStatus,
+    FilterHeadersStatus,
+    FilterStatus,
+    FilterTrailersStatus,
+    LogLevel,
+    MetricType,
+    WasmBufferType,
+    WasmHeaderMapType,
+    WasmResult,
+    WasmStreamType,
+)
+from .shared_data import global_shared_data, global_shared_queue
+
+if TYPE_CHECKING:
+    from ..http.stream_info import StreamInfo
+    from .wasm import Wasm
+
+__all__ = [
+    "Buffer",
+    "ContextBase",
+    "FailurePolicy",
+    "Plugin",
+    "StreamEnvironment",
+    "WasmEnvironment",
+]
+
+_log = get_logger("wasm")
+
+Pairs = list[tuple[bytes, bytes]]
+
+# Envoy's response code details for host-initiated stream endings.
+FAIL_STREAM_RESPONSE_DETAILS = "wasm_fail_stream"
+CLOSE_STREAM_RESPONSE_DETAILS = "wasm_close_stream"
+
+
+class FailurePolicy(enum.IntEnum):
+    """envoy.extensions.wasm.v3.FailurePolicy (UNSPECIFIED means FAIL_CLOSED)."""
+
+    UNSPECIFIED = 0
+    FAIL_RELOAD = 1
+    FAIL_CLOSED = 2
+    FAIL_OPEN = 3
+
+
+@dataclass
+class Plugin:
+    """One configured plugin (cpp-host PluginBase + Envoy Plugin): what a root context runs."""
+
+    name: str = ""
+    root_id: str = ""
+    vm_id: str = ""
+    plugin_configuration: bytes = b""
+    failure_policy: FailurePolicy = FailurePolicy.UNSPECIFIED
+    allow_on_headers_stop_iteration: bool = False
+    # Extra bytes that distinguish plugins with equal root_id and configuration (cpp-host "key").
+    key_extra: bytes = b""
+    key: str = field(init=False)
+    log_prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = hashlib.sha256()
+        for part in (self.root_id.encode(), b"||", self.plugin_configuration, b"||", self.key_extra):
+            h.update(part)
+        self.key = h.hexdigest().upper()
+        self.log_prefix = "".join(f" {p}" for p in (self.name, self.root_id, self.vm_id) if p)
+
+    @property
+    def fail_open(self) -> bool:
+        return self.failure_policy == FailurePolicy.FAIL_OPEN
+
+
+class StreamEnvironment:
+    """What a stream context asks of the proxy (cpp-host HttpInterface/NetworkInterface).
+
+    The HTTP bridge (wasm/http_filter.py) subclasses this. Every default does nothing, which
+    the plugin sees as Envoy does when the callback is absent. The context defers the calls
+    that re-enter the filter chain, so implementations may act at once.
+    """
+
+    #: The stream's StreamInfo (request/response/connection properties, set_property).
+    stream_info: "StreamInfo | None" = None
+
+    def continue_stream(self, stream_type: WasmStreamType) -> None:
+        """Resume a stopped direction (continueDecoding / continueEncoding / continueReading)."""
+
+    def close_stream(self, stream_type: WasmStreamType) -> None:
+        """Reset the HTTP stream, or close the downstream/upstream connection."""
+
+    def send_local_response(
+        self, code: int, body: bytes, headers: list[tuple[str, str]], grpc_status: int | None, details: str
+    ) -> None:
+        """Envoy sendLocalReply (headers are added to the reply; details already sanitized)."""
+
+    def clear_route_cache(self) -> None:
+        """Forget the selected route (header changes may select another)."""
+
+    def add_trailers(self, map_type: WasmHeaderMapType) -> HeaderMap | None:
+        """addDecodedTrailers/addEncodedTrailers, for a body callback at end of stream; or None."""
+        return None
+
+
+class WasmEnvironment:
+    """What a Wasm asks of the proxy on its thread: callouts, DNS, node info.
+
+    Defaults answer Unimplemented. Results come back through the root context's
+    on_http_call_response / on_http_call_failure / on_grpc_* / on_resolve_dns.
+    """
+
+    #: envoy.config.core.v3.Node (or None) for the xds.node property.
+    node: object | None = None
+
+    def http_call(
+        self, context: "ContextBase", token: int, cluster: str, headers: HeaderMap, body: bytes,
+        trailers: HeaderMap | None, timeout_ms: int | None,
+    ) -> WasmResult:
+        """Start an async HTTP request; BadArgument for an unknown cluster."""
+        return WasmResult.Unimplemented
+
+    def grpc_call(
+        self, context: "ContextBase", token: int, service: bytes, service_name: str, method_name: str,
+        initial_metadata: HeaderMap, request: bytes, timeout_ms: int,
+    ) -> WasmResult:
+        return WasmResult.Unimplemented
+
+    def grpc_stream(
+        self, context: "ContextBase", token: int, service: bytes, service_name: str, method_name: str,
+        initial_metadata: HeaderMap,
+    ) -> WasmResult:
+        return WasmResult.Unimplemented
+
+    def grpc_send(self, token: int, message: bytes, end_stream: bool) -> None:
+        """Send on an open stream."""
+
+    def grpc_close(self, token: int) -> None:
+        """Half-close a stream / cancel a call."""
+
+    def grpc_cancel(self, token: int) -> None:
+        """Reset a stream / cancel a call."""
+
+    def resolve_dns(self, context: "ContextBase", token: int, address: str) -> WasmResult:
+        return WasmResult.Unimplemented
+
+
+class Buffer:
+    """A buffer the plugin reads with get_buffer_bytes and writes with set_buffer_bytes.
+
+    Mutable when backed by a bytearray (Envoy's Buffer::Instance rules for writes), otherwise
+    read-only: writes answer BadArgument, as cpp-host BufferBase::copyFrom.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | None = None) -> None:
+        self.data = b"" if data is None else data
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def copy_from(self, start: int, length: int, value: bytes) -> WasmResult:
+        data = self.data
+        if not isinstance(data, bytearray):
+            return WasmResult.BadArgument
+        if start == 0:
+            if length == 0:
+                data[0:0] = value  # prepend
+                return WasmResult.Ok
+            if length >= len(data):
+                data[:] = value  # replace all
+                return WasmResult.Ok
+            return WasmResult.BadArgument
+        if start >= len(data):
+            data += value  # append
+            return WasmResult.Ok
+        return WasmResult.BadArgument
+
+
+_EMPTY_BUFFER = Buffer()
+
+
+def _pairs_to_header_map(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderMap:
+    return HeaderMap((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in pairs)
+
+
+class ContextBase:
+    """One Proxy-Wasm context: the VM context, a root context or a stream context.
+
+    Use the class methods `vm_context`, `root_context_for` and `stream_context` (the Wasm
+    does for the first two).
+    """
+
+    def __init__(
+        self,
+        wasm: "Wasm | None",
+        context_id: int,
+        parent: "ContextBase | None",
+        plugin: Plugin | None,
+        *,
+        root_id: str = "",
+    ) -> None:
+        self.wasm = wasm
+        self.id = context_id
+        # The VM and root contexts are their own parents (cpp-host).
+        self.parent_context: ContextBase = parent if parent is not None else self
+        self.parent_context_id = self.parent_context.id
+        self.plugin = plugin
+        self.root_id = root_id
+        self.root_log_prefix = "".join(f" {p}" for p in (root_id, wasm.vm_id if wasm else "") if p)
+        # Set only while a root context runs on_configure/validate: the plugin being configured.
+        self.temp_plugin: Plugin | None = None
+        self.in_vm_context_created = False
+        self.destroyed = False
+        self.stream_failed = False
+        self.failure_local_reply_sent = False
+        self.allow_on_headers_stop_iteration = bool(plugin and plugin.allow_on_headers_stop_iteration)
+        self.env: StreamEnvironment | None = None
+        # Stream state the host calls read (Envoy Context members), set around each callback.
+        self.end_of_stream = False
+        self.request_headers: HeaderMap | None = None
+        self.request_trailers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        self.request_body_buffer: bytearray | None = None
+        self.response_body_buffer: bytearray | None = None
+        self.downstream_data_buffer: bytearray | None = None
+        self.upstream_data_buffer: bytearray | None = None
+        self.buffering_request_body = False
+        self.buffering_response_body = False
+        # Access-log phase: maps handed to on_log only (Envoy's access_log_* members).
+        self.access_log_phase = False
+        self.access_log_request_headers: HeaderMap | None = None
+        self.access_log_response_headers: HeaderMap | None = None
+        self.access_log_response_trailers: HeaderMap | None = None
+        self.access_log_stream_info: "StreamInfo | None" = None
+        self.downstream_closed = False
+        self.upstream_closed = False
+        self.tcp_connection_closed = False
+        # Root-context state for callouts (only used on root contexts).
+        self.call_data = _EMPTY_BUFFER  # CallData: foreign-function args, DNS results
+        self.status_code = 0
+        self.status_message = b""
+        self.http_call_response: tuple[HeaderMap | None, bytes, HeaderMap | None] | None = None
+        self.http_requests: set[int] = set()
+        self.grpc_calls: set[int] = set()
+        self.grpc_streams: dict[int, list[bool]] = {}  # token -> [local_closed, remote_closed]
+        self.grpc_receive_initial_metadata: HeaderMap | None = None
+        self.grpc_receive_trailing_metadata: HeaderMap | None = None
+        self.grpc_receive_buffer: bytes | None = None
+        if wasm is not None:
+            wasm.contexts[context_id] = self
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def stream_context(
+        cls, wasm: "Wasm | None", root_context_id: int, plugin: Plugin, env: StreamEnvironment | None = None
+    ) -> "ContextBase":
+        """A new stream context under the root context `root_context_id` (wasm None: a failed VM)."""
+        if wasm is None:
+            ctx = cls(None, 0, None, plugin)
+        else:
+            parent = wasm.contexts.get(root_context_id)
+            ctx = cls(wasm, wasm.alloc_context_id(), parent, plugin)
+            ctx.parent_context_id = root_context_id
+        ctx.env = env
+        return ctx
+
+    # -- identity --------------------------------------------------------------------------
+
+    def is_vm_context(self) -> bool:
+        return self.id == 0
+
+    def is_root_context(self) -> bool:
+        return self.parent_context is self
+
+    def root_context(self) -> "ContextBase":
+        ctx = self
+        while ctx.parent_context is not ctx:
+            ctx = ctx.parent_context
+        return ctx
+
+    def log_prefix(self) -> str:
+        if self.is_root_context():
+            return self.root_log_prefix
+        return self.plugin.log_prefix if self.plugin else ""
+
+    def is_failed(self) -> bool:
+        return self.wasm is None or self.wasm.is_failed()
+
+    # -- calls into the plugin -------------------------------------------------------------
+
+    def _call(self, name: str, *args: int) -> int | None:
+        """Call export `name` with this context current; None if absent (after-call actions run)."""
+        wasm = self.wasm
+        assert wasm is not None
+        fn = wasm.module_functions.get(name)
+        if fn is None:
+            return None
+        try:
+            return wasm.call(self, name, fn, *args)
+        finally:
+            wasm.stop_next_iteration(False)
+            wasm.do_after_vm_call_actions()
+
+    def on_start(self, plugin: Plugin) -> bool:
+        """Root context: proxy_on_context_create(id, 0) then proxy_on_vm_start(id, vm_config_size)."""
+        wasm = self.wasm
+        assert wasm is not None
+        if "proxy_on_context_create" in wasm.module_functions:
+            self.temp_plugin = plugin
+            try:
+                self._call("proxy_on_context_create", self.id, 0)
+            finally:
+                self.temp_plugin = None
+            self.in_vm_context_created = True
+        result = self._call("proxy_on_vm_start", self.id, len(wasm.vm_configuration))
+        return result is None or result != 0
+
+    def validate_configuration(self, plugin: Plugin) -> bool:
+        """proxy_validate_configuration(id, size), if exported (Envoy's Context)."""
+        self.temp_plugin = plugin
+        try:
+            result = self._call("proxy_validate_configuration", self.id, len(plugin.plugin_configuration))
+        finally:
+            self.temp_plugin = None
+        return result is None or result != 0
+
+    def on_configure(self, plugin: Plugin) -> bool:
+        if self.is_failed():
+            return True
+        wasm = self.wasm
+        assert wasm is not None
+        if not self.in_vm_context_created and "proxy_on_context_create" in wasm.module_functions:
+            self._call("proxy_on_context_create", self.id, 0)
+        self.in_vm_context_created = True
+        self.temp_plugin = plugin
+        try:
+            result = self._call("proxy_on_configure", self.id, len(plugin.plugin_configuration))
+        finally:
+            self.temp_plugin = None
+        return result is None or result != 0
+
+    def on_create(self) -> None:
+        """Stream context: proxy_on_context_create(id, root_id), once."""
+        if not self.is_failed() and not self.in_vm_context_created:
+            self._call("proxy_on_context_create", self.id, self.parent_context.id)
+        self.in_vm_context_created = True
+
+    def on_tick(self) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_tick", self.id)
+
+    def on_queue_ready(self, token: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_queue_ready", self.id, token)
+
+    def on_foreign_function(self, function_id: int, arguments: bytes) -> None:
+        """proxy_on_foreign_function(root, id, size); the arguments are the CallData buffer."""
+        if self.is_failed():
+            return
+        self.call_data = Buffer(arguments)
+        try:
+            self._call("proxy_on_foreign_function", self.id, function_id, len(arguments))
+        finally:
+            self.call_data = _EMPTY_BUFFER
+
+    def on_done(self) -> bool:
+        if not self.is_failed():
+            result = self._call("proxy_on_done", self.id)
+            return result is None or result != 0
+        return True
+
+    def on_log(self) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_log", self.id)
+
+    def on_delete(self) -> None:
+        if self.in_vm_context_created and not self.is_failed():
+            self._call("proxy_on_delete", self.id)
+        if self.wasm is not None and self.id != 0 and self.wasm.contexts.get(self.id) is self:
+            del self.wasm.contexts[self.id]
+
+    # HTTP callbacks (cpp-host ContextBase::on*): each returns the host-side status.
+
+    def _check_fail(self, first: WasmStreamType, second: WasmStreamType) -> bool | None:
+        """CHECK_FAIL: None if the VM is healthy, else True for fail-open, False for fail-closed."""
+        if not self.is_failed():
+            return None
+        if self.plugin is not None and self.plugin.fail_open:
+            return True
+        if not self.stream_failed:
+            self.fail_stream(first)
+            self.fail_stream(second)
+            self.stream_failed = True
+        return False
+
+    def _headers_status(self, result: int) -> FilterHeadersStatus:
+        wasm = self.wasm
+        assert wasm is not None
+        if wasm.is_next_iteration_stopped() or result > FilterHeadersStatus.StopAllIterationAndWatermark:
+            return FilterHeadersStatus.StopAllIterationAndWatermark
+        if result == FilterHeadersStatus.StopIteration and not self.allow_on_headers_stop_iteration:
+            # cpp-host issue 143: StopIteration would still let the body through.
+            return FilterHeadersStatus.StopAllIterationAndWatermark
+        return FilterHeadersStatus(result)
+
+    def _data_status(self, result: int) -> FilterDataStatus:
+        assert self.wasm is not None
+        if self.wasm.is_next_iteration_stopped() or result > FilterDataStatus.StopIterationNoBuffer:
+            return FilterDataStatus.StopIterationNoBuffer
+        return FilterDataStatus(result)
+
+    def _trailers_status(self, result: int) -> FilterTrailersStatus:
+        assert self.wasm is not None
+        if self.wasm.is_next_iteration_stopped() or result > FilterTrailersStatus.StopIteration:
+            return FilterTrailersStatus.StopIteration
+        return FilterTrailersStatus(result)
+
+    def _http_call_status(self, name: str, args: tuple[int, ...], convert: Callable[[int], enum.IntEnum],
+                          open_status: enum.IntEnum, closed_status: enum.IntEnum) -> enum.IntEnum:
+        """Shared body of on_request_*/on_response_*: fail checks, call, translate the status."""
+        fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
+        if fail is not None:
+            return open_status if fail else closed_status
+        wasm = self.wasm
+        assert wasm is not None
+        fn = wasm.module_functions.get(name)
+        if fn is None:
+            return open_status
+        try:
+            result = wasm.call(self, name, fn, *args) or 0
+            fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
+            if fail is not None:
+                return open_status if fail else closed_status
+            return convert(result)
+        finally:
+            wasm.stop_next_iteration(False)
+            wasm.do_after_vm_call_actions()
+
+    def on_request_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
+        args = self._headers_args(headers, end_of_stream)
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_request_headers", args, self._headers_status,
+            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
+
+    def on_request_body(self, body_length: int, end_of_stream: bool) -> FilterDataStatus:
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_request_body", (self.id, body_length, int(end_of_stream)), self._data_status,
+            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)
+
+    def on_request_trailers(self, trailers: int) -> FilterTrailersStatus:
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_request_trailers", (self.id, trailers), self._trailers_status,
+            FilterTrailersStatus.Continue, FilterTrailersStatus.StopIteration)
+
+    def on_request_metadata(self, elements: int) -> int:
+        self._http_call_status("proxy_on_request_metadata", (self.id, elements), lambda r: FilterStatus.Continue,
+                               FilterStatus.Continue, FilterStatus.Continue)
+        return 0
+
+    def on_response_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
+        args = self._headers_args(headers, end_of_stream)
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_response_headers", args, self._headers_status,
+            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
+
+    def on_response_body(self, body_length: int, end_of_stream: bool) -> FilterDataStatus:
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_response_body", (self.id, body_length, int(end_of_stream)), self._data_status,
+            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)
+
+    def on_response_trailers(self, trailers: int) -> FilterTrailersStatus:
+        return self._http_call_status(  # type: ignore[return-value]
+            "proxy_on_response_trailers", (self.id, trailers), self._trailers_status,
+            FilterTrailersStatus.Continue, FilterTrailersStatus.StopIteration)
+
+    def on_response_metadata(self, elements: int) -> int:
+        self._http_call_status("proxy_on_response_metadata", (self.id, elements), lambda r: FilterStatus.Continue,
+                               FilterStatus.Continue, FilterStatus.Continue)
+        return 0
+
+    def _headers_args(self, headers: int, end_of_stream: bool) -> tuple[int, ...]:
+        assert self.wasm is not None
+        if self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0:
+            return (self.id, headers)  # 0.1.0: no end-of-stream flag
+        return (self.id, headers, int(end_of_stream))
+
+    # TCP callbacks.
+
+    def _net_call(self, name: str, *args: int) -> FilterStatus:
+        fail = self._check_fail(WasmStreamType.Downstream, WasmStreamType.Upstream)
+        if fail is not None:
+            return FilterStatus.Continue if fail else FilterStatus.StopIteration
+        wasm = self.wasm
+        assert wasm is not None
+        fn = wasm.module_functions.get(name)
+        if fn is None:
+            return FilterStatus.Continue
+        try:
+            result = wasm.call(self, name, fn, *args) or 0
+            fail = self._check_fail(WasmStreamType.Downstream, WasmStreamType.Upstream)
+            if fail is not None:
+                return FilterStatus.Continue if fail else FilterStatus.StopIteration
+            return FilterStatus.Continue if result == 0 else FilterStatus.StopIteration
+        finally:
+            wasm.stop_next_iteration(False)
+            wasm.do_after_vm_call_actions()
+
+    def on_network_new_connection(self) -> FilterStatus:
+        return self._net_call("proxy_on_new_connection", self.id)
+
+    def on_downstream_data(self, data_length: int, end_of_stream: bool) -> FilterStatus:
+        return self._net_call("proxy_on_downstream_data", self.id, data_length, int(end_of_stream))
+
+    def on_upstream_data(self, data_length: int, end_of_stream: bool) -> FilterStatus:
+        return self._net_call("proxy_on_upstream_data", self.id, data_length, int(end_of_stream))
+
+    def on_downstream_connection_close(self, close_type: CloseType) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_downstream_connection_close", self.id, int(close_type))
+
+    def on_upstream_connection_close(self, close_type: CloseType) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_upstream_connection_close", self.id, int(close_type))
+
+    # Callout results (root contexts).
+
+    def on_http_call_response(self, token: int, headers: int, body_size: int, trailers: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_http_call_response", self.id, token, headers, body_size, trailers)
+
+    def on_grpc_receive_initial_metadata_raw(self, token: int, elements: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_grpc_receive_initial_metadata", self.id, token, elements)
+
+    def on_grpc_receive_trailing_metadata_raw(self, token: int, elements: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_grpc_receive_trailing_metadata", self.id, token, elements)
+
+    def on_grpc_receive_raw(self, token: int, response_size: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_grpc_receive", self.id, token, response_size)
+
+    def on_grpc_close_raw(self, token: int, status_code: int) -> None:
+        if not self.is_failed():
+            self._call("proxy_on_grpc_close", self.id, token, status_code)
+
+    # -- Envoy's filter glue (Context::decodeHeaders & co.), driven by the HTTP bridge -----
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> HttpHeadersStatus:
+        self.on_create()
+        self.request_headers = headers
+        self.end_of_stream = end_stream
+        result = _http_headers_status(self.on_request_headers(len(headers), end_stream))
+        if result == HttpHeadersStatus.Continue:
+            self.request_headers = None
+        return result
+
+    def decode_data(self, data: bytearray, end_stream: bool) -> HttpDataStatus:
+        """`data` is the chunk, or the whole buffered body after StopIterationAndBuffer."""
+        if not self.in_vm_context_created:
+            return HttpDataStatus.Continue
+        self.request_body_buffer = data
+        self.end_of_stream = end_stream
+        result = _http_data_status(self.on_request_body(len(data), end_stream))
+        self.buffering_request_body = result == HttpDataStatus.StopIterationAndBuffer
+        if result == HttpDataStatus.Continue:
+            self.request_body_buffer = None
+        return result
+
+    def decode_trailers(self, trailers: HeaderMap) -> HttpTrailersStatus:
+        if not self.in_vm_context_created:
+            return HttpTrailersStatus.Continue
+        self.request_trailers = trailers
+        result = HttpTrailersStatus(int(self.on_request_trailers(len(trailers))))
+        if result == HttpTrailersStatus.Continue:
+            self.request_trailers = None
+        return result
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> HttpHeadersStatus:
+        if not self.in_vm_context_created or self.failure_local_reply_sent:
+            return HttpHeadersStatus.Continue
+        self.response_headers = headers
+        self.end_of_stream = end_stream
+        result = _http_headers_status(self.on_response_headers(len(headers), end_stream))
+        if result == HttpHeadersStatus.Continue:
+            self.response_headers = None
+        return result
+
+    def encode_data(self, data: bytearray, end_stream: bool) -> HttpDataStatus:
+        if not self.in_vm_context_created or self.failure_local_reply_sent:
+            return HttpDataStatus.Continue
+        self.response_body_buffer = data
+        self.end_of_stream = end_stream
+        result = _http_data_status(self.on_response_body(len(data), end_stream))
+        self.buffering_response_body = result == HttpDataStatus.StopIterationAndBuffer
+        if result == HttpDataStatus.Continue:
+            self.response_body_buffer = None
+        return result
+
+    def encode_trailers(self, trailers: HeaderMap) -> HttpTrailersStatus:
+        if not self.in_vm_context_created or self.failure_local_reply_sent:
+            return HttpTrailersStatus.Continue
+        self.response_trailers = trailers
+        result = HttpTrailersStatus(int(self.on_response_trailers(len(trailers))))
+        if result == HttpTrailersStatus.Continue:
+            self.response_trailers = None
+        return result
+
+    def log(
+        self,
+        request_headers: HeaderMap | None,
+        response_headers: HeaderMap | None,
+        response_trailers: HeaderMap | None,
+        stream_info: "StreamInfo",
+    ) -> None:
+        """Access-log phase: proxy_on_log with the final maps (Envoy Context::log)."""
+        if not self.in_vm_context_created:
+            self.on_create()  # a stream that never reached the plugin (e.g. a local reply)
+        self.access_log_phase = True
+        self.access_log_request_headers = request_headers
+        self.access_log_response_headers = response_headers
+        self.access_log_response_trailers = response_trailers
+        self.access_log_stream_info = stream_info
+        try:
+            self.on_log()
+        finally:
+            self.access_log_phase = False
+            self.access_log_request_headers = None
+            self.access_log_response_headers = None
+            self.access_log_response_trailers = None
+            self.access_log_stream_info = None
+
+    def on_destroy(self) -> None:
+        """The stream is gone: proxy_on_done then proxy_on_delete (once)."""
+        if self.destroyed or not self.in_vm_context_created:
+            return
+        self.destroyed = True
+        self.on_done()
+        self.on_delete()
+
+    # TCP glue (Envoy Context::onNewConnection / onData / onWrite / onEvent).
+
+    def on_new_connection(self) -> FilterStatus:
+        self.on_create()
+        return self.on_network_new_connection()
+
+    def on_data(self, data: bytearray, end_stream: bool) -> FilterStatus:
+        if not self.in_vm_context_created:
+            return FilterStatus.Continue
+        self.downstream_data_buffer = data
+        self.end_of_stream = end_stream
+        result = self.on_downstream_data(len(data), end_stream)
+        if result == FilterStatus.Continue:
+            self.downstream_data_buffer = None
+        return result
+
+    def on_write(self, data: bytearray, end_stream: bool) -> FilterStatus:
+        if not self.in_vm_context_created:
+            return FilterStatus.Continue
+        self.upstream_data_buffer = data
+        self.end_of_stream = end_stream
+        result = self.on_upstream_data(len(data), end_stream)
+        if result == FilterStatus.Continue:
+            self.upstream_data_buffer = None
+        if end_stream:
+            # Envoy reports the upstream close here rather than on an upstream connection event.
+            self.upstream_connection_closed(CloseType.Unknown)
+        return result
+
+    def downstream_connection_closed(self, close_type: CloseType) -> None:
+        if not self.in_vm_context_created:
+            return
+        self.on_downstream_connection_close(close_type)
+        self.downstream_closed = True
+        self._on_close_tcp()
+
+    def upstream_connection_closed(self, close_type: CloseType) -> None:
+        self.on_upstream_connection_close(close_type)
+        self.upstream_closed = True
+        if self.downstream_closed:
+            self._on_close_tcp()
+
+    def _on_close_tcp(self) -> None:
+        if self.tcp_connection_closed or not self.in_vm_context_created:
+            return
+        self.tcp_connection_closed = True
+        self.on_done()
+        self.on_log()
+        self.on_delete()
+
+    # -- host calls (typed; hostcalls.py marshals to and from guest memory) -----------------
+
+    def log_message(self, level: int, message: bytes) -> WasmResult:
+        logger = _log
+        text = message.decode("utf-8", "replace")
+        py_level = _PY_LEVELS[level]
+        if logger.isEnabledFor(py_level):
+            logger.log(py_level, "wasm log%s: %s", self.log_prefix(), text)
+        return WasmResult.Ok
+
+    def get_log_level(self) -> int:
+        level = _log.getEffectiveLevel()
+        for spdlog_level, py_level in enumerate(_PY_LEVELS):
+            if level <= py_level:
+                return spdlog_level
+        return 6  # off
+
+    def get_current_time_nanoseconds(self) -> int:
+        assert self.wasm is not None
+        return int(self.wasm.time_source.system_time() * 1e9)
+
+    def get_monotonic_time_nanoseconds(self) -> int:
+        assert self.wasm is not None
+        return int(self.wasm.time_source.monotonic() * 1e9)
+
+    def set_timer_period(self, period_ms: int) -> WasmResult:
+        assert self.wasm is not None
+        self.wasm.set_tick_period(self.root_context().id, period_ms)
+        return WasmResult.Ok
+
+    def get_configuration(self) -> bytes:
+        """0.1.0 proxy_get_configuration: the plugin's while configuring, else the VM's."""
+        if self.temp_plugin is not None:
+            return self.temp_plugin.plugin_configuration
+        assert self.wasm is not None
+        return self.wasm.vm_configuration
+
+    def get_status(self) -> tuple[int, bytes]:
+        return self.status_code, self.status_message
+
+    # Properties.
+
+    def stream_info(self) -> "StreamInfo | None":
+        if self.access_log_stream_info is not None:
+            return self.access_log_stream_info
+        return self.env.stream_info if self.env is not None else None
+
+    def get_property(self, path: bytes) -> tuple[WasmResult, bytes]:
+        return properties.get_property(self, path)
+
+    def set_property(self, path: bytes, value: bytes) -> WasmResult:
+        info = self.env.stream_info if self.env is not None else None
+        if info is None:
+            return WasmResult.NotFound
+        info.filter_state[properties.CEL_STATE_PREFIX + path.decode("utf-8", "replace")] = bytes(value)
+        return WasmResult.Ok
+
+    # Header maps (Envoy Context::getMap / getConstMap).
+
+    def _get_map(self, map_type: int) -> HeaderMap | None:
+        """A map the plugin may change (None if there is none now)."""
+        if map_type == WasmHeaderMapType.RequestHeaders:
+            return self.request_headers
+        if map_type == WasmHeaderMapType.RequestTrailers:
+            if (self.request_trailers is None and self.request_body_buffer is not None
+                    and self.end_of_stream and self.env is not None):
+                self.request_trailers = self.env.add_trailers(WasmHeaderMapType.RequestTrailers)
+            return self.request_trailers
+        if map_type == WasmHeaderMapType.ResponseHeaders:
+            return self.response_headers
+        if map_type == WasmHeaderMapType.ResponseTrailers:
+            if (self.response_trailers is None and self.response_body_buffer is not None
+                    and self.end_of_stream and self.env is not None):
+                self.response_trailers = self.env.add_trailers(WasmHeaderMapType.ResponseTrailers)
+            return self.response_trailers
+        return None
+
+    def _get_const_map(self, map_type: int) -> HeaderMap | None:
+        """A map the plugin may read (includes callout responses and the access-log maps)."""
+        if map_type == WasmHeaderMapType.RequestHeaders:
+            return self.access_log_request_headers if self.access_log_phase else self.request_headers
+        if map_type == WasmHeaderMapType.RequestTrailers:
+            return None if self.access_log_phase else self.request_trailers
+        if map_type == WasmHeaderMapType.ResponseHeaders:
+            return self.access_log_response_headers if self.access_log_phase else self.response_headers
+        if map_type == WasmHeaderMapType.ResponseTrailers:
+            return self.access_log_response_trailers if self.access_log_phase else self.response_trailers
+        root = self.root_context()
+        if map_type == WasmHeaderMapType.GrpcReceiveInitialMetadata:
+            return root.grpc_receive_initial_metadata
+        if map_type == WasmHeaderMapType.GrpcReceiveTrailingMetadata:
+            return root.grpc_receive_trailing_metadata
+        response = root.http_call_response
+        if response is None:
+            return None
+        return response[0] if map_type == WasmHeaderMapType.HttpCallResponseHeaders else response[2]
+
+    def _headers_modified(self, map_type: int) -> None:
+        # Envoy's onHeadersModified: a plugin that changes request headers may change the route.
+        if map_type == WasmHeaderMapType.RequestHeaders and self.env is not None:
+            self.env.clear_route_cache()
+
+    def add_header_map_value(self, map_type: int, key: bytes, value: bytes) -> WasmResult:
+        m = self._get_map(map_type)
+        if m is None:
+            return WasmResult.BadArgument
+        m.add(key.decode("latin-1"), value.decode("latin-1"))
+        self._headers_modified(map_type)
+        return WasmResult.Ok
+
+    def get_header_map_value(self, map_type: int, key: bytes) -> tuple[WasmResult, bytes]:
+        assert self.wasm is not None
+        m = self._get_const_map(map_type)
+        legacy = self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0
+        if m is None:
+            if self.access_log_phase:
+                return (WasmResult.Ok, b"") if legacy else (WasmResult.NotFound, b"")
+            return WasmResult.BadArgument, b""
+        value = m.get(key.decode("latin-1"))
+        if value is None:
+            return (WasmResult.Ok, b"") if legacy else (WasmResult.NotFound, b"")
+        return WasmResult.Ok, value.encode("latin-1")
+
+    def get_header_map_pairs(self, map_type: int) -> tuple[WasmResult, Pairs]:
+        m = self._get_const_map(map_type)
+        if m is None:
+            return WasmResult.Ok, []
+        return WasmResult.Ok, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in m.items()]
+
+    def set_header_map_pairs(self, map_type: int, pairs: Sequence[tuple[bytes, bytes]]) -> WasmResult:
+        m = self._get_map(map_type)
+        if m is None:
+            return WasmResult.BadArgument
+        m.replace_all((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in pairs)
+        self._headers_modified(map_type)
+        return WasmResult.Ok
+
+    def remove_header_map_value(self, map_type: int, key: bytes) -> WasmResult:
+        m = self._get_map(map_type)
+        if m is None:
+            return WasmResult.BadArgument
+        m.remove(key.decode("latin-1"))
+        self._headers_modified(map_type)
+        return WasmResult.Ok
+
+    def replace_header_map_value(self, map_type: int, key: bytes, value: bytes) -> WasmResult:
+        m = self._get_map(map_type)
+        if m is None:
+            return WasmResult.BadArgument
+        m.set(key.decode("latin-1"), value.decode("latin-1"))
+        self._headers_modified(map_type)
+        return WasmResult.Ok
+
+    def get_header_map_size(self, map_type: int) -> tuple[WasmResult, int]:
+        m = self._get_map(map_type)
+        if m is None:
+            return WasmResult.BadArgument, 0
+        return WasmResult.Ok, m.byte_size()
+
+    # Buffers (Envoy Context::getBuffer).
+
+    def get_buffer(self, buffer_type: int) -> Buffer | None:
+        assert self.wasm is not None
+        if buffer_type == WasmBufferType.CallData:
+            return self.call_data
+        if buffer_type == WasmBufferType.VmConfiguration:
+            return Buffer(self.wasm.vm_configuration)
+        if buffer_type == WasmBufferType.PluginConfiguration:
+            return Buffer(self.temp_plugin.plugin_configuration) if self.temp_plugin is not None else None
+        if buffer_type == WasmBufferType.HttpRequestBody:
+            return Buffer(self.request_body_buffer)
+        if buffer_type == WasmBufferType.HttpResponseBody:
+            return Buffer(self.response_body_buffer)
+        if buffer_type == WasmBufferType.NetworkDownstreamData:
+            return Buffer(self.downstream_data_buffer)
+        if buffer_type == WasmBufferType.NetworkUpstreamData:
+            return Buffer(self.upstream_data_buffer)
+        root = self.root_context()
+        if buffer_type == WasmBufferType.HttpCallResponseBody:
+            return Buffer(root.http_call_response[1]) if root.http_call_response is not None else None
+        if buffer_type == WasmBufferType.GrpcReceiveBuffer:
+            return Buffer(root.grpc_receive_buffer)
+        return None
+
+    # Streams.
+
+    def continue_stream(self, stream_type: int) -> WasmResult:
+        env, wasm = self.env, self.wasm
+        if env is None or wasm is None:
+            return WasmResult.Unimplemented
+        if stream_type == WasmStreamType.Upstream:
+            return WasmResult.Unimplemented
+        st = WasmStreamType(stream_type)
+        wasm.add_after_vm_call_action(lambda: env.continue_stream(st))
+        if st != WasmStreamType.Downstream:
+            # Envoy forgets the request-side maps once the plugin resumes the stream.
+            self.request_headers = None
+            self.request_body_buffer = None
+            self.request_trailers = None
+        return WasmResult.Ok
+
+    def close_stream(self, stream_type: int) -> WasmResult:
+        env, wasm = self.env, self.wasm
+        if env is None or wasm is None:
+            return WasmResult.Unimplemented
+        st = WasmStreamType(stream_type)
+        info = env.stream_info
+        if st in (WasmStreamType.Request, WasmStreamType.Response) and info is not None:
+            if not info.response_code_details:
+                info.response_code_details = CLOSE_STREAM_RESPONSE_DETAILS
+        wasm.add_after_vm_call_action(lambda: env.close_stream(st))
+        return WasmResult.Ok
+
+    def fail_stream(self, stream_type: WasmStreamType) -> None:
+        """The VM failed and the plugin is fail-closed: 503 the HTTP stream, close a TCP one."""
+        env = self.env
+        if env is None:
+            return
+        if stream_type in (WasmStreamType.Request, WasmStreamType.Response):
+            if not self.failure_local_reply_sent:
+                self.failure_local_reply_sent = True
+                env.send_local_response(503, b"", [], 14, FAIL_STREAM_RESPONSE_DETAILS)  # 14: Unavailable
+        else:
+            env.close_stream(stream_type)
+
+    def send_local_response(
+        self, response_code: int, body: bytes, additional_headers: Pairs, grpc_status: int, details: bytes
+    ) -> WasmResult:
+        env, wasm = self.env, self.wasm
+        if env is None or wasm is None:
+            return WasmResult.Unimplemented
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in additional_headers]
+        # SDKs pass -1 (as u32) for "no gRPC status": only known codes produce a grpc-status.
+        grpc = grpc_status if 0 <= grpc_status <= GRPC_STATUS_MAXIMUM_KNOWN else None
+        # Envoy's StringUtil::replaceAllEmptySpace: details never contain whitespace.
+        text = "".join("_" if c.isspace() else c for c in details.decode("utf-8", "replace"))
+        body = bytes(body)
+        wasm.add_after_vm_call_action(lambda: env.send_local_response(response_code, body, headers, grpc, text))
+        return WasmResult.Ok
+
+    def clear_route_cache(self) -> WasmResult:
+        if self.env is None:
+            return WasmResult.Unimplemented
+        self.env.clear_route_cache()
+        return WasmResult.Ok
+
+    # Shared data and queues.
+
+    def get_shared_data(self, key: bytes) -> tuple[WasmResult, bytes, int]:
+        assert self.wasm is not None
+        return global_shared_data.get(self.wasm.vm_id, key)
+
+    def set_shared_data(self, key: bytes, value: bytes, cas: int) -> WasmResult:
+        assert self.wasm is not None
+        return global_shared_data.set(self.wasm.vm_id, key, value, cas)
+
+    def register_shared_queue(self, name: bytes) -> tuple[WasmResult, int]:
+        """The owner is this context's root context (proxy_on_queue_ready goes to roots)."""
+        wasm = self.wasm
+        assert wasm is not None
+        owner_id = self.id if self.is_root_context() else self.parent_context_id
+        token = global_shared_queue.register_queue(wasm.vm_id, name, wasm.queue_ready_callback(owner_id), wasm.post)
+        return WasmResult.Ok, token
+
+    def resolve_shared_queue(self, vm_id: bytes, name: bytes) -> tuple[WasmResult, int]:
+        assert self.wasm is not None
+        token = global_shared_queue.resolve_queue(vm_id.decode() if vm_id else self.wasm.vm_id, name)
+        if self.is_failed() or token == 0:
+            return WasmResult.NotFound, 0
+        return WasmResult.Ok, token
+
+    def dequeue_shared_queue(self, token: int) -> tuple[WasmResult, bytes]:
+        return global_shared_queue.dequeue(token)
+
+    def enqueue_shared_queue(self, token: int, value: bytes) -> WasmResult:
+        return global_shared_queue.enqueue(token, value)
+
+    # Metrics (Envoy Context::defineMetric & co.).
+
+    def define_metric(self, metric_type: int, name: bytes) -> tuple[WasmResult, int]:
+        if metric_type > MetricType.Histogram:
+            return WasmResult.BadArgument, 0
+        assert self.wasm is not None
+        return WasmResult.Ok, self.wasm.define_metric(MetricType(metric_type), name.decode("utf-8", "replace"))
+
+    def increment_metric(self, metric_id: int, offset: int) -> WasmResult:
+        assert self.wasm is not None
+        kind = metric_id & 3
+        if kind == MetricType.Counter:
+            counter = self.wasm.counters.get(metric_id)
+            if counter is None:
+                return WasmResult.NotFound
+            if offset <= 0:
+                return WasmResult.BadArgument
+            counter.inc(offset)
+            return WasmResult.Ok
+        if kind == MetricType.Gauge:
+            gauge = self.wasm.gauges.get(metric_id)
+            if gauge is None:
+                return WasmResult.NotFound
+            if offset > 0:
+                gauge.inc(offset)
+            else:
+                gauge.dec(-offset)
+            return WasmResult.Ok
+        return WasmResult.BadArgument
+
+    def record_metric(self, metric_id: int, value: int) -> WasmResult:
+        assert self.wasm is not None
+        kind = metric_id & 3
+        if kind == MetricType.Counter:
+            counter = self.wasm.counters.get(metric_id)
+            if counter is not None:
+                counter.inc(value)
+                return WasmResult.Ok
+        elif kind == MetricType.Gauge:
+            gauge = self.wasm.gauges.get(metric_id)
+            if gauge is not None:
+                gauge.set(value)
+                return WasmResult.Ok
+        elif kind == MetricType.Histogram:
+            histogram = self.wasm.histograms.get(metric_id)
+            if histogram is not None:
+                histogram.record(value)
+                return WasmResult.Ok
+        return WasmResult.NotFound
+
+    def get_metric(self, metric_id: int) -> tuple[WasmResult, int]:
+        assert self.wasm is not None
+        kind = metric_id & 3
+        if kind == MetricType.Counter:
+            counter = self.wasm.counters.get(metric_id)
+            return (WasmResult.Ok, counter.value) if counter is not None else (WasmResult.NotFound, 0)
+        if kind == MetricType.Gauge:
+            gauge = self.wasm.gauges.get(metric_id)
+            return (WasmResult.Ok, gauge.value) if gauge is not None else (WasmResult.NotFound, 0)
+        return WasmResult.BadArgument, 0
+
+    # Callouts (called on the root context; cpp-host routes these host calls to root_context()).
+
+    def http_call(
+        self, cluster: bytes, headers: Pairs, body: bytes, trailers: Pairs, timeout_ms: int
+    ) -> tuple[WasmResult, int]:
+        wasm = self.wasm
+        assert wasm is not None
+        if timeout_ms >= 1 << 31:  # Envoy reads the u32 as a signed int: negative is invalid
+            return WasmResult.BadArgument, 0
+        request = _pairs_to_header_map(headers)
+        if request.get(":path") is None or request.get(":method") is None or request.get(":authority") is None:
+            return WasmResult.BadArgument, 0
+        trailer_map = _pairs_to_header_map(trailers) if trailers else None
+        token = wasm.next_http_call_id()
+        result = wasm.environment.http_call(
+            self, token, cluster.decode("utf-8", "replace"), request, bytes(body), trailer_map,
+            timeout_ms if timeout_ms > 0 else None)
+        if result != WasmResult.Ok:
+            return result, 0
+        self.http_requests.add(token)
+        return WasmResult.Ok, token
+
+    def on_http_call_success(
+        self, token: int, headers: HeaderMap, body: bytes, trailers: HeaderMap | None
+    ) -> None:
+        """Called by the environment with the response of http_call `token` (any time later)."""
+        wasm = self.wasm
+        assert wasm is not None
+        if wasm.current_context is not None:  # re-entrant: deliver after the current VM call
+            wasm.add_after_vm_call_action(lambda: self.on_http_call_success(token, headers, body, trailers))
+            return
+        if token not in self.http_requests:
+            return
+        self.http_call_response = (headers, body, trailers)
+
+        def cleanup() -> None:
+            self.http_call_response = None
+            self.http_requests.discard(token)
+
+        wasm.add_after_vm_call_action(cleanup)
+        if self.is_failed():
+            wasm.do_after_vm_call_actions()
+            return
+        self.on_http_call_response(token, len(headers), len(body), len(trailers) if trailers else 0)
+
+    def on_http_call_failure(self, token: int) -> None:
+        """The callout `token` failed (reset, timeout...): the plugin sees 0/0/0 and status 11."""
+        wasm = self.wasm
+        assert wasm is not None
+        if wasm.current_context is not None:
+            wasm.add_after_vm_call_action(lambda: self.on_http_call_failure(token))
+            return
+        if token not in self.http_requests:
+            return
+        self.status_code = WasmResult.BrokenConnection
+        self.status_message = b"reset"
+
+        def cleanup() -> None:
+            self.status_message = b""
+            self.http_requests.discard(token)
+
+        wasm.add_after_vm_call_action(cleanup)
+        if self.is_failed():
+            wasm.do_after_vm_call_actions()
+            return
+        self.on_http_call_response(token, 0, 0, 0)
+
+    def grpc_call(
+        self, service: bytes, service_name: bytes, method_name: bytes, initial_metadata: Pairs,
+        request: bytes, timeout_ms: int,
+    ) -> tuple[WasmResult, int]:
+        wasm = self.wasm
+        assert wasm is not None
+        token = wasm.next_grpc_call_id()
+        result = wasm.environment.grpc_call(
+            self, token, bytes(service), service_name.decode("utf-8", "replace"),
+            method_name.decode("utf-8", "replace"), _pairs_to_header_map(initial_metadata), bytes(request),
+            timeout_ms)
+        if result != WasmResult.Ok:
+            return result, 0
+        self.grpc_calls.add(token)
+        return WasmResult.Ok, token
+
+    def grpc_stream(
+        self, service: bytes, service_name: bytes, method_name: bytes, initial_metadata: Pairs
+    ) -> tuple[WasmResult, int]:
+        wasm = self.wasm
+        assert wasm is not None
+        token = wasm.next_grpc_stream_id()
+        result = wasm.environment.grpc_stream(
+            self, token, bytes(service), service_name.decode("utf-8", "replace"),
+            method_name.decode("utf-8", "replace"), _pairs_to_header_map(initial_metadata))
+        if result != WasmResult.Ok:
+            return result, 0
+        self.grpc_streams[token] = [False, False]
+        return WasmResult.Ok, token
+
+    def grpc_send(self, token: int, message: bytes, end_stream: bool) -> WasmResult:
+        assert self.wasm is not None
+        if token & 1:  # odd tokens are calls, which cannot be sent on
+            return WasmResult.BadArgument
+        if token not in self.grpc_streams:
+            return WasmResult.NotFound
+        self.wasm.environment.grpc_send(token, bytes(message), end_stream)
+        return WasmResult.Ok
+
+    def grpc_close(self, token: int) -> WasmResult:
+        assert self.wasm is not None
+        if token & 1:
+            if token not in self.grpc_calls:
+                return WasmResult.NotFound
+            self.wasm.environment.grpc_close(token)
+            self.grpc_calls.discard(token)
+            return WasmResult.Ok
+        state = self.grpc_streams.get(token)
+        if state is None:
+            return WasmResult.NotFound
+        self.wasm.environment.grpc_close(token)
+        if state[1]:
+            del self.grpc_streams[token]
+        else:
+            state[0] = True
+        return WasmResult.Ok
+
+    def grpc_cancel(self, token: int) -> WasmResult:
+        assert self.wasm is not None
+        if token & 1:
+            if token not in self.grpc_calls:
+                return WasmResult.NotFound
+            self.wasm.environment.grpc_cancel(token)
+            self.grpc_calls.discard(token)
+            return WasmResult.Ok
+        if token not in self.grpc_streams:
+            return WasmResult.NotFound
+        self.wasm.environment.grpc_cancel(token)
+        del self.grpc_streams[token]
+        return WasmResult.Ok
+
+    def on_grpc_receive_initial_metadata(self, token: int, metadata: HeaderMap) -> None:
+        self.grpc_receive_initial_metadata = metadata
+        try:
+            self.on_grpc_receive_initial_metadata_raw(token, len(metadata))
+        finally:
+            self.grpc_receive_initial_metadata = None
+
+    def on_grpc_receive_trailing_metadata(self, token: int, metadata: HeaderMap) -> None:
+        self.grpc_receive_trailing_metadata = metadata
+        try:
+            self.on_grpc_receive_trailing_metadata_raw(token, len(metadata))
+        finally:
+            self.grpc_receive_trailing_metadata = None
+
+    def on_grpc_receive(self, token: int, message: bytes) -> None:
+        wasm = self.wasm
+        assert wasm is not None
+        if "proxy_on_grpc_receive" not in wasm.module_functions:
+            if token & 1:
+                self.grpc_calls.discard(token)
+            return
+        self.grpc_receive_buffer = message
+
+        def cleanup() -> None:
+            self.grpc_receive_buffer = None
+            if token & 1:
+                self.grpc_calls.discard(token)
+
+        wasm.add_after_vm_call_action(cleanup)
+        self.on_grpc_receive_raw(token, len(message))
+        wasm.do_after_vm_call_actions()
+
+    def on_grpc_close(self, token: int, status: int, message: bytes) -> None:
+        wasm = self.wasm
+        assert wasm is not None
+        if wasm.current_context is not None:
+            wasm.add_after_vm_call_action(lambda: self.on_grpc_close(token, status, message))
+            return
+
+        def cleanup() -> None:
+            if token & 1:
+                self.grpc_calls.discard(token)
+            else:
+                state = self.grpc_streams.get(token)
+                if state is not None:
+                    state[1] = True
+                    if state[0]:
+                        del self.grpc_streams[token]
+
+        if "proxy_on_grpc_close" not in wasm.module_functions:
+            cleanup()
+            return
+        self.status_code = status
+        self.status_message = bytes(message)
+
+        def reset() -> None:
+            self.status_message = b""
+            cleanup()
+
+        wasm.add_after_vm_call_action(reset)
+        self.on_grpc_close_raw(token, status)
+        wasm.do_after_vm_call_actions()
+
+    def resolve_dns(self, address: bytes) -> tuple[WasmResult, int]:
+        wasm = self.wasm
+        assert wasm is not None
+        token = wasm.next_dns_token()
+        result = wasm.environment.resolve_dns(self, token, address.decode("utf-8", "replace"))
+        return (result, token) if result == WasmResult.Ok else (result, 0)
+
+    def on_resolve_dns(self, token: int, results: Sequence[tuple[str, int]] | None) -> None:
+        """DNS answer for `token`: [(address, ttl_seconds)], or None on failure (Envoy's format)."""
+        wasm = self.wasm
+        assert wasm is not None
+        if wasm.is_failed() or "envoy_on_resolve_dns" not in wasm.module_functions:
+            return
+        if not results:
+            data = b""
+        else:
+            parts = [len(results).to_bytes(4, "little")]
+            parts += [(ttl & 0xFFFFFFFF).to_bytes(4, "little") for _, ttl in results]
+            parts += [addr.encode() + b"\0" for addr, _ in results]
+            data = b"".join(parts)
+        self.call_data = Buffer(data)
+        try:
+            self._call("envoy_on_resolve_dns", self.id, token, len(data))
+        finally:
+            self.call_data = _EMPTY_BUFFER
+
+
+# Python logging levels for spdlog's trace..critical (Envoy passes the plugin's level through).
+_PY_LEVELS = (5, 10, 20, 30, 40, 50)
+assert len(_PY_LEVELS) == LogLevel.critical + 1
+
+
+def _http_headers_status(status: FilterHeadersStatus) -> HttpHeadersStatus:
+    """Envoy convertFilterHeadersStatus: ContinueAndEndStream (and anything unknown) -> Continue."""
+    if status == FilterHeadersStatus.ContinueAndEndStream:
+        return HttpHeadersStatus.Continue
+    return HttpHeadersStatus(int(status))
+
+
+def _http_data_status(status: FilterDataStatus) -> HttpDataStatus:
+    return HttpDataStatus(int(status))

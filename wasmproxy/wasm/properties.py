@@ -1,0 +1,398 @@
+"""proxy_get_property: Envoy's attribute paths and their binary encodings.
+
+Envoy resolves a path (NUL-separated segments) through its CEL activation
+(source/extensions/filters/common/expr/context.cc) plus a few Wasm-only names
+(source/extensions/common/wasm/context.cc: plugin_name, plugin_root_id, plugin_vm_id,
+connection_id, and "wasm."-prefixed filter state written by proxy_set_property), then
+serializes the value (serializeValue):
+
+* strings and bytes: raw; bool: one byte; int64/uint64: 8 bytes little-endian;
+  double: 8 bytes IEEE little-endian; timestamps and durations: int64 nanoseconds;
+* maps: the header-map "pairs" format (values serialized recursively); lists: pairs with
+  empty values; protobuf messages: their wire encoding;
+* a value that cannot be listed (the "request" map itself) is a SerializationFailure.
+
+A missing attribute or segment is NotFound. Stream attributes need the stream's StreamInfo
+(absent on root contexts). Like Envoy, ``request.*`` reads the request headers only while a
+request callback runs or in the access-log phase.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .abi import WasmResult
+
+if TYPE_CHECKING:
+    from ..http.headers import HeaderMap
+    from ..http.stream_info import StreamInfo
+    from .context import ContextBase
+
+__all__ = ["CEL_STATE_PREFIX", "RESPONSE_FLAG_BITS", "Duration", "Timestamp", "get_property", "serialize_value"]
+
+# proxy_set_property("foo") stores filter state "wasm.foo"; get_property("foo") reads it back.
+CEL_STATE_PREFIX = "wasm."
+
+# Envoy's legacy response-flag bits, by short name (envoy/stream_info/stream_info.h ResponseFlag).
+RESPONSE_FLAG_BITS: dict[str, int] = {
+    name: 1 << i
+    for i, name in enumerate(
+        ["LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX",
+         "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR"])
+}
+
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+
+
+class Duration(int):
+    """Nanoseconds, serialized as int64 (CEL duration)."""
+
+
+class Timestamp(int):
+    """Nanoseconds since the epoch, serialized as int64 (CEL timestamp)."""
+
+
+class _Unlistable(Exception):
+    pass
+
+
+class LazyMap:
+    """A CEL map computed on lookup. Unlistable ones serialize to SerializationFailure."""
+
+    def lookup(self, key: bytes) -> Any:
+        raise NotImplementedError
+
+    def items(self) -> list[tuple[Any, Any]]:
+        raise _Unlistable
+
+
+class _FieldMap(LazyMap):
+    """A map of named attributes, each a callable returning the value or None."""
+
+    def __init__(self, fields: Mapping[str, Callable[[], Any]]) -> None:
+        self._fields = fields
+
+    def lookup(self, key: bytes) -> Any:
+        getter = self._fields.get(key.decode("utf-8", "replace"))
+        return getter() if getter is not None else None
+
+
+class _HeadersMap(LazyMap):
+    """request.headers / response.headers / response.trailers: values of a key joined with ","."""
+
+    def __init__(self, headers: "HeaderMap | None") -> None:
+        self._headers = headers
+
+    def lookup(self, key: bytes) -> Any:
+        if self._headers is None:
+            return None
+        values = self._headers.get_all(key.decode("latin-1"))
+        if not values:
+            return None
+        return ",".join(values).encode("latin-1")
+
+    def items(self) -> list[tuple[Any, Any]]:
+        if self._headers is None:
+            return []
+        return [(k.encode("latin-1"), self.lookup(k.encode("latin-1"))) for k, _ in self._headers.items()]
+
+
+class _DictMap(LazyMap):
+    """A plain mapping (metadata structs, filter state): listable."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def lookup(self, key: bytes) -> Any:
+        value = self._data.get(key.decode("utf-8", "replace"), None)
+        return _convert(value)
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return [(k.encode(), _convert(v)) for k, v in self._data.items()]
+
+
+def _convert(value: Any) -> Any:
+    """Struct-like Python values as CEL sees them (numbers in a Struct are doubles)."""
+    if isinstance(value, Mapping):
+        return _DictMap(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return float(value)
+    return value
+
+
+def serialize_value(value: Any) -> tuple[WasmResult, bytes]:
+    """Envoy serializeValue for the Python shapes properties produce."""
+    try:
+        return WasmResult.Ok, _serialize(value)
+    except _Unlistable:
+        return WasmResult.SerializationFailure, b""
+
+
+def _serialize(value: Any) -> bytes:
+    from .hostcalls import marshal_pairs  # pairs format lives with the host calls
+
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bool):
+        return b"\x01" if value else b"\x00"
+    if isinstance(value, int):
+        return _U64.pack(value) if value >= 1 << 63 else _I64.pack(value)
+    if isinstance(value, float):
+        return _F64.pack(value)
+    serialize = getattr(value, "SerializeToString", None)
+    if serialize is not None:  # a protobuf message
+        return bytes(serialize())
+    if isinstance(value, LazyMap):
+        return marshal_pairs([(_serialize(k), _serialize(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return marshal_pairs([(_serialize(v), b"") for v in value])
+    raise _Unlistable  # null and anything else: Envoy's SerializationFailure
+
+
+# -- the attributes ----------------------------------------------------------------------------
+
+
+def _addr(address: Any) -> Any:
+    return str(address) if address is not None else None
+
+
+def _request(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
+    headers = ctx.request_headers if ctx.request_headers is not None else ctx.access_log_request_headers
+
+    def header(name: str) -> Callable[[], Any]:
+        def get() -> Any:
+            if headers is None:
+                return None
+            value = headers.get(name)
+            return value.encode("latin-1") if value is not None else None
+        return get
+
+    def path_part(query: bool) -> Any:
+        if headers is None:
+            return None
+        path = (headers.get(":path") or "").encode("latin-1")
+        before, sep, after = path.partition(b"?")
+        if not query:
+            return before
+        return after.partition(b"#")[0] if sep else b""
+
+    def size() -> Any:
+        if headers is not None and headers.get("content-length") is not None:
+            try:
+                return int(headers.get("content-length") or "")
+            except ValueError:
+                return None
+        return info.bytes_received
+
+    def duration() -> Any:
+        if not ctx.access_log_phase:
+            return None  # Envoy: only once the request is complete
+        return Duration(int(info.duration() * 1e9))
+
+    return _FieldMap({
+        "path": header(":path"),
+        "url_path": lambda: path_part(False),
+        "query": lambda: path_part(True),
+        "host": header(":authority"),
+        "scheme": header(":scheme"),
+        "method": header(":method"),
+        "referer": header("referer"),
+        "useragent": header("user-agent"),
+        "id": header("x-request-id"),
+        "headers": lambda: _HeadersMap(headers),
+        "headers_bytes": lambda: headers.byte_size() if headers is not None else 0,
+        "time": lambda: Timestamp(int(info.start_time * 1e9)),
+        "duration": duration,
+        "size": size,
+        "total_size": lambda: info.bytes_received + (headers.byte_size() if headers is not None else 0),
+        "protocol": lambda: info.protocol or None,
+    })
+
+
+def _response(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
+    headers = ctx.response_headers if ctx.response_headers is not None else ctx.access_log_response_headers
+    trailers = ctx.response_trailers if ctx.response_trailers is not None else ctx.access_log_response_trailers
+
+    def flags() -> int:
+        bits = 0
+        for flag in info.response_flags:
+            bits |= RESPONSE_FLAG_BITS.get(flag, 0)
+        return bits
+
+    def grpc_status() -> Any:
+        for source in (trailers, headers):
+            value = source.get("grpc-status") if source is not None else None
+            if value is not None:
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    return _FieldMap({
+        "code": lambda: info.response_code,
+        "code_details": lambda: info.response_code_details or None,
+        "flags": flags,
+        "grpc_status": grpc_status,
+        "headers": lambda: _HeadersMap(headers),
+        "headers_bytes": lambda: headers.byte_size() if headers is not None else 0,
+        "trailers": lambda: _HeadersMap(trailers),
+        "size": lambda: info.bytes_sent,
+        "total_size": lambda: info.bytes_sent + (headers.byte_size() if headers is not None else 0)
+        + (trailers.byte_size() if trailers is not None else 0),
+    })
+
+
+def _connection(info: "StreamInfo") -> LazyMap:
+    conn = info.connection
+    return _FieldMap({
+        "id": lambda: conn.id,
+        "mtls": lambda: False,  # no client certificates yet
+        "requested_server_name": lambda: conn.requested_server_name.encode(),
+        "termination_details": lambda: conn.termination_details or None,
+    })
+
+
+def _upstream(info: "StreamInfo") -> LazyMap:
+    host = info.upstream_host
+    return _FieldMap({
+        "address": lambda: _addr(host),
+        "port": lambda: host.port if host is not None else None,
+        "local_address": lambda: _addr(info.upstream_local_address),
+        "transport_failure_reason": lambda: info.upstream_transport_failure_reason if host is not None else None,
+        "request_attempt_count": lambda: info.attempt_count,
+    })
+
+
+def _peer(info: "StreamInfo", local: bool) -> LazyMap:
+    conn = info.connection
+    address = conn.local_address if local else (conn.direct_remote_address or conn.remote_address)
+    return _FieldMap({"address": lambda: _addr(address), "port": lambda: address.port})
+
+
+def _xds(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
+    wasm = ctx.wasm
+    return _FieldMap({
+        "node": lambda: wasm.environment.node if wasm is not None else None,
+        "cluster_name": lambda: info.upstream_cluster or None,
+        "cluster_metadata": lambda: _metadata(info.cluster_metadata) if info.upstream_cluster else None,
+        "route_name": lambda: info.route_name or None,
+        "route_metadata": lambda: _metadata(info.route_metadata) if info.route_name else None,
+        "listener_metadata": lambda: _metadata(info.listener_metadata),
+        "filter_chain_name": lambda: b"",
+    })
+
+
+def _metadata(filter_metadata: Mapping[str, Any]) -> LazyMap:
+    """envoy.config.core.v3.Metadata as CEL sees it: {"filter_metadata": {ns: struct}}."""
+    return _MetadataMap(filter_metadata)
+
+
+class _MetadataMap(_DictMap):
+    """Serializes as the Metadata proto (as Envoy does for the message), traverses as a map."""
+
+    def __init__(self, filter_metadata: Mapping[str, Any]) -> None:
+        super().__init__({"filter_metadata": filter_metadata})
+        self._filter_metadata = filter_metadata
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf spelling _serialize looks for
+        from envoy.config.core.v3 import base_pb2
+        from google.protobuf import struct_pb2
+
+        message = base_pb2.Metadata()
+        for namespace, fields in self._filter_metadata.items():
+            struct = struct_pb2.Struct()
+            struct.update(fields)
+            message.filter_metadata[namespace].CopyFrom(struct)
+        return message.SerializeToString()
+
+    def items(self) -> list[tuple[Any, Any]]:
+        raise _Unlistable  # never listed: the message form is used instead
+
+
+def _filter_state(info: "StreamInfo") -> LazyMap:
+    return _DictMap(info.filter_state)
+
+
+def _top_level(ctx: "ContextBase", name: bytes) -> Any:
+    text = name.decode("utf-8", "replace")
+    info = ctx.stream_info()
+    wasm = ctx.wasm
+    plugin = ctx.plugin
+    if text == "plugin_name":
+        return plugin.name.encode() if plugin is not None else None
+    if text == "plugin_root_id":
+        return (ctx.root_id if ctx.is_root_context() else plugin.root_id if plugin else "").encode()
+    if text == "plugin_vm_id":
+        return wasm.vm_id.encode() if wasm is not None else None
+    if info is None:
+        return None
+    if text == "request":
+        return _request(ctx, info)
+    if text == "response":
+        return _response(ctx, info)
+    if text == "connection":
+        return _connection(info)
+    if text == "upstream":
+        return _upstream(info)
+    if text == "source":
+        return _peer(info, local=False)
+    if text == "destination":
+        return _peer(info, local=True)
+    if text == "metadata":
+        return _metadata(info.dynamic_metadata)
+    if text == "filter_state":
+        return _filter_state(info)
+    if text == "xds":
+        return _xds(ctx, info)
+    if text == "connection_id":
+        return info.connection.id
+    state = info.filter_state.get(CEL_STATE_PREFIX + text)
+    return state
+
+
+def _select(value: Any, part: bytes) -> Any:
+    if isinstance(value, LazyMap):
+        return value.lookup(part)
+    if isinstance(value, (list, tuple)):
+        try:
+            index = int(part)
+        except ValueError:
+            return None
+        return value[index] if 0 <= index < len(value) else None
+    descriptor = getattr(value, "DESCRIPTOR", None)
+    if descriptor is not None:  # a protobuf message: select a field by name
+        field = descriptor.fields_by_name.get(part.decode("utf-8", "replace"))
+        if field is None:
+            return None
+        result = getattr(value, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            return _DictMap({k: v for k, v in result.items()})
+        if field.label == field.LABEL_REPEATED:
+            return list(result)
+        return result
+    return None
+
+
+def get_property(ctx: "ContextBase", path: bytes) -> tuple[WasmResult, bytes]:
+    """The serialized value at `path` for this context (NotFound if any segment is missing)."""
+    parts = path.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()  # a trailing NUL ends the path
+    if not parts:
+        return WasmResult.SerializationFailure, b""  # Envoy serializes a null value
+    value = _top_level(ctx, parts[0])
+    for part in parts[1:]:
+        if value is None:
+            break
+        value = _select(value, part)
+    if value is None:
+        return WasmResult.NotFound, b""
+    return serialize_value(value)
