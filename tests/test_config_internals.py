@@ -148,7 +148,14 @@ def test_optional_unsupported_http_filter_is_skipped_like_envoy() -> None:
     load_bootstrap_text(text)
 
 
-def test_wasm_filter_with_string_value_configuration_loads() -> None:
+def _wasm_file(tmp_path: Path) -> Path:
+    path = tmp_path / "plugin.wasm"
+    path.write_bytes(b"\0asm\1\0\0\0")  # config validation only checks that the file exists
+    return path
+
+
+def test_wasm_filter_with_string_value_configuration_loads(tmp_path: Path) -> None:
+    plugin = _wasm_file(tmp_path)
     text = (CONFIGS / "front_proxy.yaml").read_text().replace(
         "          http_filters:\n",
         "          http_filters:\n"
@@ -162,32 +169,45 @@ def test_wasm_filter_with_string_value_configuration_loads() -> None:
         "                  value: '{\"header\": \"x-hello\"}'\n"
         "                vm_config:\n"
         "                  runtime: envoy.wasm.runtime.v8\n"
-        "                  code: {local: {filename: /tmp/plugin.wasm}}\n")
+        f"                  code: {{local: {{filename: {plugin}}}}}\n")
     bootstrap = load_bootstrap_text(text)
     hcm = registry.unpack(bootstrap.static_resources.listeners[0].filter_chains[0].filters[0].typed_config)
     wasm = registry.unpack(hcm.http_filters[0].typed_config)
-    assert wasm.config.vm_config.code.local.filename == "/tmp/plugin.wasm"
+    assert wasm.config.vm_config.code.local.filename == str(plugin)
     assert registry.unpack(wasm.config.configuration).value == '{"header": "x-hello"}'
+    # Envoy 1.40 for a missing file: Invalid path: /nonexistent/p.wasm
+    with pytest.raises(ConfigError) as info:
+        load_bootstrap_text(text.replace(str(plugin), "/nonexistent/p.wasm"))
+    assert info.value.path.endswith("http_filters[0].typed_config.config.vm_config.code.local.filename")
+    assert info.value.message == "Invalid path: /nonexistent/p.wasm"
 
 
-def test_router_must_be_last_in_the_http_chain() -> None:
+def test_router_must_be_last_in_the_http_chain(tmp_path: Path) -> None:
     # Envoy: Error: terminal filter named envoy.filters.http.router of type envoy.filters.http.router must be
     # the last filter in a http filter chain.
-    text = (CONFIGS / "front_proxy.yaml").read_text() + """
-bootstrap_extensions: []
-"""
-    text = text.replace(
+    plugin = _wasm_file(tmp_path)
+    text = (CONFIGS / "front_proxy.yaml").read_text().replace(
         "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
         "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n"
         "          - name: envoy.filters.http.wasm\n"
         "            typed_config:\n"
         "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n"
-        "              config: {vm_config: {code: {local: {filename: /tmp/p.wasm}}}}\n")
+        f"              config: {{vm_config: {{code: {{local: {{filename: {plugin}}}}}}}}}\n")
     with pytest.raises(ConfigError) as info:
         load_bootstrap_text(text)
     assert info.value.path.endswith("typed_config.http_filters[0]")
     assert info.value.message == ("Error: terminal filter named envoy.filters.http.router of type "
                                   "envoy.filters.http.router must be the last filter in a http filter chain.")
+
+
+def test_listener_address_must_be_an_ip() -> None:
+    # Envoy 1.40: malformed IP address: localhost
+    text = (CONFIGS / "front_proxy.yaml").read_text().replace("address: 127.0.0.1\n        port_value: 8080",
+                                                               "address: localhost\n        port_value: 8080")
+    with pytest.raises(ConfigError) as info:
+        load_bootstrap_text(text)
+    assert (info.value.path, info.value.message) == ("static_resources.listeners[0].address.socket_address.address",
+                                                     "malformed IP address: localhost")
 
 
 def test_xds_is_reported_as_not_supported() -> None:

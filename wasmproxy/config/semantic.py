@@ -3,10 +3,11 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
 
 * cluster manager: duplicate cluster names, STATIC endpoints that are not IP addresses,
   LOGICAL_DNS with more than one endpoint, CLUSTER_PROVIDED lb without a provider;
-* listeners: a listener needs an address; each network filter and HTTP filter resolves to a
+* listeners: a listener needs an IP address; each network filter and HTTP filter resolves to a
   supported extension; terminal filters (router, HCM, tcp_proxy) come last and only last;
 * static route tables: every cluster a route names exists (``validate_clusters`` defaults to true
   for an inline route_config), domains are unique and there is at most one ``*`` per table;
+* a Wasm filter's local code file exists (Envoy reads it while building the filter chain);
 * what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
   cluster types) is an error naming the field, never silently ignored.
 
@@ -17,6 +18,7 @@ so that is not an error here either.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 
 from google.protobuf.message import Message
@@ -27,6 +29,7 @@ from wasmproxy.config.registry import Category
 
 _RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 _SUPPORTED_DISCOVERY = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
+_WASM_FILTERS = ("envoy.filters.http.wasm", "envoy.filters.network.wasm")
 
 
 def check_bootstrap(bootstrap: Message) -> None:
@@ -85,13 +88,19 @@ def _check_static_endpoints(endpoints: Any, path: str) -> None:
             if address.WhichOneof("address") != "socket_address" or address.socket_address.resolver_name:
                 continue
             host = address.socket_address.address
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
+            if not _is_ip(host):
                 raise ConfigError(
                     f"malformed IP address: {host}. Consider setting resolver_name or setting cluster type to "
                     f"'STRICT_DNS' or 'LOGICAL_DNS'",
-                    f"{path}.endpoints[{j}].lb_endpoints[{k}].endpoint.address.socket_address.address") from None
+                    f"{path}.endpoints[{j}].lb_endpoints[{k}].endpoint.address.socket_address.address")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_transport_socket(socket: Any, path: str) -> None:
@@ -106,6 +115,10 @@ def _check_transport_socket(socket: Any, path: str) -> None:
 def _check_listener(listener: Any, path: str, clusters: set[str]) -> None:
     if not listener.HasField("address"):
         raise ConfigError(f"error adding listener named '{listener.name}': address is necessary", f"{path}.address")
+    socket_address = listener.address.socket_address
+    if listener.address.WhichOneof("address") == "socket_address" and not _is_ip(socket_address.address):
+        raise ConfigError(f"malformed IP address: {socket_address.address}",
+                          f"{path}.address.socket_address.address")
     if len(listener.listener_filters):
         first = listener.listener_filters[0]
         raise ConfigError(f"extension not supported: listener filter '{first.name}' (wasmproxy supports no "
@@ -154,8 +167,18 @@ def _find_and_unpack(category: Category, entry: Any, path: str) -> registry.Exte
     typed = entry.typed_config if entry.HasField("typed_config") else None
     ext = registry.find(category, entry.name, typed, path)
     assert typed is not None  # find() rejects an entry without a type
-    registry.unpack(typed, f"{path}.typed_config")
+    config = registry.unpack(typed, f"{path}.typed_config")
+    if ext.name in _WASM_FILTERS:
+        _check_wasm_code(config.config.vm_config.code, f"{path}.typed_config.config.vm_config.code")
     return ext
+
+
+def _check_wasm_code(code: Any, path: str) -> None:
+    # Envoy reads a Wasm filter's local code while building the filter chain (validate mode too);
+    # a WasmService (bootstrap extension) is only started by a serving server.
+    if code.WhichOneof("specifier") == "local" and code.local.WhichOneof("specifier") == "filename":
+        if not os.path.isfile(code.local.filename):
+            raise ConfigError(f"Invalid path: {code.local.filename}", f"{path}.local.filename")
 
 
 # -- HTTP connection manager ---------------------------------------------------------------------

@@ -10,7 +10,9 @@ and cached on disk keyed by the xds-protos and protobuf versions.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -80,8 +82,6 @@ def _cache_key(site: Path) -> str:
 
 
 def _cache_path(key: str) -> Path:
-    import hashlib
-
     base = os.environ.get("WASMPROXY_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wasmproxy")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
