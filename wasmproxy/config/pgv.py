@@ -27,6 +27,7 @@ from validate import validate_pb2
 
 from wasmproxy.config import type_index
 from wasmproxy.config.errors import ConfigError
+from wasmproxy.config.proto_json import is_map
 
 _HEADER_RE_NON_STRICT = "^[^\x00\n\r]*$"
 _WELL_KNOWN_REGEX = {
@@ -58,7 +59,7 @@ def check_durations(message: Message, path: str = "") -> None:
         for item, item_path in _items(field, value, field_path):
             name = item.DESCRIPTOR.full_name
             if name == "google.protobuf.Duration":
-                if item.seconds < 0 or item.nanos < 0:  # type: ignore[attr-defined]
+                if item.seconds < 0 or item.nanos < 0:
                     raise ConfigError(f"Invalid duration: Expected positive duration: {_debug_duration(item)}",
                                       item_path)
             elif name == "google.protobuf.Any":
@@ -71,14 +72,14 @@ def check_durations(message: Message, path: str = "") -> None:
 
 def unpack_any(any_message: Message) -> Message | None:
     """The message packed in ``any_message``, or None when its type is not installed."""
-    type_url: str = any_message.type_url  # type: ignore[attr-defined]
+    type_url: str = any_message.type_url
     if not type_url:
         return None
     cls = type_index.message_class(type_url.rsplit("/", 1)[-1])
     if cls is None:
         return None
     inner = cls()
-    inner.ParseFromString(any_message.value)  # type: ignore[attr-defined]
+    inner.ParseFromString(any_message.value)
     return inner
 
 
@@ -96,13 +97,8 @@ def _set_fields(message: Message, path: str) -> Iterable[tuple[FieldDescriptor, 
         yield field, value, f"{path}.{field.name}" if path else field.name
 
 
-def _is_map(field: FieldDescriptor) -> bool:
-    return (field.is_repeated and field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE
-            and field.message_type.GetOptions().map_entry)
-
-
 def _items(field: FieldDescriptor, value: Any, path: str) -> Iterable[tuple[Any, str]]:
-    if _is_map(field):
+    if is_map(field):
         for key in sorted(value):
             yield value[key], f"{path}[{key}]"
     elif field.is_repeated:
@@ -173,7 +169,7 @@ def _validate_field(message: Message, field: FieldDescriptor, rules: Any, path: 
     field_path = f"{path}.{field.name}" if path else field.name
     prefix = f"{field.containing_type.name}ValidationError.{_camel(field.name)}"
     value = getattr(message, field.name)
-    if _is_map(field):
+    if is_map(field):
         return _validate_map(field, value, rules, field_path, prefix)
     if field.is_repeated:
         return _validate_repeated(field, value, rules, field_path, prefix)
@@ -198,7 +194,7 @@ def _validate_embedded(field: FieldDescriptor, value: Message | None, rules: Any
         return _Violation(path, f"{prefix}: value is required") if required else None
     if kind is not None:
         if type_name in _WRAPPERS:
-            reason = _scalar_reason(field.message_type.fields_by_name["value"], value.value, rules)  # type: ignore[attr-defined]
+            reason = _scalar_reason(field.message_type.fields_by_name["value"], value.value, rules)
         elif kind == "duration":
             reason = _duration_reason(value, rules.duration)
         elif kind == "any":

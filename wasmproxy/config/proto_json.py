@@ -121,14 +121,15 @@ def _is_synthetic(oneof: Any) -> bool:
 
 
 def _accepts_null(field: FieldDescriptor) -> bool:
-    return (field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and not _is_map(field)
+    return (field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and not is_map(field)
             and not field.is_repeated
             and field.message_type.full_name == "google.protobuf.Value")
 
 
-def _is_map(field: FieldDescriptor) -> bool:
-    return (field.is_repeated and field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE
-            and field.message_type.GetOptions().map_entry)
+def is_map(field: FieldDescriptor) -> bool:
+    """A ``map<K, V>`` field (a repeated field of a synthetic map-entry message)."""
+    return bool(field.is_repeated and field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE
+                and field.message_type.GetOptions().map_entry)
 
 
 def _type_label(field: FieldDescriptor) -> str:
@@ -145,7 +146,7 @@ def _type_label(field: FieldDescriptor) -> str:
 
 
 def _parse_field(value: Any, message: Message, field: FieldDescriptor, path: str) -> None:
-    if _is_map(field):
+    if is_map(field):
         _parse_map(value, getattr(message, field.name), field, path)
     elif field.is_repeated:
         if not isinstance(value, list):
@@ -293,8 +294,8 @@ def _parse_any(value: Any, message: Message, path: str) -> None:
             _parse_message(rest["value"], inner, join(path, "value"))
     else:
         _parse_message(rest, inner, path)
-    message.type_url = type_url  # type: ignore[attr-defined]
-    message.value = inner.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
+    message.type_url = type_url
+    message.value = inner.SerializeToString(deterministic=True)
 
 
 def _parse_duration(value: Any, message: Message, path: str) -> None:
@@ -311,14 +312,14 @@ def _parse_duration(value: Any, message: Message, path: str) -> None:
     nanos = int((match.group(3) or "").ljust(9, "0"))
     if seconds > _MAX_DURATION_SECONDS:
         raise invalid_value(path, "message google.protobuf.Duration", f"duration {value!r} out of range")
-    message.seconds = sign * seconds  # type: ignore[attr-defined]
-    message.nanos = sign * nanos  # type: ignore[attr-defined]
+    message.seconds = sign * seconds
+    message.nanos = sign * nanos
     message.SetInParent()
 
 
 def _parse_wrapper(value: Any, message: Message, path: str) -> None:
     message.SetInParent()
-    message.value = _scalar(value, message.DESCRIPTOR.fields_by_name["value"], path)  # type: ignore[attr-defined]
+    message.value = _scalar(value, message.DESCRIPTOR.fields_by_name["value"], path)
 
 
 def _parse_empty(value: Any, message: Message, path: str) -> None:

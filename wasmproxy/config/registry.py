@@ -65,15 +65,15 @@ def supported(category: Category) -> list[Extension]:
 
 def type_name_of(typed_config: Message) -> str:
     """Full proto name an Any carries, looking through ``TypedStruct`` as Envoy does ("" if unset)."""
-    name = _strip(typed_config.type_url)  # type: ignore[attr-defined]
+    name = _strip(typed_config.type_url)
     if name in _TYPED_STRUCTS:
         from wasmproxy.config.type_index import message_class
 
         cls = message_class(name)
         assert cls is not None  # both TypedStructs ship with xds-protos
         inner = cls()
-        inner.ParseFromString(typed_config.value)  # type: ignore[attr-defined]
-        return _strip(inner.type_url)  # type: ignore[attr-defined]
+        inner.ParseFromString(typed_config.value)
+        return _strip(inner.type_url)
     return name
 
 
@@ -107,7 +107,7 @@ def resolve(category: Category, any_or_name: Message | str) -> Callable[..., Any
     """Import and return the factory callable of a supported extension (ConfigError otherwise)."""
     ext = lookup(category, any_or_name)
     if ext is None:
-        shown = any_or_name if isinstance(any_or_name, str) else any_or_name.type_url  # type: ignore[attr-defined]
+        shown = any_or_name if isinstance(any_or_name, str) else any_or_name.type_url
         raise ConfigError(f"extension not supported: {shown} (not one of wasmproxy's {category.value})")
     module_name, _, function = ext.factory_path.partition(":")
     factory: Callable[..., Any] = getattr(importlib.import_module(module_name), function)
@@ -119,25 +119,25 @@ def unpack(typed_config: Message, path: str = "") -> Message:
     type it names and validated (Envoy does both when the factory runs); errors name ``path``."""
     from wasmproxy.config import pgv, proto_json, type_index
 
-    name = _strip(typed_config.type_url)  # type: ignore[attr-defined]
+    name = _strip(typed_config.type_url)
     if name not in _TYPED_STRUCTS:
         message = pgv.unpack_any(typed_config)
         if message is None:
-            raise ConfigError(f"could not find @type '{typed_config.type_url}'", path)  # type: ignore[attr-defined]
+            raise ConfigError(f"could not find @type '{typed_config.type_url}'", path)
         return message
     from google.protobuf import json_format
 
     cls = type_index.message_class(name)
     assert cls is not None  # both TypedStructs ship with xds-protos
     typed_struct = cls()
-    typed_struct.ParseFromString(typed_config.value)  # type: ignore[attr-defined]
-    inner_cls = type_index.message_class(_strip(typed_struct.type_url))  # type: ignore[attr-defined]
+    typed_struct.ParseFromString(typed_config.value)
+    inner_cls = type_index.message_class(_strip(typed_struct.type_url))
     if inner_cls is None:
         raise ConfigError(f"Unable to parse JSON as proto (INVALID_ARGUMENT: could not find @type "
-                          f"'{typed_struct.type_url}')", f"{path}.type_url" if path else "type_url")  # type: ignore[attr-defined]
+                          f"'{typed_struct.type_url}')", f"{path}.type_url" if path else "type_url")
     message = inner_cls()
     value_path = f"{path}.value" if path else "value"
-    proto_json.parse_into(json_format.MessageToDict(typed_struct.value), message, value_path)  # type: ignore[attr-defined]
+    proto_json.parse_into(json_format.MessageToDict(typed_struct.value), message, value_path)
     pgv.validate(message, value_path)
     return message
 

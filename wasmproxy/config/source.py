@@ -79,7 +79,7 @@ def _yaml_error_message(e: yaml.MarkedYAMLError) -> str:
     return f"yaml: error{where}: {problem}"
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """SafeLoader without YAML's timestamp type: Envoy (yaml-cpp) keeps ``2024-01-01`` a string."""
 
 

@@ -39,7 +39,8 @@ def message_class(full_name: str) -> type[Message] | None:
     descriptor = find_message_descriptor(full_name)
     if descriptor is None:
         return None
-    return message_factory.GetMessageClass(descriptor)
+    cls: type[Message] = message_factory.GetMessageClass(descriptor)
+    return cls
 
 
 def find_message_descriptor(full_name: str) -> Descriptor | None:
