@@ -1,0 +1,1 @@
+"""Test harness: echo upstream clients, proxy processes, configs and the differential runner."""

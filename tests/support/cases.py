@@ -1,0 +1,408 @@
+"""Differential cases: one config, many request sequences, run through Envoy and wasmproxy.
+
+A case file (YAML, under tests/diff_cases/) holds::
+
+    config:                      # either a standard bootstrap (support.config.bootstrap kwargs) ...
+      bootstrap: {virtual_hosts: [...], clusters: {echo: "${echo_port}"}, http_filters: [...]}
+      # ... or a full Envoy YAML with ${placeholders}, relative to the case file:
+      # template: front-proxy.yaml
+      ports: [extra_port]        # more per-target free ports for the template (optional)
+    cases:
+      - name: prefix_match
+        pipeline: false          # true: send every request in one write, then read the answers
+        ignore_headers: []       # response headers not compared (per case)
+        ignore_echo_headers: []  # request headers, as the echo upstream saw them, not compared
+        ignore_fields: []        # whole top-level fields not compared: status, headers, body...
+        ordered_headers: false   # true: header order is compared too
+        requests:
+          - method: GET          # or raw: "GET / HTTP/1.1\\r\\n..." (exact bytes, latin-1)
+            path: /prefix/x
+            headers: [[x-a, "1"]] # or a mapping; host defaults to "diff.test"
+            pad_headers: {count: 1, size: 70000}  # add `count` headers x-pad-<i> of `size` bytes
+            body: "text"          # or body_size: N (the echo upstream's pattern), chunked: true
+            expect_continue: true # send the headers, wait for the interim 100, then the body
+            new_connection: true  # default: reuse the case's connection while it stays open
+            check_closed: true    # record whether the proxy then closes the connection
+            expect: {status: 200, closed: false, headers: {x-a: "1", x-b: null},
+                     body_contains: "...", echo: {path: /x, headers: {host: example.com}}}
+
+Placeholders: ${listener_port} ${admin_port} (per target), ${echo_port} ${closed_port} (shared)
+and any extra names under `ports`. Every request's `expect` is checked against every target;
+then, unless only the reference runs, each normalised outcome of wasmproxy must equal Envoy's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wasmproxy.demo.upstream import pattern_bytes
+
+from .compare import first_difference, format_difference
+from .config import bootstrap, render_template, substitute, write_yaml
+from .normalize import Normaliser, Outcome
+from .ports import LOOPBACK, free_ports
+from .processes import EnvoyProcess, ProxyProcess, WasmproxyProcess
+from .raw_http import Headers, PeerClosed, RawConnection, Response, build_request
+
+REFERENCE = "envoy"
+CANDIDATE = "wasmproxy"
+PROCESS_CLASSES: dict[str, type[ProxyProcess]] = {REFERENCE: EnvoyProcess, CANDIDATE: WasmproxyProcess}
+# Envoy closes after a local error reply once its delayed_close_timeout (1 s by default) ends.
+CLOSE_CHECK_S = 3.0
+
+
+def selected_targets() -> list[str]:
+    """Targets to run: both by default; only Envoy with WASMPROXY_DIFF_REFERENCE_ONLY=1.
+
+    WASMPROXY_DIFF_TARGETS=wasmproxy runs wasmproxy alone against the cases' expectations.
+    """
+    if os.environ.get("WASMPROXY_DIFF_REFERENCE_ONLY", "") not in ("", "0"):
+        return [REFERENCE]
+    names = [t.strip() for t in os.environ.get("WASMPROXY_DIFF_TARGETS", "envoy,wasmproxy").split(",")]
+    unknown = set(names) - set(PROCESS_CLASSES)
+    if unknown:
+        raise ValueError(f"WASMPROXY_DIFF_TARGETS: unknown target(s) {sorted(unknown)}")
+    return names
+
+
+# --- the case format ------------------------------------------------------------------------
+
+def _headers(value: Any) -> Headers:
+    if not value:
+        return []
+    if isinstance(value, Mapping):
+        return [(str(k), str(v)) for k, v in value.items()]
+    return [(str(k), str(v)) for k, v in value]
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """One request of a case and what must hold for its outcome on every target."""
+
+    method: str = "GET"
+    path: str = "/"
+    headers: Headers = field(default_factory=list)
+    body: bytes | None = None
+    chunked: bool = False
+    raw: bytes | None = None
+    host: str | None = "diff.test"
+    expect_continue: bool = False
+    new_connection: bool = False
+    check_closed: bool = False
+    expect: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RequestSpec:
+        known = {"method", "path", "headers", "pad_headers", "body", "body_size", "chunked", "raw", "host",
+                 "expect_continue", "new_connection", "check_closed", "expect"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown request fields {sorted(extra)}")
+        body = d.get("body")
+        if "body_size" in d:
+            body = pattern_bytes(0, int(d["body_size"]))
+        elif body is not None:
+            body = str(body).encode()
+        expect = dict(d.get("expect") or {})
+        headers = _headers(d.get("headers"))
+        pad = d.get("pad_headers") or {}
+        headers += [(f"x-pad-{i}", "p" * int(pad.get("size", 1))) for i in range(int(pad.get("count", 0)))]
+        return cls(
+            method=d.get("method", "GET"), path=d.get("path", "/"), headers=headers,
+            body=body, chunked=bool(d.get("chunked")),
+            raw=d["raw"].encode("latin-1") if "raw" in d else None,
+            host=d.get("host", "diff.test"), expect_continue=bool(d.get("expect_continue")),
+            new_connection=bool(d.get("new_connection")),
+            check_closed=bool(d.get("check_closed")) or "closed" in expect, expect=expect,
+        )
+
+    @property
+    def wire_method(self) -> str:
+        if self.raw is not None:
+            return self.raw.split(b" ", 1)[0].decode("latin-1")
+        return self.method
+
+    def describe(self) -> str:
+        if self.raw is not None:
+            first = self.raw.split(b"\r\n", 1)[0].decode("latin-1")
+            return f"raw {first[:60]!r}"
+        return f"{self.method} {self.path}"
+
+    def head_and_body(self) -> tuple[bytes, bytes]:
+        """The request bytes, split where an Expect: 100-continue client would pause."""
+        if self.raw is not None:
+            return self.raw, b""
+        data = build_request(self.method, self.path, self.headers, self.body, host=self.host,
+                             chunked=self.chunked)
+        if not self.expect_continue:
+            return data, b""
+        split = data.index(b"\r\n\r\n") + 4
+        return data[:split], data[split:]
+
+
+@dataclass(slots=True)
+class Case:
+    """A named request sequence over one connection (reopened when the proxy closes it)."""
+
+    name: str
+    requests: list[RequestSpec]
+    pipeline: bool = False
+    ignore_headers: list[str] = field(default_factory=list)
+    ignore_echo_headers: list[str] = field(default_factory=list)
+    ignore_fields: list[str] = field(default_factory=list)
+    ordered_headers: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Case:
+        return cls(
+            name=d["name"], requests=[RequestSpec.from_dict(r) for r in d["requests"]],
+            pipeline=bool(d.get("pipeline")), ignore_headers=list(d.get("ignore_headers") or []),
+            ignore_echo_headers=list(d.get("ignore_echo_headers") or []),
+            ignore_fields=list(d.get("ignore_fields") or []), ordered_headers=bool(d.get("ordered_headers")),
+        )
+
+
+@dataclass(slots=True)
+class CaseFile:
+    """A parsed case file: how to build the config, and the cases run against it."""
+
+    path: Path
+    config: dict[str, Any]
+    cases: list[Case]
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaseFile:
+        path = Path(path)
+        doc = yaml.safe_load(path.read_text())
+        cases = [Case.from_dict(c) for c in doc.get("cases") or []]
+        names = [c.name for c in cases]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"{path}: duplicate case names {sorted(dupes)}")
+        return cls(path, dict(doc["config"]), cases)
+
+    def extra_ports(self) -> list[str]:
+        return list(self.config.get("ports") or [])
+
+    def render(self, values: Mapping[str, object]) -> str:
+        """The bootstrap YAML for one target, with its port values filled in."""
+        if "template" in self.config:
+            text = (self.path.parent / self.config["template"]).read_text()
+            return render_template(text, values)
+        kwargs = substitute(self.config["bootstrap"], values)
+        kwargs.setdefault("listener_port", values["listener_port"])
+        kwargs.setdefault("admin_port", values["admin_port"])
+        return yaml.safe_dump(bootstrap(**kwargs), sort_keys=False)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Target:
+    """One running proxy: where to send requests and how to read its ports back out."""
+
+    name: str
+    process: ProxyProcess
+    port: int
+    port_names: dict[int, str]
+    host: str = LOOPBACK
+
+    def connect(self, timeout: float = 10.0) -> RawConnection:
+        return RawConnection(self.host, self.port, timeout=timeout)
+
+    def normaliser(self, case: Case | None = None) -> Normaliser:
+        if case is None:
+            return Normaliser(self.port_names)
+        return Normaliser(self.port_names, case.ignore_headers, case.ignore_echo_headers, case.ordered_headers)
+
+
+@dataclass(slots=True)
+class Result:
+    """What one request got on one target."""
+
+    outcome: Outcome
+    closed: bool | None
+
+
+class DiffEnvironment:
+    """The selected proxies, each on its own copy of one config; start() and stop() them."""
+
+    def __init__(self, case_file: CaseFile, workdir: Path, echo_port: int, closed_port: int,
+                 targets: Iterable[str] | None = None) -> None:
+        self.case_file = case_file
+        self.workdir = workdir
+        self.shared = {"echo_port": echo_port, "closed_port": closed_port}
+        self.names = list(targets if targets is not None else selected_targets())
+        self.targets: dict[str, Target] = {}
+
+    def start(self) -> DiffEnvironment:
+        try:
+            for name in self.names:
+                self.targets[name] = self._start(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, name: str) -> Target:
+        port_keys = ["listener_port", "admin_port", *self.case_file.extra_ports()]
+        ports = dict(zip(port_keys, free_ports(len(port_keys))))
+        text = self.case_file.render({**self.shared, **ports})
+        path = write_yaml(text, self.workdir / f"{self.case_file.path.stem}.{name}.yaml")
+        process = PROCESS_CLASSES[name](path)
+        process.start()
+        return Target(name, process, ports["listener_port"], {v: k for k, v in ports.items()})
+
+    def stop(self) -> None:
+        for target in self.targets.values():
+            target.process.stop()
+        self.targets.clear()
+
+    def run(self, case: Case) -> None:
+        """Run `case` on every target; assert expectations, then equality with Envoy."""
+        results = {name: run_case(case, target) for name, target in self.targets.items()}
+        check_case(case, results, {n: t.normaliser(case) for n, t in self.targets.items()})
+
+
+def _exchange(conn: RawConnection, spec: RequestSpec) -> Response:
+    head, rest = spec.head_and_body()
+    conn.send(head)
+    if not rest:
+        return conn.read_response(spec.wire_method)
+    # Expect: 100-continue: the body goes only after the interim response (or a final one).
+    first = conn.read_response(spec.wire_method, stop_at_interim=True)
+    if first.status != 100:
+        return first
+    conn.send(rest)
+    final = conn.read_response(spec.wire_method)
+    final.interim[:0] = [(first.status, first.headers)]
+    return final
+
+
+def run_case(case: Case, target: Target) -> list[Result]:
+    """Send a case's requests to one target and collect what came back."""
+    results: list[Result] = []
+    conn: RawConnection | None = None
+    try:
+        if case.pipeline:
+            conn = target.connect()
+            conn.send(b"".join(s.head_and_body()[0] + s.head_and_body()[1] for s in case.requests))
+        for spec in case.requests:
+            if not case.pipeline and (conn is None or spec.new_connection):
+                if conn is not None:
+                    conn.close()
+                conn = target.connect()
+            assert conn is not None
+            try:
+                outcome: Outcome = conn.read_response(spec.wire_method) if case.pipeline \
+                    else _exchange(conn, spec)
+            except PeerClosed as e:
+                results.append(Result(e, True))
+                conn.close()
+                conn = None
+                if case.pipeline:
+                    break
+                continue
+            closed = conn.closed_by_peer(CLOSE_CHECK_S) if spec.check_closed else None
+            results.append(Result(outcome, closed))
+            if closed:
+                conn.close()
+                conn = None
+                if case.pipeline:
+                    break
+    finally:
+        if conn is not None:
+            conn.close()
+    return results
+
+
+# --- checking ---------------------------------------------------------------------------------
+
+def expectation_failures(spec: RequestSpec, result: Result) -> list[str]:
+    """Which of `spec.expect` does not hold for `result` (empty when all hold)."""
+    exp = spec.expect
+    out = result.outcome
+    resp = out.partial if isinstance(out, PeerClosed) else out
+    fails: list[str] = []
+    if "outcome" in exp:
+        got = "closed" if resp is None else "truncated" if not resp.complete else "response"
+        if got != exp["outcome"]:
+            fails.append(f"outcome: expected {exp['outcome']}, got {got}")
+    if "closed" in exp and result.closed != exp["closed"]:
+        fails.append(f"connection closed: expected {exp['closed']}, got {result.closed}")
+    if resp is None:
+        if {"status", "headers", "body", "body_contains", "echo"} & exp.keys():
+            fails.append(f"no response: connection closed after {len(out.received)} bytes")  # type: ignore[union-attr]
+        return fails
+    if "status" in exp and resp.status != exp["status"]:
+        fails.append(f"status: expected {exp['status']}, got {resp.status}")
+    if "interim" in exp and [s for s, _ in resp.interim] != exp["interim"]:
+        fails.append(f"interim: expected {exp['interim']}, got {[s for s, _ in resp.interim]}")
+    for name, value in (exp.get("headers") or {}).items():
+        got_v = resp.header(name)
+        if got_v != (None if value is None else str(value)):
+            fails.append(f"header {name}: expected {value!r}, got {got_v!r}")
+    if "body" in exp and resp.body != str(exp["body"]).encode():
+        fails.append(f"body: expected {exp['body']!r}, got {resp.body[:200]!r}")
+    if "body_contains" in exp and str(exp["body_contains"]).encode() not in resp.body:
+        fails.append(f"body: expected to contain {exp['body_contains']!r}, got {resp.body[:200]!r}")
+    if "echo" in exp:
+        fails += _echo_failures(exp["echo"], resp)
+    return fails
+
+
+def _echo_failures(exp: Mapping[str, Any], resp: Response) -> list[str]:
+    try:
+        doc = resp.json()
+    except ValueError:
+        return [f"echo: body is not the echo upstream's JSON: {resp.body[:200]!r}"]
+    fails = []
+    for key, value in exp.items():
+        if key == "headers":
+            seen = {k.lower(): v for k, v in reversed(doc["headers"])}
+            for name, want in value.items():
+                got = seen.get(name.lower())
+                if got != (None if want is None else str(want)):
+                    fails.append(f"echo header {name}: expected {want!r}, got {got!r}")
+        elif doc.get(key) != value:
+            fails.append(f"echo {key}: expected {value!r}, got {doc.get(key)!r}")
+    return fails
+
+
+def check_case(case: Case, results: Mapping[str, list[Result]], normalisers: Mapping[str, Normaliser]) -> None:
+    """Assert every target met every expectation, then that each target matches the reference."""
+    problems = []
+    for name, res in results.items():
+        for i, (spec, r) in enumerate(zip(case.requests, res), 1):
+            for f in expectation_failures(spec, r):
+                problems.append(f"case {case.name!r}, request #{i} ({spec.describe()}) on {name}: {f}")
+    if problems:
+        raise AssertionError("\n".join(problems))
+    if REFERENCE not in results:
+        return
+    ref = [_comparable(r, normalisers[REFERENCE], case) for r in results[REFERENCE]]
+    for name, res in results.items():
+        if name == REFERENCE:
+            continue
+        got = [_comparable(r, normalisers[name], case) for r in res]
+        for i in range(max(len(ref), len(got))):
+            a = ref[i] if i < len(ref) else "<no request made>"
+            b = got[i] if i < len(got) else "<no request made>"
+            d = first_difference(a, b)
+            if d:
+                spec = case.requests[i]
+                raise AssertionError(format_difference(case.name, i + 1, spec.describe(), d,
+                                                       REFERENCE, name, a, b))
+
+
+def _comparable(r: Result, normaliser: Normaliser, case: Case) -> dict[str, Any]:
+    out = normaliser(r.outcome, r.closed)
+    for f in case.ignore_fields:
+        out.pop(f, None)
+    return out
