@@ -1,0 +1,288 @@
+"""Clusters on the main thread: static info, circuit breakers, and host discovery.
+
+`ClusterInfo` is the immutable part of an envoy.config.cluster.v3.Cluster, shared
+by all threads. `Cluster` (STATIC / STRICT_DNS / LOGICAL_DNS) owns the host list on
+the main thread and reports every change through `on_hosts_changed(hosts)`; the
+ClusterManager then pushes the new host set to workers through a ThreadLocal slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any, Awaitable, Callable
+
+from google.protobuf.json_format import MessageToDict
+
+from ..http.stream_info import Address
+from .host import Host
+
+DEFAULT_CONNECT_TIMEOUT_MS = 5000
+DEFAULT_DNS_REFRESH_MS = 5000
+DEFAULT_MAX = 1024
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_BUFFER_LIMIT = 1024 * 1024
+DEFAULT_IDLE_TIMEOUT_MS = 3600 * 1000
+
+LB_POLICIES = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 3: "RANDOM"}
+_TYPES = {0: "STATIC", 1: "STRICT_DNS", 2: "LOGICAL_DNS"}
+# envoy.config.core.v3.HealthStatus values that take a host out of load balancing.
+_UNHEALTHY = {2, 3, 4}
+
+Resolver = Callable[[str, int, int], Awaitable[list[str]]]
+
+
+class ClusterConfigError(ValueError):
+    """A cluster wasmproxy cannot run; the message names the cluster."""
+
+
+class ResourceLimit:
+    """One circuit-breaker counter (connections, pending, requests, retries), shared by all workers.
+
+    The lock stands in for Envoy's atomics: it is held only for an add and a compare.
+    """
+
+    __slots__ = ("max", "count", "_lock")
+
+    def __init__(self, max_value: int) -> None:
+        self.max = max_value
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def can_create(self) -> bool:
+        return self.count < self.max
+
+    def inc(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def dec(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class ResourceManager:
+    """Envoy's ResourceManagerImpl for one priority."""
+
+    def __init__(self, thresholds: Any | None) -> None:
+        def limit(field: str, default: int) -> ResourceLimit:
+            if thresholds is not None and thresholds.HasField(field):
+                return ResourceLimit(getattr(thresholds, field).value)
+            return ResourceLimit(default)
+
+        self.connections = limit("max_connections", DEFAULT_MAX)
+        self.pending_requests = limit("max_pending_requests", DEFAULT_MAX)
+        self.requests = limit("max_requests", DEFAULT_MAX)
+        self.retries = limit("max_retries", DEFAULT_MAX_RETRIES)
+
+
+def _ms(duration: Any) -> int:
+    return duration.seconds * 1000 + duration.nanos // 1_000_000
+
+
+class ClusterInfo:
+    """The immutable settings of one cluster (Envoy's ClusterInfoImpl)."""
+
+    def __init__(self, proto: Any) -> None:
+        self.name: str = proto.name
+        if not self.name:
+            raise ClusterConfigError("cluster name must not be empty")
+        self.observability_name: str = proto.alt_stat_name or proto.name
+        self.stat_prefix = f"cluster.{self.observability_name}."
+        kind = proto.WhichOneof("cluster_discovery_type")
+        if kind == "cluster_type":
+            raise ClusterConfigError(f"cluster '{self.name}': custom cluster_type is not supported")
+        if proto.type not in _TYPES:
+            raise ClusterConfigError(
+                f"cluster '{self.name}': type {proto.DiscoveryType.Name(proto.type)} is not supported"
+            )
+        self.type: str = _TYPES[proto.type]
+        if proto.lb_policy not in LB_POLICIES:
+            raise ClusterConfigError(
+                f"cluster '{self.name}': lb_policy {proto.LbPolicy.Name(proto.lb_policy)} is not supported"
+            )
+        self.lb_policy: str = LB_POLICIES[proto.lb_policy]
+        self.least_request_choice_count = (
+            proto.least_request_lb_config.choice_count.value
+            if proto.least_request_lb_config.HasField("choice_count") else 2
+        )
+        if proto.HasField("transport_socket") and "raw_buffer" not in proto.transport_socket.name:
+            raise ClusterConfigError(f"cluster '{self.name}': transport_socket is not supported (plain TCP only)")
+        self.connect_timeout_ms = _ms(proto.connect_timeout) if proto.HasField("connect_timeout") else (
+            DEFAULT_CONNECT_TIMEOUT_MS
+        )
+        self.per_connection_buffer_limit = (
+            proto.per_connection_buffer_limit_bytes.value
+            if proto.HasField("per_connection_buffer_limit_bytes") else DEFAULT_BUFFER_LIMIT
+        )
+        self.dns_refresh_rate_ms = (
+            _ms(proto.dns_refresh_rate) if proto.HasField("dns_refresh_rate") else DEFAULT_DNS_REFRESH_MS
+        )
+        self.dns_lookup_family: int = proto.dns_lookup_family
+        self.metadata: dict[str, Any] = (
+            MessageToDict(proto.metadata, preserving_proto_field_name=True).get("filter_metadata", {})
+            if proto.HasField("metadata") else {}
+        )
+        common = proto.common_http_protocol_options
+        max_rq = proto.max_requests_per_connection.value if proto.HasField("max_requests_per_connection") else 0
+        for any_msg in proto.typed_extension_protocol_options.values():
+            if any_msg.type_url.endswith("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"):
+                from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+                opts = http_protocol_options_pb2.HttpProtocolOptions()
+                any_msg.Unpack(opts)
+                if opts.HasField("common_http_protocol_options"):
+                    common = opts.common_http_protocol_options
+                if opts.HasField("explicit_http_config") and opts.explicit_http_config.HasField(
+                    "http2_protocol_options"
+                ):
+                    raise ClusterConfigError(f"cluster '{self.name}': upstream HTTP/2 is not supported")
+        if proto.HasField("http2_protocol_options"):
+            raise ClusterConfigError(f"cluster '{self.name}': upstream HTTP/2 is not supported")
+        if common.HasField("max_requests_per_connection"):
+            max_rq = common.max_requests_per_connection.value
+        self.max_requests_per_connection: int = max_rq
+        self.idle_timeout_ms: int = (
+            _ms(common.idle_timeout) if common.HasField("idle_timeout") else DEFAULT_IDLE_TIMEOUT_MS
+        )
+        default_thresholds = high_thresholds = None
+        for t in proto.circuit_breakers.thresholds:
+            if t.priority == 0:
+                default_thresholds = t
+            else:
+                high_thresholds = t
+        self.resource_manager = ResourceManager(default_thresholds)
+        self.high_resource_manager = ResourceManager(high_thresholds)
+
+
+async def resolve_with_loop(hostname: str, port: int, family: int) -> list[str]:
+    """Resolve `hostname` with the running loop's getaddrinfo, in Envoy's dns_lookup_family order."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+    v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+    if family == 1:  # V4_ONLY
+        addrs = v4
+    elif family == 2:  # V6_ONLY
+        addrs = v6
+    elif family == 3:  # V4_PREFERRED
+        addrs = v4 or v6
+    elif family == 4:  # ALL
+        addrs = v4 + v6
+    else:  # AUTO: IPv6 when there is one
+        addrs = v6 or v4
+    return list(dict.fromkeys(addrs))
+
+
+def _endpoint_hosts(cluster: ClusterInfo, proto: Any) -> list[tuple[str, int, str, int, bool, dict]]:
+    """(address, port, hostname, weight, healthy, metadata) for every lb_endpoint."""
+    out = []
+    for locality in proto.load_assignment.endpoints:
+        for lb in locality.lb_endpoints:
+            ep = lb.endpoint
+            sa = ep.address.socket_address
+            if not ep.address.HasField("socket_address"):
+                raise ClusterConfigError(f"cluster '{cluster.name}': only socket_address endpoints are supported")
+            weight = lb.load_balancing_weight.value if lb.HasField("load_balancing_weight") else 1
+            md = MessageToDict(lb.metadata, preserving_proto_field_name=True).get("filter_metadata", {})
+            out.append((sa.address, sa.port_value, ep.hostname, weight,
+                        lb.health_status not in _UNHEALTHY, md))
+    return out
+
+
+class Cluster:
+    """A cluster's discovery on the main thread. Main thread only."""
+
+    def __init__(
+        self,
+        proto: Any,
+        dispatcher: Any,
+        on_hosts_changed: Callable[["Cluster"], None],
+        resolver: Resolver = resolve_with_loop,
+    ) -> None:
+        self.info = ClusterInfo(proto)
+        self.hosts: tuple[Host, ...] = ()
+        self.initialized = False
+        self._dispatcher = dispatcher
+        self._on_hosts_changed = on_hosts_changed
+        self._resolver = resolver
+        self._endpoints = _endpoint_hosts(self.info, proto)
+        self._timer: Any = None
+        self._init_waiters: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._shutdown = False
+        if self.info.type == "STATIC":
+            for addr, port, *_ in self._endpoints:
+                try:
+                    socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+                except OSError:
+                    raise ClusterConfigError(
+                        f"malformed IP address: {addr}. Consider setting resolver_name or setting cluster type "
+                        "to 'STRICT_DNS' or 'LOGICAL_DNS'"
+                    ) from None
+            self.hosts = tuple(
+                Host(self.info.name, Address(a, p), hostname=h, weight=w, healthy=ok, metadata=md)
+                for a, p, h, w, ok, md in self._endpoints
+            )
+        elif self.info.type == "LOGICAL_DNS" and len(self._endpoints) != 1:
+            raise ClusterConfigError("LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint")
+
+    def initialize(self, on_done: Callable[[], None]) -> None:
+        """Start discovery; `on_done` runs (on main) once the first host set is known."""
+        if self.info.type == "STATIC" or self.initialized:
+            self.initialized = True
+            on_done()
+            return
+        self._init_waiters.append(on_done)
+        if self._timer is None:
+            self._timer = self._dispatcher.create_timer(self._start_resolve)
+            self._start_resolve()
+
+    def _start_resolve(self) -> None:
+        self._task = self._dispatcher.loop.create_task(self._resolve_all())
+
+    async def _resolve_all(self) -> None:
+        family = self.info.dns_lookup_family
+        if self.info.type == "LOGICAL_DNS":
+            # LOGICAL_DNS: one host whose address is the first answer of the latest lookup.
+            family = 3 if family == 0 else family
+        new: list[Host] = []
+        failed = False
+        for addr, port, hostname, weight, healthy, md in self._endpoints:
+            try:
+                answers = await self._resolver(addr, port, family)
+            except (OSError, socket.gaierror):
+                failed = True
+                continue
+            if self.info.type == "LOGICAL_DNS":
+                answers = answers[:1]
+            for ip in answers:
+                new.append(Host(self.info.name, Address(ip, port), hostname=hostname or addr, weight=weight,
+                                healthy=healthy, metadata=md))
+        self._on_resolved(new, failed)
+
+    def _on_resolved(self, new: list[Host], failed: bool) -> None:
+        if self._shutdown:
+            return
+        if not failed or new:
+            # Keep existing Host objects (and their stats) for addresses that did not change.
+            old = {(h.address.host, h.address.port): h for h in self.hosts}
+            merged = tuple(old.get((h.address.host, h.address.port), h) for h in new)
+            if [id(h) for h in merged] != [id(h) for h in self.hosts]:
+                self.hosts = merged
+                self._on_hosts_changed(self)
+        self.initialized = True
+        waiters, self._init_waiters = self._init_waiters, []
+        for cb in waiters:
+            cb()
+        if self._timer is not None:
+            self._timer.enable_timer(self.info.dns_refresh_rate_ms)
+
+    def shutdown(self) -> None:
+        """Stop DNS refreshes (main thread)."""
+        self._shutdown = True
+        if self._timer is not None:
+            self._timer.disable_timer()
+        if self._task is not None:
+            self._task.cancel()

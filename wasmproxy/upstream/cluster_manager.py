@@ -1,0 +1,223 @@
+"""ClusterManager (main thread) and its per-worker ThreadLocalClusterManager.
+
+The main thread owns every `Cluster` and its discovery. Each host-set change is
+published to all threads through one ThreadLocal slot, as an immutable tuple of
+Hosts; a worker then rebuilds that cluster's load balancer and drains the pools
+of hosts that went away. Workers never touch main-thread objects other than the
+shared, immutable `ClusterInfo` and `Host` instances.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..stats.store import Store
+from .cluster import Cluster, ClusterConfigError, ClusterInfo, Resolver, resolve_with_loop
+from .cluster_stats import ClusterStats
+from .conn_pool import Http1ConnPool
+from .host import Host
+from .load_balancer import LoadBalancer, create_load_balancer
+
+if TYPE_CHECKING:
+    from .async_client import AsyncClient
+
+
+class ThreadLocalCluster:
+    """One cluster as one thread sees it: hosts, load balancer, connection pools, stats."""
+
+    def __init__(self, info: ClusterInfo, hosts: tuple[Host, ...], dispatcher: Any, store: Store) -> None:
+        self.info = info
+        self.dispatcher = dispatcher
+        self.stats = ClusterStats(store, info.stat_prefix)
+        self._pools: dict[int, Http1ConnPool] = {}
+        self.hosts: tuple[Host, ...] = ()
+        self.load_balancer: LoadBalancer = create_load_balancer(info.lb_policy, ())
+        self.update_hosts(hosts)
+
+    def update_hosts(self, hosts: tuple[Host, ...]) -> None:
+        keep = {id(h) for h in hosts}
+        for key in [k for k in self._pools if k not in keep]:
+            self._pools.pop(key).drain_connections()
+        self.hosts = hosts
+        self.load_balancer = create_load_balancer(self.info.lb_policy, hosts, self.info.least_request_choice_count)
+
+    def choose_host(self, lb_context: object | None = None) -> Host | None:
+        """A host for a new request, or None (the router answers 503 "no healthy upstream")."""
+        lb = self.load_balancer
+        if lb.panic or not lb.hosts:
+            self.stats.inc("lb_healthy_panic")
+        host = lb.choose_host()
+        if host is None:
+            self.stats.inc("upstream_cx_none_healthy")
+        return host
+
+    def conn_pool(self, host: Host) -> Http1ConnPool:
+        pool = self._pools.get(id(host))
+        if pool is None:
+            pool = self._pools[id(host)] = Http1ConnPool(self.dispatcher, host, self.info, self.stats)
+        return pool
+
+    def drain_connections(self) -> None:
+        for pool in self._pools.values():
+            pool.drain_connections()
+
+
+class ThreadLocalClusterManager:
+    """The per-thread cluster table (Envoy's ThreadLocalClusterManagerImpl). Owner thread only."""
+
+    def __init__(self, dispatcher: Any, store: Store, clusters: dict[str, tuple[ClusterInfo, tuple[Host, ...]]]) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self._clusters = {
+            name: ThreadLocalCluster(info, hosts, dispatcher, store) for name, (info, hosts) in clusters.items()
+        }
+        self._async_client: AsyncClient | None = None
+
+    def get(self, name: str) -> ThreadLocalCluster | None:
+        return self._clusters.get(name)
+
+    def update_hosts(self, name: str, hosts: tuple[Host, ...]) -> None:
+        cluster = self._clusters.get(name)
+        if cluster is not None:
+            cluster.update_hosts(hosts)
+
+    def http_async_client(self) -> "AsyncClient":
+        """This thread's AsyncClient (Wasm http_call, other outbound calls)."""
+        if self._async_client is None:
+            from .async_client import AsyncClient
+
+            self._async_client = AsyncClient(self)
+        return self._async_client
+
+    def drain_connections(self) -> None:
+        for cluster in self._clusters.values():
+            cluster.drain_connections()
+
+
+class ClusterManager:
+    """All clusters of the bootstrap. Built and driven on the main thread.
+
+    `tls` is the ThreadLocalInstance; `store_for(dispatcher)` returns the stats Store
+    of the thread that dispatcher runs (defaults to `store` for every thread).
+    """
+
+    def __init__(
+        self,
+        cluster_protos: list[Any],
+        main_dispatcher: Any,
+        tls: Any,
+        store: Store,
+        store_for: Callable[[Any], Store] | None = None,
+        resolver: Resolver = resolve_with_loop,
+    ) -> None:
+        self._dispatcher = main_dispatcher
+        self._store = store
+        self.clusters: dict[str, Cluster] = {}
+        for proto in cluster_protos:
+            if proto.name in self.clusters:
+                raise ClusterConfigError(f"cluster manager: duplicate cluster '{proto.name}'")
+            self.clusters[proto.name] = Cluster(proto, main_dispatcher, self._on_hosts_changed, resolver)
+        store.counter("cluster_manager.cluster_added").inc(len(self.clusters))
+        store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
+        for cluster in self.clusters.values():
+            self._publish_membership(cluster)
+            if cluster.hosts:
+                store.counter(cluster.info.stat_prefix + "membership_change").inc()
+        snapshot = {name: (c.info, c.hosts) for name, c in self.clusters.items()}
+        store_for = store_for or (lambda _d: store)
+        self._slot = tls.allocate_slot()
+        # The init callback captures only the snapshot and the store factory, never self or the slot.
+        self._slot.set(lambda dispatcher: ThreadLocalClusterManager(dispatcher, store_for(dispatcher), snapshot))
+
+    @classmethod
+    def from_bootstrap(cls, bootstrap: Any, main_dispatcher: Any, tls: Any, store: Store, **kw: Any) -> "ClusterManager":
+        return cls(list(bootstrap.static_resources.clusters), main_dispatcher, tls, store, **kw)
+
+    def initialize(self, on_done: Callable[[], None]) -> None:
+        """Start DNS discovery; `on_done` runs on main when every cluster has its first host set."""
+        remaining = [len(self.clusters)]
+
+        def one_done() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                on_done()
+
+        if not self.clusters:
+            on_done()
+            return
+        for cluster in list(self.clusters.values()):
+            cluster.initialize(one_done)
+
+    def has_cluster(self, name: str) -> bool:
+        return name in self.clusters
+
+    def thread_local(self) -> ThreadLocalClusterManager:
+        """The calling thread's ThreadLocalClusterManager (a registered worker, or main)."""
+        tlcm = self._slot.get()
+        assert tlcm is not None, "thread not registered with the ThreadLocal instance"
+        return tlcm
+
+    def get_thread_local_cluster(self, name: str) -> ThreadLocalCluster | None:
+        return self.thread_local().get(name)
+
+    def _on_hosts_changed(self, cluster: Cluster) -> None:
+        self._publish_membership(cluster)
+        name, hosts = cluster.info.name, cluster.hosts
+        self._store.counter(cluster.info.stat_prefix + "membership_change").inc()
+        self._slot.run_on_all_threads(lambda tlcm: tlcm.update_hosts(name, hosts), None)
+
+    def _publish_membership(self, cluster: Cluster) -> None:
+        prefix = cluster.info.stat_prefix
+        self._store.gauge(prefix + "membership_total").set(len(cluster.hosts))
+        self._store.gauge(prefix + "membership_healthy").set(sum(1 for h in cluster.hosts if h.healthy))
+        self._store.gauge(prefix + "membership_degraded").set(0)
+
+    def shutdown(self) -> None:
+        """Stop discovery (main thread). Workers close their pools when their loops stop."""
+        for cluster in self.clusters.values():
+            cluster.shutdown()
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def clusters_text(self) -> str:
+        """Admin `/clusters` in Envoy's text format."""
+        lines: list[str] = []
+        for cluster in self.clusters.values():
+            info, name = cluster.info, cluster.info.name
+            lines.append(f"{name}::observability_name::{info.observability_name}")
+            for prio, rm in (("default_priority", info.resource_manager), ("high_priority", info.high_resource_manager)):
+                lines.append(f"{name}::{prio}::max_connections::{rm.connections.max}")
+                lines.append(f"{name}::{prio}::max_pending_requests::{rm.pending_requests.max}")
+                lines.append(f"{name}::{prio}::max_requests::{rm.requests.max}")
+                lines.append(f"{name}::{prio}::max_retries::{rm.retries.max}")
+            lines.append(f"{name}::added_via_api::false")
+            for host in cluster.hosts:
+                p = f"{name}::{host.address}"
+                s = host.stats
+                lines.append(f"{p}::cx_active::{s.cx_active}")
+                lines.append(f"{p}::cx_connect_fail::{s.cx_connect_fail}")
+                lines.append(f"{p}::cx_total::{s.cx_total}")
+                lines.append(f"{p}::rq_active::{s.rq_active}")
+                lines.append(f"{p}::rq_error::{s.rq_error}")
+                lines.append(f"{p}::rq_pending_active::{s.rq_pending_active}")
+                lines.append(f"{p}::rq_success::{s.rq_success}")
+                lines.append(f"{p}::rq_timeout::{s.rq_timeout}")
+                lines.append(f"{p}::rq_total::{s.rq_total}")
+                lines.append(f"{p}::hostname::{host.hostname}")
+                lines.append(f"{p}::health_flags::{host.health_flags()}")
+                lines.append(f"{p}::weight::{host.weight}")
+                lines.append(f"{p}::region::")
+                lines.append(f"{p}::zone::")
+                lines.append(f"{p}::sub_zone::")
+                lines.append(f"{p}::canary::false")
+                lines.append(f"{p}::priority::{host.priority}")
+                lines.append(f"{p}::success_rate::-1")
+                lines.append(f"{p}::local_origin_success_rate::-1")
+        return "".join(line + "\n" for line in lines)
+
+
+__all__ = [
+    "ClusterManager",
+    "ThreadLocalCluster",
+    "ThreadLocalClusterManager",
+]

@@ -1,0 +1,94 @@
+"""Per-worker load balancers over one host set: ROUND_ROBIN, RANDOM, LEAST_REQUEST.
+
+Each worker builds its own balancer from the host set the main thread published,
+so picking a host takes no lock (Envoy: one LB per ThreadLocalCluster). Hosts are
+chosen among healthy ones unless fewer than Envoy's default healthy panic
+threshold (50%) are healthy, in which case all hosts are used.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from .host import Host
+
+HEALTHY_PANIC_THRESHOLD = 0.5
+
+
+class LoadBalancer:
+    """Base: keeps the candidate list and applies the healthy-panic rule."""
+
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None) -> None:
+        self.hosts = tuple(hosts)
+        healthy = tuple(h for h in self.hosts if h.healthy)
+        self.panic = bool(self.hosts) and len(healthy) < HEALTHY_PANIC_THRESHOLD * len(self.hosts)
+        self._candidates = self.hosts if self.panic else healthy
+        self._weighted = len({h.weight for h in self._candidates}) > 1
+        self._rng = rng or random.Random()
+
+    def choose_host(self) -> Host | None:
+        if not self._candidates:
+            return None
+        return self._pick(self._candidates)
+
+    def _pick(self, hosts: tuple[Host, ...]) -> Host:
+        raise NotImplementedError
+
+
+class RoundRobinLoadBalancer(LoadBalancer):
+    """Plain rotation; with unequal weights, smooth weighted round robin (same long-run shares as Envoy's EDF)."""
+
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None) -> None:
+        super().__init__(hosts, rng)
+        self._index = 0
+        self._current = [0] * len(self._candidates)
+
+    def _pick(self, hosts: tuple[Host, ...]) -> Host:
+        if not self._weighted:
+            host = hosts[self._index % len(hosts)]
+            self._index += 1
+            return host
+        total = 0
+        best = 0
+        for i, h in enumerate(hosts):
+            self._current[i] += h.weight
+            total += h.weight
+            if self._current[i] > self._current[best]:
+                best = i
+        self._current[best] -= total
+        return hosts[best]
+
+
+class RandomLoadBalancer(LoadBalancer):
+    def _pick(self, hosts: tuple[Host, ...]) -> Host:
+        if not self._weighted:
+            return hosts[self._rng.randrange(len(hosts))]
+        return self._rng.choices(hosts, weights=[h.weight for h in hosts])[0]
+
+
+class LeastRequestLoadBalancer(LoadBalancer):
+    """Power of `choice_count` random choices on active requests (Envoy's default for equal weights)."""
+
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, choice_count: int = 2) -> None:
+        super().__init__(hosts, rng)
+        self._choice_count = max(1, choice_count)
+
+    def _pick(self, hosts: tuple[Host, ...]) -> Host:
+        if self._weighted:
+            # Envoy weighs by weight / (active + 1) when weights differ (active_request_bias 1.0).
+            return self._rng.choices(hosts, weights=[h.weight / (h.stats.rq_active + 1) for h in hosts])[0]
+        best = hosts[self._rng.randrange(len(hosts))]
+        for _ in range(self._choice_count - 1):
+            other = hosts[self._rng.randrange(len(hosts))]
+            if other.stats.rq_active < best.stats.rq_active:
+                best = other
+        return best
+
+
+def create_load_balancer(policy: str, hosts: Sequence[Host], choice_count: int = 2) -> LoadBalancer:
+    if policy == "RANDOM":
+        return RandomLoadBalancer(hosts)
+    if policy == "LEAST_REQUEST":
+        return LeastRequestLoadBalancer(hosts, choice_count=choice_count)
+    return RoundRobinLoadBalancer(hosts)
