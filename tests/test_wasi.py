@@ -224,3 +224,11 @@ def test_c_program_exit_only_logs_then_the_guest_traps(c_program):
         vm.get_function("quit")()
     assert e.value.trap_code == "unreachable"
     assert logs == [(4, "wasi_unstable proc_exit")]
+
+
+def test_wasi_import_with_the_wrong_type_is_rejected(mem):
+    code = wasmtime.wat2wasm('(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32))))')
+    table = wasi.wasi_host_functions(lambda: mem, [], lambda lvl, msg: None)
+    with pytest.raises(Exception, match="import type mismatch: wasi_snapshot_preview1.fd_write, "
+                                        "want: i32 -> void, but host exports: i32 i32 i32 i32 -> i32"):
+        WasmVm(compile_module(code), table)

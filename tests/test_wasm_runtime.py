@@ -555,3 +555,44 @@ def test_deadline_interrupts_spinning_guests_on_two_threads_at_once():
     finally:
         ticker.stop()
     assert codes == {1: "interrupt", 2: "interrupt"}
+
+
+def test_declared_signature_mismatch_uses_envoys_wording():
+    code = wasmtime.wat2wasm('(module (import "env" "proxy_done" (func (param i32))))')
+    done = rt.with_signature(lambda: 0, (), ("i32",))
+    with pytest.raises(WasmLoadError) as e:
+        WasmVm(compile_module(code), {("env", "proxy_done"): done})
+    assert str(e.value) == ("Failed to load Wasm module due to an import type mismatch: "
+                            "env.proxy_done, want: i32 -> void, but host exports: void -> i32")
+    ok = rt.with_signature(lambda x: None, ("i32",), ())
+    WasmVm(compile_module(code), {("env", "proxy_done"): ok})
+
+
+def test_signature_declared_on_a_method_is_seen_through_the_bound_method():
+    class Host:
+        def done(self) -> int:
+            return 0
+        rt.with_signature(done, (), ("i32",))
+
+    code = wasmtime.wat2wasm('(module (import "env" "proxy_done" (func (param i32))))')
+    with pytest.raises(WasmLoadError, match="import type mismatch"):
+        WasmVm(compile_module(code), {("env", "proxy_done"): Host().done})
+
+
+def test_memory_and_table_imports_are_provided_global_imports_are_missing():
+    code = wasmtime.wat2wasm('''(module (import "env" "memory" (memory 2))
+      (import "env" "table" (table 1 funcref))
+      (func (export "store") (param i32 i32) local.get 0 local.get 1 i32.store))''')
+    vm = WasmVm(compile_module(code), {})
+    vm.get_function("store")(65536 + 8, 99)
+    assert vm.memory.size() == 2 * 65536 and vm.memory.read_u32(65536 + 8) == 99
+    code = wasmtime.wat2wasm('(module (import "env" "g" (global i32)))')
+    with pytest.raises(WasmLoadError) as e:
+        WasmVm(compile_module(code), {})
+    assert str(e.value) == "Failed to load Wasm module due to a missing import: env.g"
+
+
+def test_imported_memory_over_the_limit_is_a_load_error():
+    code = wasmtime.wat2wasm('(module (import "env" "memory" (memory 4)))')
+    with pytest.raises(WasmLoadError, match="env.memory"):
+        WasmVm(compile_module(code), {}, memory_limit_bytes=65536)

@@ -18,6 +18,7 @@ Public API (thread rules in each docstring's first line)::
       .clone(host_functions=None) -> WasmVm
       .set_epoch_deadline_ticks(ticks | None)
     FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64' ...
+    with_signature(fn, params, results=("i32",)) -> fn  # declare a host function's wasm type
     WasmTrap(message, trap_code, frames)  .backtrace: str
     WasmLoadError, InvalidMemoryAccess
 
@@ -82,6 +83,7 @@ __all__ = [
     "compile_module",
     "engine",
     "engine_tick",
+    "with_signature",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,6 +296,20 @@ def _context_address(ptr: Any) -> int:
 class FuncSig(NamedTuple):
     params: tuple[str, ...]
     results: tuple[str, ...]
+
+
+def with_signature(fn: HostFunction, params: tuple[str, ...],
+                   results: tuple[str, ...] = ("i32",)) -> HostFunction:
+    """Declare the wasm type of a host function (sets ``fn.wasm_signature``; decorate the
+    function itself, bound methods forward the attribute). A module importing it with another
+    type is then rejected at load, with Envoy's "import type mismatch" message."""
+    fn.wasm_signature = FuncSig(tuple(params), tuple(results))  # type: ignore[attr-defined]
+    return fn
+
+
+def _sig_text(sig: FuncSig) -> str:
+    """cpp-host's rendering: "i32 i32 -> i32", an empty list as "void"."""
+    return f"{' '.join(sig.params) or 'void'} -> {' '.join(sig.results) or 'void'}"
 
 
 def _sig(ft: wasmtime.FuncType) -> FuncSig:
@@ -525,7 +541,11 @@ class WasmVm:
     ``host_functions`` maps ``(module, name)`` to a Python callable for each function import
     (see the module docstring for value conventions). Unused entries are ignored; an import
     with no entry raises WasmLoadError "Failed to load Wasm module due to a missing import:
-    env.proxy_foo" (Envoy's wording); a trapping start section raises WasmTrap.
+    env.proxy_foo" (Envoy's wording), and so does a global import; a host function declared
+    with ``with_signature`` and imported with another type raises Envoy's "import type
+    mismatch" error. Memory and table imports are created by the VM, as cpp-host does (the
+    imported memory is ``.memory`` unless one is exported). A trapping start section raises
+    WasmTrap.
     """
 
     def __init__(self, module: WasmModule, host_functions: Mapping[tuple[str, str], HostFunction],
@@ -551,17 +571,30 @@ class WasmVm:
 
         # Everything wasmtime may call back into or read from stays referenced here.
         self._keepalive: list[Any] = []
-        imports = []
+        imports: list[Any] = []
+        imported_memory: wasmtime.Memory | None = None
         for mod_name, imp_name, sig, ty in module._imports:
-            if sig is None:
+            qualname = f"{mod_name}.{imp_name}"
+            if isinstance(ty, (wasmtime.MemoryType, wasmtime.TableType)):
+                # cpp-host (V8) creates an imported memory or table itself (Emscripten style).
+                try:
+                    if isinstance(ty, wasmtime.MemoryType):
+                        imports.append(imported_memory := wasmtime.Memory(store, ty))
+                    else:
+                        imports.append(wasmtime.Table(store, ty, None))
+                except wasmtime.WasmtimeError as e:
+                    raise WasmLoadError(f"Failed to create import {qualname}: {e}") from None
+                continue
+            fn = host_functions.get((mod_name, imp_name)) if sig is not None else None
+            if fn is None:  # no such host function, or a global/tag import (Envoy: the same)
                 raise WasmLoadError(
-                    f"Failed to load Wasm module due to a missing import: {mod_name}.{imp_name}"
-                    f" (only function imports are provided)")
-            fn = host_functions.get((mod_name, imp_name))
-            if fn is None:
+                    f"Failed to load Wasm module due to a missing import: {qualname}")
+            declared = getattr(fn, "wasm_signature", None)
+            if declared is not None and declared != sig:
                 raise WasmLoadError(
-                    f"Failed to load Wasm module due to a missing import: {mod_name}.{imp_name}")
-            cb = _HOST_CALLBACK(self._make_host_trampoline(f"{mod_name}.{imp_name}", fn, sig))
+                    f"Failed to load Wasm module due to an import type mismatch: {qualname}, "
+                    f"want: {_sig_text(sig)}, but host exports: {_sig_text(declared)}")
+            cb = _HOST_CALLBACK(self._make_host_trampoline(qualname, fn, sig))
             func_t = _wffi.wasmtime_func_t()
             _func_new_unchecked(self._ctx, _context_address(ty.ptr()), cb, None, None,
                                 addressof(func_t))
@@ -575,9 +608,10 @@ class WasmVm:
             raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from e
         self._exports = self._instance.exports(store)
         mem = self._exports.get("memory")
-        self.memory = WasmMemory(
-            store if isinstance(mem, wasmtime.Memory) else None, self._ctx,
-            mem._memory if isinstance(mem, wasmtime.Memory) else None)
+        if not isinstance(mem, wasmtime.Memory):
+            mem = imported_memory
+        self.memory = WasmMemory(store if mem is not None else None, self._ctx,
+                                 mem._memory if mem is not None else None)
 
     # -- calls into the guest ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import struct
 import time
 from typing import Callable, Sequence
 
-from wasmproxy.wasm.runtime import HostFunction, InvalidMemoryAccess, WasmMemory
+from wasmproxy.wasm.runtime import HostFunction, InvalidMemoryAccess, WasmMemory, with_signature
 
 __all__ = [
     "WASI_MODULES",
@@ -206,15 +206,27 @@ def wasi_host_functions(memory: Callable[[], WasmMemory], env: Sequence[tuple[st
         # cpp-host only logs; the guest's libc then typically reaches `unreachable` and traps.
         log(LOG_ERROR, "wasi_unstable proc_exit")
 
+    i32 = "i32"
     functions: dict[str, HostFunction] = {
-        "fd_write": fd_write, "fd_read": fd_read, "fd_seek": fd_seek, "fd_close": fd_close,
-        "fd_fdstat_get": fd_fdstat_get, "fd_prestat_get": fd_prestat_get,
-        "fd_prestat_dir_name": fd_prestat_dir_name, "path_open": path_open,
-        "environ_get": environ_get, "environ_sizes_get": environ_sizes_get,
-        "args_get": args_get, "args_sizes_get": args_sizes_get,
-        "clock_time_get": clock_time_get, "clock_res_get": clock_res_get,
-        "random_get": random_get, "poll_oneoff": poll_oneoff, "sched_yield": sched_yield,
-        "proc_exit": proc_exit,
+        # name: function with its wasm type (a mismatching import is rejected at load)
+        "fd_write": with_signature(fd_write, (i32,) * 4),
+        "fd_read": with_signature(fd_read, (i32,) * 4),
+        "fd_seek": with_signature(fd_seek, (i32, "i64", i32, i32)),
+        "fd_close": with_signature(fd_close, (i32,)),
+        "fd_fdstat_get": with_signature(fd_fdstat_get, (i32, i32)),
+        "fd_prestat_get": with_signature(fd_prestat_get, (i32, i32)),
+        "fd_prestat_dir_name": with_signature(fd_prestat_dir_name, (i32,) * 3),
+        "path_open": with_signature(path_open, (i32,) * 5 + ("i64", "i64", i32, i32)),
+        "environ_get": with_signature(environ_get, (i32, i32)),
+        "environ_sizes_get": with_signature(environ_sizes_get, (i32, i32)),
+        "args_get": with_signature(args_get, (i32, i32)),
+        "args_sizes_get": with_signature(args_sizes_get, (i32, i32)),
+        "clock_time_get": with_signature(clock_time_get, (i32, "i64", i32)),
+        "clock_res_get": with_signature(clock_res_get, (i32, i32)),
+        "random_get": with_signature(random_get, (i32, i32)),
+        "poll_oneoff": with_signature(poll_oneoff, (i32,) * 4),
+        "sched_yield": with_signature(sched_yield, ()),
+        "proc_exit": with_signature(proc_exit, (i32,), ()),
     }
     return {(module, name): fn for module in WASI_MODULES for name, fn in functions.items()}
 
@@ -228,5 +240,6 @@ def env_runtime_host_functions() -> dict[tuple[str, str], HostFunction]:
     def emscripten_notify_memory_growth(memory_index: int) -> None:
         return None
 
-    return {("env", "pthread_equal"): pthread_equal,
-            ("env", "emscripten_notify_memory_growth"): emscripten_notify_memory_growth}
+    return {("env", "pthread_equal"): with_signature(pthread_equal, ("i32", "i32")),
+            ("env", "emscripten_notify_memory_growth"):
+                with_signature(emscripten_notify_memory_growth, ("i32",), ())}
