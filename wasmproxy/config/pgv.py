@@ -178,7 +178,7 @@ def _validate_field(message: Message, field: FieldDescriptor, rules: Any, path: 
         return _validate_embedded(field, value if present else None, rules, field_path, prefix)
     if rules is None:
         return None
-    reason = _scalar_reason(field, value, rules)
+    reason = scalar_violation(field, value, rules)
     return _Violation(field_path, f"{prefix}: {reason}") if reason else None
 
 
@@ -194,7 +194,7 @@ def _validate_embedded(field: FieldDescriptor, value: Message | None, rules: Any
         return _Violation(path, f"{prefix}: value is required") if required else None
     if kind is not None:
         if type_name in _WRAPPERS:
-            reason = _scalar_reason(field.message_type.fields_by_name["value"], value.value, rules)
+            reason = scalar_violation(field.message_type.fields_by_name["value"], value.value, rules)
         elif kind == "duration":
             reason = _duration_reason(value, rules.duration)
         elif kind == "any":
@@ -237,7 +237,7 @@ def _validate_repeated(field: FieldDescriptor, value: Any, rules: Any, path: str
             if violation is not None:
                 return violation
         elif items is not None:
-            reason = _scalar_reason(field, item, items)
+            reason = scalar_violation(field, item, items)
             if reason:
                 return _Violation(item_path, f"{item_prefix}: {reason}")
     return None
@@ -258,7 +258,7 @@ def _validate_map(field: FieldDescriptor, value: Any, rules: Any, path: str, pre
         item_path = f"{path}[{key}]"
         item_prefix = f"{prefix}[{key}]"
         if key_rules is not None:
-            reason = _scalar_reason(key_field, key, key_rules)
+            reason = scalar_violation(key_field, key, key_rules)
             if reason:
                 return _Violation(item_path, f"key for {item_prefix}: {reason}")
         if value_field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
@@ -266,7 +266,7 @@ def _validate_map(field: FieldDescriptor, value: Any, rules: Any, path: str, pre
             if violation is not None:
                 return violation
         elif value_rules is not None:
-            reason = _scalar_reason(value_field, value[key], value_rules)
+            reason = scalar_violation(value_field, value[key], value_rules)
             if reason:
                 return _Violation(item_path, f"{item_prefix}: {reason}")
     return None
@@ -274,7 +274,9 @@ def _validate_map(field: FieldDescriptor, value: Any, rules: Any, path: str, pre
 
 # -- scalar rules ----------------------------------------------------------------------------------
 
-def _scalar_reason(field: FieldDescriptor, value: Any, rules: Any) -> str | None:
+def scalar_violation(field: FieldDescriptor, value: Any, rules: Any) -> str | None:
+    """Why a scalar ``value`` of ``field`` breaks the ``validate.FieldRules`` ``rules`` (PGV's
+    wording), or None. ``field`` matters only for enums (their defined values)."""
     kind = rules.WhichOneof("type")
     if kind is None:
         return None
@@ -302,24 +304,14 @@ def _lit(value: Any) -> str:
     return str(value)
 
 
+_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+               "\t": "\\t", "\v": "\\v"}
+
+
 def _go_quote(text: str) -> str:
     """Go's %q, which PGV uses for literals in messages."""
-    out = ['"']
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
+    return '"' + "".join(_GO_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+                         for ch in text) + '"'
 
 
 def _list(values: Iterable[Any]) -> str:
