@@ -184,7 +184,10 @@ class Guest:
         name = _CALLBACK_NAMES[code]
         self.events.append((name, a, b, c))
         handler = self.handlers.get(name)
-        return int(handler(a, b, c)) if handler is not None else (1 if name in ("proxy_on_vm_start", "proxy_on_configure", "proxy_on_done") else 0)
+        if handler is None:  # default: succeed (start/configure/done say yes, filters continue)
+            return 1 if name in ("proxy_on_vm_start", "proxy_on_configure", "proxy_on_done") else 0
+        nargs = min(CALLBACKS[name][0], 4)
+        return int(handler(*(a, b, c, d)[:max(nargs, 3)]) or 0)
 
     def names(self) -> list[str]:
         return [e[0] for e in self.events]

@@ -194,7 +194,7 @@ def _request(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
     def duration() -> Any:
         if not ctx.access_log_phase:
             return None  # Envoy: only once the request is complete
-        return Duration(int(info.duration() * 1e9))
+        return Duration(round(info.duration() * 1e6) * 1000)
 
     return _FieldMap({
         "path": header(":path"),
@@ -208,7 +208,8 @@ def _request(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
         "id": header("x-request-id"),
         "headers": lambda: _HeadersMap(headers),
         "headers_bytes": lambda: headers.byte_size() if headers is not None else 0,
-        "time": lambda: Timestamp(int(info.start_time * 1e9)),
+        # StreamInfo keeps float seconds: microseconds are exact, nanoseconds would not be.
+        "time": lambda: Timestamp(round(info.start_time * 1e6) * 1000),
         "duration": duration,
         "size": size,
         "total_size": lambda: info.bytes_received + (headers.byte_size() if headers is not None else 0),
