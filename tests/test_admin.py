@@ -1,0 +1,221 @@
+"""Admin: handlers answer as Envoy 1.40's admin does; the server serves them on a dispatcher.
+
+Expected bodies marked "Envoy 1.40" were copied from a real Envoy's admin (curl on loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+
+import pytest
+from envoy.admin.v3 import config_dump_pb2
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+
+from wasmproxy.admin import AdminHandler, AdminServer, ClusterStatus, HostStatus
+from wasmproxy.event import Dispatcher
+from wasmproxy.stats import StatsRegistry, Store
+
+WAIT = 10.0
+ENVOY_HEADERS = [
+    ("content-type", "text/plain; charset=UTF-8"),
+    ("cache-control", "no-cache, max-age=0"),
+    ("x-content-type-options", "nosniff"),
+]
+
+
+@pytest.fixture
+def registry() -> StatsRegistry:
+    reg = StatsRegistry()
+    store = reg.add_store(Store("main_thread"))
+    store.gauge("server.live").set(1)
+    store.counter("http.admin.downstream_rq_2xx").inc(3)
+    return reg
+
+
+def test_ready_live_and_not_live(registry: StatsRegistry) -> None:
+    assert AdminHandler(registry).handle("GET", "/ready") == (200, ENVOY_HEADERS, b"LIVE\n")
+    status, _, body = AdminHandler(registry, state=lambda: "DRAINING").handle("GET", "/ready")
+    assert (status, body) == (503, b"DRAINING\n")
+
+
+def test_server_info_has_envoys_shape(registry: StatsRegistry) -> None:
+    h = AdminHandler(registry, command_line_options={"concurrency": 2, "config_path": "envoy.yaml"})
+    status, headers, body = h.handle("GET", "/server_info")
+    assert status == 200 and ("content-type", "application/json") in headers
+    assert body.startswith(b'{\n "version": ')  # Envoy's 1-space indentation
+    info = json.loads(body)
+    # Envoy 1.40's top-level keys, in order.
+    assert list(info) == ["version", "state", "uptime_current_epoch", "uptime_all_epochs", "hot_restart_version",
+                          "command_line_options", "node", "hot_restart_initializing"]
+    assert info["state"] == "LIVE" and info["uptime_current_epoch"].endswith("s")
+    opts = info["command_line_options"]
+    assert opts["concurrency"] == 2 and opts["config_path"] == "envoy.yaml" and opts["drain_time"] == "600s"
+    # Envoy 1.40's command_line_options keys (first ones, in order).
+    assert list(opts)[:8] == ["base_id", "concurrency", "config_path", "config_yaml", "allow_unknown_static_fields",
+                              "admin_address_path", "local_address_ip_version", "log_level"]
+
+
+def test_stats_formats_and_errors(registry: StatsRegistry) -> None:
+    h = AdminHandler(registry)
+    assert h.handle("GET", "/stats") == (200, ENVOY_HEADERS, b"http.admin.downstream_rq_2xx: 3\nserver.live: 1\n")
+    status, headers, body = h.handle("GET", "/stats?format=json&filter=server.live")
+    assert (status, body) == (200, b'{"stats":[{"name":"server.live","value":1}]}')
+    assert ("content-type", "application/json") in headers
+    prom = h.handle("GET", "/stats/prometheus")
+    assert prom == h.handle("GET", "/stats?format=prometheus")
+    assert b"# TYPE envoy_server_live gauge\nenvoy_server_live{} 1\n" in prom[2]
+    # Envoy 1.40 bodies for bad requests:
+    assert h.handle("GET", "/stats?format=xml") == (
+        400, ENVOY_HEADERS, b"usage: /stats?format=(html|active-html|json|prometheus|text)\n\n")
+    status, _, body = h.handle("GET", "/stats?filter=(")
+    assert status == 400 and body.startswith(b"Invalid re2 regex: ")
+    assert h.handle("GET", "/stats?usedonly&filter=rq_")[2] == b"http.admin.downstream_rq_2xx: 3\n"
+
+
+def test_flush_on_admin_merges_histograms(registry: StatsRegistry) -> None:
+    registry._all_stores()[0].histogram("server.initialization_time_ms").record(10)
+    lazy = AdminHandler(registry).handle("GET", "/stats?filter=initialization")[2]
+    assert lazy == b"server.initialization_time_ms: No recorded values\n"
+    eager = AdminHandler(registry, flush_on_admin=True).handle("GET", "/stats?filter=initialization")[2]
+    assert eager.startswith(b"server.initialization_time_ms: P0(10.5,10.5) ")
+
+
+# Envoy 1.40 /clusters for a STATIC cluster "backend.svc" with one endpoint 127.0.0.1:1.
+ENVOY_CLUSTERS_TEXT = """\
+backend.svc::observability_name::backend.svc
+backend.svc::default_priority::max_connections::1024
+backend.svc::default_priority::max_pending_requests::1024
+backend.svc::default_priority::max_requests::1024
+backend.svc::default_priority::max_retries::3
+backend.svc::high_priority::max_connections::1024
+backend.svc::high_priority::max_pending_requests::1024
+backend.svc::high_priority::max_requests::1024
+backend.svc::high_priority::max_retries::3
+backend.svc::added_via_api::false
+backend.svc::127.0.0.1:1::cx_active::0
+backend.svc::127.0.0.1:1::cx_connect_fail::0
+backend.svc::127.0.0.1:1::cx_total::0
+backend.svc::127.0.0.1:1::rq_active::0
+backend.svc::127.0.0.1:1::rq_error::0
+backend.svc::127.0.0.1:1::rq_pending_active::0
+backend.svc::127.0.0.1:1::rq_success::0
+backend.svc::127.0.0.1:1::rq_timeout::0
+backend.svc::127.0.0.1:1::rq_total::0
+backend.svc::127.0.0.1:1::hostname::
+backend.svc::127.0.0.1:1::health_flags::healthy
+backend.svc::127.0.0.1:1::weight::1
+backend.svc::127.0.0.1:1::region::
+backend.svc::127.0.0.1:1::zone::
+backend.svc::127.0.0.1:1::sub_zone::
+backend.svc::127.0.0.1:1::canary::false
+backend.svc::127.0.0.1:1::priority::0
+backend.svc::127.0.0.1:1::success_rate::-1
+backend.svc::127.0.0.1:1::local_origin_success_rate::-1
+"""
+
+
+def test_clusters_text_and_json_match_envoy(registry: StatsRegistry) -> None:
+    clusters = [ClusterStatus("backend.svc", [HostStatus("127.0.0.1:1")]), ClusterStatus("other")]
+    h = AdminHandler(registry, clusters=lambda: clusters)
+    assert h.handle("GET", "/clusters?filter=backend") == (200, ENVOY_HEADERS, ENVOY_CLUSTERS_TEXT.encode())
+    doc = json.loads(h.handle("GET", "/clusters?format=json&filter=^backend")[2])
+    status = doc["cluster_statuses"][0]
+    # Envoy 1.40 JSON: zero-valued stats omit "value"; counters first, gauges typed.
+    assert status["host_statuses"][0]["stats"][0] == {"name": "cx_connect_fail"}
+    assert status["host_statuses"][0]["stats"][6] == {"type": "GAUGE", "name": "cx_active"}
+    assert status["host_statuses"][0]["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 1}}
+    assert status["circuit_breakers"]["thresholds"][1] == {
+        "priority": "HIGH", "max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024,
+        "max_retries": 3}
+    assert status["host_statuses"][0]["locality"] == {}
+    assert len(doc["cluster_statuses"]) == 1
+
+
+def test_config_dump_from_proto_and_dict(registry: StatsRegistry) -> None:
+    bootstrap = bootstrap_pb2.Bootstrap()
+    bootstrap.node.id = "n1"
+    dump = config_dump_pb2.ConfigDump()
+    dump.configs.add().Pack(config_dump_pb2.BootstrapConfigDump(bootstrap=bootstrap))
+    status, headers, body = AdminHandler(registry, config_dump=lambda: dump).handle("GET", "/config_dump")
+    assert status == 200 and ("content-type", "application/json") in headers
+    doc = json.loads(body)
+    assert doc["configs"][0]["@type"] == "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump"
+    assert doc["configs"][0]["bootstrap"]["node"]["id"] == "n1"
+    body = AdminHandler(registry, config_dump=lambda: {"configs": [{"x": 1}]}).handle("GET", "/config_dump")[2]
+    assert json.loads(body) == {"configs": [{"x": 1}]}
+
+
+def test_quitquitquit_is_post_only(registry: StatsRegistry) -> None:
+    calls = []
+    h = AdminHandler(registry, shutdown=lambda: calls.append(1))
+    # Envoy 1.40: GET /quitquitquit
+    assert h.handle("GET", "/quitquitquit") == (405, ENVOY_HEADERS, b"Method GET not allowed, POST required.")
+    assert calls == []
+    assert h.handle("POST", "/quitquitquit") == (200, ENVOY_HEADERS, b"OK\n")
+    assert calls == [1]
+
+
+def test_unknown_path_lists_commands_like_envoy(registry: StatsRegistry) -> None:
+    status, headers, body = AdminHandler(registry).handle("GET", "/nonexistent")
+    assert status == 404 and headers == ENVOY_HEADERS
+    text = body.decode()
+    assert text.startswith("invalid path. admin commands are:\n")
+    lines = text.splitlines()
+    # These lines are verbatim in Envoy 1.40's list.
+    for line in [
+        "  /clusters: upstream cluster status",
+        "      filter: Regular expression (Google re2) for filtering clusters by name",
+        "  /quitquitquit (POST): exit the server",
+        "  /ready: print server state, return 200 if LIVE, otherwise return 503",
+        "  /server_info: print server version/status information",
+        "  /stats: print server stats",
+        "      usedonly: Only include stats that have been written by system since restart",
+        "  /stats/prometheus: print server stats in prometheus format",
+    ]:
+        assert line in lines
+    assert AdminHandler(registry).handle("GET", "/help")[2].startswith(b"admin commands are:\n  /clusters")
+
+
+def test_admin_server_serves_on_dispatcher_loop(registry: StatsRegistry, tmp_path) -> None:
+    d = Dispatcher("main_thread")
+    quit_called = threading.Event()
+    handler = AdminHandler(registry, shutdown=quit_called.set)
+    server = AdminServer(handler, d, "127.0.0.1", 0, address_path=str(tmp_path / "admin.addr"))
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        task = d.loop.create_task(server.start())
+        task.add_done_callback(lambda t: (t.exception() and errors.append(t.exception()), started.set()))
+
+    d.post(start)
+    t = threading.Thread(target=d.run)
+    t.start()
+    try:
+        assert started.wait(WAIT) and not errors
+        host, port = server.address
+        assert (tmp_path / "admin.addr").read_text() == f"{host}:{port}"
+        conn = http.client.HTTPConnection(host, port, timeout=WAIT)
+        conn.request("GET", "/ready")
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, b"LIVE\n")
+        assert r.getheader("server") == "envoy" and r.getheader("x-content-type-options") == "nosniff"
+        conn.request("GET", "/stats?format=json&filter=server.live")  # same connection: keep-alive
+        r = conn.getresponse()
+        assert json.loads(r.read()) == {"stats": [{"name": "server.live", "value": 1}]}
+        conn.request("POST", "/quitquitquit")
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, b"OK\n")
+        assert quit_called.is_set()
+        conn.close()
+    finally:
+        closed = threading.Event()
+        d.post(lambda: (server.close(), closed.set()))
+        assert closed.wait(WAIT)
+        d.exit()
+        t.join(WAIT)
+        d.close()
+    assert not t.is_alive()
