@@ -126,7 +126,9 @@ def test_host_function_raising_becomes_a_trap_with_the_python_error(caplog):
     with caplog.at_level(logging.ERROR, logger="wasmproxy.wasm.runtime"):
         with pytest.raises(WasmTrap) as e:
             vm.get_function("call_raise")(3)
-    assert "host function env.raise raised ValueError: bad value 3" in e.value.message
+    assert e.value.message == "host function env.raise raised ValueError: bad value 3"
+    assert e.value.trap_code is None
+    assert [f.func_name for f in e.value.frames] == ["call_raise"]
     assert isinstance(e.value.__cause__, ValueError)
     assert "bad value 3" in caplog.text
     assert vm.get_function("ok")() == 42  # the VM itself still works; failing it is the host's call
@@ -510,8 +512,11 @@ def test_trap_inside_a_reentrant_call_fails_the_outer_call_too():
     vm = box["vm"] = trap_vm(raise_fn=raise_fn)
     with pytest.raises(WasmTrap) as e:
         vm.get_function("call_raise")(1)
-    assert "unreachable" in e.value.message
-    assert isinstance(e.value.__cause__, WasmTrap)
+    t = e.value
+    assert (t.message, t.trap_code) == ("Uncaught RuntimeError: unreachable", "unreachable")
+    assert [f.func_name for f in t.frames] == [
+        "inner_unreachable", "do_unreachable", "call_raise"]
+    assert isinstance(t.__cause__, WasmTrap)
     assert vm.get_function("ok")() == 42
 
 

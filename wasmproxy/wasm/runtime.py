@@ -67,6 +67,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import wasmtime
 from wasmtime import _ffi as _wffi
+from wasmtime._trap import Frame as _Frame
+from wasmtime._trap import FrameList as _FrameList
 
 __all__ = [
     "MAX_WASM_MEMORY_SIZE_BYTES",
@@ -721,11 +723,21 @@ class WasmVm:
         """Turn wasmtime's error/trap out-parameters into a WasmTrap (and consume them)."""
         trap_ptr, self._trap_out.value = self._trap_out.value, 0
         cause = self._take_host_error()
-        if err:
-            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, POINTER(_wffi.wasmtime_error_t)))
-            raise WasmTrap(f"{self.name}: {name}: {e}") from cause
-        trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, POINTER(_wffi.wasm_trap_t)))
-        raise _wasm_trap(trap, self.module._code) from cause
+        if not err:
+            trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, POINTER(_wffi.wasm_trap_t)))
+            raise _wasm_trap(trap, self.module._code) from cause
+        # A trap raised by a host function comes back as an error with a wasm backtrace.
+        error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, POINTER(_wffi.wasmtime_error_t)))
+        frame_list = _FrameList(error)
+        _wffi.wasmtime_error_wasm_trace(error.ptr(), ctypes.byref(frame_list.vec))
+        frames = [WasmFrame(f.func_index, f.func_name, f.module_offset)
+                  for f in (_Frame._from_ptr(frame_list.vec.data[i], frame_list)
+                            for i in range(frame_list.vec.size))]
+        if isinstance(cause, WasmTrap):
+            # A re-entrant call trapped and the host function let it propagate: the same trap
+            # (wasmtime's backtrace of it already spans the outer activation's frames).
+            raise WasmTrap(cause.message, cause.trap_code, cause.frames, cause.detail) from cause
+        raise WasmTrap(_trap_reason(str(error)), None, frames) from cause
 
     # -- calls from the guest ----------------------------------------------------------------
 
@@ -808,7 +820,7 @@ class WasmVm:
     def _host_trap(self, qualname: str, e: BaseException) -> int:
         """A host callable raised: log it and turn it into a trap of the current guest call."""
         if isinstance(e, WasmTrap):
-            msg = f"{qualname}: {e.message}"  # a nested guest call trapped: propagate its text
+            msg = e.message  # a re-entrant guest call trapped: the same trap, one level up
         else:
             msg = f"host function {qualname} raised {type(e).__name__}: {e}"
             log.error("wasm vm %r: %s", self.name, msg, exc_info=e)
