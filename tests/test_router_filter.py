@@ -1,0 +1,346 @@
+"""The router filter end to end over loopback sockets, with the bodies, headers, details and flags
+Envoy 1.40 produced for the same cases (captured with a live Envoy and a scripted upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import yaml
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from google.protobuf.json_format import ParseDict
+
+from test_upstream_support import (
+    FakeDispatcher,
+    FakeStream,
+    FakeTls,
+    Upstream,
+    closed_port,
+    ok_response,
+    read_body,
+    static_cluster,
+)
+from wasmproxy.http.filter import FilterDataStatus, FilterHeadersStatus
+from wasmproxy.http.headers import HeaderMap
+from wasmproxy.router.config import RouteConfig
+from wasmproxy.router.router_filter import Router, RouterConfig, create_router_filter_factory
+from wasmproxy.stats.store import Store
+from wasmproxy.upstream.cluster_manager import ClusterManager
+
+ROUTES = """
+validate_clusters: false
+response_headers_to_add: [{header: {key: x-rc-resp, value: rc}}]
+virtual_hosts:
+- name: vh
+  domains: ["*"]
+  response_headers_to_add: [{header: {key: x-vh-resp, value: vh}}]
+  routes:
+  - {match: {prefix: /timeout}, route: {cluster: up, timeout: 0.3s}}
+  - {match: {prefix: /refused}, route: {cluster: refused}}
+  - {match: {prefix: /unknown404}, route: {cluster: nope, cluster_not_found_response_code: NOT_FOUND}}
+  - {match: {prefix: /unknown}, route: {cluster: nope}}
+  - {match: {prefix: /nohealthy}, route: {cluster: empty}}
+  - {match: {prefix: /direct}, direct_response: {status: 202, body: {inline_string: hello}}}
+  - {match: {prefix: /redir}, redirect: {path_redirect: /new}}
+  - {match: {prefix: /rw/}, route: {cluster: up, prefix_rewrite: /x/, host_rewrite_literal: foo.com}}
+  - match: {prefix: /}
+    route: {cluster: up}
+    response_headers_to_add: [{header: {key: x-route-resp, value: r}}]
+"""
+
+
+class Harness:
+    """A cluster manager on a fake dispatcher and one Router per request."""
+
+    def __init__(self, upstream_port: int, router_proto: str = "{}") -> None:
+        self.d = FakeDispatcher(asyncio.get_running_loop())
+        self.store = Store()
+        self.cm = ClusterManager(
+            [static_cluster("up", upstream_port), static_cluster("refused", closed_port()),
+             static_cluster("empty")],
+            self.d, FakeTls(self.d), self.store,
+        )
+        self.routes = RouteConfig.from_proto(ParseDict(yaml.safe_load(ROUTES), route_pb2.RouteConfiguration()))
+        self.config = RouterConfig(ParseDict(yaml.safe_load(router_proto), router_pb2.Router()), self.cm.thread_local)
+
+    def start(self, path: str, method: str = "GET", body: bytes = b"", **headers: str) -> tuple[Router, FakeStream, HeaderMap]:
+        h = HeaderMap([(":method", method), (":path", path), (":authority", "127.0.0.1:18080"),
+                       (":scheme", "http"), ("x-forwarded-proto", "http")])
+        for k, v in headers.items():
+            h.add(k.replace("_", "-"), v)
+        stream = FakeStream(self.d, self.routes.route(h))
+        router = Router(self.config)
+        router.set_decoder_filter_callbacks(stream)  # type: ignore[arg-type]
+        assert router.decode_headers(h, not body) == FilterHeadersStatus.StopIteration
+        if body:
+            assert router.decode_data(bytearray(body), True) == FilterDataStatus.StopIterationNoBuffer
+        return router, stream, h
+
+    async def request(self, path: str, **kw: Any) -> FakeStream:
+        router, stream, _ = self.start(path, **kw)
+        await stream.done
+        router.on_destroy()
+        return stream
+
+    def counter(self, name: str) -> int:
+        return self.store.counter(name).value
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
+    body = await read_body(reader, head)
+    writer.write(ok_response(head + body, b"x-envoy-upstream-foo: bar\r\nConnection: keep-alive\r\n"))
+    await writer.drain()
+    return True
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_proxies_request_and_response_with_envoy_headers() -> None:
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        s = await hx.request("/hello?x=1", x_envoy_upstream_rq_timeout_ms="nope")
+        assert s.local_reply is None
+        head = bytes(s.body).decode()
+        lines = head.split("\r\n")
+        assert lines[0] == "GET /hello?x=1 HTTP/1.1"
+        assert "host: 127.0.0.1:18080" in lines
+        assert "x-forwarded-proto: http" in lines
+        assert "x-envoy-expected-rq-timeout-ms: 15000" in lines
+        assert not any(l.startswith("x-envoy-upstream-rq-timeout-ms") for l in lines)
+        resp = s.response_headers
+        # Upstream headers (hop-by-hop removed), then service time, then route/vhost/config additions.
+        assert [k for k, _ in resp.items()] == [":status", "content-length", "x-envoy-upstream-foo",
+                                                "x-envoy-upstream-service-time", "x-route-resp", "x-vh-resp",
+                                                "x-rc-resp"]
+        assert resp.get("x-envoy-upstream-service-time").isdigit()
+        info = s.stream_info
+        assert info.upstream_cluster == "up" and str(info.upstream_host) == f"127.0.0.1:{up.port}"
+        assert info.response_code_details == "via_upstream" and info.response_flags == []
+        assert info.upstream_local_address is not None
+        assert hx.counter("cluster.up.upstream_rq_200") == 1
+        assert hx.counter("cluster.up.upstream_rq_2xx") == 1
+        assert hx.counter("cluster.up.external.upstream_rq_completed") == 1
+        # The connection is reused for the next request.
+        await hx.request("/again")
+        assert up.connections == 1
+        await up.stop()
+
+    run(scenario())
+
+
+def test_request_body_is_streamed_upstream() -> None:
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        s = await hx.request("/post", method="POST", body=b"payload", content_length="7")
+        assert bytes(s.body).endswith(b"\r\n\r\npayload")
+        # Without content-length the body goes chunked, chunk by chunk as it arrives.
+        h = HeaderMap([(":method", "POST"), (":path", "/chunked"), (":authority", "a")])
+        stream = FakeStream(hx.d, hx.routes.route(h))
+        router = Router(hx.config)
+        router.set_decoder_filter_callbacks(stream)  # type: ignore[arg-type]
+        router.decode_headers(h, False)
+        router.decode_data(bytearray(b"ab"), False)
+        assert hx.d.enabled_timers("_on_response_timeout") == []  # the timeout starts at end of request
+        router.decode_data(bytearray(b"cd"), True)
+        assert len(hx.d.enabled_timers("_on_response_timeout")) == 1
+        await stream.done
+        echoed = bytes(stream.body)
+        assert b"transfer-encoding: chunked" in echoed and echoed.endswith(b"\r\n\r\nabcd")
+        await up.stop()
+
+    run(scenario())
+
+
+def test_route_timeout_is_504_upstream_request_timeout() -> None:
+    async def scenario() -> None:
+        async def hang(reader: Any, writer: Any, head: bytes) -> bool:
+            await reader.read()
+            return False
+
+        up = await Upstream(hang).start()
+        hx = Harness(up.port)
+        router, s, headers = hx.start("/timeout")
+        assert headers.get("x-envoy-expected-rq-timeout-ms") == "300"
+        await up.request_seen.wait()
+        [timer] = hx.d.enabled_timers("_on_response_timeout")
+        assert timer.ms == 300
+        timer.fire()
+        await s.done
+        assert s.local_reply == (504, b"upstream request timeout", "upstream_response_timeout")
+        assert s.response_headers.get("x-vh-resp") == "vh" and s.response_headers.get("x-rc-resp") == "rc"
+        assert s.stream_info.response_flags == ["UT"]
+        assert hx.counter("cluster.up.upstream_rq_timeout") == 1
+        assert hx.counter("cluster.up.upstream_rq_504") == 1
+        assert hx.counter("cluster.up.upstream_cx_destroy_local_with_active_rq") == 1
+        await up.stop()
+
+    run(scenario())
+
+
+def test_timeout_header_overrides_route_timeout() -> None:
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="1234")
+        assert headers.get("x-envoy-expected-rq-timeout-ms") == "1234"
+        assert [t.ms for t in hx.d.enabled_timers("_on_response_timeout")] == [1234]
+        await s.done
+        await up.stop()
+
+    run(scenario())
+
+
+def test_connect_failure_is_503_with_envoys_text() -> None:
+    async def scenario() -> None:
+        hx = Harness(closed_port())
+        s = await hx.request("/refused")
+        assert s.local_reply == (
+            503,
+            b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+            "upstream_reset_before_response_started{remote_connection_failure}",
+        )
+        assert s.stream_info.response_flags == ["UF"]
+        assert hx.counter("cluster.refused.upstream_rq_503") == 1
+        assert hx.counter("cluster.refused.upstream_cx_connect_fail") == 1
+
+    run(scenario())
+
+
+def test_reset_before_headers_is_503_connection_termination() -> None:
+    async def scenario() -> None:
+        async def drop(reader: Any, writer: Any, head: bytes) -> bool:
+            return False
+
+        up = await Upstream(drop).start()
+        hx = Harness(up.port)
+        s = await hx.request("/")
+        assert s.local_reply[:2] == (
+            503, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination")
+        assert s.stream_info.response_flags == ["UC"]
+        await up.stop()
+
+    run(scenario())
+
+
+def test_reset_after_headers_resets_downstream() -> None:
+    async def scenario() -> None:
+        async def partial(reader: Any, writer: Any, head: bytes) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+            await writer.drain()
+            return False
+
+        up = await Upstream(partial).start()
+        hx = Harness(up.port)
+        s = await hx.request("/")
+        assert s.response_headers.get(":status") == "200" and bytes(s.body) == b"abc"
+        assert s.was_reset and s.local_reply is None and s.stream_info.response_flags == ["UC"]
+        await up.stop()
+
+    run(scenario())
+
+
+def test_local_answers_no_route_unknown_cluster_no_host_direct_redirect() -> None:
+    async def scenario() -> None:
+        hx = Harness(closed_port())
+        router = Router(hx.config)
+        s = FakeStream(hx.d, None)
+        router.set_decoder_filter_callbacks(s)  # type: ignore[arg-type]
+        router.decode_headers(HeaderMap([(":method", "GET"), (":path", "/")]), True)
+        assert s.local_reply == (404, b"", "route_not_found") and s.stream_info.response_flags == ["NR"]
+        assert s.response_headers.items() == [(":status", "404")]  # no route, no route headers
+
+        s = await hx.request("/unknown")
+        assert s.local_reply == (503, b"", "cluster_not_found") and s.stream_info.response_flags == ["NC"]
+        assert s.response_headers.get("x-vh-resp") == "vh"
+        s = await hx.request("/unknown404")
+        assert s.local_reply[0] == 404
+
+        s = await hx.request("/nohealthy")
+        assert s.local_reply == (503, b"no healthy upstream", "no_healthy_upstream")
+        assert s.stream_info.response_flags == ["UH"]
+        assert hx.counter("cluster.empty.upstream_cx_none_healthy") == 1
+        assert hx.counter("cluster.empty.upstream_rq_503") == 1
+
+        s = await hx.request("/direct")
+        assert s.local_reply == (202, b"hello", "direct_response")
+        assert s.response_headers.get("x-rc-resp") == "rc"
+
+        s = await hx.request("/redir/x?a=1")
+        assert s.local_reply[:2] == (301, b"")
+        assert s.response_headers.get("location") == "http://127.0.0.1:18080/new?a=1"
+
+    run(scenario())
+
+
+def test_rewrites_reach_the_upstream() -> None:
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        s = await hx.request("/rw/abc")
+        lines = bytes(s.body).decode().split("\r\n")
+        assert lines[0] == "GET /x/abc HTTP/1.1"
+        assert "host: foo.com" in lines
+        assert "x-envoy-original-host: 127.0.0.1:18080" in lines
+        assert "x-envoy-original-path: /rw/abc" in lines
+        await up.stop()
+
+    run(scenario())
+
+
+def test_suppress_envoy_headers() -> None:
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port, router_proto="{suppress_envoy_headers: true}")
+        s = await hx.request("/rw/abc")
+        head = bytes(s.body).decode()
+        assert "x-envoy-expected-rq-timeout-ms" not in head and "x-envoy-original-path" not in head
+        assert "x-envoy-upstream-service-time" not in s.response_headers
+        await up.stop()
+
+    run(scenario())
+
+
+def test_destroy_mid_request_closes_the_upstream_connection() -> None:
+    async def scenario() -> None:
+        async def hang(reader: Any, writer: Any, head: bytes) -> bool:
+            await reader.read()
+            return False
+
+        up = await Upstream(hang).start()
+        hx = Harness(up.port)
+        router, s, _ = hx.start("/")
+        await up.request_seen.wait()
+        router.on_destroy()
+        assert hx.store.gauge("cluster.up.upstream_cx_active").value == 0
+        assert hx.d.enabled_timers("_on_response_timeout") == []
+        await up.stop()
+
+    run(scenario())
+
+
+def test_factory_installs_a_router_per_stream() -> None:
+    class Cm:
+        def thread_local(self) -> Any:
+            raise AssertionError("only called per request")
+
+    class Ctx:
+        cluster_manager = Cm()
+
+    class Chain:
+        def __init__(self) -> None:
+            self.filters: list[Any] = []
+
+        def add_stream_decoder_filter(self, f: Any) -> None:
+            self.filters.append(f)
+
+    factory = create_router_filter_factory(router_pb2.Router(), Ctx())
+    chain = Chain()
+    factory(chain)
+    factory(chain)
+    assert len(chain.filters) == 2 and all(isinstance(f, Router) for f in chain.filters)
+    assert chain.filters[0] is not chain.filters[1]

@@ -1,0 +1,441 @@
+"""The router filter (envoy.filters.http.router): the terminal decoder filter that proxies upstream.
+
+Per stream: take the route the connection manager selected, answer direct
+responses and redirects, pick the cluster and a host, get a stream from that
+host's HTTP/1 pool, send the request (buffering until the connection is ready),
+and stream the response back through the decoder callbacks' encode_* methods.
+Failures become Envoy's local replies, with Envoy's bodies, details and flags:
+
+* no route: 404, empty body, NR;  unknown cluster: cluster_not_found_response_code, NC;
+* no host: 503 "no healthy upstream", UH;  route timeout: 504 "upstream request timeout", UT;
+* connect failure / reset before headers: 503 (502 for a protocol error)
+  "upstream connect error or disconnect/reset before headers. reset reason: <reason>", UF/UC/UO.
+
+Worker thread only (the stream's dispatcher).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..http.filter import (
+    FilterDataStatus,
+    FilterFactoryCb,
+    FilterHeadersStatus,
+    FilterTrailersStatus,
+    StreamDecoderFilterCallbacks,
+)
+from ..http.headers import HeaderMap
+from ..upstream.conn_pool import POOL_FAILURE_TO_RESET, PoolFailureReason, RequestEncoder, StreamResetReason
+
+if TYPE_CHECKING:
+    from ..upstream.cluster_manager import ThreadLocalCluster, ThreadLocalClusterManager
+    from ..upstream.host import Host
+    from .config import Route
+
+RESET_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
+NO_HEALTHY_UPSTREAM = "no healthy upstream"
+UPSTREAM_REQUEST_TIMEOUT = "upstream request timeout"
+
+# StreamInfo::ResponseCodeDetails values.
+DETAILS_ROUTE_NOT_FOUND = "route_not_found"
+DETAILS_CLUSTER_NOT_FOUND = "cluster_not_found"
+DETAILS_NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
+DETAILS_RESPONSE_TIMEOUT = "upstream_response_timeout"
+DETAILS_DIRECT_RESPONSE = "direct_response"
+DETAILS_VIA_UPSTREAM = "via_upstream"
+
+# Router's streamResetReasonToResponseFlag.
+_RESET_FLAGS = {
+    StreamResetReason.LocalConnectionFailure: "UF",
+    StreamResetReason.RemoteConnectionFailure: "UF",
+    StreamResetReason.ConnectionTimeout: "UF",
+    StreamResetReason.ConnectionTermination: "UC",
+    StreamResetReason.LocalReset: "LR",
+    StreamResetReason.Overflow: "UO",
+    StreamResetReason.ProtocolError: "UPE",
+}
+
+# Hop-by-hop headers that describe one HTTP/1 connection, never forwarded to the next hop.
+_HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding")
+
+
+class RouterConfig:
+    """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to."""
+
+    def __init__(self, proto: Any, thread_local_cluster_manager: Callable[[], "ThreadLocalClusterManager"]) -> None:
+        # Called on the stream's worker: that thread's ThreadLocalClusterManager.
+        self.thread_local_cluster_manager = thread_local_cluster_manager
+        self.suppress_envoy_headers: bool = bool(proto is not None and proto.suppress_envoy_headers)
+        self.respect_expected_rq_timeout: bool = bool(proto is not None and proto.respect_expected_rq_timeout)
+
+
+def create_router_filter_factory(proto: Any, factory_context: Any) -> FilterFactoryCb:
+    """Factory for the HCM: `factory_context.cluster_manager` is the main ClusterManager."""
+    config = RouterConfig(proto, factory_context.cluster_manager.thread_local)
+
+    def factory(callbacks: Any) -> None:
+        callbacks.add_stream_decoder_filter(Router(config))
+
+    return factory
+
+
+def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig) -> int:
+    """FilterUtility::finalTimeout: the route timeout, or x-envoy-upstream-rq-timeout-ms when valid.
+
+    Removes the x-envoy timeout headers and, unless suppressed, sets x-envoy-expected-rq-timeout-ms.
+    """
+    timeout = route.timeout_ms
+    header = headers.get("x-envoy-upstream-rq-timeout-ms")
+    expected = headers.get("x-envoy-expected-rq-timeout-ms") if config.respect_expected_rq_timeout else None
+    chosen = expected if expected is not None else header
+    if chosen is not None and chosen.isdigit():
+        timeout = int(chosen)
+    headers.remove("x-envoy-upstream-rq-timeout-ms")
+    headers.remove("x-envoy-upstream-rq-per-try-timeout-ms")
+    if not config.suppress_envoy_headers and timeout > 0:
+        headers.set("x-envoy-expected-rq-timeout-ms", str(timeout))
+    return timeout
+
+
+class UpstreamRequest:
+    """One attempt to one host: pool callbacks on the way in, response decoder on the way out."""
+
+    def __init__(self, router: "Router", host: "Host") -> None:
+        self.router = router
+        self.host = host
+        self.encoder: RequestEncoder | None = None
+        self._pending: Any = None
+        self._headers: HeaderMap | None = None
+        self._end_stream = False
+        self._buffer: list[tuple[str, Any, bool]] = []
+        self._buffered_bytes = 0
+        self._above_watermark = False
+        self._read_disabled = 0
+        self.awaiting_headers = True
+
+    def start(self, pool: Any, headers: HeaderMap, end_stream: bool) -> None:
+        self._headers = headers
+        self._end_stream = end_stream
+        self._pending = pool.new_stream(self, self)
+
+    # -- request, from the router --------------------------------------------------------
+
+    def accept_data(self, data: bytes, end_stream: bool) -> None:
+        if self.encoder is not None:
+            self.encoder.encode_data(data, end_stream)
+            return
+        self._buffer.append(("data", data, end_stream))
+        self._buffered_bytes += len(data)
+        limit = self.router.cluster.info.per_connection_buffer_limit if self.router.cluster else 0
+        if not self._above_watermark and self._buffered_bytes > limit:
+            self._above_watermark = True
+            self.router.callbacks.on_decoder_filter_above_write_buffer_high_watermark()
+
+    def accept_trailers(self, trailers: HeaderMap) -> None:
+        if self.encoder is not None:
+            self.encoder.encode_trailers(trailers)
+        else:
+            self._buffer.append(("trailers", trailers, True))
+
+    def read_disable(self, disable: bool) -> None:
+        self._read_disabled += 1 if disable else -1
+        if self.encoder is not None:
+            self.encoder.read_disable(disable)
+
+    def reset(self) -> None:
+        """Abandon this attempt (timeout, downstream gone): cancel the pool request or close."""
+        if self.encoder is not None:
+            self.encoder.reset_stream()
+        elif self._pending is not None:
+            self._pending.cancel()
+        self._pending = None
+
+    # -- PoolCallbacks --------------------------------------------------------------------------
+
+    def on_pool_ready(self, encoder: RequestEncoder, host: "Host") -> None:
+        self._pending = None
+        self.encoder = encoder
+        self.router.on_upstream_connected(self, encoder)
+        assert self._headers is not None
+        encoder.encode_headers(self._headers, self._end_stream)
+        buffered, self._buffer = self._buffer, []
+        for kind, payload, end in buffered:
+            if encoder.done:
+                break
+            if kind == "data":
+                encoder.encode_data(payload, end)
+            else:
+                encoder.encode_trailers(payload)
+        if self._above_watermark:
+            self._above_watermark = False
+            self.router.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
+        for _ in range(self._read_disabled):
+            encoder.read_disable(True)
+
+    def on_pool_failure(self, reason: PoolFailureReason, transport_failure_reason: str, host: "Host") -> None:
+        self._pending = None
+        self.router.on_upstream_reset(self, POOL_FAILURE_TO_RESET[reason], transport_failure_reason)
+
+    # -- ResponseDecoder --------------------------------------------------------------------------
+
+    def decode_1xx_headers(self, headers: HeaderMap) -> None:
+        self.router.callbacks.encode_1xx_headers(headers)
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        self.awaiting_headers = False
+        self.router.on_upstream_headers(self, headers, end_stream)
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        self.router.on_upstream_data(self, data, end_stream)
+
+    def decode_trailers(self, trailers: HeaderMap) -> None:
+        self.router.on_upstream_trailers(self, trailers)
+
+    def on_reset_stream(self, reason: StreamResetReason, details: str) -> None:
+        self.router.on_upstream_reset(self, reason, "")
+
+    def on_above_write_buffer_high_watermark(self) -> None:
+        self.router.callbacks.on_decoder_filter_above_write_buffer_high_watermark()
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        self.router.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
+
+
+class Router:
+    """The router filter for one stream."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.callbacks: StreamDecoderFilterCallbacks = None  # type: ignore[assignment]
+        self.route: Route | None = None
+        self.cluster: ThreadLocalCluster | None = None
+        self.upstream: UpstreamRequest | None = None
+        self._request_headers: HeaderMap | None = None
+        self._timeout_ms = 0
+        self._timer: Any = None
+        self._downstream_end_stream = False
+        self._downstream_response_started = False
+        self._request_complete_at = 0.0
+        self._internal = False
+        self._destroyed = False
+
+    def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
+        self.callbacks = callbacks
+        add = getattr(callbacks, "add_downstream_watermark_callbacks", None)
+        if add is not None:
+            add(self)
+
+    # -- StreamDecoderFilter ---------------------------------------------------------------------
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
+        cb = self.callbacks
+        info = cb.stream_info
+        self._request_headers = headers
+        self._downstream_end_stream = end_stream
+        route: Route | None = cb.route()  # type: ignore[assignment]
+        if route is None:
+            info.add_response_flag("NR")
+            cb.send_local_reply(404, b"", None, None, DETAILS_ROUTE_NOT_FOUND)
+            return FilterHeadersStatus.StopIteration
+        self.route = route
+        info.route_name = route.name
+        info.route_metadata = route.metadata
+        if route.action == "direct_response":
+            cb.send_local_reply(route.direct_status, route.direct_body, self._finalize_local_reply,
+                                None, DETAILS_DIRECT_RESPONSE)
+            return FilterHeadersStatus.StopIteration
+        if route.action == "redirect":
+            location = route.redirect_location(headers)
+
+            def add_location(h: HeaderMap) -> None:
+                h.set("location", location)
+                self._finalize_local_reply(h)
+
+            cb.send_local_reply(route.redirect_code, b"", add_location, None, DETAILS_DIRECT_RESPONSE)
+            return FilterHeadersStatus.StopIteration
+
+        cluster_name = route.cluster_for(headers, cb.stream_id)
+        cluster = self.config.thread_local_cluster_manager().get(cluster_name)
+        if cluster is None:
+            info.add_response_flag("NC")
+            cb.send_local_reply(route.cluster_not_found_response_code, b"", self._finalize_local_reply,
+                                None, DETAILS_CLUSTER_NOT_FOUND)
+            return FilterHeadersStatus.StopIteration
+        self.cluster = cluster
+        info.upstream_cluster = cluster.info.observability_name
+        info.cluster_metadata = cluster.info.metadata
+        self._internal = headers.get("x-envoy-internal") == "true"
+
+        host = cluster.choose_host()
+        if host is None:
+            info.add_response_flag("UH")
+            cluster.stats.charge_response_code(503, self._internal)
+            cb.send_local_reply(503, NO_HEALTHY_UPSTREAM, self._finalize_local_reply, None,
+                                DETAILS_NO_HEALTHY_UPSTREAM)
+            return FilterHeadersStatus.StopIteration
+        info.upstream_host = host.address
+
+        self._timeout_ms = final_timeout_ms(route, headers, self.config)
+        keep_original = not self.config.suppress_envoy_headers
+        route.finalize_request_headers(headers, info, keep_original)
+        if route.auto_host_rewrite and host.hostname:
+            from .config import update_authority
+
+            update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
+        for name in _HOP_BY_HOP:
+            headers.remove(name)
+        info.attempt_count = 1
+
+        self.upstream = UpstreamRequest(self, host)
+        if end_stream:
+            self._on_request_complete()
+        self.upstream.start(cluster.conn_pool(host), headers, end_stream)
+        return FilterHeadersStatus.StopIteration
+
+    def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        if self.upstream is not None:
+            if end_stream:
+                self._downstream_end_stream = True
+                self._on_request_complete()
+            self.upstream.accept_data(bytes(data), end_stream)
+        return FilterDataStatus.StopIterationNoBuffer
+
+    def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        if self.upstream is not None:
+            self._downstream_end_stream = True
+            self._on_request_complete()
+            self.upstream.accept_trailers(trailers)
+        return FilterTrailersStatus.StopIteration
+
+    def on_destroy(self) -> None:
+        self._destroyed = True
+        self._cleanup()
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            upstream.reset()
+
+    # -- DownstreamWatermarkCallbacks (the downstream connection's write buffer) -----------------------
+
+    def on_above_write_buffer_high_watermark(self) -> None:
+        if self.upstream is not None:
+            self.upstream.read_disable(True)
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        if self.upstream is not None:
+            self.upstream.read_disable(False)
+
+    # -- timing ---------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.callbacks.dispatcher.time_source.monotonic()
+
+    def _on_request_complete(self) -> None:
+        self._request_complete_at = self._now()
+        if self._timeout_ms > 0 and self._timer is None:
+            self._timer = self.callbacks.dispatcher.create_timer(self._on_response_timeout)
+            self._timer.enable_timer(self._timeout_ms)
+
+    def _cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.disable_timer()
+            self._timer = None
+
+    def _on_response_timeout(self) -> None:
+        self._timer = None
+        upstream = self.upstream
+        if upstream is None or self.cluster is None:
+            return
+        self.upstream = None
+        self.cluster.stats.inc("upstream_rq_timeout")
+        upstream.host.stats.rq_timeout += 1
+        upstream.reset()
+        self._abort(upstream, 504, "UT", UPSTREAM_REQUEST_TIMEOUT, DETAILS_RESPONSE_TIMEOUT)
+
+    def _abort(self, upstream: UpstreamRequest, code: int, flag: str, body: str, details: str) -> None:
+        """onUpstreamAbort: a local reply if nothing was sent downstream yet, else a reset."""
+        info = self.callbacks.stream_info
+        info.add_response_flag(flag)
+        if self._downstream_response_started:
+            self.callbacks.reset_stream()
+            return
+        upstream.host.stats.rq_error += 1
+        assert self.cluster is not None
+        self.cluster.stats.charge_response_code(code, self._internal)
+        self.callbacks.send_local_reply(code, body, self._finalize_local_reply, None, details)
+
+    def _finalize_local_reply(self, headers: HeaderMap) -> None:
+        if self.route is not None:
+            self.route.finalize_response_headers(headers, self.callbacks.stream_info, self._request_headers)
+
+    # -- upstream events ---------------------------------------------------------------------------
+
+    def on_upstream_connected(self, upstream: UpstreamRequest, encoder: RequestEncoder) -> None:
+        info = self.callbacks.stream_info
+        info.first_upstream_tx = self._now()
+        info.upstream_local_address = encoder.local_address
+
+    def on_upstream_reset(self, upstream: UpstreamRequest, reason: StreamResetReason, transport_failure: str) -> None:
+        if upstream is not self.upstream:
+            return
+        self.upstream = None
+        self._cleanup()
+        info = self.callbacks.stream_info
+        if transport_failure:
+            info.upstream_transport_failure_reason = transport_failure
+        code = 502 if reason is StreamResetReason.ProtocolError else 503
+        body = RESET_BEFORE_HEADERS + reason.value
+        detail = reason.value.replace(" ", "_")
+        if transport_failure:
+            body += ", transport failure reason: " + transport_failure
+            detail += "|" + transport_failure.replace(" ", "_")
+        self._abort(upstream, code, _RESET_FLAGS[reason], body,
+                    "upstream_reset_before_response_started{" + detail + "}")
+
+    def on_upstream_headers(self, upstream: UpstreamRequest, headers: HeaderMap, end_stream: bool) -> None:
+        if upstream is not self.upstream:
+            return
+        cb = self.callbacks
+        info = cb.stream_info
+        now = self._now()
+        info.first_upstream_rx = now
+        status_text = headers.get(":status") or "0"
+        status = int(status_text) if status_text.isdigit() else 0
+        assert self.cluster is not None and self.route is not None
+        self.cluster.stats.charge_response_code(status, self._internal)
+        if status >= 500:
+            upstream.host.stats.rq_error += 1
+        else:
+            upstream.host.stats.rq_success += 1
+        for name in _HOP_BY_HOP:
+            headers.remove(name)
+        if not self.config.suppress_envoy_headers:
+            start = self._request_complete_at or (info.first_upstream_tx or now)
+            headers.set("x-envoy-upstream-service-time", str(int((now - start) * 1000)))
+        self.route.finalize_response_headers(headers, info, self._request_headers)
+        info.response_code_details = DETAILS_VIA_UPSTREAM
+        self._downstream_response_started = True
+        if end_stream:
+            self._on_upstream_complete(now)
+        cb.encode_headers(headers, end_stream)
+
+    def on_upstream_data(self, upstream: UpstreamRequest, data: bytes, end_stream: bool) -> None:
+        if upstream is not self.upstream:
+            return
+        if end_stream:
+            self._on_upstream_complete(self._now())
+        self.callbacks.encode_data(data, end_stream)
+
+    def on_upstream_trailers(self, upstream: UpstreamRequest, trailers: HeaderMap) -> None:
+        if upstream is not self.upstream:
+            return
+        self._on_upstream_complete(self._now())
+        self.callbacks.encode_trailers(trailers)
+
+    def _on_upstream_complete(self, now: float) -> None:
+        info = self.callbacks.stream_info
+        info.last_upstream_rx = now
+        self._cleanup()
+        if self.cluster is not None and self._request_complete_at:
+            self.cluster.stats.record_ms("upstream_rq_time", (now - self._request_complete_at) * 1000)
+        self.upstream = None
