@@ -601,3 +601,14 @@ def test_imported_memory_over_the_limit_is_a_load_error():
     code = wasmtime.wat2wasm('(module (import "env" "memory" (memory 4)))')
     with pytest.raises(WasmLoadError, match="env.memory"):
         WasmVm(compile_module(code), {}, memory_limit_bytes=65536)
+
+
+def test_process_cache_releases_modules_no_longer_used():
+    import gc
+    import weakref
+    code = unique_code("released")
+    ref = weakref.ref(compile_module(code))
+    gc.collect()
+    assert ref() is None
+    m = compile_module(code)
+    assert compile_module(code) is m

@@ -7,20 +7,24 @@ Public API (thread rules in each docstring's first line)::
 
     engine() -> wasmtime.Engine             # one per process: cranelift, epoch interruption on
     engine_tick() -> None                   # any thread: advance the epoch by one tick
-    EpochTicker(interval_s).start()/.stop() # a daemon thread calling engine_tick() periodically
-    compile_module(code, *, cache_dir=None, name="") -> WasmModule
-    WasmModule: .sha256 .name .abi_version .exports{name: FuncSig} .imports[(module, name, FuncSig)]
-                .from_disk_cache
-    WasmVm(module, host_functions, *, name="", memory_limit_bytes=MAX_WASM_MEMORY_SIZE_BYTES,
-           epoch_deadline_ticks=None)
-      .get_function(name) -> Callable[..., int | float | tuple | None] | None
-      .memory: WasmMemory  read/write/read_u32/write_u32/read_u64/write_u64/read_cstr/size
-      .clone(host_functions=None) -> WasmVm
-      .set_epoch_deadline_ticks(ticks | None)
-    FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64' ...
+    EpochTicker(interval_s=0.01).start() / .stop()   # a daemon thread calling engine_tick()
+    compile_module(code, *, cache_dir=None, name="") -> WasmModule   # any thread, cached
+    WasmModule: .sha256 .name .abi_version ("0.1.0" | "0.2.0" | "0.2.1" | None)
+                .exports {name: FuncSig}  .imports [(module, name, FuncSig)]  .from_disk_cache
+    WasmVm(module, host_functions: Mapping[(module, name), Callable], *, name="",
+           memory_limit_bytes=MAX_WASM_MEMORY_SIZE_BYTES, epoch_deadline_ticks=None)
+      .get_function(name) -> Callable[..., int | float | tuple | None] | None   # owner thread
+      .memory: WasmMemory   .read(ptr, n) -> bytes  .write(ptr, data)  .read_u32/.write_u32
+                            .read_u64/.write_u64  .read_cstr(ptr)  .size()
+      .clone(host_functions=None, *, name=None) -> WasmVm   # any thread; owned by the caller
+      .set_epoch_deadline_ticks(ticks | None)               # owner thread
+    FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64'
     with_signature(fn, params, results=("i32",)) -> fn  # declare a host function's wasm type
-    WasmTrap(message, trap_code, frames)  .backtrace: str
-    WasmLoadError, InvalidMemoryAccess
+    WasmTrap   .message (V8's words, as Envoy logs them)  .trap_code  .frames  .detail
+               str() adds Envoy's "Proxy-Wasm plugin in-VM backtrace" when names exist
+    WasmLoadError   # compile/link/instantiate failures, Envoy's wording for missing imports
+    InvalidMemoryAccess   # a guest pointer outside linear memory (host calls return
+                          # WasmResult.InvalidMemoryAccess for it)
 
 Value conventions (the same both ways across the boundary, as cpp-host's ``Word``):
 ``i32`` values are unsigned Python ints ``0 .. 2**32-1`` (pointers and sizes are u32), ``i64``
@@ -40,8 +44,9 @@ Safety invariants this module relies on:
   grows). Every access is bounds-checked against the current size.
 * Every ctypes callback and buffer is owned by the ``WasmVm`` (and the memory view keeps the
   Store alive), so nothing is freed while wasmtime may still use it.
-* A host callable's exception never unwinds through wasm: it becomes a trap of the current call
-  and the caller sees ``WasmTrap`` (whose ``__cause__`` is the Python exception).
+* A host callable's exception never unwinds through wasm: it is logged and becomes a trap of
+  the current call; the caller sees ``WasmTrap`` (whose ``__cause__`` is the Python exception;
+  KeyboardInterrupt and SystemExit are re-raised as themselves once the guest has unwound).
 * Re-entrancy: a host function may call back into the same VM (e.g. the plugin's ``malloc``).
   The context a host function receives (``wasmtime_caller_context``) is the same
   ``wasmtime_context_t`` as the Store's, so nested calls use it directly; a test pins this.
@@ -60,6 +65,7 @@ import os
 import struct
 import tempfile
 import threading
+import weakref
 from ctypes import CFUNCTYPE, POINTER, addressof, c_double, c_float, c_int64, c_size_t, c_uint32
 from ctypes import c_uint64, c_void_p
 from operator import itemgetter
@@ -349,7 +355,9 @@ class WasmModule:
         return f"WasmModule(name={self.name!r}, sha256={self.sha256[:12]}..., abi={self.abi_version})"
 
 
-_modules: dict[str, WasmModule] = {}
+# Weak: compiled code lives as long as some VM (or caller) uses it, then a new version of a
+# plugin does not keep the old one's code around.
+_modules: weakref.WeakValueDictionary[str, WasmModule] = weakref.WeakValueDictionary()
 _modules_lock = threading.Lock()
 _CACHE_MAGIC = b"wasmproxy-cwasm-1\n"
 _WASM_MAGIC = b"\0asm"
@@ -403,7 +411,7 @@ def _store_cached(path: str, module: wasmtime.Module) -> None:
 
 
 def compile_module(code: bytes, *, cache_dir: str | None = None, name: str = "") -> WasmModule:
-    """Any thread: compile ``code`` once per process (cached by sha256).
+    """Any thread: compile ``code`` once per process (cached by sha256 while in use).
 
     With ``cache_dir`` (Envoy's ``allow_precompiled``) compiled code is also kept on disk, keyed
     by code hash, engine settings and wasmtime version; corrupt entries are ignored and rewritten.
