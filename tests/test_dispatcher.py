@@ -43,15 +43,33 @@ def post_and_wait(d: Dispatcher, fn=lambda: None):
     return box[0]
 
 
+class OwnedLock:
+    """The dispatcher's queue lock, instrumented to tell which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = None
+        self._lock.release()
+
+
 def test_eight_producers_every_callback_once_in_per_producer_order_outside_lock() -> None:
     d = Dispatcher("worker_0")
+    lock = OwnedLock()
+    d._post_lock = lock  # type: ignore[assignment]
     producers, per_producer = 8, 10_000
     seen: list[tuple[int, int]] = []
     lock_held_inside = []
 
     def make(p: int, i: int):
         def cb() -> None:
-            if d._post_lock.locked():
+            if lock.owner == threading.get_ident():
                 lock_held_inside.append((p, i))
             seen.append((p, i))
 
@@ -246,6 +264,19 @@ def test_watchdog_touched_before_each_post_callback() -> None:
         gate.set()
         post_and_wait(d)
     assert flags == [True, True, True]
+
+
+def test_statistics_snapshot_counts_queued_posts() -> None:
+    d = Dispatcher("worker_3")
+    for _ in range(3):
+        d.post(lambda: None)
+    stats = d.statistics()
+    assert (stats.name, stats.thread_id, stats.pending_posts, stats.exited) == ("worker_3", None, 3, False)
+    with running(d):
+        post_and_wait(d)
+        assert d.statistics().pending_posts == 0
+    assert d.statistics().exited
+    assert stats.pending_posts == 3  # a snapshot does not change
 
 
 def test_time_source_is_overridable() -> None:

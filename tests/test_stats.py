@@ -122,6 +122,30 @@ def test_flush_splits_interval_and_cumulative() -> None:
     assert reg.histograms()["h"].interval.sample_count == 0
 
 
+def test_flush_timer_flushes_on_the_main_dispatcher() -> None:
+    from wasmproxy.event import Dispatcher
+
+    reg = StatsRegistry()
+    reg.add_store(Store("main_thread")).histogram("h").record(7)
+    d = Dispatcher("main_thread")
+    flushed = threading.Event()
+    real_flush = reg.flush
+
+    def flush() -> None:
+        real_flush()
+        flushed.set()
+        d.exit()
+
+    reg.flush = flush  # type: ignore[method-assign]
+    d.post(lambda: reg.start_flush_timer(d, interval_ms=1))
+    t = threading.Thread(target=d.run)
+    t.start()
+    assert flushed.wait(10)
+    t.join(10)
+    d.close()
+    assert reg.histograms()["h"].cumulative.sample_count == 1
+
+
 # -- admin formats ------------------------------------------------------------------------
 
 

@@ -3,10 +3,11 @@
 from wasmproxy.event.dispatcher import (
     Dispatcher,
     DispatcherExitedError,
+    DispatcherStatistics,
     RealTimeSource,
     SimulatedTimeSource,
     TimeSource,
     Timer,
 )
 
-__all__ = ["Dispatcher", "DispatcherExitedError", "RealTimeSource", "SimulatedTimeSource", "TimeSource", "Timer"]
+__all__ = ["Dispatcher", "DispatcherExitedError", "DispatcherStatistics", "RealTimeSource", "SimulatedTimeSource", "TimeSource", "Timer"]

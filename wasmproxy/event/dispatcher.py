@@ -19,7 +19,8 @@ Where we differ from Envoy, on purpose:
 * ``post`` after ``exit()`` raises :class:`DispatcherExitedError` (trio's
   ``RunFinishedError``) instead of queueing work that would never run. Work
   posted before ``exit()`` still runs: ``run()`` does a final drain before it
-  returns.
+  returns. (Work posted to a dispatcher whose ``run()`` is never called is
+  never run: post before run only queues.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import uvloop
@@ -37,6 +39,7 @@ from wasmproxy.log import get_logger
 __all__ = [
     "Dispatcher",
     "DispatcherExitedError",
+    "DispatcherStatistics",
     "RealTimeSource",
     "SimulatedTimeSource",
     "TimeSource",
@@ -48,6 +51,17 @@ _log = get_logger("main")
 
 class DispatcherExitedError(RuntimeError):
     """``post`` was called after the dispatcher's ``exit()``: the callback would never run."""
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherStatistics:
+    """A snapshot for admin and tests (trio's ``statistics()``): it does not change after return."""
+
+    name: str
+    thread_id: int | None
+    pending_posts: int
+    pending_deferred_deletes: int
+    exited: bool
 
 
 class TimeSource(Protocol):
@@ -256,6 +270,12 @@ class Dispatcher:
             if hook is not None:
                 self._run_guarded(hook)
         to_delete.clear()
+
+    def statistics(self) -> DispatcherStatistics:
+        """Any thread: queue depths right now (the deferred-delete count is exact on the owner thread)."""
+        with self._post_lock:
+            pending, exited = len(self._post_callbacks), self._exited
+        return DispatcherStatistics(self.name, self.thread_id, pending, len(self._deferred_delete), exited)
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.name} thread={self.thread_id}>"

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from wasmproxy.stats.histogram import DEFAULT_BUCKETS, HistogramBins, HistogramStatistics
 from wasmproxy.stats.store import Store, Unit
+
+if TYPE_CHECKING:
+    from wasmproxy.event.dispatcher import Dispatcher, Timer
 
 __all__ = ["MergedHistogram", "StatsRegistry"]
 
@@ -104,6 +108,18 @@ class StatsRegistry:
             name: HistogramBins.difference(bins, self._hist_cumulative.get(name, {})) for name, bins in merged.items()
         }
         self._hist_cumulative = merged
+
+    def start_flush_timer(self, dispatcher: Dispatcher, interval_ms: float = 5000) -> Timer:
+        """Main dispatcher's thread: ``flush()`` every ``interval_ms`` (Bootstrap
+        ``stats_flush_interval``, 5 s by default). Returns the timer (disable it to stop)."""
+
+        def tick() -> None:
+            self.flush()
+            timer.enable_timer(interval_ms)
+
+        timer = dispatcher.create_timer(tick)
+        timer.enable_timer(interval_ms)
+        return timer
 
     def histograms(self) -> dict[str, MergedHistogram]:
         """Every histogram as of the last flush (declared but empty ones included)."""
