@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import wasmtime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wasmproxy.wasm import runtime as rt
 from wasmproxy.wasm.runtime import (FuncSig, InvalidMemoryAccess, WasmLoadError, WasmTrap, WasmVm,
@@ -612,3 +614,38 @@ def test_process_cache_releases_modules_no_longer_used():
     assert ref() is None
     m = compile_module(code)
     assert compile_module(code) is m
+
+
+# -- bounds checking, as a property ----------------------------------------------------------
+
+_PAGE = 65536
+_bounds_vm: list = []
+
+
+def _vm_for_bounds() -> WasmVm:
+    # One VM for all examples (hypothesis forbids function-scoped fixtures); grown to 2 pages.
+    if not _bounds_vm:
+        vm = WasmVm(compile_module(wasm("runtime_basic.wat")), basic_hosts())
+        vm.get_function("grow")(1)
+        _bounds_vm.append(vm)
+    return _bounds_vm[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ptr=st.integers(-10, 3 * _PAGE), n=st.integers(-5, 2 * _PAGE + 10))
+def test_every_access_is_valid_exactly_when_inside_current_memory(ptr, n):
+    vm = _vm_for_bounds()
+    size = vm.memory.size()
+    inside = 0 <= ptr and 0 <= n and ptr + n <= size
+    try:
+        data = vm.memory.read(ptr, n)
+    except InvalidMemoryAccess:
+        assert not inside
+    else:
+        assert inside and len(data) == n
+    try:
+        vm.memory.write_u32(ptr, 1)
+    except InvalidMemoryAccess:
+        assert not (0 <= ptr and ptr + 4 <= size)
+    else:
+        assert 0 <= ptr and ptr + 4 <= size
