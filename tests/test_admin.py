@@ -73,6 +73,9 @@ def test_stats_formats_and_errors(registry: StatsRegistry) -> None:
     status, _, body = h.handle("GET", "/stats?filter=(")
     assert status == 400 and body.startswith(b"Invalid re2 regex: ")
     assert h.handle("GET", "/stats?usedonly&filter=rq_")[2] == b"http.admin.downstream_rq_2xx: 3\n"
+    assert h.handle("GET", "/stats?type=Bogus") == (400, ENVOY_HEADERS, b"invalid &type= param")
+    assert h.handle("GET", "/stats?type=Gauges") == (200, ENVOY_HEADERS, b"server.live: 1\n")
+    assert h.handle("GET", "/stats/prometheus?type=Counters") == prom  # Envoy ignores type= here
 
 
 def test_flush_on_admin_merges_histograms(registry: StatsRegistry) -> None:
@@ -132,6 +135,7 @@ def test_clusters_text_and_json_match_envoy(registry: StatsRegistry) -> None:
         "max_retries": 3}
     assert status["host_statuses"][0]["locality"] == {}
     assert len(doc["cluster_statuses"]) == 1
+    assert h.handle("GET", "/clusters?filter=(") == (400, ENVOY_HEADERS, b"Invalid re2 regex")
 
 
 def test_config_dump_from_proto_and_dict(registry: StatsRegistry) -> None:

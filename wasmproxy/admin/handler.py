@@ -222,7 +222,7 @@ class AdminHandler:
         try:
             stat_type = StatType(query.get("type", "All"))
         except ValueError:
-            return _response(400, "usage: /stats?type=(All|Counters|Histograms|Gauges|TextReadouts)\n\n")
+            return _response(400, "invalid &type= param")
         return StatsFilter(
             used_only="usedonly" in query, regex=regex, invert="invert_filter" in query, type=stat_type
         )
@@ -243,7 +243,8 @@ class AdminHandler:
         return _response(200, render_text(self._stats, f))
 
     def _prometheus(self, method: str, query: dict[str, str]) -> Response:
-        f = self._stats_filter(query)
+        # Envoy's prometheus output ignores type=.
+        f = self._stats_filter({k: v for k, v in query.items() if k != "type"})
         if not isinstance(f, StatsFilter):
             return f
         if self._flush_on_admin:
@@ -255,8 +256,8 @@ class AdminHandler:
         if query.get("filter"):
             try:
                 rx = re.compile(query["filter"])
-            except re.error as e:
-                return _response(400, f"Invalid re2 regex: {e}")
+            except re.error:
+                return _response(400, "Invalid re2 regex")
             clusters = [c for c in clusters if rx.search(c.name)]
         if query.get("format") == "json":
             return _response(200, _clusters_json(clusters), _JSON)
