@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import any_pb2
@@ -361,3 +362,88 @@ def test_util_readers_keep_envoy_defaulting() -> None:
     assert util.wrapped(Cluster(), "per_connection_buffer_limit_bytes", 1 << 20) == 1 << 20
     assert util.percent(cluster.common_lb_config, "healthy_panic_threshold", 1.0, 0.5) == 0.25
     assert util.percent(Cluster().common_lb_config, "healthy_panic_threshold", 1.0, 0.5) == 0.5
+
+
+# -- more parser and source edges ------------------------------------------------------------------
+
+def _parse(type_name: str, value: Any) -> Any:
+    cls = type_index.message_class(type_name)
+    assert cls is not None
+    message = cls()
+    parse_into(value, message)
+    return message
+
+
+@pytest.mark.parametrize("type_name,value,path,phrase", [
+    ("envoy.config.core.v3.Metadata", {"filter_metadata": []}, "filter_metadata", "expected an object, got an array"),
+    ("envoy.extensions.wasm.v3.EnvironmentVariables", {"key_values": {"k": 1}}, "key_values[k]",
+     "string: expected a string, got number 1"),
+    ("envoy.config.core.v3.SocketAddress", {"port_value": True}, "port_value", "expected a number, got true"),
+    ("envoy.config.core.v3.SocketAddress", {"port_value": "eighty"}, "port_value", "invalid number: 'eighty'"),
+    ("envoy.type.v3.Percent", {"value": "inf"}, "value", "invalid number: 'inf'"),
+    ("envoy.type.v3.Percent", {"value": [1]}, "value", "double: expected a number, got an array"),
+    ("envoy.type.v3.Percent", {"value": "1e999"}, "value", "invalid number: '1e999'"),
+    ("envoy.config.core.v3.DataSource", {"inline_bytes": 5}, "inline_bytes", "expected a base64 string"),
+    ("envoy.config.cluster.v3.Cluster", {"type": False}, "type", "expected an enum name, got false"),
+    ("envoy.config.core.v3.TypedExtensionConfig", {"typed_config": "x"}, "typed_config",
+     "message google.protobuf.Any: expected an object, got string 'x'"),
+    ("envoy.config.core.v3.TypedExtensionConfig",
+     {"typed_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "a", "extra": 1}},
+     "typed_config.extra", "no such field: 'extra'"),
+    ("envoy.config.core.v3.TypedExtensionConfig",
+     {"typed_config": {"@type": "type.googleapis.com/google.protobuf.Empty", "value": {"a": 1}}},
+     "typed_config.value", "message google.protobuf.Empty: expected {}"),
+    ("envoy.config.core.v3.TypedExtensionConfig", {"typed_config": {"@type": 7}}, "typed_config",
+     "'@type' must be a string, got number 7"),
+    ("envoy.config.cluster.v3.Cluster", {"connect_timeout": "315576000001s"}, "connect_timeout", "out of range"),
+    ("envoy.config.route.v3.VirtualHost", {"domains": [None]}, "domains[0]", "expected a string, got null"),
+    ("envoy.config.core.v3.Metadata", {"filter_metadata": {"a": {"b": {1, 2}}}}, "filter_metadata[a]",
+     "message google.protobuf.Struct"),
+])
+def test_parser_rejects_with_path(type_name: str, value: Any, path: str, phrase: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse(type_name, value)
+    assert info.value.path == path
+    assert phrase in info.value.message
+
+
+def test_parser_number_spellings() -> None:
+    assert _parse("envoy.config.core.v3.SocketAddress", {"port_value": "1e3"}).port_value == 1000
+    assert _parse("envoy.config.core.v3.SocketAddress", {"port_value": 80.0}).port_value == 80
+    assert _parse("envoy.type.v3.Percent", {"value": "Infinity"}).value == float("inf")
+    assert _parse("envoy.type.v3.Percent", {"value": "12.5"}).value == 12.5
+    metadata = _parse("envoy.config.core.v3.Metadata", {"filter_metadata": {"f": {2: "two", True: "yes"}}})
+    assert dict(metadata.filter_metadata["f"]) == {"2": "two", "true": "yes"}
+
+
+def test_wrapper_field_rules_apply_to_the_value() -> None:
+    # HedgePolicy.initial_requests is a UInt32Value with `uint32: {gte: 1}`.
+    hedge = _parse("envoy.config.route.v3.HedgePolicy", {"initial_requests": 0})
+    with pytest.raises(ConfigError) as info:
+        pgv.validate(hedge)
+    assert info.value.message == ("Proto constraint validation failed (HedgePolicyValidationError.InitialRequests: "
+                                  "value must be greater than or equal to 1)")
+    pgv.validate(_parse("envoy.config.route.v3.HedgePolicy", {}))  # unset wrapper: no rule applies
+
+
+def test_yaml_anchors_merge_keys_and_bad_tags(tmp_path: Path) -> None:
+    text = """
+node: &n {id: a, cluster: c}
+static_resources:
+  clusters:
+  - &c {name: one, type: STRICT_DNS}
+  - <<: *c
+    name: two
+"""
+    bootstrap = load_bootstrap_text(text)
+    assert [c.name for c in bootstrap.static_resources.clusters] == ["one", "two"]
+    with pytest.raises(ConfigError, match=r"^yaml: error at line 1, column 7: could not determine a constructor"):
+        load_bootstrap_text("node: !custom {id: a}\n")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"node: {id: \xff}\n")
+    with pytest.raises(ConfigError, match="unable to read file"):
+        from wasmproxy.config import load_bootstrap
+
+        load_bootstrap(bad)
+    with pytest.raises(ValueError):
+        load_bootstrap_text("{}", "toml")  # type: ignore[arg-type]
