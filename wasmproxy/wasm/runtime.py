@@ -58,6 +58,7 @@ Safety invariants this module relies on:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -363,6 +364,7 @@ _CACHE_MAGIC = b"wasmproxy-cwasm-1\n"
 _WASM_MAGIC = b"\0asm"
 
 
+@functools.cache
 def _cache_key() -> str:
     version = importlib.metadata.version("wasmtime")
     return hashlib.sha256(f"{version};{_ENGINE_SETTINGS}".encode()).hexdigest()[:16]
