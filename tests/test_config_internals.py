@@ -407,6 +407,13 @@ def test_parser_rejects_with_path(type_name: str, value: Any, path: str, phrase:
     assert phrase in info.value.message
 
 
+def test_enum_names_are_case_insensitive_like_envoy() -> None:
+    # Envoy's examples/wasm-cc/envoy.yaml writes `type: strict_dns`, `lb_policy: round_robin`; Envoy 1.40
+    # accepts them (and `Round_Robin`).
+    cluster = _parse("envoy.config.cluster.v3.Cluster", {"type": "strict_dns", "lb_policy": "Round_Robin"})
+    assert (cluster.type, cluster.lb_policy) == (cluster.STRICT_DNS, cluster.ROUND_ROBIN)
+
+
 def test_parser_number_spellings() -> None:
     assert _parse("envoy.config.core.v3.SocketAddress", {"port_value": "1e3"}).port_value == 1000
     assert _parse("envoy.config.core.v3.SocketAddress", {"port_value": 80.0}).port_value == 80

@@ -253,7 +253,8 @@ def _bytes(value: Any, path: str) -> bytes:
 def _enum(value: Any, field: FieldDescriptor, path: str) -> int:
     enum = field.enum_type
     if isinstance(value, str):
-        found = enum.values_by_name.get(value)
+        # Envoy parses with case_insensitive_enum_parsing: `type: strict_dns` is STRICT_DNS.
+        found = enum.values_by_name.get(value) or enum.values_by_name.get(value.upper())
         if found is None:
             names = ", ".join(v.name for v in enum.values)
             raise ConfigError(f"Protobuf message (type {field.containing_type.full_name} reason INVALID_ARGUMENT: "
