@@ -649,3 +649,12 @@ def test_every_access_is_valid_exactly_when_inside_current_memory(ptr, n):
         assert not (0 <= ptr and ptr + 4 <= size)
     else:
         assert 0 <= ptr and ptr + 4 <= size
+
+
+def test_host_function_with_several_results():
+    code = wasmtime.wat2wasm('''(module
+      (import "env" "pair" (func $p (param i32) (result i32 i64)))
+      (func (export "sum") (param i32) (result i64) (local $b i64)
+        local.get 0 call $p local.set $b i64.extend_i32_u local.get $b i64.add))''')
+    vm = WasmVm(compile_module(code), {("env", "pair"): lambda x: (x, -1)})
+    assert vm.get_function("sum")(5) == 4

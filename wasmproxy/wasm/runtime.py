@@ -760,7 +760,7 @@ class WasmVm:
             if t not in _RAW_VIEW:
                 raise WasmLoadError(f"{self.name}: import {qualname} uses unsupported type {t}")
 
-        if set(sig.params + sig.results) <= {"i32"}:
+        if set(sig.params + sig.results) <= {"i32"} and nresults <= 1:
             # The common case (every Proxy-Wasm import but a few): one u32 view over the array.
             arr_t = c_uint32 * (4 * slots)
             from_address = arr_t.from_address
@@ -790,7 +790,7 @@ class WasmVm:
                         return host_trap(qualname, e)
             return trampoline
 
-        if set(sig.params + sig.results) <= {"i32", "i64"}:
+        if set(sig.params + sig.results) <= {"i32", "i64"} and nresults <= 1:
             # i64 metrics, WASI clock/seek: one i64 view; an i32 is the low half of its slot
             # (wasm stores only 4 bytes, the upper ones are not defined).
             i64_from_address = (c_int64 * (2 * slots)).from_address
@@ -808,7 +808,7 @@ class WasmVm:
                     return host_trap(qualname, e)
             return trampoline
 
-        # Floats (no Proxy-Wasm import has any): a view per type.
+        # Floats or several results (no Proxy-Wasm import has either): a view per type.
         view_types = {t: (ct * (per * slots)) for t, (ct, per) in _RAW_VIEW.items()}
         param_src = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.params)]
         result_dst = [(view_types[t], i * _RAW_VIEW[t][1]) for i, t in enumerate(sig.results)]
