@@ -6,9 +6,10 @@
  *   <phase> <op> <map> <name> [<value>]
  * phase: request_headers request_body request_trailers response_headers response_body
  *        response_trailers log      (body phases apply at end_of_stream only)
- * op:    add replace remove get size
+ * op:    add replace remove get size keys     (size and keys take no name)
  * map:   request_headers request_trailers response_headers response_trailers
  * get reports "x-get-<name>: <status>:<value>", size reports "x-size-<map>: <status>:<size>:<pairs>",
+ * keys reports "x-keys-<map>: <status>:<key>,<key>..." (in map order, from get_header_map_pairs),
  * and a failed add/replace/remove reports "x-status-<op>-<name>: <status>"; reports are added to
  * the response headers in on_response_headers (later ones are logged at info).
  * Built for ABI 0.2.1 (headers.wasm), 0.2.0 (headers_abi020.wasm) and 0.1.0 (headers_abi010.wasm).
@@ -72,12 +73,12 @@ static op *parse_ops(char *text, char sep) {
     o->map = pw_map_by_name(map);
     o->name = name;
     o->value = line;
-    if (o->phase < 0 || (o->map < 0 && strcmp(name_op, "size") != 0)) {
+    if (o->phase < 0 || o->map < 0) {
       pw_logf(PW_LOG_WARN, "headers: ignoring bad operation '%s %s %s'", phase, name_op, map);
       free(o);
       continue;
     }
-    if (o->map < 0) o->map = pw_map_by_name(name);
+    if (!strcmp(name_op, "size") || !strcmp(name_op, "keys")) o->name = map; /* x-size-<map>, x-keys-<map> */
     *tail = o;
     tail = &o->next;
   }
@@ -117,6 +118,25 @@ static void run_op(stream_state *s, const op *o) {
     free(pairs);
     snprintf(name, sizeof name, "x-size-%s", o->name);
     snprintf(value, sizeof value, "%d:%zu:%zu", rc, size, p.n);
+    add_report(s, name, value);
+    return;
+  }
+  if (!strcmp(o->op, "keys")) {
+    size_t len = 0, used = 0;
+    char *pairs = NULL;
+    pw_pairs p = {0};
+    rc = proxy_get_header_map_pairs(o->map, &pairs, &len);
+    if (rc == PW_OK) pw_pairs_parse(pairs, len, &p);
+    snprintf(value, sizeof value, "%d:", rc);
+    used = strlen(value);
+    for (size_t i = 0; i < p.n && used + p.klen[i] + 2 < sizeof value; i++) {
+      memcpy(value + used, p.key[i], p.klen[i]);
+      used += p.klen[i];
+      value[used++] = i + 1 < p.n ? ',' : 0;
+    }
+    value[used] = 0;
+    free(pairs);
+    snprintf(name, sizeof name, "x-keys-%s", o->name);
     add_report(s, name, value);
     return;
   }

@@ -17,7 +17,11 @@
 
 #define NKEYS 7
 static const char *const keys[NKEYS] = {"phase", "status", "body", "details", "headers", "grpc_status", "return"};
-static char *config_values[NKEYS];
+/* Settings of one plugin (root context): plugins sharing a VM each have their own. */
+typedef struct {
+  int is_root; /* 1 for a root context's settings, 0 inside a stream_state */
+  char *values[NKEYS];
+} settings;
 
 static int key_index(const char *k) {
   for (int i = 0; i < NKEYS; i++)
@@ -26,23 +30,24 @@ static int key_index(const char *k) {
 }
 
 /* Appends "k=v" to the configured headers list. */
-static void config_add_header(const char *k, const char *v) {
-  char *old = config_values[4];
+static void config_add_header(settings *config, const char *k, const char *v) {
+  char *old = config->values[4];
   size_t n = (old ? strlen(old) + 1 : 0) + strlen(k) + strlen(v) + 2;
   char *s = malloc(n);
   snprintf(s, n, "%s%s%s=%s", old ? old : "", old ? "," : "", k, v);
   free(old);
-  config_values[4] = s;
+  config->values[4] = s;
 }
 
 PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t size) {
+  settings *root = pw_ctx_get(root_id);
   pw_bytes config = pw_get_plugin_config(size);
   char *cursor = config.data, *line;
   while ((line = pw_next_line(&cursor))) {
     char *key = pw_next_word(&line);
     if (!strcmp(key, "header")) {
       char *k = pw_next_word(&line);
-      config_add_header(k, line);
+      config_add_header(root, k, line);
       continue;
     }
     int i = key_index(key);
@@ -50,8 +55,8 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
       pw_logf(PW_LOG_ERROR, "local_reply: unknown setting '%s'", key);
       return 0;
     }
-    free(config_values[i]);
-    config_values[i] = strdup(line);
+    free(root->values[i]);
+    root->values[i] = strdup(line);
   }
   pw_bytes_free(&config);
   return 1;
@@ -60,17 +65,28 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
 /* The effective setting: request header x-local-reply-<key> (read while request headers are
  * available; saved per stream), else the configuration, else def. */
 typedef struct {
-  char *values[NKEYS];
+  int is_root;      /* 0: first, like settings, so on_delete can tell them apart */
+  settings request; /* from the request headers */
+  settings *root;   /* the plugin's configuration */
 } stream_state;
 
 PW_EXPORT(proxy_on_context_create) void on_context_create(uint32_t context_id, uint32_t parent) {
-  if (parent) pw_ctx_set(context_id, calloc(1, sizeof(stream_state)));
+  if (!parent) {
+    settings *root = calloc(1, sizeof *root);
+    root->is_root = 1;
+    pw_ctx_set(context_id, root);
+    return;
+  }
+  stream_state *s = calloc(1, sizeof *s);
+  s->root = pw_ctx_get(parent);
+  pw_ctx_set(context_id, s);
 }
 
 static const char *setting(uint32_t context_id, int i, const char *def) {
   stream_state *s = pw_ctx_get(context_id);
-  if (s && s->values[i]) return s->values[i];
-  return config_values[i] ? config_values[i] : def;
+  if (!s) return def;
+  if (s->request.values[i]) return s->request.values[i];
+  return s->root && s->root->values[i] ? s->root->values[i] : def;
 }
 
 static void send_reply(uint32_t context_id) {
@@ -104,7 +120,7 @@ PW_EXPORT(proxy_on_request_headers) uint32_t on_request_headers(PW_ON_HEADERS_AR
     pw_bytes v;
     snprintf(name, sizeof name, "x-local-reply-%s", keys[i]);
     if (pw_get_header(PW_REQUEST_HEADERS, name, &v) == PW_OK)
-      s->values[i] = v.data;
+      s->request.values[i] = v.data;
     else
       pw_bytes_free(&v);
   }
@@ -137,8 +153,9 @@ PW_EXPORT(proxy_on_response_body) uint32_t on_response_body(uint32_t context_id,
 PW_EXPORT(proxy_on_done) uint32_t on_done(uint32_t context_id) { return 1; }
 
 PW_EXPORT(proxy_on_delete) void on_delete(uint32_t context_id) {
-  stream_state *s = pw_ctx_take(context_id);
-  if (!s) return;
-  for (int i = 0; i < NKEYS; i++) free(s->values[i]);
+  stream_state *s = pw_ctx_get(context_id);
+  if (!s || s->is_root) return; /* root settings live as long as the VM */
+  pw_ctx_take(context_id);
+  for (int i = 0; i < NKEYS; i++) free(s->request.values[i]);
   free(s);
 }

@@ -14,8 +14,18 @@
  */
 #include "proxy_wasm.h"
 
-static char config_trap_phase[32];
-static int tick_traps;
+typedef struct {
+  int is_root;
+  char trap_phase[32]; /* from "trap <phase>" */
+  int tick_traps;
+} root_state;
+
+typedef struct {
+  int is_root;
+  root_state *root;
+  char phase[32]; /* from x-trap-phase */
+} stream_state;
+
 static uint32_t requests;
 
 static int has_line(const pw_bytes *text, const char *word) {
@@ -37,6 +47,7 @@ PW_EXPORT(proxy_on_vm_start) uint32_t on_vm_start(uint32_t root_id, uint32_t siz
 }
 
 PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t size) {
+  root_state *root = pw_ctx_get(root_id);
   pw_bytes config = pw_get_plugin_config(size);
   if (has_line(&config, "trap_configure")) __builtin_trap();
   if (has_line(&config, "fail_configure")) return 0;
@@ -44,8 +55,8 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
   while ((line = pw_next_line(&cursor))) {
     char *key = pw_next_word(&line);
     if (!strcmp(key, "trap")) {
-      snprintf(config_trap_phase, sizeof config_trap_phase, "%s", line);
-      if (!strcmp(line, "tick")) tick_traps = 1;
+      snprintf(root->trap_phase, sizeof root->trap_phase, "%s", line);
+      if (!strcmp(line, "tick")) root->tick_traps = 1;
     } else if (!strcmp(key, "tick")) {
       proxy_set_tick_period_milliseconds((uint32_t)atoi(line));
     }
@@ -55,20 +66,27 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
 }
 
 PW_EXPORT(proxy_on_tick) void on_tick(uint32_t root_id) {
-  if (tick_traps) __builtin_trap();
+  root_state *root = pw_ctx_get(root_id);
+  if (root && root->tick_traps) __builtin_trap();
 }
-
-typedef struct {
-  char phase[32];
-} stream_state;
 
 PW_EXPORT(proxy_on_context_create) void on_context_create(uint32_t context_id, uint32_t parent) {
-  if (parent) pw_ctx_set(context_id, calloc(1, sizeof(stream_state)));
+  if (!parent) {
+    root_state *root = calloc(1, sizeof *root);
+    root->is_root = 1;
+    pw_ctx_set(context_id, root);
+    return;
+  }
+  stream_state *s = calloc(1, sizeof *s);
+  s->root = pw_ctx_get(parent);
+  pw_ctx_set(context_id, s);
 }
 
+/* Traps when phase is the stream's x-trap-phase or its plugin's "trap <phase>". */
 static void maybe_trap(uint32_t context_id, const char *phase) {
   stream_state *s = pw_ctx_get(context_id);
-  if (!strcmp(config_trap_phase, phase) || (s && !strcmp(s->phase, phase))) __builtin_trap();
+  if (!s || s->is_root) return;
+  if (!strcmp(s->phase, phase) || (s->root && !strcmp(s->root->trap_phase, phase))) __builtin_trap();
 }
 
 PW_EXPORT(proxy_on_request_headers) uint32_t on_request_headers(PW_ON_HEADERS_ARGS) {
@@ -120,5 +138,6 @@ PW_EXPORT(proxy_on_done) uint32_t on_done(uint32_t context_id) {
 
 PW_EXPORT(proxy_on_delete) void on_delete(uint32_t context_id) {
   maybe_trap(context_id, "delete");
-  free(pw_ctx_take(context_id));
+  stream_state *s = pw_ctx_get(context_id);
+  if (s && !s->is_root) free(pw_ctx_take(context_id));
 }

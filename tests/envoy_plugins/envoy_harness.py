@@ -67,6 +67,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("content-length", "0"))), []
 
     def _handle(self) -> None:
+        self.server.requests_seen += 1  # type: ignore[attr-defined]
         body, trailers = self._read_body()
         info = {
             "method": self.command,
@@ -97,15 +98,26 @@ class _EchoHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    requests_seen = 0  # requests whose headers arrived (read by tests between requests)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients (Envoy) resetting upstream requests on purpose is normal here: no tracebacks."""
+
+
 class EchoUpstream:
     """The echo server on a loopback port chosen by the kernel, served from a thread."""
 
     def __init__(self) -> None:
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), _EchoHandler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer((LOOPBACK, 0), _EchoHandler)
         self.port: int = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="echo-upstream", daemon=True)
         self._thread.start()
+
+    @property
+    def requests_seen(self) -> int:
+        return self.server.requests_seen
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -384,11 +396,12 @@ class EnvoyRun:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, terminate_timeout: float = 10.0) -> None:
+        """Stop Envoy (SIGTERM, then SIGKILL after terminate_timeout) and the echo upstream."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=terminate_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

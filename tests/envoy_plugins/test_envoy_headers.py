@@ -1,0 +1,122 @@
+"""Real Envoy 1.40 with the header-editing plugins: headers (ABI 0.2.1 / 0.2.0 / 0.1.0), the demo
+example, nowasi, wat_minimal and the AssemblyScript SDK plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from envoy_harness import EnvoyRun, Listener, Response, plugin, wasm_filter
+
+pytestmark = pytest.mark.envoy
+
+HEADERS_PLUGINS = ["headers", "headers_abi020", "headers_abi010"]
+
+# The same operations for every ABI version; x-headers-ops carries them per request.
+OPS = ";".join([
+    "request_headers add request_headers x-req-added a",
+    "request_headers replace request_headers user-agent replaced",
+    "request_headers remove request_headers x-drop",
+    "request_headers get request_headers x-missing",
+    "request_headers get request_headers x-present",
+    "request_headers size request_headers",
+    "request_headers keys request_headers",
+    "request_trailers add request_trailers x-rt-added 1",
+    "request_trailers remove request_trailers x-rt-drop",
+    "response_headers add response_headers x-resp-added r",
+    "response_headers remove response_headers content-type",
+    "response_headers replace response_headers x-replace-me new",
+    "response_headers add request_headers x-late v",
+    "response_trailers add response_trailers x-rtr-added 2",
+    "response_trailers replace response_trailers x-up-trailer changed",
+])
+
+
+@pytest.fixture(scope="module")
+def envoy() -> Iterator[EnvoyRun]:
+    listeners = [Listener(name, [wasm_filter(plugin(name), "", vm_id=name)]) for name in HEADERS_PLUGINS]
+    listeners += [
+        Listener("configured", [wasm_filter(
+            plugin("headers"),
+            "# comment lines and blank lines are skipped\n\n"
+            "request_headers add request_headers x-from-config c1\n"
+            "response_headers add response_headers x-from-config c2\n",
+            vm_id="configured")]),
+        Listener("demo", [wasm_filter(plugin("example"), "hello from the demo plugin", root_id="demo")]),
+        Listener("nowasi", [wasm_filter(plugin("nowasi"), "no libc here")]),
+        Listener("wat_minimal", [wasm_filter(plugin("wat_minimal"))]),
+        Listener("as_header", [wasm_filter(plugin("as_header"), "from-as-config", root_id="as_header")]),
+        Listener("as_header_empty", [wasm_filter(plugin("as_header"), vm_id="as2", root_id="as_header")]),
+    ]
+    with EnvoyRun(listeners) as run:
+        yield run
+
+
+def _x_headers(r: Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers if k.startswith("x-") and k != "x-envoy-upstream-service-time"}
+
+
+@pytest.mark.parametrize("name", HEADERS_PLUGINS)
+def test_request_header_and_trailer_edits_reach_upstream(envoy: EnvoyRun, name: str) -> None:
+    r = envoy.request(name, "POST", headers={"x-headers-ops": OPS, "x-drop": "1", "x-present": "p",
+                                             "user-agent": "ua", "x-echo-header": "x-replace-me=old"},
+                      body=[b"abc"], trailers=[("x-rt-drop", "1"), ("x-rt-keep", "k")])
+    assert r.status == 200
+    echo = r.echo()
+    assert r.echo_header("x-req-added") == "a"
+    assert r.echo_header("user-agent") == "replaced"
+    assert r.echo_header("x-drop") is None
+    assert echo["trailers"] == [["x-rt-keep", "k"], ["x-rt-added", "1"]]
+    x = _x_headers(r)
+    assert x["x-resp-added"] == "r"
+    assert x["x-replace-me"] == "new"
+    assert r.header("content-type") is None
+    assert x["x-get-x-present"] == "0:p"
+    # Envoy refuses request-header edits once the response is being processed: BAD_ARGUMENT.
+    assert x["x-status-add-x-late"] == "2"
+    # Pseudo-headers first; the codec drops transfer-encoding; added headers go last, and so does
+    # a replaced one (Envoy's replace removes, then appends).
+    assert x["x-keys-request_headers"] == (
+        "0::authority,:path,:method,:scheme,x-headers-ops,x-present,x-echo-header,"
+        "x-forwarded-proto,x-request-id,x-req-added,user-agent")
+    status, size, pairs = x["x-size-request_headers"].split(":")
+    assert (status, pairs) == ("0", "11") and int(size) > 0
+
+
+def test_missing_header_is_not_found_in_abi_02x_but_empty_ok_in_010(envoy: EnvoyRun) -> None:
+    ops = "request_headers get request_headers x-missing"
+    assert envoy.request("headers", headers={"x-headers-ops": ops}).header("x-get-x-missing") == "1:"
+    assert envoy.request("headers_abi020", headers={"x-headers-ops": ops}).header("x-get-x-missing") == "1:"
+    assert envoy.request("headers_abi010", headers={"x-headers-ops": ops}).header("x-get-x-missing") == "0:"
+
+
+@pytest.mark.parametrize("name", HEADERS_PLUGINS)
+def test_response_trailer_edits(envoy: EnvoyRun, name: str) -> None:
+    r = envoy.request(name, "POST", headers={"x-headers-ops": OPS, "x-echo-trailers": "x-up-trailer=orig"},
+                      body=b"abc")
+    assert r.status == 200
+    assert r.trailers == [("x-rtr-added", "2"), ("x-up-trailer", "changed")]
+
+
+def test_configuration_operations_apply_to_every_request(envoy: EnvoyRun) -> None:
+    for _ in range(3):
+        r = envoy.request("configured")
+        assert r.echo_header("x-from-config") == "c1"
+        assert r.header("x-from-config") == "c2"
+
+
+def test_demo_plugin_adds_its_headers(envoy: EnvoyRun) -> None:
+    r = envoy.request("demo", path="/anything")
+    assert r.status == 200
+    assert r.header("x-wasmproxy-demo") == "hello from the demo plugin"
+    assert r.echo_header("x-wasmproxy-plugin") == "demo"
+
+
+def test_nowasi_and_wat_minimal_plugins(envoy: EnvoyRun) -> None:
+    assert envoy.request("nowasi").header("x-nowasi") == "no libc here"
+    assert envoy.request("wat_minimal").header("x-wat-minimal") == "1"
+
+
+def test_assemblyscript_plugin_reads_its_configuration(envoy: EnvoyRun) -> None:
+    assert envoy.request("as_header").header("x-as-header") == "from-as-config"
+    assert envoy.request("as_header_empty").header("x-as-header") == "none"
