@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 
 import pytest
 
@@ -16,7 +15,7 @@ def buf():
     out = io.StringIO()
     log.configure("info", stream=out)
     yield out
-    log.configure("info", stream=sys.stderr)
+    log.configure("info")
 
 
 def test_line_format_matches_envoy(buf) -> None:
@@ -59,6 +58,12 @@ def test_disabled_level_does_not_format(buf) -> None:
     log.get_logger("wasm").debug("value %s", Expensive())
     log.get_logger("wasm").trace("value %s", Expensive())
     assert buf.getvalue() == ""
+
+
+def test_default_handler_follows_sys_stderr(capsys) -> None:
+    log.configure("info")
+    log.get_logger("main").warning("to the current stderr")
+    assert "[warning][main] to the current stderr" in capsys.readouterr().err
 
 
 def test_parse_level_accepts_envoy_aliases_and_rejects_unknown() -> None:

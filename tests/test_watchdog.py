@@ -110,15 +110,10 @@ def test_blocked_worker_counted_by_guard_thread() -> None:
     gd = GuardDog(store, "workers", miss_timeout_ms=30, megamiss_timeout_ms=10_000,
                   actions=[(WatchDogEvent.MISS, lambda e, threads, now: missed.set())])
     d = Dispatcher("worker_0")
-    dog = gd.create_watchdog("worker_0")
+    dog = gd.create_watchdog("worker_0", dispatcher=d)
     release = threading.Event()
     started = threading.Event()
-
-    def start() -> None:
-        dog.start_watchdog(d, gd.touch_interval_ms)
-        started.set()
-
-    d.post(start)
+    d.post(started.set)  # runs after the posted start_watchdog
     t = threading.Thread(target=d.run)
     t.start()
     gd.start()

@@ -73,6 +73,17 @@ class EnvoyFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (test runners swap it)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+
 _root = Logger(_ROOT_NAME, logging.INFO)
 _root.propagate = False
 _loggers: dict[str, Logger] = {}
@@ -131,7 +142,7 @@ def configure(level: str | int = "info", stream: IO[str] | None = None, componen
     global _handler
     if _handler is not None:
         _root.removeHandler(_handler)
-    _handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    _handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     _handler.setFormatter(EnvoyFormatter())
     _root.addHandler(_handler)
     set_log_level(level)
@@ -142,7 +153,7 @@ def configure(level: str | int = "info", stream: IO[str] | None = None, componen
 def _install_default_handler() -> None:
     # Until configure() is called, log to stderr at info like Envoy's default.
     global _handler
-    _handler = logging.StreamHandler(sys.stderr)
+    _handler = _StderrHandler()
     _handler.setFormatter(EnvoyFormatter())
     _root.addHandler(_handler)
 

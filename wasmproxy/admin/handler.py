@@ -326,7 +326,7 @@ def _clusters_json(clusters: list[ClusterStatus]) -> str:
                                       observability_name=c.observability_name or c.name)
         for prio, thresholds in (("DEFAULT", c.default_priority), ("HIGH", c.high_priority)):
             t = cs.circuit_breakers.thresholds.add()
-            t.priority = prio  # type: ignore[assignment]
+            t.priority = prio
             for k in _THRESHOLDS:
                 getattr(t, k).value = thresholds[k]
         for h in c.hosts:
@@ -344,4 +344,5 @@ def _clusters_json(clusters: list[ClusterStatus]) -> str:
                 hs.success_rate.value = h.success_rate
             if h.local_origin_success_rate >= 0:
                 hs.local_origin_success_rate.value = h.local_origin_success_rate
-    return json_format.MessageToJson(msg, indent=1, preserving_proto_field_name=True)
+    body: str = json_format.MessageToJson(msg, indent=1, preserving_proto_field_name=True)
+    return body

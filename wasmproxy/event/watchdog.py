@@ -156,9 +156,18 @@ class GuardDog:
 
     # -- registration ---------------------------------------------------------
 
-    def create_watchdog(self, thread_name: str, thread_id: int | None = None) -> WatchDog:
-        """Any thread: watch a new thread; its per-thread counters are ``server.<thread_name>.*``."""
+    def create_watchdog(
+        self, thread_name: str, thread_id: int | None = None, dispatcher: Dispatcher | None = None
+    ) -> WatchDog:
+        """Any thread: watch a new thread; its per-thread counters are ``server.<thread_name>.*``.
+
+        With ``dispatcher``, the dog is started on that dispatcher's thread (touch before
+        each post callback and every ``touch_interval_ms``), as Envoy's ``registerWatchdog``.
+        """
         dog = WatchDog(thread_name, thread_id)
+        if dispatcher is not None:
+            interval = self.touch_interval_ms
+            dispatcher.post(lambda: dog.start_watchdog(dispatcher, interval))
         # Per-thread counters live in the guard dog's store (main's), like Envoy's server scope.
         with self._lock:
             self._dogs.append(

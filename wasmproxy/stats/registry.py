@@ -61,13 +61,13 @@ class StatsRegistry:
         with self._lock:
             self._stores = [s for s in self._stores if s is not store]
             for c in list(store.counters.values()):
-                r = self._retired.counter(c.name)
-                r.value += c.value
-                r.used = r.used or c.used
+                rc = self._retired.counter(c.name)
+                rc.value += c.value
+                rc.used = rc.used or c.used
             for h in list(store.histograms.values()):
-                r = self._retired.histogram(h.name, h.unit)
-                r.bins.merge(h.bins.snapshot())
-                r.used = r.used or h.used
+                rh = self._retired.histogram(h.name, h.unit)
+                rh.bins.merge(h.bins.snapshot())
+                rh.used = rh.used or h.used
             # Gauges are current values: a gone thread's gauge no longer counts, as in Envoy.
 
     def _all_stores(self) -> list[Store]:

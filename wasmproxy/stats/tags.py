@@ -93,7 +93,7 @@ def extract_tags(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
         remove.append(m.span(1))
     if not remove:
         return name, ()
-    drop = set()
+    drop: set[int] = set()
     for start, end in remove:
         drop.update(range(start, end))
     return "".join(ch for i, ch in enumerate(name) if i not in drop), tuple(tags)
