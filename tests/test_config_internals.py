@@ -247,7 +247,8 @@ def test_parser_accepts_proto3_json_forms() -> None:
     ({"per_connection_buffer_limit_bytes": 1.5}, "per_connection_buffer_limit_bytes",
      "expected integer, but JSON number had fractional part"),
     ({"name": True}, "name", "string: expected a string, got true"),
-    ({"respect_dns_ttl": "yes"}, "respect_dns_ttl", "bool: expected true or false, got string 'yes'"),
+    ({"respect_dns_ttl": "on"}, "respect_dns_ttl", "bool: expected true or false, got string 'on'"),
+    ({"respect_dns_ttl": 1}, "respect_dns_ttl", "bool: expected true or false, got number 1"),
     ({"load_assignment": []}, "load_assignment", "message envoy.config.endpoint.v3.ClusterLoadAssignment: "
                                                  "expected an object, got an array"),
     ({"connect_timeout": "5"}, "connect_timeout", "invalid duration '5'"),
@@ -412,6 +413,12 @@ def test_enum_names_are_case_insensitive_like_envoy() -> None:
     # accepts them (and `Round_Robin`).
     cluster = _parse("envoy.config.cluster.v3.Cluster", {"type": "strict_dns", "lb_policy": "Round_Robin"})
     assert (cluster.type, cluster.lb_policy) == (cluster.STRICT_DNS, cluster.ROUND_ROBIN)
+
+
+def test_quoted_bools_read_like_envoy() -> None:
+    # Envoy 1.40 accepts respect_dns_ttl: "yes" / "0" / "True" / "y" but rejects "on", "2" and an unquoted 1.
+    for text, expected in (("yes", True), ("0", False), ("True", True), ("y", True), ("n", False)):
+        assert _parse("envoy.config.cluster.v3.Cluster", {"respect_dns_ttl": text}).respect_dns_ttl is expected
 
 
 def test_parser_number_spellings() -> None:

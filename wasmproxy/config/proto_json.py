@@ -30,6 +30,7 @@ _INT_RANGES = {
     FieldDescriptor.CPPTYPE_INT64: ("int64", -(2**63), 2**63 - 1),
     FieldDescriptor.CPPTYPE_UINT64: ("uint64", 0, 2**64 - 1),
 }
+_ATOB = {**dict.fromkeys(("true", "t", "yes", "y", "1"), True), **dict.fromkeys(("false", "f", "no", "n", "0"), False)}
 _FLOAT32_MAX = 3.4028234663852886e38
 _DURATION = re.compile(r"^(-?)(\d+)(?:\.(\d{1,9}))?s$")
 _MAX_DURATION_SECONDS = 315_576_000_000  # google/protobuf/duration.proto: +-10,000 years
@@ -191,9 +192,12 @@ def _scalar(value: Any, field: FieldDescriptor, path: str) -> Any:
             raise invalid_value(path, "string", f"expected a string, got {describe(value)}")
         return value
     if cpp == FieldDescriptor.CPPTYPE_BOOL:
-        if not isinstance(value, bool):
-            raise invalid_value(path, "bool", f"expected true or false, got {describe(value)}")
-        return value
+        if isinstance(value, bool):
+            return value
+        # Envoy's JSON parser (legacy syntax) reads a quoted bool with absl::SimpleAtob.
+        if isinstance(value, str) and value.lower() in _ATOB:
+            return _ATOB[value.lower()]
+        raise invalid_value(path, "bool", f"expected true or false, got {describe(value)}")
     if cpp == FieldDescriptor.CPPTYPE_ENUM:
         return _enum(value, field, path)
     if cpp in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
