@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -32,14 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """When a test fails, attach the log tail of every proxy process still running."""
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     if report.failed:
         for proc in live_processes():
             report.sections.append((f"{proc.name} log (pid {proc.pid})", proc.log_tail()))
+    return report
 
 
 @pytest.fixture(scope="session")

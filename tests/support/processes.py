@@ -7,6 +7,7 @@ Their output goes to a file so a failing test can show it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -105,15 +107,15 @@ class ProxyProcess:
         """Poll admin /ready, then every listener, until all answer or the deadline passes."""
         assert self.proc is not None
         deadline = time.monotonic() + deadline_s
-        pending = ["admin", *self.listener_ports]
-        while pending:
-            if pending[0] == "admin" and self._admin_ready() or \
-                    pending[0] != "admin" and can_connect(int(pending[0])):
-                pending.pop(0)
+        probes: list[tuple[str, Callable[[], bool]]] = [("admin /ready", self._admin_ready)]
+        probes += [(f"listener port {p}", functools.partial(can_connect, p)) for p in self.listener_ports]
+        while probes:
+            if probes[0][1]():
+                probes.pop(0)
                 continue
             if time.monotonic() > deadline:
                 raise ProcessError(f"{self.name} not ready after {deadline_s}s (waiting for "
-                                   f"{pending[0]})\n{self.log_tail()}")
+                                   f"{probes[0][0]})\n{self.log_tail()}")
             try:
                 # Waiting on the child doubles as the poll interval and notices an early exit.
                 code = self.proc.wait(timeout=0.05)

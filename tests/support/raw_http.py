@@ -12,6 +12,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 Headers = list[tuple[str, str]]
 
@@ -55,7 +56,7 @@ class Response:
         name = name.lower()
         return [v for k, v in self.headers if k.lower() == name]
 
-    def json(self) -> dict:
+    def json(self) -> Any:
         return json.loads(self.body)
 
     @property
@@ -113,8 +114,9 @@ class RawConnection:
             raise PeerClosed(b"") from e
 
     def request(self, method: str = "GET", path: str = "/", headers: Headers | None = None,
-                body: bytes | None = None, **kw: object) -> Response:
-        self.send(build_request(method, path, headers, body, **kw))  # type: ignore[arg-type]
+                body: bytes | None = None, *, host: str | None = "diff.test", chunked: bool = False) -> Response:
+        """Send one request (see build_request) and read its response."""
+        self.send(build_request(method, path, headers, body, host=host, chunked=chunked))
         return self.read_response(method)
 
     # --- reading ---------------------------------------------------------------------------
