@@ -636,3 +636,15 @@ def test_foreign_functions() -> None:
     assert g.call(None, "proxy_call_foreign_function", u, un, a, an, OUT, OUT + 4) == NOT_FOUND
     assert g.call(None, "proxy_call_foreign_function", BAD_PTR, nn, a, an, OUT, OUT + 4) == INVALID
     assert g.call(None, "proxy_call_foreign_function", n, nn, a, an, 0, 0) == OK  # results discarded
+
+
+def test_a_failing_host_call_answers_internal_failure_and_keeps_the_vm() -> None:
+    g = Guest()
+
+    def broken(wasm: object, ctx: object, args: bytes) -> tuple[WasmResult, bytes]:
+        raise RuntimeError("bug in a foreign function")
+
+    register_foreign_function("test_broken", broken)
+    n, nn = g.put(b"test_broken", KEY)
+    assert g.call(None, "proxy_call_foreign_function", n, nn, 0, 0, OUT, OUT + 4) == 10  # InternalFailure
+    assert not g.wasm.is_failed()

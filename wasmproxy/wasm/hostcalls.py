@@ -27,7 +27,8 @@ from .abi import (
     AbiVersion,
     WasmResult,
 )
-from .runtime import InvalidMemoryAccess
+from ..log import get_logger
+from .runtime import InvalidMemoryAccess, WasmTrap
 
 if TYPE_CHECKING:
     from .wasm import Wasm
@@ -38,6 +39,9 @@ _OK = int(WasmResult.Ok)
 _NOT_FOUND = int(WasmResult.NotFound)
 _BAD_ARGUMENT = int(WasmResult.BadArgument)
 _INVALID_MEMORY = int(WasmResult.InvalidMemoryAccess)
+_INTERNAL_FAILURE = int(WasmResult.InternalFailure)
+
+_log = get_logger("wasm")
 
 _U32 = struct.Struct("<I")
 
@@ -116,7 +120,26 @@ def host_functions(wasm: "Wasm") -> dict[tuple[str, str], Callable[..., Any]]:
         names += ["proxy_continue_stream", "proxy_close_stream"]
         if wasm.abi_version == AbiVersion.ProxyWasm_0_2_1:
             names.append("proxy_get_log_level")
-    return {("env", name): getattr(x, name) for name in names}
+    return {("env", name): _guard(name, getattr(x, name)) for name in names}
+
+
+def _guard(name: str, fn: Callable[..., int]) -> Callable[..., int]:
+    """A bug in a host call must not kill the VM: log it and answer InternalFailure.
+
+    A trap of a nested guest call (the plugin's allocator) is the guest's and propagates.
+    """
+
+    def host_call(*args: int) -> int:
+        try:
+            return fn(*args)
+        except WasmTrap:
+            raise
+        except Exception:
+            _log.exception("wasm host call %s failed", name)
+            return _INTERNAL_FAILURE
+
+    host_call.__name__ = name
+    return host_call
 
 
 class _Exports:

@@ -95,9 +95,11 @@ class _HeadersMap(LazyMap):
         return ",".join(values).encode("latin-1")
 
     def items(self) -> list[tuple[Any, Any]]:
+        # Each key once, with all its values joined (as Envoy 1.40 lists a header map).
         if self._headers is None:
             return []
-        return [(k.encode("latin-1"), self.lookup(k.encode("latin-1"))) for k, _ in self._headers.items()]
+        keys = dict.fromkeys(k.encode("latin-1") for k, _ in self._headers.items())
+        return [(k, self.lookup(k)) for k in keys]
 
 
 class _DictMap(LazyMap):
@@ -278,15 +280,27 @@ def _peer(info: "StreamInfo", local: bool) -> LazyMap:
     return _FieldMap({"address": lambda: _addr(address), "port": lambda: address.port})
 
 
-def _xds(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
-    wasm = ctx.wasm
+def _node(ctx: "ContextBase") -> Any:
+    """The bootstrap node (Envoy always has one, possibly empty)."""
+    node = ctx.wasm.environment.node if ctx.wasm is not None else None
+    if node is None:
+        from envoy.config.core.v3 import base_pb2
+
+        node = base_pb2.Node()
+    return node
+
+
+def _xds(ctx: "ContextBase", info: "StreamInfo | None") -> LazyMap:
+    if info is None:  # root contexts: only the node (Envoy's XDSWrapper without StreamInfo)
+        return _FieldMap({"node": lambda: _node(ctx)})
     return _FieldMap({
-        "node": lambda: wasm.environment.node if wasm is not None else None,
+        "node": lambda: _node(ctx),
         "cluster_name": lambda: info.upstream_cluster or None,
         "cluster_metadata": lambda: _metadata(info.cluster_metadata) if info.upstream_cluster else None,
         "route_name": lambda: info.route_name or None,
         "route_metadata": lambda: _metadata(info.route_metadata) if info.route_name else None,
         "listener_metadata": lambda: _metadata(info.listener_metadata),
+        "listener_direction": lambda: 0,  # UNSPECIFIED: listeners carry no traffic direction yet
         "filter_chain_name": lambda: b"",
     })
 
@@ -318,8 +332,15 @@ class _MetadataMap(_DictMap):
         raise _Unlistable  # never listed: the message form is used instead
 
 
+class _FilterStateMap(_DictMap):
+    """filter_state.<full name>: readable by key, but not listable (Envoy: SerializationFailure)."""
+
+    def items(self) -> list[tuple[Any, Any]]:
+        raise _Unlistable
+
+
 def _filter_state(info: "StreamInfo") -> LazyMap:
-    return _DictMap(info.filter_state)
+    return _FilterStateMap(info.filter_state)
 
 
 def _top_level(ctx: "ContextBase", name: bytes) -> Any:
@@ -333,6 +354,8 @@ def _top_level(ctx: "ContextBase", name: bytes) -> Any:
         return (ctx.root_id if ctx.is_root_context() else plugin.root_id if plugin else "").encode()
     if text == "plugin_vm_id":
         return wasm.vm_id.encode() if wasm is not None else None
+    if text == "xds":
+        return _xds(ctx, info)
     if info is None:
         return None
     if text == "request":
@@ -351,8 +374,6 @@ def _top_level(ctx: "ContextBase", name: bytes) -> Any:
         return _metadata(info.dynamic_metadata)
     if text == "filter_state":
         return _filter_state(info)
-    if text == "xds":
-        return _xds(ctx, info)
     if text == "connection_id":
         return info.connection.id
     state = info.filter_state.get(CEL_STATE_PREFIX + text)
@@ -376,7 +397,7 @@ def _select(value: Any, part: bytes) -> Any:
         result = getattr(value, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             return _DictMap({k: v for k, v in result.items()})
-        if field.label == field.LABEL_REPEATED:
+        if hasattr(result, "extend"):  # a repeated field
             return list(result)
         return result
     return None
