@@ -232,3 +232,20 @@ def test_unknown_top_level_field() -> None:
         load_bootstrap_text("static_resource: {}\n")
     assert info.value.path == "static_resource"
     assert "type envoy.config.bootstrap.v3.Bootstrap reason INVALID_ARGUMENT: no such field" in info.value.message
+
+
+def test_config_yaml_merges_over_the_file_like_envoy() -> None:
+    path = CONFIGS / "front_proxy.yaml"
+    merged = load_bootstrap(path, config_yaml="static_resources: {clusters: [{name: extra, type: STRICT_DNS}]}\n")
+    assert [c.name for c in merged.static_resources.clusters] == ["service1", "service2", "extra"]
+    # Envoy 1.40 with -c front_proxy.yaml --config-yaml "{static_resources: {clusters: [{name: service1}]}}":
+    # error initializing configuration '.../front_proxy.yaml': cluster manager: duplicate cluster 'service1'
+    assert validate_config(path, config_yaml="{static_resources: {clusters: [{name: service1}]}}") == [
+        f"error initializing configuration '{path}': static_resources.clusters[2].name: cluster manager: "
+        f"duplicate cluster 'service1'"]
+    # Envoy with only --config-yaml prints "configuration '' OK".
+    only_yaml = load_bootstrap(None, config_yaml=path.read_text())
+    assert only_yaml == load_bootstrap(path)
+    assert validate_ok_message(None) == "configuration '' OK"
+    with pytest.raises(ConfigError, match="At least one of --config-path or --config-yaml"):
+        load_bootstrap(None)
