@@ -13,7 +13,10 @@ Usage (the host core composes this with its own ``env`` table)::
 
 ``memory`` is a getter because the table is built before the VM exists (the VM links it);
 it is called on each use, so it also follows a VM replaced after a failure. ``log`` receives
-a Proxy-Wasm log level (2 info, 4 error) and the text.
+a Proxy-Wasm log level (2 info, 4 error) and the text of an fd 1/fd 2 write: in Envoy these
+are the plugin's own log lines ("wasm log <root_id>: ..."). The stubs that cpp-host reports
+through ``context->error()`` (fd_seek, fd_close, proc_exit) are not plugin log lines: Envoy
+logs them at trace level in the "wasm" component, and so does ``trace`` here by default.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import struct
 import time
 from typing import Callable, Sequence
 
+from wasmproxy.log import get_logger
 from wasmproxy.wasm.runtime import HostFunction, InvalidMemoryAccess, WasmMemory, with_signature
 
 __all__ = [
@@ -61,14 +65,17 @@ _CLOCK_MONOTONIC = 1
 
 def wasi_host_functions(memory: Callable[[], WasmMemory], env: Sequence[tuple[str, str]],
                         log: Callable[[int, str], None], *,
+                        trace: Callable[[str], None] | None = None,
                         realtime_ns: Callable[[], int] = time.time_ns,
                         monotonic_ns: Callable[[], int] = time.monotonic_ns,
                         random_bytes: Callable[[int], bytes] = os.urandom,
                         ) -> dict[tuple[str, str], HostFunction]:
     """The WASI imports, keyed ``(module, name)`` under both WASI module names.
 
-    Clocks and randomness are injectable for tests (fake time).
+    Clocks, randomness and the trace sink are injectable for tests (fake time).
     """
+    if trace is None:
+        trace = get_logger("wasm").trace
     env_entries = [f"{k}={v}".encode() + b"\0" for k, v in env]
     env_buf_size = sum(len(e) for e in env_entries)
 
@@ -99,11 +106,11 @@ def wasi_host_functions(memory: Callable[[], WasmMemory], env: Sequence[tuple[st
         return ENOSYS  # no files to read
 
     def fd_seek(fd: int, offset: int, whence: int, newoffset_ptr: int) -> int:
-        log(LOG_ERROR, "wasi_unstable fd_seek")
+        trace("wasi_unstable fd_seek")
         return ESUCCESS
 
     def fd_close(fd: int) -> int:
-        log(LOG_ERROR, "wasi_unstable fd_close")
+        trace("wasi_unstable fd_close")
         return ESUCCESS
 
     def fd_fdstat_get(fd: int, stat_ptr: int) -> int:
@@ -203,8 +210,8 @@ def wasi_host_functions(memory: Callable[[], WasmMemory], env: Sequence[tuple[st
         return ESUCCESS
 
     def proc_exit(exit_code: int) -> None:
-        # cpp-host only logs; the guest's libc then typically reaches `unreachable` and traps.
-        log(LOG_ERROR, "wasi_unstable proc_exit")
+        # Envoy only logs (at trace); wasi-libc then reaches `unreachable` and the call traps.
+        trace("wasi_unstable proc_exit")
 
     i32 = "i32"
     functions: dict[str, HostFunction] = {
