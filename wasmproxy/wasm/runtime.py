@@ -61,7 +61,6 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
-import logging
 import os
 import struct
 import tempfile
@@ -76,6 +75,8 @@ import wasmtime
 from wasmtime import _ffi as _wffi
 from wasmtime._trap import Frame as _Frame
 from wasmtime._trap import FrameList as _FrameList
+
+from wasmproxy.log import get_logger
 
 __all__ = [
     "MAX_WASM_MEMORY_SIZE_BYTES",
@@ -95,7 +96,7 @@ __all__ = [
     "with_signature",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger("wasm")
 
 # cpp-host limits.h: PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES.
 MAX_WASM_MEMORY_SIZE_BYTES = 1024 * 1024 * 1024
