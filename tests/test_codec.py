@@ -142,9 +142,11 @@ def test_early_response_does_not_hold_back_the_rest_of_the_request():
     codec, rec = server()
     codec.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
     codec.encode_headers(response(413, ("content-length", "0")), True)
-    codec.feed(b"xy")
+    codec.feed(b"xyGET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert rec.events[-1] == ("data", b"", True)
-    assert not codec.paused
+    assert codec.paused  # the next request still waits for resume()
+    codec.resume()
+    assert rec.kinds()[-2:] == ["begin", "headers"]
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -357,8 +357,14 @@ class ServerCodec(_CodecBase):
         self._paused = True
 
     def resume(self) -> None:
-        """Deliver queued events again, e.g. the next pipelined request once a response is done."""
+        """Deliver queued events again; once the response is complete, also the next request.
+
+        As Envoy's parser pause after each request: the caller resumes when it is done with
+        the current stream, never from inside the codec.
+        """
         self._paused = False
+        if self._response_complete:
+            self._awaiting_response = False
         self._dispatch()
 
     @property
@@ -427,7 +433,6 @@ class ServerCodec(_CodecBase):
 
     def _end_response(self) -> None:
         self._response_complete = True
-        self._awaiting_response = False
 
     # -- parser callbacks ------------------------------------------------------------------
 
@@ -541,9 +546,8 @@ class ServerCodec(_CodecBase):
         self._callbacks.on_trailers(trailers)
 
     def _deliver_request_complete(self) -> None:
-        # As Envoy's parser pause after onMessageComplete: the next request waits for this response.
-        if not self._response_complete:
-            self._awaiting_response = True
+        # As Envoy's parser pause after onMessageComplete: the next request waits for resume().
+        self._awaiting_response = True
 
     def _deliver_error(self, error: CodecError) -> None:
         self._events.clear()

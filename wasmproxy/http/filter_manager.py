@@ -608,15 +608,17 @@ class FilterManager:
             elif i + 1 == len(filters) and data is self.buffered_request_data:
                 # The terminal filter took the buffered data (Envoy's router drains it).
                 data.clear()
-                self._decoder_buffer_drained()
             i += 1
+        if data is self.buffered_request_data:
+            self._check_decoder_low_watermark(data)
         if trailers_added_entry is not None and self.request_trailers is not None:
             self.decode_trailers_from(trailers_added_entry, self.request_trailers)
         if end_stream:
             self.callbacks.disarm_request_timeout()
 
-    def _decoder_buffer_drained(self) -> None:
-        if self.decoder_above_high_watermark:
+    def _check_decoder_low_watermark(self, buf: bytearray) -> None:
+        """The request buffer's low watermark (half the limit, as Envoy's WatermarkBuffer)."""
+        if self.decoder_above_high_watermark and len(buf) < self.buffer_limit // 2:
             self.decoder_above_high_watermark = False
             self.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
 

@@ -1,0 +1,649 @@
+"""HttpConnectionManager over a fake transport and a fake dispatcher (no sockets, fake time).
+
+Expected bytes are what Envoy 1.40 sends for the same requests (checked on loopback with a
+direct_response / local-reply config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+from email.utils import formatdate
+from typing import Any, Callable
+
+import pytest
+
+from wasmproxy.http.conn_manager import HttpConnectionManagerConfig, WorkerConnectionHandler
+from wasmproxy.http.filter import FilterDataStatus, FilterHeadersStatus, PassThroughFilter
+from wasmproxy.http.headers import HeaderMap
+
+# -- fakes -----------------------------------------------------------------------------------
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def system_time(self) -> float:
+        return 1_795_000_000.0 + self.now  # a fixed wall clock: stable date headers
+
+
+class FakeTimer:
+    def __init__(self, dispatcher: "FakeDispatcher", cb: Callable[[], None]) -> None:
+        self.dispatcher = dispatcher
+        self.cb = cb
+        self.deadline: float | None = None
+
+    def enable_timer(self, ms: float) -> None:
+        self.deadline = self.dispatcher.time_source.now + ms / 1000.0
+
+    def disable_timer(self) -> None:
+        self.deadline = None
+
+    def enabled(self) -> bool:
+        return self.deadline is not None
+
+
+class FakeDispatcher:
+    """Timers fire only from advance(); posts run only from run_posts()."""
+
+    def __init__(self) -> None:
+        self.time_source = FakeTime()
+        self.timers: list[FakeTimer] = []
+        self.posted: list[Callable[[], None]] = []
+
+    def create_timer(self, cb: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self, cb)
+        self.timers.append(timer)
+        return timer
+
+    def post(self, cb: Callable[[], None]) -> None:
+        self.posted.append(cb)
+
+    def run_posts(self) -> None:
+        for _ in range(100):
+            if not self.posted:
+                return
+            batch, self.posted = self.posted, []
+            for cb in batch:
+                cb()
+
+    def advance(self, seconds: float) -> None:
+        self.time_source.now += seconds
+        for timer in list(self.timers):
+            if timer.deadline is not None and timer.deadline <= self.time_source.now:
+                timer.deadline = None
+                timer.cb()
+        self.run_posts()
+
+
+class FakeStat:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+    def dec(self, n: int = 1) -> None:
+        self.value -= n
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.stats: dict[str, FakeStat] = {}
+
+    def counter(self, name: str) -> FakeStat:
+        return self.stats.setdefault(name, FakeStat())
+
+    gauge = counter
+
+    def __getitem__(self, short: str) -> int:
+        return self.stats["http.ingress." + short].value
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self, peer: tuple[str, int] = ("10.1.2.3", 5555)) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.reading = True
+        self.read_pauses = 0
+        self.peer = peer
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.read_pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 10000)}.get(name, default)
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+
+DATE = "date: " + formatdate(1_795_001_000, usegmt=True)  # FakeTime's wall clock
+
+
+class Harness:
+    def __init__(self, *filters: Callable[[], Any], **config: Any) -> None:
+        self.config = HttpConnectionManagerConfig()
+        self.config.stat_prefix = "ingress"
+        self.config.filter_factories = [self._factory(f) for f in filters]
+        for k, v in config.items():
+            setattr(self.config, k, v)
+        self.dispatcher = FakeDispatcher()
+        self.store = FakeStore()
+        self.handler = WorkerConnectionHandler(self.config, self.dispatcher, self.store)  # type: ignore[arg-type]
+        self.made: list[Any] = []
+
+    def _factory(self, make: Callable[[], Any]) -> Callable[[Any], None]:
+        def install(callbacks: Any) -> None:
+            f = make()
+            self.made.append(f)
+            callbacks.add_stream_filter(f)
+
+        return install
+
+    def connect(self, peer: tuple[str, int] = ("10.1.2.3", 5555)) -> tuple[Any, FakeTransport]:
+        conn = self.handler.protocol_factory()
+        transport = FakeTransport(peer)
+        conn.connection_made(transport)
+        return conn, transport
+
+
+class Direct(PassThroughFilter):
+    """Answers every request at end of stream like Envoy's direct_response ("hello")."""
+
+    seen: list[HeaderMap]
+    body_seen: bytearray
+
+    def __init__(self, status: int = 200, body: str = "hello") -> None:
+        self.status = status
+        self.body = body
+        self.seen = []
+        self.body_seen = bytearray()
+        self.destroyed = 0
+
+    def decode_headers(self, headers, end_stream):
+        self.seen.append(headers.copy())
+        if end_stream:
+            self.decoder_callbacks.send_local_reply(self.status, self.body)
+        return FilterHeadersStatus.StopIteration
+
+    def decode_data(self, data, end_stream):
+        self.body_seen += data
+        if end_stream:
+            self.decoder_callbacks.send_local_reply(self.status, self.body)
+        return FilterDataStatus.StopIterationNoBuffer
+
+    def on_destroy(self):
+        self.destroyed += 1
+
+
+class Echo(PassThroughFilter):
+    """Streams the request body back as the response body (chunked)."""
+
+    def decode_headers(self, headers, end_stream):
+        self.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), end_stream)
+        return FilterHeadersStatus.StopIteration
+
+    def decode_data(self, data, end_stream):
+        self.decoder_callbacks.encode_data(bytes(data), end_stream)
+        data.clear()
+        return FilterDataStatus.StopIterationNoBuffer
+
+
+HELLO = (
+    "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n" + DATE + "\r\nserver: envoy\r\n\r\nhello"
+).encode()
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+
+def test_direct_reply_bytes_match_envoy_and_connection_is_kept_alive():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == HELLO
+    assert not t.closed
+    h.dispatcher.run_posts()
+    conn.data_received(b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == HELLO
+    assert h.store["downstream_rq_total"] == 2 and h.store["downstream_rq_2xx"] == 2
+    assert h.store["downstream_rq_completed"] == 2 and h.store["downstream_rq_active"] == 0
+    assert [f.destroyed for f in h.made] == [1, 1]
+
+
+def test_pipelined_requests_are_answered_in_order_one_at_a_time():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == HELLO
+    assert len(h.made) == 1 and not t.reading  # the second request waits, reading paused
+    h.dispatcher.run_posts()
+    assert t.take() == HELLO
+    assert [f.seen[0].get(":path") for f in h.made] == ["/1", "/2"]
+    assert t.reading
+
+
+def test_connection_close_request_gets_connection_close_and_is_closed():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    out = t.take()
+    assert out.endswith(b"server: envoy\r\nconnection: close\r\n\r\nhello")
+    assert t.closed
+    assert h.store["downstream_cx_destroy_local"] == 1 and h.store["downstream_cx_active"] == 0
+
+
+def test_http10_gets_envoys_426():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /direct HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert t.take() == (
+        b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\ncontent-type: text/plain\r\n"
+        + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nUpgrade Required"
+    )
+    assert t.closed
+
+
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+])
+def test_malformed_request_gets_envoys_400_and_close(raw):
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(raw)
+    assert t.take() == (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\ncontent-type: text/plain\r\n"
+        + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nBad Request"
+    )
+    assert t.closed
+    assert h.store["downstream_cx_protocol_error"] == 1 and h.store["downstream_rq_4xx"] == 1
+
+
+def test_headers_too_large_is_431_with_reason_body():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+    out = t.take()
+    assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 31\r\n")
+    assert out.endswith(b"\r\n\r\nRequest Header Fields Too Large") and t.closed
+
+
+def test_missing_host_is_400_without_body_and_close():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /direct HTTP/1.1\r\n\r\n")
+    assert t.take() == (
+        b"HTTP/1.1 400 Bad Request\r\n" + DATE.encode()
+        + b"\r\nserver: envoy\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert t.closed
+
+
+def test_upgrade_without_upgrade_config_is_403_and_close():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert t.take() == (
+        b"HTTP/1.1 403 Forbidden\r\n" + DATE.encode()
+        + b"\r\nserver: envoy\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+
+
+def test_options_star_is_404_and_kept_alive():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == b"HTTP/1.1 404 Not Found\r\n" + DATE.encode() + b"\r\nserver: envoy\r\ncontent-length: 0\r\n\r\n"
+    assert not t.closed
+
+
+def test_expect_100_continue_is_answered_by_the_proxy_and_header_removed():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert "expect" not in h.made[0].seen[0]
+    conn.data_received(b"abc")
+    assert t.take() == HELLO
+    assert h.store["downstream_rq_1xx"] == 1
+
+
+def test_response_before_request_complete_closes_the_connection():
+    class Early(Direct):
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.send_local_reply(200, "hello")
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Early)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    out = t.take()
+    assert b"connection: close\r\n" in out and out.endswith(b"hello")
+    assert t.closed
+    assert h.store["downstream_rq_response_before_rq_complete"] == 1
+
+
+# -- header mutation -----------------------------------------------------------------------
+
+
+def test_request_headers_as_envoy_forwards_them():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-foo\r\nX-Foo: 1\r\nKeep-Alive: 3\r\n"
+        b"Proxy-Connection: k\r\nTE: trailers, deflate\r\nX-Forwarded-For: 1.2.3.4\r\nX-Envoy-Foo: 1\r\n\r\n"
+    )
+    items = h.made[0].seen[0].items()
+    assert items[:-1] == [
+        (":method", "GET"), (":path", "/"), (":authority", "a"), (":scheme", "http"),
+        ("te", "trailers"), ("x-forwarded-for", "1.2.3.4"), ("x-envoy-foo", "1"), ("x-forwarded-proto", "http"),
+    ]
+    assert items[-1][0] == "x-request-id"
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", items[-1][1])
+
+
+def test_use_remote_address_appends_xff_and_cleans_edge_requests():
+    h = Harness(Direct, use_remote_address=True)
+    conn, t = h.connect(peer=("93.184.216.34", 4000))
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n"
+                       b"X-Envoy-Retry-On: 5xx\r\nX-Request-Id: client\r\n\r\n")
+    seen = h.made[0].seen[0]
+    assert seen.get("x-forwarded-for") == "1.2.3.4,93.184.216.34"
+    assert "x-envoy-retry-on" not in seen
+    assert seen.get("x-envoy-external-address") == "93.184.216.34"
+    assert seen.get("x-request-id") != "client"  # edge requests get a fresh id
+    h2 = Harness(Direct, use_remote_address=True)
+    conn, t = h2.connect(peer=("127.0.0.1", 4000))
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\r\n")
+    seen = h2.made[0].seen[0]
+    assert seen.get("x-envoy-internal") == "true" and seen.get("x-request-id") == "mine"
+    assert seen.get("x-forwarded-for") == "127.0.0.1"
+
+
+def test_response_headers_from_a_filter_get_server_overwritten_date_kept_and_hop_by_hop_removed():
+    class Upstream(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.encode_headers(HeaderMap([
+                (":status", "200"), ("content-length", "2"), ("connection", "keep-alive"), ("keep-alive", "5"),
+                ("x-up", "1"), ("server", "upstream"), ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+                ("proxy-connection", "x")]), False)
+            self.decoder_callbacks.encode_data(b"ok", True)
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Upstream, server_name="wasmproxy")
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-up: 1\r\nserver: wasmproxy\r\n"
+                        b"date: Mon, 01 Jan 2024 00:00:00 GMT\r\n\r\nok")
+
+
+# -- bodies and flow control ---------------------------------------------------------------
+
+
+def test_streaming_bodies_both_ways_chunked():
+    h = Harness(Echo)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # Answering before the request is complete: HTTP/1 cannot reuse the connection (as Envoy).
+    assert t.take().endswith(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n")
+    conn.data_received(b"3\r\nabc\r\n")
+    assert t.take() == b"3\r\nabc\r\n"
+    assert not t.closed
+    conn.data_received(b"0\r\n\r\n")
+    assert t.take() == b"0\r\n\r\n"
+    assert t.closed
+
+
+def test_buffering_filter_over_the_limit_answers_413_and_closes():
+    class Buffer(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            return FilterHeadersStatus.StopAllIterationAndBuffer
+
+    h = Harness(Buffer, Direct, buffer_limit=10)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+    assert t.take() == b""
+    conn.data_received(b"0123456789")
+    assert t.take() == (
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 17\r\ncontent-type: text/plain\r\n"
+        + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nPayload Too Large"
+    )
+    assert t.closed and h.store["downstream_rq_too_large"] == 1
+
+
+def test_watermark_filter_pauses_reading_until_it_continues():
+    class Hold(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            return FilterHeadersStatus.StopAllIterationAndWatermark
+
+    h = Harness(Hold, Direct, buffer_limit=4)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\n\r\n012345")
+    assert not t.reading
+    assert h.store["downstream_flow_control_paused_reading_total"] == 1
+    conn.data_received(b"67")  # what was already in flight still arrives
+    h.made[0].decoder_callbacks.continue_decoding()
+    assert t.reading
+    assert h.made[1].body_seen == b"01234567"
+    assert t.take() == HELLO
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+def test_stream_idle_timeout_is_408_stream_timeout():
+    h = Harness(Direct, stream_idle_timeout_ms=1000)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    h.dispatcher.advance(0.9)
+    conn.data_received(b"c")  # activity re-arms the timer
+    h.dispatcher.advance(0.9)
+    assert t.take() == b""
+    h.dispatcher.advance(0.2)
+    out = t.take()
+    assert out.startswith(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 14\r\n")
+    assert out.endswith(b"connection: close\r\n\r\nstream timeout")
+    assert h.store["downstream_rq_idle_timeout"] == 1
+
+
+def test_request_timeout_is_408_request_timeout_and_disarmed_when_request_completes():
+    h = Harness(Direct, request_timeout_ms=500)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    h.dispatcher.advance(0.6)
+    assert t.take().endswith(b"request timeout")
+    assert h.store["downstream_rq_timeout"] == 1
+
+    class Slow(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Slow, request_timeout_ms=500, stream_idle_timeout_ms=0)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.dispatcher.advance(10)
+    assert t.take() == b"" and h.store["downstream_rq_timeout"] == 0
+
+
+def test_connection_idle_timeout_closes_an_idle_connection_only():
+    h = Harness(Direct, idle_timeout_ms=1000)
+    conn, t = h.connect()
+    h.dispatcher.advance(0.5)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.dispatcher.advance(0.9)
+    assert not t.closed
+    h.dispatcher.advance(0.2)
+    assert t.closed and h.store["downstream_cx_idle_timeout"] == 1
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def test_access_log_and_on_destroy_once_when_the_client_goes_away_mid_request():
+    logged = []
+
+    class Log:
+        def log(self, rq, rs, rt, info):
+            logged.append((rq.get(":path"), rs, info.response_code))
+
+    h = Harness(Direct, access_logs=[Log()])
+    conn, t = h.connect()
+    conn.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    conn.connection_lost(None)
+    assert logged == [("/x", None, 0)]
+    assert h.made[0].destroyed == 1
+    assert h.store["downstream_rq_rx_reset"] == 1 and h.store["downstream_cx_destroy_remote_active_rq"] == 1
+
+
+def test_stream_info_counts_body_bytes():
+    infos = []
+
+    class Log:
+        def log(self, rq, rs, rt, info):
+            infos.append(info)
+
+    h = Harness(Direct, access_logs=[Log()])
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    info = infos[0]
+    assert (info.bytes_received, info.bytes_sent, info.response_code) == (3, 5, 200)
+    assert info.request_id and info.protocol == "HTTP/1.1"
+
+
+def test_drain_closes_after_the_current_response():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    idle, t2 = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n")
+    h.handler.drain()
+    assert t2.closed and not t.closed
+    conn.data_received(b"x")
+    assert b"connection: close\r\n" in t.take() and t.closed
+
+
+def test_route_is_cached_until_cleared():
+    calls = []
+
+    class Routes:
+        def route(self, headers, stream_id):
+            calls.append(stream_id)
+            return type("R", (), {"name": "r1"})()
+
+    class UsesRoute(Direct):
+        def decode_headers(self, headers, end_stream):
+            cb = self.decoder_callbacks
+            assert cb.route() is cb.route()
+            cb.clear_route_cache()
+            cb.route()
+            return super().decode_headers(headers, end_stream)
+
+    h = Harness(UsesRoute, route_config=Routes())
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(calls) == 2 and h.made[0].decoder_callbacks.stream_info.route_name == "r1"
+
+
+# -- one real loopback socket ----------------------------------------------------------------
+
+
+class LoopDispatcher:
+    """Just enough Dispatcher on a real asyncio loop for a socket test."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.time_source = FakeTime()
+        self.time_source.monotonic = loop.time  # type: ignore[method-assign]
+
+    def create_timer(self, cb: Callable[[], None]) -> Any:
+        loop = self.loop
+
+        class Timer:
+            handle: Any = None
+
+            def enable_timer(self, ms: float) -> None:
+                self.disable_timer()
+                self.handle = loop.call_later(ms / 1000.0, cb)
+
+            def disable_timer(self) -> None:
+                if self.handle is not None:
+                    self.handle.cancel()
+                    self.handle = None
+
+        return Timer()
+
+    def post(self, cb: Callable[[], None]) -> None:
+        self.loop.call_soon(cb)
+
+
+def test_keep_alive_and_pipelining_over_real_loopback_socket():
+    loop = asyncio.new_event_loop()
+    config = HttpConnectionManagerConfig()
+    config.stat_prefix = "ingress"
+    config.filter_factories = [lambda cb: cb.add_stream_filter(Direct())]
+    handler = WorkerConnectionHandler(config, LoopDispatcher(loop), FakeStore())  # type: ignore[arg-type]
+    server = loop.run_until_complete(loop.create_server(handler.protocol_factory, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    result: dict[str, bytes] = {}
+    finished = loop.create_future()
+
+    def client() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+                data = b""
+                while data.count(b"hello") < 2:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                s.sendall(b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                result["data"] = data
+        finally:
+            loop.call_soon_threadsafe(finished.set_result, None)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(finished, 10))
+    finally:
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    data = result["data"]
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert data.endswith(b"connection: close\r\n\r\nhello")

@@ -1,0 +1,899 @@
+"""HttpConnectionManager: Envoy's HTTP/1.1 connection manager on a worker's Dispatcher.
+
+Three layers, as in Envoy's source/common/http/conn_manager_impl.cc:
+
+* `HttpConnectionManagerConfig` is built once on the main thread from the
+  `envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`
+  proto and is immutable (shared by every worker);
+* `ConnectionManager` is the asyncio Protocol of one downstream connection: thin glue
+  between the transport and the sans-IO `ServerCodec` (uvicorn's httptools_impl style),
+  owning keep-alive, flow control, the connection idle timer and drain/close;
+* `ActiveStream` is one request/response: the HCM's own request checks and header
+  mutations, the stream timers, stats, and the `FilterManager` running the filter chain.
+
+HTTP/1 has one active stream per connection; pipelined requests wait in the codec.
+Everything here runs on the connection's worker dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import uuid
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from .codec import CodecError, ServerCodec, reason_phrase
+from .filter import AccessLogHandler, FilterFactoryCb
+from .filter_manager import DEFAULT_BUFFER_LIMIT, FilterManager
+from .headers import HeaderMap
+from .stream_info import Address, ConnectionInfo, StreamInfo
+
+if TYPE_CHECKING:
+    from ..event.dispatcher import Dispatcher, Timer
+
+__all__ = [
+    "HttpConnectionManagerConfig",
+    "HcmFactory",
+    "HcmFactoryContext",
+    "ConnectionManager",
+    "ActiveStream",
+    "create_hcm_factory",
+]
+
+# StreamInfo::ResponseCodeDetails the HCM itself produces.
+DETAILS_MISSING_HOST = "missing_host_header"
+DETAILS_UPGRADE_FAILED = "upgrade_failed"
+DETAILS_ABSOLUTE_PATH = "absolute_path"
+DETAILS_STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
+DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
+
+# Envoy's defaults (HttpConnectionManager proto docs).
+DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
+DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
+
+# Headers Envoy strips from edge requests (ConnectionManagerUtility::cleanInternalHeaders).
+_INTERNAL_ONLY_HEADERS = (
+    "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-external-address", "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout", "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries",
+    "x-envoy-original-path", "x-envoy-retriable-header-names", "x-envoy-retriable-status-codes",
+    "x-envoy-retry-grpc-on", "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-stream-duration-ms",
+)
+
+# ServerHeaderTransformation enum values.
+_OVERWRITE, _APPEND_IF_ABSENT, _PASS_THROUGH = 0, 1, 2
+
+# Every stat Envoy's HCM declares for HTTP/1 (all exist from the start, as in Envoy's /stats).
+_COUNTERS = (
+    "downstream_cx_total", "downstream_cx_http1_total", "downstream_cx_destroy", "downstream_cx_destroy_local",
+    "downstream_cx_destroy_remote", "downstream_cx_destroy_active_rq", "downstream_cx_destroy_local_active_rq",
+    "downstream_cx_destroy_remote_active_rq", "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total",
+    "downstream_cx_protocol_error", "downstream_cx_idle_timeout", "downstream_cx_drain_close",
+    "downstream_cx_delayed_close_timeout", "downstream_flow_control_paused_reading_total",
+    "downstream_flow_control_resumed_reading_total", "downstream_rq_total", "downstream_rq_http1_total",
+    "downstream_rq_1xx", "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
+    "downstream_rq_completed", "downstream_rq_timeout", "downstream_rq_idle_timeout", "downstream_rq_too_large",
+    "rs_too_large", "downstream_rq_response_before_rq_complete", "downstream_rq_rx_reset", "downstream_rq_tx_reset",
+    "downstream_rq_ws_on_non_ws_route", "downstream_rq_non_relative_path",
+)
+_GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_active",
+           "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered")
+
+
+class HcmFactoryContext(Protocol):
+    """What `create_hcm_factory` needs from the integrator (main thread, config time).
+
+    * `cluster_exists(name) -> bool`: for the route table's validate_clusters check.
+    * The same object is handed, unchanged, to every HTTP filter factory and access logger
+      factory, which may read more from it (e.g. `cluster_manager`, `thread_local`,
+      `dispatcher` of main, `stats` scope, `listener_name`): see those factories.
+    """
+
+    def cluster_exists(self, name: str) -> bool: ...
+
+
+class HttpConnectionManagerConfig:
+    """The immutable HCM configuration shared by all workers (built on main)."""
+
+    def __init__(self) -> None:
+        self.stat_prefix = ""
+        self.route_config: Any = None  # wasmproxy.router.config.RouteConfig
+        self.filter_factories: list[FilterFactoryCb] = []
+        self.access_logs: list[AccessLogHandler] = []
+        self.use_remote_address = False
+        self.skip_xff_append = False
+        self.generate_request_id = True
+        self.preserve_external_request_id = False
+        self.always_set_request_id_in_response = False
+        self.server_name = "envoy"
+        self.server_header_transformation = _OVERWRITE
+        self.via = ""
+        self.proxy_100_continue = False
+        self.idle_timeout_ms = DEFAULT_IDLE_TIMEOUT_MS
+        self.stream_idle_timeout_ms = DEFAULT_STREAM_IDLE_TIMEOUT_MS
+        self.request_timeout_ms = 0
+        self.max_request_headers_kb = 60
+        self.max_headers_count = 100
+        self.accept_http_10 = False
+        self.enable_trailers = False
+        self.buffer_limit = DEFAULT_BUFFER_LIMIT
+
+    @classmethod
+    def from_proto(cls, proto: Any, factory_context: Any) -> "HttpConnectionManagerConfig":
+        """Build from the HttpConnectionManager message; ConfigError names the offending field."""
+        from ..config import registry
+        from ..config.errors import ConfigError
+
+        self = cls()
+        self.stat_prefix = proto.stat_prefix
+        if proto.HasField("rds") or proto.HasField("scoped_routes"):
+            raise ConfigError("RDS and scoped routes are not supported: use route_config", "rds")
+        from ..router.config import RouteConfig, RouteConfigError
+
+        cluster_exists = getattr(factory_context, "cluster_exists", None)
+        try:
+            self.route_config = RouteConfig.from_proto(proto.route_config, cluster_exists)
+        except RouteConfigError as e:
+            raise ConfigError(str(e), "route_config") from None
+        self.filter_factories = _http_filter_factories(proto, factory_context, registry, ConfigError)
+        for i, log_proto in enumerate(proto.access_log):
+            path = f"access_log[{i}]"
+            factory = registry.resolve(registry.Category.ACCESS_LOGGERS, log_proto.typed_config)
+            try:
+                self.access_logs.append(factory(log_proto, factory_context))
+            except ConfigError as e:
+                raise ConfigError(e.message, f"{path}.{e.path}" if e.path else path) from None
+        if proto.HasField("use_remote_address"):
+            self.use_remote_address = proto.use_remote_address.value
+        self.skip_xff_append = proto.skip_xff_append
+        if proto.HasField("generate_request_id"):
+            self.generate_request_id = proto.generate_request_id.value
+        self.preserve_external_request_id = proto.preserve_external_request_id
+        self.always_set_request_id_in_response = proto.always_set_request_id_in_response
+        if proto.server_name:
+            self.server_name = proto.server_name
+        self.server_header_transformation = proto.server_header_transformation
+        self.via = proto.via
+        self.proxy_100_continue = proto.proxy_100_continue
+        common = proto.common_http_protocol_options
+        if proto.HasField("common_http_protocol_options"):
+            if common.HasField("idle_timeout"):
+                self.idle_timeout_ms = _ms(common.idle_timeout)
+            if common.HasField("max_headers_count"):
+                self.max_headers_count = common.max_headers_count.value
+        if proto.HasField("stream_idle_timeout"):
+            self.stream_idle_timeout_ms = _ms(proto.stream_idle_timeout)
+        if proto.HasField("request_timeout"):
+            self.request_timeout_ms = _ms(proto.request_timeout)
+        if proto.HasField("max_request_headers_kb"):
+            self.max_request_headers_kb = proto.max_request_headers_kb.value
+        if proto.HasField("http_protocol_options"):
+            self.accept_http_10 = proto.http_protocol_options.accept_http_10
+            self.enable_trailers = proto.http_protocol_options.enable_trailers
+        return self
+
+
+def _ms(duration: Any) -> int:
+    return int(duration.seconds * 1000 + duration.nanos // 1_000_000)
+
+
+def _http_filter_factories(proto: Any, factory_context: Any, registry: Any, config_error: type) -> list[FilterFactoryCb]:
+    """Resolve http_filters through the registry, with Envoy's terminal-filter checks."""
+    filters = [f for f in proto.http_filters if not f.disabled]
+    if not proto.http_filters:
+        # Envoy adds a router when no HTTP filter is configured.
+        factory = registry.resolve(registry.Category.HTTP_FILTERS, "envoy.filters.http.router")
+        from envoy.extensions.filters.http.router.v3 import router_pb2
+
+        return [factory(router_pb2.Router(), factory_context)]
+    out: list[FilterFactoryCb] = []
+    for i, f in enumerate(filters):
+        path = f"http_filters[{i}]"
+        ext = registry.lookup(registry.Category.HTTP_FILTERS, f.typed_config) if f.HasField("typed_config") else None
+        if ext is None:
+            if f.is_optional:
+                continue
+            registry.find(registry.Category.HTTP_FILTERS, f.name, f.typed_config if f.HasField("typed_config") else None,
+                          f"{path}.typed_config")
+        last = i == len(filters) - 1
+        if ext.terminal and not last:
+            raise config_error(f"Error: terminal filter named {f.name} of type {ext.name} must be the last filter "
+                               f"in a http filter chain.", path)
+        if last and not ext.terminal:
+            raise config_error(f"Error: non-terminal filter named {f.name} of type {ext.name} is the last filter "
+                               f"in a http filter chain.", path)
+        factory = registry.resolve(registry.Category.HTTP_FILTERS, f.typed_config)
+        out.append(factory(registry.unpack(f.typed_config, f"{path}.typed_config"), factory_context))
+    return out
+
+
+class HcmStats:
+    """The HCM's stats in one worker's Store (http.<stat_prefix>.*), resolved once per worker."""
+
+    def __init__(self, store: Any, stat_prefix: str) -> None:
+        prefix = f"http.{stat_prefix}."
+        for name in _COUNTERS:
+            setattr(self, name, store.counter(prefix + name))
+        for name in _GAUGES:
+            setattr(self, name, store.gauge(prefix + name))
+        self.rq_by_class = [None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
+                            self.downstream_rq_4xx, self.downstream_rq_5xx]
+
+    # Attributes are set from _COUNTERS/_GAUGES above.
+    downstream_cx_total: Any
+    downstream_rq_1xx: Any
+    downstream_rq_2xx: Any
+    downstream_rq_3xx: Any
+    downstream_rq_4xx: Any
+    downstream_rq_5xx: Any
+
+
+class _DateProvider:
+    """The `date` header value, formatted at most once per second (Envoy's TlsCachingDateProvider)."""
+
+    __slots__ = ("_second", "_value", "_clock")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = ""
+
+    def value(self) -> str:
+        now = self._clock()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(now, usegmt=True)
+        return self._value
+
+
+class HcmFactory:
+    """Returned by `create_hcm_factory`: makes per-worker connection handlers."""
+
+    def __init__(self, config: HttpConnectionManagerConfig) -> None:
+        self.config = config
+
+    def for_worker(self, dispatcher: "Dispatcher", store: Any, listener_name: str = "") -> "WorkerConnectionHandler":
+        """On the worker (or before it runs): a handler whose `protocol_factory` serves that worker's sockets."""
+        return WorkerConnectionHandler(self.config, dispatcher, store, listener_name)
+
+
+def create_hcm_factory(hcm_proto: Any, factory_context: Any) -> HcmFactory:
+    """Main thread: validate and build the HCM config (see HcmFactoryContext for factory_context).
+
+    Usage by the integrator, per worker::
+
+        handler = hcm_factory.for_worker(worker_dispatcher, worker_store, listener_name)
+        await worker_dispatcher.loop.create_server(handler.protocol_factory, sock=listen_socket)
+        ...; handler.drain()        # drain: connection: close on the next response
+        ...; handler.close_all()    # shutdown
+    """
+    return HcmFactory(HttpConnectionManagerConfig.from_proto(hcm_proto, factory_context))
+
+
+class WorkerConnectionHandler:
+    """The HCM on one worker: shared stats, date cache and the set of live connections."""
+
+    _connection_ids = itertools.count(1)
+
+    def __init__(self, config: HttpConnectionManagerConfig, dispatcher: "Dispatcher", store: Any,
+                 listener_name: str = "") -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.stats = HcmStats(store, config.stat_prefix)
+        self.listener_name = listener_name
+        self.date = _DateProvider(dispatcher.time_source.system_time)
+        self.connections: set[ConnectionManager] = set()
+        self.draining = False
+        self._stream_ids = itertools.count(1)
+
+    def protocol_factory(self) -> "ConnectionManager":
+        return ConnectionManager(self)
+
+    def next_connection_id(self) -> int:
+        return next(WorkerConnectionHandler._connection_ids)
+
+    def next_stream_id(self) -> int:
+        return next(self._stream_ids)
+
+    def drain(self) -> None:
+        """Start draining: every connection closes after its current response (connection: close)."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.start_drain()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+
+
+# Drain states (Envoy's DrainState).
+_NOT_DRAINING, _CLOSING = 0, 1
+
+
+class ConnectionManager(asyncio.Protocol):
+    """One downstream HTTP/1.1 connection (an asyncio Protocol on the worker's loop)."""
+
+    def __init__(self, handler: WorkerConnectionHandler) -> None:
+        # Global (per worker).
+        self.handler = handler
+        self.config = handler.config
+        self.dispatcher = handler.dispatcher
+        self.stats = handler.stats
+        # Per connection.
+        self.transport: asyncio.Transport | None = None
+        self.connection_info: ConnectionInfo | None = None
+        self.codec = ServerCodec(
+            self,
+            max_request_headers_kb=self.config.max_request_headers_kb,
+            max_headers_count=self.config.max_headers_count,
+            accept_http_10=self.config.accept_http_10,
+            enable_trailers=self.config.enable_trailers,
+        )
+        self.stream: ActiveStream | None = None
+        self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
+        self._read_disable_count = 0
+        self._pipelining_disabled = False
+        self._write_paused = False
+        self._closed = False
+        self._idle_timer: Timer | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Envoy's per-connection buffer limit is the high watermark of the write buffer.
+        transport.set_write_buffer_limits(high=self.config.buffer_limit, low=self.config.buffer_limit // 2)
+        self.connection_info = ConnectionInfo(
+            id=self.handler.next_connection_id(),
+            local_address=_address(transport.get_extra_info("sockname")),
+            remote_address=_address(transport.get_extra_info("peername")),
+        )
+        self.connection_info.direct_remote_address = self.connection_info.remote_address
+        self.handler.connections.add(self)
+        stats = self.stats
+        stats.downstream_cx_total.inc()
+        stats.downstream_cx_http1_total.inc()
+        stats.downstream_cx_active.inc()
+        stats.downstream_cx_http1_active.inc()
+        if self.config.idle_timeout_ms > 0:
+            self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
+            self._idle_timer.enable_timer(self.config.idle_timeout_ms)
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.downstream_cx_rx_bytes_total.inc(len(data))
+        if self._closed:
+            return
+        self.codec.feed(data)
+        self._apply_pipelining_backpressure()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: Envoy treats it as a remote close for HTTP/1.
+        self._on_remote_close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._on_remote_close()
+
+    def pause_writing(self) -> None:
+        """The socket's write buffer is above the high watermark: tell the stream's filters."""
+        self._write_paused = True
+        if self.stream is not None:
+            self.stream.on_above_write_buffer_high_watermark()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.stream is not None:
+            self.stream.on_below_write_buffer_low_watermark()
+
+    # -- ServerCodec callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.disable_timer()
+        self.stream = ActiveStream(self)
+
+    def on_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        if self.stream is not None:
+            self.stream.decode_headers(headers, end_stream)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        if self.stream is not None:
+            self.stream.decode_data(data, end_stream)
+
+    def on_trailers(self, trailers: HeaderMap) -> None:
+        if self.stream is not None:
+            self.stream.decode_trailers(trailers)
+
+    def on_codec_error(self, error: CodecError) -> None:
+        """A protocol error: Envoy's local reply (if a response can still be sent), then close."""
+        self.stats.downstream_cx_protocol_error.inc()
+        self.drain_state = _CLOSING
+        stream = self.stream
+        if stream is None:
+            # As Envoy's sendProtocolError: a stream exists to carry the reply and the access log.
+            stream = self.stream = ActiveStream(self)
+        stream.on_codec_error(error)
+        self.close()
+
+    # -- flow control ---------------------------------------------------------------------
+
+    def read_disable(self, disable: bool) -> None:
+        """Envoy's readDisable with its counting semantics: reading resumes at zero."""
+        if self.transport is None or self._closed:
+            return
+        if disable:
+            self._read_disable_count += 1
+            if self._read_disable_count == 1:
+                self.stats.downstream_flow_control_paused_reading_total.inc()
+                self.transport.pause_reading()
+        elif self._read_disable_count > 0:
+            self._read_disable_count -= 1
+            if self._read_disable_count == 0:
+                self.stats.downstream_flow_control_resumed_reading_total.inc()
+                self.transport.resume_reading()
+
+    def _apply_pipelining_backpressure(self) -> None:
+        # Stop reading while parsed requests wait for the current response (Envoy does the same).
+        if self.codec.has_pending_events and not self._pipelining_disabled:
+            self._pipelining_disabled = True
+            self.read_disable(True)
+        elif not self.codec.has_pending_events and self._pipelining_disabled:
+            self._pipelining_disabled = False
+            self.read_disable(False)
+
+    # -- writing and closing --------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self._closed:
+            self.stats.downstream_cx_tx_bytes_total.inc(len(data))
+            self.transport.write(data)
+
+    def start_drain(self) -> None:
+        """Close after the current response (with connection: close), or now when idle."""
+        if self.drain_state == _NOT_DRAINING:
+            self.drain_state = _CLOSING
+            self.stats.downstream_cx_drain_close.inc()
+        if self.stream is None:
+            self.close()
+
+    def close(self) -> None:
+        """Local close: flush what was written, then close (Envoy's FlushWrite)."""
+        if self._closed:
+            return
+        self.stats.downstream_cx_destroy_local.inc()
+        if self.stream is not None:
+            self.stats.downstream_cx_destroy_local_active_rq.inc()
+        self._teardown()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _on_remote_close(self) -> None:
+        if self._closed:
+            return
+        self.stats.downstream_cx_destroy_remote.inc()
+        if self.stream is not None:
+            self.stats.downstream_cx_destroy_remote_active_rq.inc()
+        self._teardown()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _teardown(self) -> None:
+        self._closed = True
+        stats = self.stats
+        stats.downstream_cx_destroy.inc()
+        if self.stream is not None:
+            stats.downstream_cx_destroy_active_rq.inc()
+            self.stream.on_connection_reset()
+        stats.downstream_cx_active.dec()
+        stats.downstream_cx_http1_active.dec()
+        if self._idle_timer is not None:
+            self._idle_timer.disable_timer()
+        self.handler.connections.discard(self)
+
+    def _on_idle_timeout(self) -> None:
+        self.stats.downstream_cx_idle_timeout.inc()
+        self.close()
+
+    # -- stream completion ----------------------------------------------------------------
+
+    def on_stream_destroyed(self, stream: "ActiveStream") -> None:
+        """doDeferredStreamDestroy's tail: idle timer, then the next pipelined request or close."""
+        if self.stream is not stream:
+            return
+        self.stream = None
+        if self._closed:
+            return
+        if self.drain_state == _CLOSING:
+            self.close()
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.enable_timer(self.config.idle_timeout_ms)
+        # The next pipelined request starts from a fresh event, never inside this response's
+        # call stack (Envoy redispatches from the read path too).
+        self.dispatcher.post(self._dispatch_next_request)
+
+    def _dispatch_next_request(self) -> None:
+        if self._closed or self.stream is not None:
+            return
+        self.codec.resume()
+        self._apply_pipelining_backpressure()
+
+
+def _address(sockaddr: Any) -> Address:
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return Address(str(sockaddr[0]), int(sockaddr[1]))
+    return Address(str(sockaddr or ""), 0)
+
+
+_INTERNAL_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "fc00::/7", "::1/128")
+)
+
+
+def _is_internal(host: str) -> bool:
+    """Envoy's default internal address check (Utility::isInternalAddress): RFC 1918, loopback, ULA."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in _INTERNAL_NETWORKS if net.version == ip.version)
+
+
+def _should_close_connection(protocol: str, headers: HeaderMap) -> bool:
+    """HeaderUtility::shouldCloseConnection: HTTP/1.1 with close, HTTP/1.0 without keep-alive."""
+    tokens = {t.strip().lower() for t in (headers.get("connection") or "").split(",")}
+    if protocol == "HTTP/1.0":
+        return "keep-alive" not in tokens
+    return "close" in tokens
+
+
+class ActiveStream:
+    """One request/response on a connection: Envoy's ConnectionManagerImpl::ActiveStream."""
+
+    def __init__(self, conn: ConnectionManager) -> None:
+        self.conn = conn
+        handler = conn.handler
+        self.config = conn.config
+        self.stats = conn.stats
+        self.dispatcher = conn.dispatcher
+        self.stream_id = handler.next_stream_id()
+        time_source = self.dispatcher.time_source
+        assert conn.connection_info is not None
+        self.stream_info = StreamInfo(
+            conn.connection_info,
+            start_time=time_source.system_time(),
+            start_monotonic=time_source.monotonic(),
+            listener_name=handler.listener_name,
+        )
+        self.filter_manager = FilterManager(self, self.dispatcher, self.stream_info, self.stream_id,
+                                            self.config.buffer_limit)
+        for log in self.config.access_logs:
+            self.filter_manager.add_access_log_handler(log)
+        self.response_started = False
+        self.saw_connection_close = False
+        self._codec_saw_local_complete = False
+        self._destroyed = False
+        self._cached_route: object | None = None
+        self._route_cached = False
+        self._watermark_callbacks: list[Any] = []
+        self.stats.downstream_rq_total.inc()
+        self.stats.downstream_rq_http1_total.inc()
+        self.stats.downstream_rq_active.inc()
+        self._idle_timer: Timer | None = None
+        if self.config.stream_idle_timeout_ms > 0:
+            self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
+            self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
+        self._request_timer: Timer | None = None
+        if self.config.request_timeout_ms > 0:
+            self._request_timer = self.dispatcher.create_timer(self._on_request_timeout)
+            self._request_timer.enable_timer(self.config.request_timeout_ms)
+
+    # -- from the codec ------------------------------------------------------------------
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        self._reset_idle_timer()
+        codec = self.conn.codec
+        self.stream_info.protocol = codec.protocol
+        self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, headers)
+        fm = self.filter_manager
+        fm.request_headers = headers
+        fm.is_head_request = headers.get(":method") == "HEAD"
+        if end_stream:
+            fm.remote_decode_complete = True
+        if ":authority" not in headers:
+            # Require host: for HTTP/1.1 the codec turned Host into :authority. Envoy closes too.
+            self.conn.drain_state = _CLOSING
+            fm.send_local_reply(400, "", None, None, DETAILS_MISSING_HOST)
+            return
+        if _is_upgrade(headers):
+            # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
+            # codec saw an upgrade, so the request never completes).
+            self.stats.downstream_rq_ws_on_non_ws_route.inc()
+            self.conn.drain_state = _CLOSING
+            fm.send_local_reply(403, "", None, None, DETAILS_UPGRADE_FAILED)
+            return
+        path = headers.get(":path")
+        if path is not None and not path.startswith("/"):
+            # Only relative paths at the application layer ("OPTIONS *" included).
+            self.stats.downstream_rq_non_relative_path.inc()
+            fm.send_local_reply(404, "", None, None, DETAILS_ABSOLUTE_PATH)
+            return
+        self._mutate_request_headers(headers)
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
+            # Envoy answers 100-continue itself and drops the header before the filters run.
+            self.stats.downstream_rq_1xx.inc()
+            self.conn.write(self.conn.codec.encode_100_continue())
+            headers.remove("expect")
+        for factory in self.config.filter_factories:
+            factory(fm)
+        fm.decode_headers(headers, end_stream)
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        self._reset_idle_timer()
+        self.stream_info.bytes_received += len(data)
+        self.filter_manager.decode_data(data, end_stream)
+
+    def decode_trailers(self, trailers: HeaderMap) -> None:
+        self._reset_idle_timer()
+        self.filter_manager.decode_trailers(trailers)
+
+    def on_codec_error(self, error: CodecError) -> None:
+        self.stream_info.add_response_flag("DPE")
+        if self.response_started:
+            # Too late for a reply; the connection closes when this response ends.
+            return
+        self.filter_manager.send_local_reply(error.status, reason_phrase(error.status), None, None, error.details)
+
+    def on_connection_reset(self) -> None:
+        """The connection went away under this stream."""
+        if not self._codec_saw_local_complete:
+            self.stats.downstream_rq_rx_reset.inc()
+        self.filter_manager.saw_downstream_reset = True
+        self._destroy()
+
+    # -- HCM request processing ----------------------------------------------------------
+
+    def _mutate_request_headers(self, headers: HeaderMap) -> None:
+        """ConnectionManagerUtility::mutateRequestHeaders for HTTP/1."""
+        config = self.config
+        connection = headers.get("connection")
+        if connection is not None:
+            for token in connection.split(","):
+                name = token.strip().lower()
+                if name and name not in ("close", "keep-alive", "upgrade", "te") and not name.startswith(":"):
+                    headers.remove(name)  # hop-by-hop headers nominated by Connection
+        headers.remove("connection")
+        headers.remove("upgrade")
+        headers.remove("keep-alive")
+        headers.remove("proxy-connection")
+        headers.remove("transfer-encoding")
+        te = headers.get("te")
+        if te is not None:
+            if any(t.strip().lower() == "trailers" for t in te.split(",")):
+                headers.set("te", "trailers")
+            else:
+                headers.remove("te")
+        remote = self.stream_info.connection.remote_address.host
+        edge_request = False
+        if config.use_remote_address:
+            internal = _is_internal(remote)
+            if not config.skip_xff_append:
+                xff = headers.get("x-forwarded-for")
+                headers.set("x-forwarded-for", f"{xff},{remote}" if xff else remote)
+            if internal:
+                headers.set("x-envoy-internal", "true")
+            else:
+                edge_request = True
+                for name in _INTERNAL_ONLY_HEADERS:
+                    headers.remove(name)
+                headers.set("x-envoy-external-address", remote)
+            headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
+        elif headers.get("x-forwarded-proto") is None:
+            headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
+        request_id = headers.get("x-request-id")
+        if config.generate_request_id and (
+            request_id is None or (edge_request and not config.preserve_external_request_id)
+        ):
+            request_id = str(uuid.uuid4())
+            headers.set("x-request-id", request_id)
+        self.stream_info.request_id = request_id or ""
+
+    # -- FilterManagerCallbacks ----------------------------------------------------------
+
+    def encode_1xx_headers(self, headers: HeaderMap) -> None:
+        self.stats.downstream_rq_1xx.inc()
+        self.conn.write(self.conn.codec.encode_headers(headers, False))
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        """ActiveStream::encodeHeaders: the HCM's response headers, stats, then the codec."""
+        self._reset_idle_timer()
+        config = self.config
+        conn = self.conn
+        if headers.get("date") is None:
+            headers.add("date", conn.handler.date.value())
+        if config.server_header_transformation == _OVERWRITE:
+            headers.set("server", config.server_name)
+        elif config.server_header_transformation == _APPEND_IF_ABSENT:
+            headers.set_default("server", config.server_name)
+        headers.remove("connection")
+        headers.remove("upgrade")
+        headers.remove("transfer-encoding")
+        headers.remove("keep-alive")
+        headers.remove("proxy-connection")
+        request_headers = self.filter_manager.request_headers
+        if config.always_set_request_id_in_response and request_headers is not None:
+            request_id = request_headers.get("x-request-id")
+            if request_id is not None:
+                headers.set("x-request-id", request_id)
+        if config.via:
+            via = headers.get("via")
+            headers.set("via", f"{via}, {config.via}" if via else config.via)
+        if conn.codec.protocol == "HTTP/1.0":
+            # HTTP/1.0 cannot chunk: without a length the response is framed by close.
+            if headers.get("content-length") is None:
+                self.saw_connection_close = True
+            if not self.saw_connection_close:
+                headers.set("connection", "keep-alive")
+        if conn.drain_state == _NOT_DRAINING and self.saw_connection_close:
+            conn.drain_state = _CLOSING
+        if not self.filter_manager.remote_decode_complete:
+            # Answering before the request is in: HTTP/1 cannot reuse the connection.
+            conn.drain_state = _CLOSING
+            self.stats.downstream_rq_response_before_rq_complete.inc()
+        if conn.drain_state != _NOT_DRAINING:
+            headers.set("connection", "close")
+        status = int(headers.get(":status") or 0)
+        self.stream_info.response_code = status
+        if 100 <= status < 600:
+            self.stats.rq_by_class[status // 100].inc()
+        self.response_started = True
+        self.stream_info.first_downstream_tx = self.dispatcher.time_source.monotonic()
+        conn.write(conn.codec.encode_headers(headers, end_stream))
+        if end_stream:
+            self._on_codec_encode_complete()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        self._reset_idle_timer()
+        self.stream_info.bytes_sent += len(data)
+        self.conn.write(self.conn.codec.encode_data(data, end_stream))
+        if end_stream:
+            self._on_codec_encode_complete()
+
+    def encode_trailers(self, trailers: HeaderMap) -> None:
+        self._reset_idle_timer()
+        self.conn.write(self.conn.codec.encode_trailers(trailers))
+        self._on_codec_encode_complete()
+
+    def _on_codec_encode_complete(self) -> None:
+        self._codec_saw_local_complete = True
+        self.stream_info.last_downstream_tx = self.dispatcher.time_source.monotonic()
+
+    def end_stream(self) -> None:
+        """doEndStream: reset if the request is still incoming, else destroy; then maybe close."""
+        if not self.filter_manager.remote_decode_complete or not self._codec_saw_local_complete:
+            # HTTP/1: "resetting" a server stream closes the connection once the reply is flushed.
+            self.conn.drain_state = _CLOSING
+        self._destroy()
+
+    def reset_stream(self) -> None:
+        self.stats.downstream_rq_tx_reset.inc()
+        self.conn.drain_state = _CLOSING
+        self._destroy()
+        self.conn.close()
+
+    def route(self) -> object | None:
+        if not self._route_cached:
+            self._route_cached = True
+            route_config = self.config.route_config
+            headers = self.filter_manager.request_headers
+            self._cached_route = None
+            if route_config is not None and headers is not None:
+                self._cached_route = route_config.route(headers, self.stream_id)
+                self.stream_info.route_name = getattr(self._cached_route, "name", "") or ""
+        return self._cached_route
+
+    def clear_route_cache(self) -> None:
+        self._route_cached = False
+        self._cached_route = None
+
+    def disarm_request_timeout(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.disable_timer()
+
+    def on_request_data_too_large(self) -> None:
+        self.stats.downstream_rq_too_large.inc()
+
+    def on_response_data_too_large(self) -> None:
+        self.stats.rs_too_large.inc()
+
+    def on_decoder_filter_above_write_buffer_high_watermark(self) -> None:
+        self.conn.read_disable(True)
+
+    def on_decoder_filter_below_write_buffer_low_watermark(self) -> None:
+        self.conn.read_disable(False)
+
+    def on_encoder_filter_above_write_buffer_high_watermark(self) -> None:
+        self.on_above_write_buffer_high_watermark()
+
+    def on_encoder_filter_below_write_buffer_low_watermark(self) -> None:
+        self.on_below_write_buffer_low_watermark()
+
+    # -- downstream watermarks (the router registers to pause its upstream) ---------------
+
+    def add_downstream_watermark_callbacks(self, callbacks: Any) -> None:
+        """`callbacks.on_above_write_buffer_high_watermark()` / `on_below_write_buffer_low_watermark()`."""
+        self._watermark_callbacks.append(callbacks)
+        if self.conn._write_paused:
+            callbacks.on_above_write_buffer_high_watermark()
+
+    def remove_downstream_watermark_callbacks(self, callbacks: Any) -> None:
+        if callbacks in self._watermark_callbacks:
+            self._watermark_callbacks.remove(callbacks)
+
+    def on_above_write_buffer_high_watermark(self) -> None:
+        for cb in list(self._watermark_callbacks):
+            cb.on_above_write_buffer_high_watermark()
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        for cb in list(self._watermark_callbacks):
+            cb.on_below_write_buffer_low_watermark()
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _reset_idle_timer(self) -> None:
+        if self._idle_timer is not None and not self._destroyed:
+            self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
+
+    def _on_idle_timeout(self) -> None:
+        self.stats.downstream_rq_idle_timeout.inc()
+        self.stream_info.add_response_flag("SI")
+        if self.response_started:
+            self.filter_manager.reset_stream()
+        else:
+            self.filter_manager.send_local_reply(408, "stream timeout", None, None, DETAILS_STREAM_IDLE_TIMEOUT)
+
+    def _on_request_timeout(self) -> None:
+        self.stats.downstream_rq_timeout.inc()
+        self.filter_manager.send_local_reply(408, "request timeout", None, None, DETAILS_REQUEST_OVERALL_TIMEOUT)
+
+    # -- completion ----------------------------------------------------------------------
+
+    def _destroy(self) -> None:
+        """doDeferredStreamDestroy: timers off, access logs, on_destroy, stats; then the connection."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._idle_timer is not None:
+            self._idle_timer.disable_timer()
+        if self._request_timer is not None:
+            self._request_timer.disable_timer()
+        info = self.stream_info
+        if info.response_code is None and self.filter_manager.response_headers is None:
+            info.response_code = 0
+        if self.filter_manager.decoder_above_high_watermark:
+            # Whatever held request data above the limit is gone: reading may resume.
+            self.filter_manager.decoder_above_high_watermark = False
+            self.conn.read_disable(False)
+        self.filter_manager.log()
+        self.filter_manager.destroy_filters()
+        self.stats.downstream_rq_active.dec()
+        self.stats.downstream_rq_completed.inc()
+        self.conn.on_stream_destroyed(self)
+
+
+def _is_upgrade(headers: HeaderMap) -> bool:
+    """Utility::isUpgrade: Connection has the upgrade token and an Upgrade header is present."""
+    upgrade = headers.get("upgrade")
+    connection = headers.get("connection")
+    if not upgrade or connection is None:
+        return False
+    return any(t.strip().lower() == "upgrade" for t in connection.split(","))
+
