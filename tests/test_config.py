@@ -98,6 +98,20 @@ CASES = [
     # Invalid duration: Expected positive duration: goo.gle/debugstr \nseconds: -1
     ("negative_duration", f"{HCM}.route_config.virtual_hosts[0].routes[0].route.timeout",
      "Invalid duration: Expected positive duration: seconds: -1", "Invalid duration: Expected positive duration"),
+    # ... | caused by RateLimitValidationError.HitsAddend: embedded message failed validation | caused by
+    # HitsAddendValidationError.Format: value does not have prefix "%")
+    ("string_prefix_rule", f"{HCM}.route_config.virtual_hosts[0].rate_limits[0].hits_addend.format",
+     'caused by HitsAddendValidationError.Format: value does not have prefix "%")',
+     'caused by HitsAddendValidationError.Format: value does not have prefix "%")'),
+    # ... | caused by RouteActionValidationError.HedgePolicy: embedded message failed validation | caused by
+    # HedgePolicyValidationError.InitialRequests: value must be greater than or equal to 1)
+    ("wrapped_uint32_rule", f"{HCM}.route_config.virtual_hosts[0].routes[0].route.hedge_policy.initial_requests",
+     "caused by HedgePolicyValidationError.InitialRequests: value must be greater than or equal to 1)",
+     "caused by HedgePolicyValidationError.InitialRequests: value must be greater than or equal to 1)"),
+    # ... | caused by ClusterValidationError.DnsRefreshRate: value must be greater than 1ms)
+    ("duration_gt_rule", "static_resources.clusters[0].dns_refresh_rate",
+     "caused by ClusterValidationError.DnsRefreshRate: value must be greater than 1ms)",
+     "caused by ClusterValidationError.DnsRefreshRate: value must be greater than 1ms)"),
     # error adding listener named 'front': address is necessary
     ("listener_without_address", "static_resources.listeners[0].address",
      "error adding listener named 'front': address is necessary",
