@@ -876,7 +876,11 @@ class ContextBase:
         m = self._get_map(map_type)
         if m is None:
             return WasmResult.BadArgument
-        m.set(key.decode("latin-1"), value.decode("latin-1"))
+        # Envoy's setCopy removes every value, then appends: a replaced header moves last
+        # (observed with Envoy 1.40).
+        name = key.decode("latin-1")
+        m.remove(name)
+        m.add(name, value.decode("latin-1"))
         self._headers_modified(map_type)
         return WasmResult.Ok
 

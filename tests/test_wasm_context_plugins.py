@@ -1,0 +1,112 @@
+"""The real test plugins (plugins/out/, C against the raw ABI) driven through the sans-IO core.
+
+The expectations are the ones tests/envoy_plugins/test_envoy_headers.py pins against real
+Envoy 1.40, minus what needs a proxy (upstream echo, codec). Skipped when the plugins are not
+built (`python -m plugins.build`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.wasm_host.fakes import FakeStreamEnv, stream_info
+from wasmproxy.http.filter import FilterHeadersStatus
+from wasmproxy.http.headers import HeaderMap
+from wasmproxy.wasm.abi import AbiVersion
+from wasmproxy.wasm.context import ContextBase, Plugin
+from wasmproxy.wasm.runtime import compile_module
+from wasmproxy.wasm.wasm import Wasm
+
+OUT = Path(__file__).resolve().parents[1] / "plugins" / "out"
+
+OPS = ";".join([
+    "request_headers add request_headers x-req-added a",
+    "request_headers replace request_headers user-agent replaced",
+    "request_headers remove request_headers x-drop",
+    "request_headers get request_headers x-missing",
+    "request_headers get request_headers x-present",
+    "request_headers size request_headers",
+    "request_headers keys request_headers",
+    "request_trailers add request_trailers x-rt-added 1",
+    "request_trailers remove request_trailers x-rt-drop",
+    "response_headers add response_headers x-resp-added r",
+    "response_headers remove response_headers content-type",
+    "response_headers replace response_headers x-replace-me new",
+    "response_headers add request_headers x-late v",
+    "response_trailers add response_trailers x-rtr-added 2",
+    "response_trailers replace response_trailers x-up-trailer changed",
+])
+
+
+def load(name: str, configuration: bytes = b"") -> tuple[Wasm, Plugin]:
+    path = OUT / f"{name}.wasm"
+    if not path.exists():
+        pytest.skip(f"{path} not built (python -m plugins.build)")
+    wasm = Wasm(compile_module(path.read_bytes(), name=name), post=lambda cb: None, vm_id=name)
+    assert wasm.initialize(), wasm.fail_message
+    plugin = Plugin(name=name, root_id="", vm_id=name, plugin_configuration=configuration)
+    root = wasm.start(plugin)
+    assert root is not None and wasm.configure(root, plugin)
+    return wasm, plugin
+
+
+def run_stream(ctx: ContextBase, request: HeaderMap, request_trailers: HeaderMap,
+               response: HeaderMap, response_trailers: HeaderMap) -> None:
+    assert ctx.decode_headers(request, False) == FilterHeadersStatus.Continue
+    ctx.decode_data(bytearray(b"abc"), False)
+    ctx.decode_trailers(request_trailers)
+    assert ctx.encode_headers(response, False) == FilterHeadersStatus.Continue
+    ctx.encode_data(bytearray(b"body"), False)
+    ctx.encode_trailers(response_trailers)
+    ctx.on_destroy()
+
+
+@pytest.mark.parametrize("name", ["headers", "headers_abi020", "headers_abi010"])
+def test_headers_plugin_edits_like_envoy(name: str) -> None:
+    wasm, plugin = load(name)
+    expected_abi = {"headers": AbiVersion.ProxyWasm_0_2_1, "headers_abi020": AbiVersion.ProxyWasm_0_2_0,
+                    "headers_abi010": AbiVersion.ProxyWasm_0_1_0}[name]
+    assert wasm.abi_version == expected_abi
+    request = HeaderMap([(":authority", "h"), (":path", "/"), (":method", "POST"), (":scheme", "http"),
+                         ("x-headers-ops", OPS), ("x-drop", "1"), ("x-present", "p"), ("user-agent", "ua")])
+    request_trailers = HeaderMap([("x-rt-drop", "1"), ("x-rt-keep", "k")])
+    response = HeaderMap([(":status", "200"), ("content-type", "application/json"), ("x-replace-me", "old")])
+    response_trailers = HeaderMap([("x-up-trailer", "orig")])
+    ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+    run_stream(ctx, request, request_trailers, response, response_trailers)
+    assert request.get("x-req-added") == "a"
+    assert request.get("user-agent") == "replaced"
+    assert request.get("x-drop") is None
+    assert request_trailers.items() == [("x-rt-keep", "k"), ("x-rt-added", "1")]
+    assert response.get("x-resp-added") == "r"
+    assert response.get("x-replace-me") == "new"
+    assert response.get("content-type") is None
+    assert response.get("x-get-x-present") == "0:p"
+    assert response.get("x-get-x-missing") == ("0:" if expected_abi == AbiVersion.ProxyWasm_0_1_0 else "1:")
+    assert response.get("x-status-add-x-late") == "2"  # request headers are gone once responding
+    assert response.get("x-keys-request_headers") == (
+        "0::authority,:path,:method,:scheme,x-headers-ops,x-present,x-req-added,user-agent")
+    status, size, pairs = (response.get("x-size-request_headers") or "").split(":")
+    assert (status, pairs) == ("0", "8") and int(size) > 0
+    assert response_trailers.items() == [("x-rtr-added", "2"), ("x-up-trailer", "changed")]
+
+
+def test_headers_plugin_configuration_applies_to_every_stream() -> None:
+    wasm, plugin = load("headers", b"request_headers add request_headers x-from-config c1\n"
+                                   b"response_headers add response_headers x-from-config c2\n")
+    for _ in range(3):
+        request, response = HeaderMap([(":path", "/")]), HeaderMap([(":status", "200")])
+        ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+        run_stream(ctx, request, HeaderMap(), response, HeaderMap())
+        assert request.get("x-from-config") == "c1"
+        assert response.get("x-from-config") == "c2"
+
+
+def test_assemblyscript_plugin_reads_its_configuration() -> None:
+    wasm, plugin = load("as_header", b"from-as-config")
+    response = HeaderMap([(":status", "200")])
+    ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+    run_stream(ctx, HeaderMap([(":path", "/")]), HeaderMap(), response, HeaderMap())
+    assert response.get("x-as-header") == "from-as-config"
