@@ -80,6 +80,7 @@ TARGETS: tuple[Target, ...] = (
     _c("headers", "headers.c"),
     _c("headers_abi020", "headers.c", "PROXY_WASM_ABI=20"),
     _c("headers_abi010", "headers.c", "PROXY_WASM_ABI=10"),
+    _c("body", "body.c"),
     _c("local_reply", "local_reply.c"),
     _c("trap", "trap.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
