@@ -110,3 +110,46 @@ def test_assemblyscript_plugin_reads_its_configuration() -> None:
     ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
     run_stream(ctx, HeaderMap([(":path", "/")]), HeaderMap(), response, HeaderMap())
     assert response.get("x-as-header") == "from-as-config"
+
+
+def test_local_reply_plugin_stops_the_stream_and_defers_the_reply() -> None:
+    wasm, plugin = load("local_reply", b"phase request_headers\nstatus 418\nbody teapot\nheader x-cfg one\n"
+                                       b"return continue\n")
+    env = FakeStreamEnv(stream_info())
+    ctx = wasm.create_stream_context(plugin, env)
+    # The plugin returns Continue, but a local reply was sent: Envoy stops iteration.
+    assert ctx.decode_headers(HeaderMap([(":path", "/")]), True) == FilterHeadersStatus.StopAllIterationAndWatermark
+    ((kind, code, body, headers, grpc, details),) = env.actions
+    assert (kind, code, body, grpc, details) == ("local_reply", 418, b"teapot", None, "wasm_local_reply")
+    assert ("x-cfg", "one") in headers
+
+
+def test_trap_plugin_fails_the_vm_and_later_streams_get_503() -> None:
+    wasm, plugin = load("trap")
+    env = FakeStreamEnv(stream_info())
+    ctx = wasm.create_stream_context(plugin, env)
+    status = ctx.decode_headers(HeaderMap([(":path", "/"), ("x-trap-phase", "request_headers")]), True)
+    assert status == FilterHeadersStatus.StopAllIterationAndWatermark
+    assert wasm.is_failed() and "unreachable" in wasm.fail_message
+    assert env.actions == [("local_reply", 503, b"", [], 14, "wasm_fail_stream")]
+    env2 = FakeStreamEnv(stream_info())
+    ctx2 = wasm.create_stream_context(plugin, env2)
+    ctx2.decode_headers(HeaderMap([(":path", "/")]), True)
+    assert env2.actions == [("local_reply", 503, b"", [], 14, "wasm_fail_stream")]
+
+
+def test_body_plugin_buffers_and_rewrites_the_request_body() -> None:
+    from wasmproxy.http.filter import FilterDataStatus
+
+    wasm, plugin = load("body")
+    ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+    request = HeaderMap([(":path", "/"), ("x-body-ops", "request buffer;request upper;request append !")])
+    ctx.decode_headers(request, False)
+    assert ctx.decode_data(bytearray(b"abc"), False) == FilterDataStatus.StopIterationAndBuffer
+    whole = bytearray(b"abcdef")  # the connection manager hands over the whole buffered body
+    assert ctx.decode_data(whole, True) == FilterDataStatus.Continue
+    assert whole == b"ABCDEF!"
+    response = HeaderMap([(":status", "200")])
+    ctx.encode_headers(response, True)
+    assert response.get("x-body-request-sizes") == "3,6"
+    assert response.get("x-body-request-eos") == "0,1"
