@@ -170,11 +170,13 @@ def test_wasm_filter_with_string_value_configuration_loads(tmp_path: Path) -> No
         "                  value: '{\"header\": \"x-hello\"}'\n"
         "                vm_config:\n"
         "                  runtime: envoy.wasm.runtime.v8\n"
+        "                  environment_variables: {key_values: {MODE: test}}\n"
         f"                  code: {{local: {{filename: {plugin}}}}}\n")
     bootstrap = load_bootstrap_text(text)
     hcm = registry.unpack(bootstrap.static_resources.listeners[0].filter_chains[0].filters[0].typed_config)
     wasm = registry.unpack(hcm.http_filters[0].typed_config)
     assert wasm.config.vm_config.code.local.filename == str(plugin)
+    assert dict(wasm.config.vm_config.environment_variables.key_values) == {"MODE": "test"}
     assert registry.unpack(wasm.config.configuration).value == '{"header": "x-hello"}'
     # Envoy 1.40 for a missing file: Invalid path: /nonexistent/p.wasm
     with pytest.raises(ConfigError) as info:

@@ -27,7 +27,7 @@ from validate import validate_pb2
 
 from wasmproxy.config import type_index
 from wasmproxy.config.errors import ConfigError
-from wasmproxy.config.proto_json import is_map
+from wasmproxy.config.proto_json import is_map, is_synthetic_oneof
 
 _HEADER_RE_NON_STRICT = "^[^\x00\n\r]*$"
 _WELL_KNOWN_REGEX = {
@@ -54,7 +54,7 @@ def validate(message: Message, path: str = "") -> None:
 def check_durations(message: Message, path: str = "") -> None:
     """Envoy's ``validateDurationFields``: a negative Duration anywhere is an error."""
     for field, value, field_path in _set_fields(message, path):
-        if field.cpp_type != FieldDescriptor.CPPTYPE_MESSAGE:
+        if _element_type(field).cpp_type != FieldDescriptor.CPPTYPE_MESSAGE:
             continue
         for item, item_path in _items(field, value, field_path):
             name = item.DESCRIPTOR.full_name
@@ -97,6 +97,11 @@ def _set_fields(message: Message, path: str) -> Iterable[tuple[FieldDescriptor, 
         yield field, value, f"{path}.{field.name}" if path else field.name
 
 
+def _element_type(field: FieldDescriptor) -> FieldDescriptor:
+    """The field whose type a repeated/singular field's elements have: a map's value field, else itself."""
+    return field.message_type.fields_by_name["value"] if is_map(field) else field
+
+
 def _items(field: FieldDescriptor, value: Any, path: str) -> Iterable[tuple[Any, str]]:
     if is_map(field):
         for key in sorted(value):
@@ -122,7 +127,7 @@ _rules_cache: dict[str, tuple[list[tuple[FieldDescriptor, Any]], list[tuple[Oneo
 
 
 def _plan(descriptor: Descriptor) -> tuple[list[tuple[FieldDescriptor, Any]], list[tuple[OneofDescriptor, bool]], bool]:
-    """(non-oneof fields with their rules, oneofs with `required`, disabled) for a message type."""
+    """(every field with its rules or None, the real oneofs with their `required`, disabled) for a type."""
     plan = _rules_cache.get(descriptor.full_name)
     if plan is None:
         options = descriptor.GetOptions()
@@ -134,7 +139,7 @@ def _plan(descriptor: Descriptor) -> tuple[list[tuple[FieldDescriptor, Any]], li
                 validate_pb2.rules) else None
             fields.append((field, rules))
         oneofs = [(o, bool(o.GetOptions().Extensions[validate_pb2.required])) for o in descriptor.oneofs
-                  if not (len(o.fields) == 1 and o.name == f"_{o.fields[0].name}")]
+                  if not is_synthetic_oneof(o)]
         plan = (fields, oneofs, disabled)
         _rules_cache[descriptor.full_name] = plan
     return plan

@@ -106,7 +106,7 @@ def _parse_message(value: Any, message: Message, path: str) -> None:
             raise unknown_field_error(join(path, str(key)), descriptor.full_name, str(key))
         child = join(path, field.name)
         oneof = field.containing_oneof
-        slot = oneof.name if oneof is not None and not _is_synthetic(oneof) else field.name
+        slot = oneof.name if oneof is not None and not is_synthetic_oneof(oneof) else field.name
         if slot in set_so_far:
             raise invalid_value(child, _type_label(field),
                                 f"'{field.name}' has already been set (either directly or as part of a oneof)")
@@ -116,9 +116,9 @@ def _parse_message(value: Any, message: Message, path: str) -> None:
         _parse_field(item, message, field, child)
 
 
-def _is_synthetic(oneof: Any) -> bool:
-    # proto3 `optional` fields live in a synthetic one-field oneof; it is not a user oneof.
-    return len(oneof.fields) == 1 and oneof.name == f"_{oneof.fields[0].name}"
+def is_synthetic_oneof(oneof: Any) -> bool:
+    """proto3 ``optional`` fields live in a synthetic one-field oneof; it is not a user oneof."""
+    return bool(len(oneof.fields) == 1 and oneof.name == f"_{oneof.fields[0].name}")
 
 
 def _accepts_null(field: FieldDescriptor) -> bool:
