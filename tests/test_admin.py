@@ -223,3 +223,108 @@ def test_admin_server_serves_on_dispatcher_loop(registry: StatsRegistry, tmp_pat
         t.join(WAIT)
         d.close()
     assert not t.is_alive()
+
+
+class _FakeServer:
+    """The AdminHost shape: what start_admin reads from the Server."""
+
+    def __init__(self, dispatcher: Dispatcher, stats: StatsRegistry) -> None:
+        self.bootstrap = bootstrap_pb2.Bootstrap()
+        self.bootstrap.admin.address.socket_address.address = "127.0.0.1"
+        self.bootstrap.node.id = "node-1"
+        self.bootstrap.static_resources.clusters.add(name="backend")
+        self.bootstrap.stats_flush_on_admin = True
+        self.opts = type("Opts", (), {"concurrency": 2, "mode": "serve", "config_path": "envoy.yaml"})()
+        self.stats = stats
+        self.main_dispatcher = dispatcher
+        self.shutdowns = 0
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_start_admin_wires_server_state(registry: StatsRegistry) -> None:
+    from wasmproxy.admin import start_admin
+
+    d = Dispatcher("main_thread")
+    server = _FakeServer(d, registry)
+    box: list[AdminServer] = []
+    ready = threading.Event()
+
+    def init() -> None:
+        admin = start_admin(server)
+        box.append(admin)
+        d.loop.call_soon(ready.set)  # the start task has run by the next iteration or two
+
+    d.post(init)
+    t = threading.Thread(target=d.run)
+    t.start()
+    try:
+        assert ready.wait(WAIT)
+        host, port = box[0].address
+        conn = http.client.HTTPConnection(host, port, timeout=WAIT)
+        conn.request("GET", "/server_info")
+        info = json.loads(conn.getresponse().read())
+        assert info["command_line_options"]["concurrency"] == 2
+        assert info["command_line_options"]["mode"] == "Serve"
+        assert info["node"]["id"] == "node-1"
+        conn.request("GET", "/config_dump")
+        dump = json.loads(conn.getresponse().read())
+        types = [c["@type"].rsplit(".", 1)[1] for c in dump["configs"]]
+        assert types == ["BootstrapConfigDump", "ClustersConfigDump", "ListenersConfigDump"]
+        assert dump["configs"][1]["static_clusters"][0]["cluster"]["name"] == "backend"
+        conn.request("POST", "/quitquitquit")
+        assert conn.getresponse().read() == b"OK\n"
+        assert server.shutdowns == 1
+        conn.close()
+    finally:
+        closed = threading.Event()
+        d.post(lambda: (box and box[0].close(), closed.set()))
+        assert closed.wait(WAIT)
+        d.exit()
+        t.join(WAIT)
+        d.close()
+
+
+def test_admin_bind_failure_raises_at_once(registry: StatsRegistry) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    d = Dispatcher("main_thread")
+    try:
+        with pytest.raises(OSError):
+            AdminServer(AdminHandler(registry), d, "127.0.0.1", taken.getsockname()[1]).bind()
+    finally:
+        taken.close()
+        d.close()
+
+
+def test_clusters_from_the_real_cluster_manager_match_envoy(tmp_path) -> None:
+    """The same STATIC cluster Envoy 1.40 printed ENVOY_CLUSTERS_TEXT for, through our ClusterManager."""
+    from wasmproxy.admin.start import _cluster_statuses
+    from wasmproxy.config import load_bootstrap
+    from wasmproxy.thread_local import ThreadLocalInstance
+    from wasmproxy.upstream.cluster_manager import ClusterManager
+
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(
+        "static_resources:\n"
+        "  clusters:\n"
+        "  - name: backend.svc\n"
+        "    type: STATIC\n"
+        "    load_assignment:\n"
+        "      cluster_name: backend.svc\n"
+        "      endpoints:\n"
+        "      - lb_endpoints:\n"
+        "        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}\n"
+    )
+    d = Dispatcher("main_thread")
+    d.thread_id = threading.get_ident()  # used on this thread as main, loop not run
+    try:
+        cm = ClusterManager.from_bootstrap(load_bootstrap(str(cfg)), d, ThreadLocalInstance(d), Store())
+        handler = AdminHandler(StatsRegistry(), clusters=lambda: _cluster_statuses(cm))
+        assert handler.handle("GET", "/clusters")[2] == ENVOY_CLUSTERS_TEXT.encode()
+    finally:
+        d.close()

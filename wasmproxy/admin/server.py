@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
@@ -101,14 +102,36 @@ class AdminServer:
         self._port = port
         self._address_path = address_path
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
 
+    def bind(self) -> tuple[str, int]:
+        """Any thread: bind the listening socket now, so a bad address fails here (OSError)."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        name = sock.getsockname()
+        self.address = (name[0], name[1])
+        return self.address
+
     async def start(self) -> tuple[str, int]:
-        """Bind and listen; returns the bound (host, port). Writes ``--admin-address-path`` if set."""
+        """On the dispatcher's loop: serve (binding first if ``bind`` was not called); returns
+        the bound (host, port). Writes ``address_path`` (Envoy's ``--admin-address-path``)."""
+        if self._sock is None:
+            self.bind()
+        sock = self._sock
+        assert sock is not None
         loop = self._dispatcher.loop
-        self._server = await loop.create_server(lambda: _AdminProtocol(self._handler), self._host, self._port)
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (sockname[0], sockname[1])
+        self._server = await loop.create_server(lambda: _AdminProtocol(self._handler), sock=sock)
+        assert self.address is not None
         if self._address_path:
             tmp = f"{self._address_path}.tmp"
             with open(tmp, "w") as f:
@@ -118,7 +141,10 @@ class AdminServer:
         return self.address
 
     def close(self) -> None:
-        """Stop accepting; open connections finish their current reply."""
+        """Dispatcher thread: stop accepting; open connections finish their current reply."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
