@@ -648,3 +648,21 @@ def test_a_failing_host_call_answers_internal_failure_and_keeps_the_vm() -> None
     n, nn = g.put(b"test_broken", KEY)
     assert g.call(None, "proxy_call_foreign_function", n, nn, 0, 0, OUT, OUT + 4) == 10  # InternalFailure
     assert not g.wasm.is_failed()
+
+
+def test_envoy_compress_and_uncompress_foreign_functions() -> None:
+    import zlib
+
+    g = Guest()
+    c, cn = g.put(b"compress", KEY)
+    u, un = g.put(b"uncompress", KEY + 64)
+    data = b"hello " * 50
+    a, an = g.put(data, VAL)
+    assert g.call(None, "proxy_call_foreign_function", c, cn, a, an, OUT, OUT + 4) == OK
+    packed = g.out_bytes(OUT, OUT + 4)
+    assert packed == zlib.compress(data)
+    p, pn = g.put(packed, VAL)
+    assert g.call(None, "proxy_call_foreign_function", u, un, p, pn, OUT, OUT + 4) == OK
+    assert g.out_bytes(OUT, OUT + 4) == data
+    bad, badn = g.put(b"not zlib", VAL)
+    assert g.call(None, "proxy_call_foreign_function", u, un, bad, badn, OUT, OUT + 4) == 3  # SerializationFailure

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import weakref
+import zlib
 from collections import deque
 from typing import Any, Callable, Mapping, Protocol
 
@@ -84,6 +85,29 @@ _foreign_functions: dict[str, ForeignFunction] = {}
 def register_foreign_function(name: str, fn: ForeignFunction) -> None:
     """Make `fn` callable from plugins with proxy_call_foreign_function(name, ...)."""
     _foreign_functions[name] = fn
+
+
+def _compress(wasm: "Wasm", context: ContextBase, args: bytes) -> "tuple[WasmResult, bytes]":
+    """Envoy's "compress": zlib's compress() (zlib format, default level)."""
+    return WasmResult.Ok, zlib.compress(args)
+
+
+def _uncompress(wasm: "Wasm", context: ContextBase, args: bytes) -> "tuple[WasmResult, bytes]":
+    try:
+        return WasmResult.Ok, zlib.decompress(args)
+    except zlib.error:
+        return WasmResult.SerializationFailure, b""
+
+
+def _clear_route_cache(wasm: "Wasm", context: ContextBase, args: bytes) -> "tuple[WasmResult, bytes]":
+    context.clear_route_cache()
+    return WasmResult.Ok, b""
+
+
+# The foreign functions Envoy registers that need no CEL or crypto (source/.../wasm/foreign.cc).
+register_foreign_function("compress", _compress)
+register_foreign_function("uncompress", _uncompress)
+register_foreign_function("clear_route_cache", _clear_route_cache)
 
 
 # Exports looked up in the module (cpp-host FOR_ALL_MODULE_FUNCTIONS + Envoy's).
