@@ -280,3 +280,19 @@ def test_clone_is_an_independent_instance_that_initializes_again() -> None:
     assert [e for e in g.events if e[1] == 300] == [("proxy_on_context_create", 300, 0, 0)] * 2
     root = clone.start(g.plugin)
     assert root is not None and root.id == 1
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    (FailurePolicy.FAIL_OPEN, FilterHeadersStatus.Continue),
+    (FailurePolicy.FAIL_CLOSED, FilterHeadersStatus.StopAllIterationAndWatermark),
+])
+def test_stream_without_a_vm_follows_the_failure_policy(policy: FailurePolicy, expected: FilterHeadersStatus) -> None:
+    from wasmproxy.wasm.context import ContextBase
+
+    env = FakeStreamEnv(stream_info())
+    ctx = ContextBase.stream_context(None, 1, Plugin(name="p", failure_policy=policy), env)
+    assert ctx.decode_headers(HeaderMap(), True) == expected
+    assert env.actions == ([] if policy == FailurePolicy.FAIL_OPEN else
+                           [("local_reply", 503, b"", [], 14, "wasm_fail_stream")])
+    ctx.log(None, None, None, env.stream_info)
+    ctx.on_destroy()

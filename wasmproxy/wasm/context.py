@@ -141,8 +141,11 @@ class StreamEnvironment:
 class WasmEnvironment:
     """What a Wasm asks of the proxy on its thread: callouts, DNS, node info.
 
-    Defaults answer Unimplemented. Results come back through the root context's
-    on_http_call_response / on_http_call_failure / on_grpc_* / on_resolve_dns.
+    Defaults answer Unimplemented. Results go back, later and on this Wasm's thread, to the
+    root context passed in: ``on_http_call_success(token, headers, body, trailers)`` /
+    ``on_http_call_failure(token)``, ``on_grpc_receive_initial_metadata(token, map)``,
+    ``on_grpc_receive(token, bytes)``, ``on_grpc_receive_trailing_metadata(token, map)``,
+    ``on_grpc_close(token, status, message)``, ``on_resolve_dns(token, [(address, ttl)] | None)``.
     """
 
     #: envoy.config.core.v3.Node (or None) for the xds.node property.
@@ -518,8 +521,7 @@ class ContextBase:
         return 0
 
     def _headers_args(self, headers: int, end_of_stream: bool) -> tuple[int, ...]:
-        assert self.wasm is not None
-        if self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0:
+        if self.wasm is not None and self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0:
             return (self.id, headers)  # 0.1.0: no end-of-stream flag
         return (self.id, headers, int(end_of_stream))
 
