@@ -9,7 +9,11 @@ import json
 import re
 import threading
 
+import math
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wasmproxy.stats import (
     StatsFilter,
@@ -59,6 +63,31 @@ def test_bins_two_significant_digits_and_bucket_counts() -> None:
     assert s.sample_count == 3
     assert s.computed_quantiles[0] == pytest.approx(1200 + 100 / 3)  # two samples in [1200, 1300)
     assert s.computed_quantiles[-1] == pytest.approx(1350)  # one sample in [1300, 1400)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**7), min_size=1, max_size=200))
+def test_quantiles_equal_order_statistics_of_evenly_spread_samples(values: list[int]) -> None:
+    """Reference model: a bin's n samples sit at left + j/(n+1)*width; quantile q is sample ceil(q*N)."""
+    from wasmproxy.stats.histogram import SUPPORTED_QUANTILES, _bin_left_width, bin_key
+
+    by_bin: dict[int, int] = {}
+    for v in values:
+        by_bin[bin_key(v)] = by_bin.get(bin_key(v), 0) + 1
+    positions = []
+    for key in sorted(by_bin):
+        left, width = _bin_left_width(key)
+        n = by_bin[key]
+        positions += [left + j / (n + 1) * width for j in range(1, n + 1)]
+    expected = [positions[max(1, math.ceil(q * len(values))) - 1] for q in SUPPORTED_QUANTILES]
+    s = stats_of(*values)
+    assert s.computed_quantiles == pytest.approx(expected)
+    assert s.computed_quantiles == sorted(s.computed_quantiles)
+    # Each sample's bin contains it: two significant digits.
+    for v in values:
+        left, width = _bin_left_width(bin_key(v))
+        assert left <= v < left + width or (v == 0 and left == 0)
+    buckets = s.computed_buckets
+    assert buckets == sorted(buckets) and buckets[-1] <= s.sample_count == len(values)
 
 
 def test_empty_histogram_quantiles_are_nan() -> None:
