@@ -154,7 +154,8 @@ class RequestSpec:
 
 @dataclass(slots=True)
 class Case:
-    """A named request sequence over one connection (reopened when the proxy closes it)."""
+    """A named request sequence over one connection (reopened after the proxy closes it or
+    announces that it will with ``connection: close``)."""
 
     name: str
     requests: list[RequestSpec]
@@ -320,7 +321,8 @@ def run_case(case: Case, target: Target) -> list[Result]:
                 continue
             closed = conn.closed_by_peer(CLOSE_CHECK_S) if spec.check_closed else None
             results.append(Result(outcome, closed))
-            if closed:
+            # After "connection: close" the next request must not race the proxy's close.
+            if closed or (outcome.header("connection") or "").lower() == "close":
                 conn.close()
                 conn = None
                 if case.pipeline:

@@ -9,7 +9,8 @@ response, which lets one upstream play every backend behaviour the tests need:
 ``x-echo-delay-ms: N``      respond after N ms (an event-loop timer; other connections go on)
 ``x-echo-body-size: N``     respond with N bytes of a fixed pattern instead of JSON, streamed
 ``x-echo-chunked: 1``       use ``transfer-encoding: chunked``
-``x-echo-headers: a:1,b:2`` add these response headers (values cannot contain commas)
+``x-echo-no-length: 1``     send neither content-length nor chunked: the body ends at close
+``x-echo-headers: a:1,b:2`` add these response headers, names as given (values cannot contain commas)
 ``x-echo-trailers: a:1``    send these trailers (implies chunked)
 ``x-echo-close: 1``         send ``connection: close`` and close after the response
 ``x-echo-reset: before-headers | after-headers``
@@ -63,7 +64,7 @@ def _parse_header_list(value: str) -> list[tuple[str, str]]:
     for item in value.split(","):
         name, sep, val = item.partition(":")
         if sep and name.strip():
-            pairs.append((name.strip().lower(), val.strip()))
+            pairs.append((name.strip(), val.strip()))
     return pairs
 
 
@@ -244,7 +245,8 @@ class EchoProtocol(asyncio.Protocol):
         extra = _parse_header_list(req.header("x-echo-headers") or "")
         trailers = _parse_header_list(req.header("x-echo-trailers") or "")
         chunked = bool(req.header("x-echo-chunked")) or bool(trailers)
-        close = bool(req.header("x-echo-close")) or not req.keep_alive
+        close_delimited = bool(req.header("x-echo-no-length")) and not chunked
+        close = bool(req.header("x-echo-close")) or not req.keep_alive or close_delimited
         body_size = req.header("x-echo-body-size")
         no_body = status in (204, 304) or 100 <= status < 200
         if body_size is not None:
@@ -256,7 +258,10 @@ class EchoProtocol(asyncio.Protocol):
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
         if not no_body:
             head.append(f"content-type: {content_type}")
-            head.append("transfer-encoding: chunked" if chunked else f"content-length: {length}")
+            if chunked:
+                head.append("transfer-encoding: chunked")
+            elif not close_delimited:
+                head.append(f"content-length: {length}")
         head += [f"{k}: {v}" for k, v in extra]
         if close:
             head.append("connection: close")
