@@ -68,7 +68,10 @@ class ThreadLocalInstance:
     # -- registration ----------------------------------------------------------
 
     def register_thread(self, dispatcher: _Dispatcher) -> None:
-        """Main thread only: add a worker; its thread learns its dispatcher via a post."""
+        """Main thread only: add a worker; its thread learns its dispatcher via a post.
+
+        Register every worker before setting slots: values set earlier are not replayed.
+        """
         self._assert_main_thread()
         self._assert_not_shutdown()
         self._registered.append(dispatcher)

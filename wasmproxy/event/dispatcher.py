@@ -141,7 +141,11 @@ class Timer:
 
 
 class Dispatcher:
-    """An event loop bound to one thread; see the module docstring for the post rules."""
+    """An event loop bound to one thread; see the module docstring for the post rules.
+
+    ``time_source`` is where code reads "now" (the watchdog, stream timings);
+    timers run on the loop's own clock.
+    """
 
     def __init__(
         self,
