@@ -82,6 +82,7 @@ TARGETS: tuple[Target, ...] = (
     _c("headers_abi010", "headers.c", "PROXY_WASM_ABI=10"),
     _c("body", "body.c"),
     _c("local_reply", "local_reply.c"),
+    _c("pause", "pause.c"),
     _c("trap", "trap.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),
