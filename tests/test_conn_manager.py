@@ -380,6 +380,8 @@ def test_use_remote_address_appends_xff_and_cleans_edge_requests():
     assert "x-envoy-retry-on" not in seen
     assert seen.get("x-envoy-external-address") == "93.184.216.34"
     assert seen.get("x-request-id") != "client"  # edge requests get a fresh id
+    assert [k for k, _ in seen.items()][4:] == [
+        "x-forwarded-for", "x-request-id", "x-forwarded-proto", "x-envoy-external-address"]  # Envoy's order
     h2 = Harness(Direct, use_remote_address=True)
     conn, t = h2.connect(peer=("127.0.0.1", 4000))
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\r\n")

@@ -612,20 +612,21 @@ class ActiveStream:
             self.conn.drain_state = _CLOSING
             fm.send_local_reply(400, "", None, None, DETAILS_MISSING_HOST)
             return
-        if _is_upgrade(headers):
-            # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
-            # codec saw an upgrade, so the request never completes).
-            self.stats.downstream_rq_ws_on_non_ws_route.inc()
-            self.conn.drain_state = _CLOSING
-            fm.send_local_reply(403, "", None, None, DETAILS_UPGRADE_FAILED)
-            return
         path = headers.get(":path")
         if path is not None and not path.startswith("/"):
             # Only relative paths at the application layer ("OPTIONS *" included).
             self.stats.downstream_rq_non_relative_path.inc()
             fm.send_local_reply(404, "", None, None, DETAILS_ABSOLUTE_PATH)
             return
+        upgrade = _is_upgrade(headers)
         self._mutate_request_headers(headers)
+        if upgrade:
+            # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
+            # codec saw an upgrade, so the request never completes).
+            self.stats.downstream_rq_ws_on_non_ws_route.inc()
+            self.conn.drain_state = _CLOSING
+            fm.send_local_reply(403, "", None, None, DETAILS_UPGRADE_FAILED)
+            return
         expect = headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
             # Envoy answers 100-continue itself and drops the header before the filters run.
@@ -694,8 +695,9 @@ class ActiveStream:
                 edge_request = True
                 for name in _INTERNAL_ONLY_HEADERS:
                     headers.remove(name)
-                headers.set("x-envoy-external-address", remote)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
+            if edge_request:
+                headers.set("x-envoy-external-address", remote)
         elif headers.get("x-forwarded-proto") is None:
             headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
         request_id = headers.get("x-request-id")
