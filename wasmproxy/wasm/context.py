@@ -18,6 +18,17 @@ local reply) are never done inside a host call; they are queued with
 `Wasm.add_after_vm_call_action` and run when the outermost call into the plugin returns.
 
 Threading: a context, its Wasm and its environment live on one thread.
+
+How the HTTP bridge drives a stream (Envoy's Context as a filter)::
+
+    ctx = wasm.create_stream_context(plugin, env)      # env: a StreamEnvironment subclass
+    ctx.decode_headers(headers, end_stream) -> http.filter.FilterHeadersStatus
+    ctx.decode_data(data: bytearray, end_stream)        # the whole buffer after StopIterationAndBuffer
+    ctx.decode_trailers(trailers) / encode_headers / encode_data / encode_trailers
+    ctx.log(request_headers, response_headers, response_trailers, stream_info)   # access-log phase
+    ctx.on_destroy()                                    # proxy_on_done + proxy_on_delete
+
+TCP: on_new_connection(), on_data(buf, eos), on_write(buf, eos), downstream_connection_closed(t).
 """
 
 from __future__ import annotations
@@ -89,6 +100,9 @@ class Plugin:
     root_id: str = ""
     vm_id: str = ""
     plugin_configuration: bytes = b""
+    # The VM's configuration (vm_config.configuration): the Wasm that runs this plugin is
+    # created with it; plugins sharing a VM must agree on it (it is part of the vm_key).
+    vm_configuration: bytes = b""
     failure_policy: FailurePolicy = FailurePolicy.UNSPECIFIED
     allow_on_headers_stop_iteration: bool = False
     # Extra bytes that distinguish plugins with equal root_id and configuration (cpp-host "key").
