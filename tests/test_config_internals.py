@@ -463,3 +463,15 @@ static_resources:
         load_bootstrap(bad)
     with pytest.raises(ValueError):
         load_bootstrap_text("{}", "toml")  # type: ignore[arg-type]
+
+
+def test_hostile_inputs_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="special characters are not allowed"):
+        load_bootstrap_text("node: {id: \x07}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_bootstrap_text("a: " + "[" * 1100)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_bootstrap_text("[" * 5000, "json")
+    deep_struct = '{"layered_runtime": {"layers": [{"name": "l", "static_layer": ' + '{"a": ' * 900 + "1" + "}" * 900
+    with pytest.raises(ConfigError):
+        load_bootstrap_text(deep_struct + "}]}}", "json")

@@ -49,7 +49,10 @@ def join(path: str, name: str) -> str:
 
 def parse_into(value: Any, message: Message, path: str = "") -> None:
     """Merge the JSON-like ``value`` into ``message``; ConfigError names the offending field."""
-    _parse_message(value, message, path)
+    try:
+        _parse_message(value, message, path)
+    except RecursionError:
+        raise ConfigError("config is nested too deeply to parse", path) from None
 
 
 def unknown_field_error(path: str, message_type: str, key: str) -> ConfigError:

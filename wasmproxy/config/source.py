@@ -18,6 +18,8 @@ from wasmproxy.config.errors import ConfigError
 
 Format = Literal["yaml", "json"]
 
+_TOO_DEEP = "config is nested too deeply to parse"
+
 
 def format_for_path(path: str | os.PathLike[str]) -> Format:
     """Envoy's choice of parser by file extension; ConfigError for the proto formats."""
@@ -51,14 +53,18 @@ def parse_text(text: str, fmt: Format) -> Any:
         except json.JSONDecodeError as e:
             raise ConfigError(f"Unable to parse JSON as proto (INVALID_ARGUMENT: invalid JSON, near "
                               f"{e.lineno}:{e.colno} (offset {e.pos}): {e.msg})") from None
+        except RecursionError:
+            raise ConfigError(_TOO_DEEP) from None
     if fmt != "yaml":
         raise ValueError(f"unknown config format {fmt!r} (expected 'yaml' or 'json')")
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         raise ConfigError(_yaml_error_message(e)) from None
-    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML parse error is marked
-        raise ConfigError(f"yaml: {e}") from None
+    except yaml.YAMLError as e:  # e.g. ReaderError: a control character in the text
+        raise ConfigError("yaml: " + " ".join(str(e).split())) from None
+    except RecursionError:
+        raise ConfigError(_TOO_DEEP) from None
     if node is None:
         return {}
     _check_duplicate_keys(node, "")
