@@ -240,8 +240,9 @@ def _pairs_to_header_map(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderMap:
 class ContextBase:
     """One Proxy-Wasm context: the VM context, a root context or a stream context.
 
-    Use the class methods `vm_context`, `root_context_for` and `stream_context` (the Wasm
-    does for the first two).
+    The Wasm creates its VM context and the root contexts (`Wasm.start`); stream contexts
+    come from `Wasm.create_stream_context`, or `stream_context(None, ...)` for a plugin whose
+    VM could not be created (it then only applies the failure policy).
     """
 
     def __init__(
@@ -345,7 +346,10 @@ class ContextBase:
     # -- calls into the plugin -------------------------------------------------------------
 
     def _call(self, name: str, *args: int) -> int | None:
-        """Call export `name` with this context current; None if absent (after-call actions run)."""
+        """Call export `name` with this context current, then run the deferred actions.
+
+        None if the plugin does not export it (nothing runs then, as in cpp-host).
+        """
         wasm = self.wasm
         assert wasm is not None
         fn = wasm.module_functions.get(name)
@@ -369,15 +373,6 @@ class ContextBase:
                 self.temp_plugin = None
             self.in_vm_context_created = True
         result = self._call("proxy_on_vm_start", self.id, len(wasm.vm_configuration))
-        return result is None or result != 0
-
-    def validate_configuration(self, plugin: Plugin) -> bool:
-        """proxy_validate_configuration(id, size), if exported (Envoy's Context)."""
-        self.temp_plugin = plugin
-        try:
-            result = self._call("proxy_validate_configuration", self.id, len(plugin.plugin_configuration))
-        finally:
-            self.temp_plugin = None
         return result is None or result != 0
 
     def on_configure(self, plugin: Plugin) -> bool:

@@ -112,7 +112,7 @@ register_foreign_function("clear_route_cache", _clear_route_cache)
 
 # Exports looked up in the module (cpp-host FOR_ALL_MODULE_FUNCTIONS + Envoy's).
 _MODULE_FUNCTIONS = (
-    "proxy_validate_configuration", "proxy_on_vm_start", "proxy_on_configure", "proxy_on_tick",
+    "proxy_on_vm_start", "proxy_on_configure", "proxy_on_tick",
     "proxy_on_context_create", "proxy_on_new_connection", "proxy_on_downstream_data",
     "proxy_on_upstream_data", "proxy_on_downstream_connection_close",
     "proxy_on_upstream_connection_close", "proxy_on_request_headers", "proxy_on_request_body",
