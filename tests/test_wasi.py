@@ -12,7 +12,7 @@ import pytest
 import wasmtime
 
 from wasmproxy.wasm import wasi
-from wasmproxy.wasm.runtime import WasmTrap, WasmVm, compile_module
+from wasmproxy.wasm.runtime import FuncSig, WasmTrap, WasmVm, compile_module, engine
 
 WAT_DIR = Path(__file__).parent / "wat"
 END = 65536  # one page: the fixture's memory size
@@ -239,3 +239,13 @@ def test_default_trace_sink_is_the_wasm_component_loggers_trace(mem, monkeypatch
     monkeypatch.setattr(get_logger("wasm"), "trace", traces.append)
     wasi.wasi_host_functions(lambda: mem, [], lambda lvl, msg: None)[("wasi_unstable", "fd_close")](3)
     assert traces == ["wasi_unstable fd_close"]
+
+
+def test_c_program_signatures_read_from_the_binary_match_wasmtime(c_program):
+    """A real wasi-libc module: runtime.py's own section reader agrees with wasmtime."""
+    m = compile_module(c_program)
+    reflected = wasmtime.Module(engine(), c_program)
+    sig = lambda ft: FuncSig(tuple(map(str, ft.params)), tuple(map(str, ft.results)))  # noqa: E731
+    assert m.imports == [(i.module, i.name, sig(i.type)) for i in reflected.imports]
+    assert m.exports == {e.name: sig(e.type) for e in reflected.exports
+                         if isinstance(e.type, wasmtime.FuncType)}

@@ -658,3 +658,56 @@ def test_host_function_with_several_results():
         local.get 0 call $p local.set $b i64.extend_i32_u local.get $b i64.add))''')
     vm = WasmVm(compile_module(code), {("env", "pair"): lambda x: (x, -1)})
     assert vm.get_function("sum")(5) == 4
+
+
+def test_export_with_an_unsupported_type_is_a_load_error():
+    code = wasmtime.wat2wasm('(module (func (export "f") (param v128)))')
+    vm = WasmVm(compile_module(code), {})
+    with pytest.raises(WasmLoadError, match="unsupported type v128"):
+        vm.get_function("f")
+
+
+def test_import_with_an_unsupported_type_is_a_load_error():
+    code = wasmtime.wat2wasm('(module (import "env" "g" (func (result v128))))')
+    with pytest.raises(WasmLoadError, match="unsupported type v128"):
+        WasmVm(compile_module(code), {("env", "g"): lambda: 0})
+
+
+# -- signatures come from the binary, never from wasmtime's (aborting) reflection -----------
+
+
+def reflected(code: bytes) -> tuple[list, dict]:
+    """What wasmtime's type reflection says (only safe for plain types)."""
+    m = wasmtime.Module(rt.engine(), code)
+    sig = lambda ft: FuncSig(tuple(map(str, ft.params)), tuple(map(str, ft.results)))  # noqa: E731
+    imports = [(i.module, i.name, sig(i.type)) for i in m.imports
+               if isinstance(i.type, wasmtime.FuncType)]
+    exports = {e.name: sig(e.type) for e in m.exports if isinstance(e.type, wasmtime.FuncType)}
+    return imports, exports
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in WAT_DIR.glob("*.wat")))
+def test_signatures_read_from_the_binary_match_wasmtime(fixture):
+    code = wasm(fixture)
+    m = compile_module(code)
+    assert (m.imports, m.exports) == reflected(code)
+
+
+def test_typed_reference_import_is_rejected_instead_of_aborting():
+    code = wasmtime.wat2wasm('(module (import "env" "f" (func (param (ref func)))))')
+    with pytest.raises(WasmLoadError, match="import env.f uses a typed or GC reference type"):
+        compile_module(code, name="gc")
+
+
+def test_gc_type_definitions_keep_type_indices_right():
+    code = wasmtime.wat2wasm('''(module
+      (type $s (struct (field i32)))
+      (rec (type $a (array i8)) (type $f (func (param i32) (result i32))))
+      (func (export "plain") (param i64) (result i64) local.get 0)
+      (func (export "typed") (type $f) local.get 0))''')
+    m = compile_module(code)
+    assert m.exports["plain"] == FuncSig(("i64",), ("i64",))
+    assert m.exports["typed"] == FuncSig(("i32",), ("i32",))
+    vm = WasmVm(m, {})
+    assert vm.get_function("plain")(-3) == -3
+    assert vm.get_function("typed")(7) == 7

@@ -322,8 +322,131 @@ def _sig_text(sig: FuncSig) -> str:
     return f"{' '.join(sig.params) or 'void'} -> {' '.join(sig.results) or 'void'}"
 
 
-def _sig(ft: wasmtime.FuncType) -> FuncSig:
-    return FuncSig(tuple(str(t) for t in ft.params), tuple(str(t) for t in ft.results))
+# ---------------------------------------------------------------------------------------------
+# Signatures, read from the binary
+# ---------------------------------------------------------------------------------------------
+# wasmtime's C API reflection (wasm_valtype_kind & co.) aborts the whole process on types the
+# wasm-c-api cannot name (v128, typed and GC references). A plugin must never be able to do
+# that, so the signatures of imports and exports come from the module's own type, import,
+# function and export sections; wasmtime is asked for import types only when they are plain.
+
+_VALTYPE_NAMES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128",
+                  0x70: "funcref", 0x6F: "externref"}
+_PLAIN_TYPES = frozenset(("i32", "i64", "f32", "f64", "funcref", "externref"))
+_REF = "ref"  # any other reference type (function-references / GC proposals)
+
+
+class _Reader:
+    """Just enough of the binary format to read signatures (the module is already validated)."""
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data, self.pos, self.end = data, pos, len(data) if end is None else end
+
+    def byte(self) -> int:
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def uleb(self) -> int:
+        result = shift = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return result
+
+    def name(self) -> str:
+        n = self.uleb()
+        self.pos += n
+        return self.data[self.pos - n:self.pos].decode("utf-8", "replace")
+
+    def valtype(self) -> str:
+        b = self.byte()
+        if b in (0x63, 0x64):  # (ref null? <heaptype>): the heap type is an s33
+            self.uleb()
+            return _REF
+        return _VALTYPE_NAMES.get(b, _REF)
+
+    def subtype(self) -> FuncSig | None:
+        """One type definition: a function's signature, None for a struct or array (GC)."""
+        if self.data[self.pos] in (0x50, 0x4F):  # sub / sub final, with supertypes
+            self.byte()
+            for _ in range(self.uleb()):
+                self.uleb()
+        form = self.byte()
+        if form == 0x60:
+            params = tuple(self.valtype() for _ in range(self.uleb()))
+            return FuncSig(params, tuple(self.valtype() for _ in range(self.uleb())))
+        for _ in range(self.uleb() if form == 0x5F else 1):  # struct fields / array element
+            self.valtype()  # a storage type (packed i8/i16 are single bytes too)
+            self.byte()  # mutability
+        return None
+
+    def limits(self) -> None:
+        flags = self.byte()  # bit 0: has max; 1: shared; 2: 64-bit; 3: custom page size
+        self.uleb()
+        if flags & 1:
+            self.uleb()
+        if flags & 8:
+            self.uleb()
+
+
+def _read_signatures(code: bytes) -> tuple[list[tuple[str, str, str, FuncSig | None]],
+                                           dict[str, FuncSig]]:
+    """(imports as (module, name, kind, sig-for-functions), {function export: sig})."""
+    types: list[FuncSig | None] = []  # None: a GC struct/array type
+    imports: list[tuple[str, str, str, FuncSig | None]] = []
+    func_types: list[FuncSig | None] = []  # the function index space: imports, then defined
+    exports: dict[str, FuncSig] = {}
+    r = _Reader(code, 8)
+    while r.pos < len(code):
+        section, size = r.byte(), 0
+        size = r.uleb()
+        body = _Reader(code, r.pos, r.pos + size)
+        r.pos += size
+        if section == 1:  # types
+            for _ in range(body.uleb()):
+                if body.data[body.pos] == 0x4E:  # rec group: one type index per member
+                    body.byte()
+                    types.extend(body.subtype() for _ in range(body.uleb()))
+                else:
+                    types.append(body.subtype())
+        elif section == 2:  # imports
+            for _ in range(body.uleb()):
+                module, field, kind = body.name(), body.name(), body.byte()
+                if kind == 0x00:
+                    idx = body.uleb()
+                    sig = types[idx] if idx < len(types) else None
+                    imports.append((module, field, "func", sig))
+                    func_types.append(sig)
+                elif kind == 0x01:
+                    elem = body.valtype()
+                    body.limits()
+                    imports.append((module, field, "table" if elem in _PLAIN_TYPES else _REF,
+                                    None))
+                elif kind == 0x02:
+                    body.limits()
+                    imports.append((module, field, "memory", None))
+                elif kind == 0x03:
+                    t = body.valtype()
+                    body.byte()
+                    imports.append((module, field, "global" if t in _PLAIN_TYPES else _REF, None))
+                else:  # 0x04 tag (exceptions)
+                    body.byte()
+                    body.uleb()
+                    imports.append((module, field, "tag", None))
+        elif section == 3:  # function declarations
+            for _ in range(body.uleb()):
+                idx = body.uleb()
+                func_types.append(types[idx] if idx < len(types) else None)
+        elif section == 7:  # exports
+            for _ in range(body.uleb()):
+                field, kind, idx = body.name(), body.byte(), body.uleb()
+                if kind == 0x00:
+                    sig = func_types[idx] if idx < len(func_types) else None
+                    exports[field] = sig if sig is not None else FuncSig((_REF,), ())
+    return imports, exports
 
 
 class WasmModule:
@@ -336,16 +459,19 @@ class WasmModule:
         self.sha256 = sha256
         self.name = name
         self.from_disk_cache = from_disk_cache  # deserialized from cache_dir, not compiled
-        self.exports: dict[str, FuncSig] = {}
-        for exp in module.exports:
-            if isinstance(exp.type, wasmtime.FuncType):
-                self.exports[exp.name] = _sig(exp.type)
-        # (module, name, FuncSig, FuncType) in import order; non-function imports have sig None.
-        self._imports: list[tuple[str, str, FuncSig | None, Any]] = []
-        for imp in module.imports:
-            ty = imp.type
-            sig = _sig(ty) if isinstance(ty, wasmtime.FuncType) else None
-            self._imports.append((imp.module, imp.name or "", sig, ty))
+        imports, self.exports = _read_signatures(code)
+        plain = all(kind in ("memory", "table", "global", "tag") or (
+            kind == "func" and sig is not None and _REF not in sig.params + sig.results)
+            for _, _, kind, sig in imports)
+        if not plain:
+            bad = next(f"{m}.{n}" for m, n, kind, sig in imports
+                       if kind == _REF or (kind == "func" and (sig is None or _REF in sig.params
+                                                               + sig.results)))
+            raise WasmLoadError(f"Failed to load Wasm code {name!r}: import {bad} uses a typed or "
+                                f"GC reference type, which is not supported")
+        # (module, name, FuncSig, wasmtime type) in import order; only functions have a sig.
+        self._imports: list[tuple[str, str, FuncSig | None, Any]] = [
+            (m, n, sig, imp.type) for (m, n, _, sig), imp in zip(imports, module.imports)]
         self.imports: list[tuple[str, str, FuncSig]] = [
             (m, n, s) for m, n, s, _ in self._imports if s is not None]
         self.abi_version: str | None = None
@@ -632,6 +758,7 @@ class WasmVm:
         """Owner thread: a fast callable for the exported function ``name``, or None.
 
         Calling it raises WasmTrap if the guest traps (including an interrupted deadline).
+        An export whose type uses something other than i32/i64/f32/f64 raises WasmLoadError.
         """
         fn = self._functions.get(name)
         if fn is None:
