@@ -328,3 +328,29 @@ def test_clusters_from_the_real_cluster_manager_match_envoy(tmp_path) -> None:
         assert handler.handle("GET", "/clusters")[2] == ENVOY_CLUSTERS_TEXT.encode()
     finally:
         d.close()
+
+
+def test_logging_changes_levels_like_envoy(registry: StatsRegistry) -> None:
+    from wasmproxy import log
+
+    h = AdminHandler(registry)
+    try:
+        assert h.handle("GET", "/logging")[:2] == (405, ENVOY_HEADERS)
+        status, _, body = h.handle("POST", "/logging?level=debug")
+        text = body.decode()
+        # Envoy 1.40: the list starts with its registry order and ends with a blank line.
+        assert status == 200 and text.startswith("active loggers:\n  a2a: debug\n  admin: debug\n")
+        assert text.endswith("\n\n")
+        text = h.handle("POST", "/logging?paths=wasm:trace,http:info")[2].decode()
+        assert "  wasm: trace\n" in text and "  http: info\n" in text and "  main: debug\n" in text
+        assert log.get_logger("wasm").isEnabledFor(log.TRACE)
+        text = h.handle("POST", "/logging?router=error")[2].decode()
+        assert "  router: error\n" in text
+        status, _, body = h.handle("POST", "/logging?level=loud")
+        assert status == 400
+        assert body.startswith(b"error: unknown logger level\n\nusage: /logging?<name>=<level> (change single level)\n")
+        assert b"levels: trace debug info warning error critical off \nactive loggers:\n" in body
+        status, _, body = h.handle("POST", "/logging?paths=nope:trace")
+        assert status == 400 and body.startswith(b"error: unknown logger name\n\n")
+    finally:
+        log.set_log_level("info")

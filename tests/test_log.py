@@ -69,7 +69,20 @@ def test_default_handler_follows_sys_stderr(capsys) -> None:
 def test_parse_level_accepts_envoy_aliases_and_rejects_unknown() -> None:
     assert log.parse_level("warn") == log.parse_level("warning")
     assert log.parse_level("err") == log.parse_level("error")
-    with pytest.raises(ValueError, match="invalid log level"):
+    # Envoy 1.40's messages for -l loud, --component-log-level wasm, --component-log-level nope:debug.
+    with pytest.raises(ValueError, match="^error: invalid log level specified 'loud'$"):
         log.parse_level("loud")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^error: component log level not correctly specified 'wasm'$"):
         log.set_component_log_level("wasm")
+    with pytest.raises(ValueError, match="^error: invalid component specified 'nope'$"):
+        log.set_component_log_level("nope:debug")
+
+
+def test_active_loggers_list_envoys_names_then_ours(buf) -> None:
+    log.get_logger("zz_custom_component")
+    names = [n for n, _ in log.active_loggers()]
+    assert names[: len(log.ENVOY_LOGGERS)] == list(log.ENVOY_LOGGERS)
+    assert "zz_custom_component" in names[len(log.ENVOY_LOGGERS):]
+    log.set_component_log_level("zz_custom_component:error")
+    assert dict(log.active_loggers())["zz_custom_component"] == "error"
+    assert dict(log.active_loggers())["wasm"] == "info"

@@ -21,13 +21,16 @@ import time
 from typing import IO, Any
 
 __all__ = [
+    "ENVOY_LOGGERS",
     "LEVELS",
     "Logger",
+    "active_loggers",
     "configure",
     "get_logger",
     "parse_level",
     "set_component_log_level",
     "set_log_level",
+    "set_logger_level",
 ]
 
 TRACE = 5
@@ -44,6 +47,19 @@ LEVELS: dict[str, int] = {
     "off": OFF,
 }
 _LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
+
+# Envoy 1.40's logger registry, in its order (what its admin /logging lists).
+ENVOY_LOGGERS: tuple[str, ...] = (
+    "a2a", "admin", "ai_protocol_manager", "alternate_protocols_cache", "aws", "assert", "backtrace",
+    "basic_auth", "cache_filter", "client", "config", "connection", "conn_handler", "compression",
+    "credential_injector", "decompression", "dns", "dubbo", "envoy_bug", "ext_authz", "ext_proc", "rocketmq",
+    "file", "filter", "forward_proxy", "geolocation", "grpc", "happy_eyeballs", "hc", "health_checker", "http",
+    "http2", "hystrix", "init", "io", "jwt", "json_rpc", "kafka", "key_value_store", "lua", "local_rate_limit",
+    "main", "matcher", "mcp", "misc", "mongo", "multi_connection", "notification", "oauth2", "quic",
+    "quic_stream", "pool", "rate_limit_quota", "rbac", "rds", "redis", "router", "runtime", "stats", "secret",
+    "sse", "tap", "testing", "thrift", "tracing", "upstream", "udp", "wasm", "websocket", "golang", "stats_sinks",
+    "dynamic_modules", "ip_tagging",
+)
 
 _ROOT_NAME = "wasmproxy"
 
@@ -96,7 +112,7 @@ def parse_level(name: str) -> int:
     key = name.strip().lower()
     key = {"warn": "warning", "err": "error"}.get(key, key)
     if key not in LEVELS:
-        raise ValueError(f"error: invalid log level '{name}' (expected one of {', '.join(LEVELS)})")
+        raise ValueError(f"error: invalid log level specified '{name}'")
     return LEVELS[key]
 
 
@@ -127,14 +143,43 @@ def set_log_level(level: str | int) -> None:
     _clear_caches()
 
 
+def _known(component: str) -> bool:
+    return component in _loggers or component in ENVOY_LOGGERS
+
+
 def set_component_log_level(spec: str) -> None:
-    """Apply ``--component-log-level`` (``comp:level,comp:level``)."""
+    """Apply ``--component-log-level`` (``comp:level,comp:level``); Envoy's error messages."""
+    changes = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         component, sep, level = item.partition(":")
         if not sep:
             raise ValueError(f"error: component log level not correctly specified '{item}'")
-        get_logger(component).setLevel(parse_level(level))
+        if not _known(component):
+            raise ValueError(f"error: invalid component specified '{component}'")
+        changes.append((component, parse_level(level)))
+    for component, levelno in changes:
+        get_logger(component).setLevel(levelno)
     _clear_caches()
+
+
+def set_logger_level(component: str, level: str) -> None:
+    """Set one component's level (admin ``/logging?<name>=<level>``). KeyError for an unknown name."""
+    levelno = parse_level(level)
+    if not _known(component):
+        raise KeyError(component)
+    get_logger(component).setLevel(levelno)
+    _clear_caches()
+
+
+def active_loggers() -> list[tuple[str, str]]:
+    """Every logger with its effective level name: Envoy's registry order, then our own components."""
+    names = list(ENVOY_LOGGERS) + sorted(n for n in _loggers if n not in ENVOY_LOGGERS)
+    out = []
+    for name in names:
+        lg = _loggers.get(name)
+        levelno = lg.getEffectiveLevel() if lg is not None else _root.level
+        out.append((name, _LEVEL_NAMES.get(levelno, logging.getLevelName(levelno).lower())))
+    return out
 
 
 def configure(level: str | int = "info", stream: IO[str] | None = None, component_levels: str = "") -> None:

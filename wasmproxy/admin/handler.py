@@ -32,7 +32,7 @@ from envoy.admin.v3 import clusters_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from wasmproxy import __version__
+from wasmproxy import __version__, log
 from wasmproxy.stats import StatsFilter, StatsRegistry, StatType, render_json, render_prometheus, render_text
 
 __all__ = ["AdminHandler", "ClusterStatus", "HostStatus", "Response"]
@@ -116,6 +116,11 @@ _COMMANDS = (
                      ("filter", "Regular expression (Google re2) for filtering clusters by name"))),
     _Command("/config_dump", "dump current Envoy configs"),
     _Command("/help", "print out list of admin commands"),
+    _Command("/logging", "query/change logging levels", post_only=True,
+             params=(("paths", "Change multiple logging levels by setting to "
+                               "<logger_name1>:<desired_level1>,<logger_name2>:<desired_level2>."),
+                     ("level", "desired logging level, this will change all loggers's level; "
+                               "One of (, trace, debug, info, warning, error, critical, off)"))),
     _Command("/quitquitquit", "exit the server", post_only=True),
     _Command("/ready", "print server state, return 200 if LIVE, otherwise return 503"),
     _Command("/server_info", "print server version/status information"),
@@ -178,6 +183,7 @@ class AdminHandler:
             "/config_dump": self._config_dump_handler,
             "/quitquitquit": self._quit,
             "/help": self._help,
+            "/logging": self._logging,
         }
         self._post_only = {c.path for c in _COMMANDS if c.post_only}
 
@@ -276,8 +282,54 @@ class AdminHandler:
             self._shutdown()
         return _response(200, "OK\n")
 
+    def _logging(self, method: str, query: dict[str, str]) -> Response:
+        """Envoy's LogsHandler: ``level=``, ``paths=a:l,b:l`` or ``<name>=<level>``, then the list."""
+        error = _change_log_levels(query)
+        body = ""
+        if error:
+            body = f"error: {error}\n\n" + _LOGGING_USAGE
+        body += "active loggers:\n" + "".join(f"  {n}: {lvl}\n" for n, lvl in log.active_loggers()) + "\n"
+        return _response(400 if error else 200, body)
+
     def _help(self, method: str, query: dict[str, str]) -> Response:
         return _response(200, "admin commands are:\n" + _help_text())
+
+
+_LOGGING_USAGE = (
+    "usage: /logging?<name>=<level> (change single level)\n"
+    "usage: /logging?paths=name1:level1,name2:level2,... (change multiple levels)\n"
+    "usage: /logging?level=<level> (change all levels)\n"
+    "usage: /logging?group=<group_name>:<level> (change group of loggers)\n"
+    "levels: trace debug info warning error critical off \n"
+)
+
+
+def _change_log_levels(query: dict[str, str]) -> str:
+    """Apply a /logging query; returns Envoy's error text, or "" on success (or no change)."""
+    if not query:
+        return ""
+    if len(query) > 1:
+        return "invalid number of parameters"
+    (key, value), = query.items()
+    if key == "level":
+        pairs = None
+    elif key == "paths":
+        pairs = [item.partition(":")[::2] for item in value.split(",") if item]
+    else:
+        pairs = [(key, value)]
+    try:
+        if pairs is None:
+            log.set_log_level(value)
+            return ""
+        for name, level in pairs:
+            log.parse_level(level)
+            if name not in dict(log.active_loggers()):
+                return "unknown logger name"
+        for name, level in pairs:
+            log.set_logger_level(name, level)
+    except ValueError:
+        return "unknown logger level"
+    return ""
 
 
 def _response(status: int, body: str, content_type: str = _TEXT) -> Response:
