@@ -153,3 +153,83 @@ def test_body_plugin_buffers_and_rewrites_the_request_body() -> None:
     ctx.encode_headers(response, True)
     assert response.get("x-body-request-sizes") == "3,6"
     assert response.get("x-body-request-eos") == "0,1"
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.armed: dict[int, float] = {}
+        self.callbacks: list = []
+
+    def __call__(self, cb):  # type: ignore[no-untyped-def]
+        timers = self
+
+        class T:
+            def enable_timer(self, ms: float) -> None:
+                timers.armed[id(self)] = ms
+
+            def disable_timer(self) -> None:
+                timers.armed.pop(id(self), None)
+
+        t = T()
+        self.callbacks.append((t, cb))
+        return t
+
+    def fire_all(self) -> None:
+        for t, cb in list(self.callbacks):
+            if self.armed.pop(id(t), None) is not None:
+                cb()
+
+
+def _pause_wasm(**kwargs: object) -> tuple[Wasm, Plugin]:
+    path = OUT / "pause.wasm"
+    if not path.exists():
+        pytest.skip("pause.wasm not built")
+    wasm = Wasm(compile_module(path.read_bytes(), name="pause"), vm_id="test_pause", **kwargs)  # type: ignore[arg-type]
+    assert wasm.initialize(), wasm.fail_message
+    plugin = Plugin(name="pause", vm_id="test_pause")
+    root = wasm.start(plugin)
+    assert root is not None and wasm.configure(root, plugin)
+    return wasm, plugin
+
+
+def test_pause_plugin_resumes_from_a_tick_through_the_effective_context() -> None:
+    timers = _Timers()
+    wasm, plugin = _pause_wasm(post=lambda cb: None, timer_factory=timers)
+    env = FakeStreamEnv(stream_info())
+    ctx = wasm.create_stream_context(plugin, env)
+    request = HeaderMap([(":path", "/"), ("x-pause-request", "tick")])
+    assert ctx.decode_headers(request, True) == FilterHeadersStatus.StopAllIterationAndWatermark
+    assert env.actions == []
+    timers.fire_all()  # proxy_on_tick on the root: it continues the paused stream
+    assert [a for a in env.actions if a[0] == "continue"] == [("continue", 0)]
+    assert request.get("x-resumed-by") == "tick"
+
+
+def test_pause_plugin_resumes_from_a_queue_item_posted_to_the_owner() -> None:
+    posted: list = []
+    wasm, plugin = _pause_wasm(post=posted.append)
+    waiting_env = FakeStreamEnv(stream_info())
+    waiting = wasm.create_stream_context(plugin, waiting_env)
+    request = HeaderMap([(":path", "/"), ("x-pause-request", "queue")])
+    assert waiting.decode_headers(request, True) == FilterHeadersStatus.StopAllIterationAndWatermark
+    other = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+    assert other.decode_headers(HeaderMap([(":path", "/"), ("x-pause-enqueue", "it")]), True) == \
+        FilterHeadersStatus.Continue
+    assert waiting_env.actions == []
+    for cb in posted:  # the owner's thread drains its posts: proxy_on_queue_ready
+        cb()
+    assert [a for a in waiting_env.actions if a[0] == "continue"] == [("continue", 0)]
+    assert (request.get("x-resumed-by"), request.get("x-queue-item")) == ("queue", "it")
+
+
+def test_pause_plugin_resumes_from_an_http_call_response() -> None:
+    from tests.wasm_host.fakes import FakeWasmEnv
+
+    env_wasm = FakeWasmEnv()
+    wasm, plugin = _pause_wasm(post=lambda cb: None, environment=env_wasm)
+    # FakeWasmEnv only knows the cluster "known": an unknown cluster fails at once.
+    env = FakeStreamEnv(stream_info())
+    ctx = wasm.create_stream_context(plugin, env)
+    request = HeaderMap([(":path", "/"), ("x-pause-request", "http_call")])
+    assert ctx.decode_headers(request, True) == FilterHeadersStatus.Continue
+    assert request.get("x-http-call-status") == "2"
