@@ -233,3 +233,28 @@ def test_pause_plugin_resumes_from_an_http_call_response() -> None:
     request = HeaderMap([(":path", "/"), ("x-pause-request", "http_call")])
     assert ctx.decode_headers(request, True) == FilterHeadersStatus.Continue
     assert request.get("x-http-call-status") == "2"
+
+
+def test_pause_plugin_resumes_when_the_callout_answers() -> None:
+    from tests.wasm_host.fakes import FakeWasmEnv
+
+    path = OUT / "pause.wasm"
+    if not path.exists():
+        pytest.skip("pause.wasm not built")
+    env_wasm = FakeWasmEnv()
+    wasm = Wasm(compile_module(path.read_bytes(), name="pause"), vm_id="test_pause2", post=lambda cb: None,
+                environment=env_wasm)
+    assert wasm.initialize()
+    plugin = Plugin(name="pause", vm_id="test_pause2", plugin_configuration=b"cluster known\n")
+    root = wasm.start(plugin)
+    assert root is not None and wasm.configure(root, plugin)
+    env = FakeStreamEnv(stream_info())
+    ctx = wasm.create_stream_context(plugin, env)
+    request = HeaderMap([(":path", "/"), ("x-pause-request", "http_call")])
+    assert ctx.decode_headers(request, True) == FilterHeadersStatus.StopAllIterationAndWatermark
+    ((kind, context, token, headers, body, trailers, timeout),) = env_wasm.calls
+    assert context is root and (":path", "/callout") in headers
+    root.on_http_call_success(token, HeaderMap([(":status", "200")]), b"callout-body", None)
+    assert [a for a in env.actions if a[0] == "continue"] == [("continue", 0)]
+    assert request.get("x-resumed-by") == "http_call"
+    assert (request.get("x-callout-status"), request.get("x-callout-body")) == ("200", "callout-body")
