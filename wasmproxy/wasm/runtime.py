@@ -288,9 +288,10 @@ def _wasm_trap(trap: wasmtime.Trap, code: bytes) -> WasmTrap:
     detail = _trap_reason(trap.message)
     message = _V8_TRAP_MESSAGES.get(name or "", detail if name is None else
                                     f"Uncaught RuntimeError: {detail}")
-    if (name == "integer_division_by_zero" and frames
-            and frames[0].module_offset < len(code) and code[frames[0].module_offset] in _REM_OPCODES):
-        message = "Uncaught RuntimeError: remainder by zero"
+    if name == "integer_division_by_zero" and frames:
+        offset = frames[0].module_offset
+        if offset < len(code) and code[offset] in _REM_OPCODES:
+            message = "Uncaught RuntimeError: remainder by zero"
     return WasmTrap(message, name, frames, detail)
 
 
@@ -401,7 +402,7 @@ def _read_signatures(code: bytes) -> tuple[list[tuple[str, str, str, FuncSig | N
     exports: dict[str, FuncSig] = {}
     r = _Reader(code, 8)
     while r.pos < len(code):
-        section, size = r.byte(), 0
+        section = r.byte()
         size = r.uleb()
         body = _Reader(code, r.pos, r.pos + size)
         r.pos += size
@@ -480,7 +481,8 @@ class WasmModule:
                 self.abi_version = version
 
     def __repr__(self) -> str:
-        return f"WasmModule(name={self.name!r}, sha256={self.sha256[:12]}..., abi={self.abi_version})"
+        return (f"WasmModule(name={self.name!r}, sha256={self.sha256[:12]}..., "
+                f"abi={self.abi_version})")
 
 
 # Weak: compiled code lives as long as some VM (or caller) uses it, then a new version of a
@@ -977,7 +979,9 @@ class WasmVm:
         and uses the same host functions unless others are given (host callables that close
         over per-VM state should be given anew).
         """
-        return WasmVm(self.module, self._host_functions if host_functions is None else host_functions,
+        if host_functions is None:
+            host_functions = self._host_functions
+        return WasmVm(self.module, host_functions,
                       name=self.name if name is None else name,
                       memory_limit_bytes=self._memory_limit_bytes,
                       epoch_deadline_ticks=self._deadline_ticks)
