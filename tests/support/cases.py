@@ -26,8 +26,9 @@ A case file (YAML, under tests/diff_cases/) holds::
             expect: {status: 200, closed: false, headers: {x-a: "1", x-b: null},
                      body_contains: "...", echo: {path: /x, headers: {host: example.com}}}
 
-Placeholders: ${listener_port} ${admin_port} (per target), ${echo_port} ${closed_port} (shared)
-and any extra names under `ports`. Every request's `expect` is checked against every target;
+Placeholders: ${listener_port} ${admin_port} (per target), ${echo_port} ${closed_port} (shared),
+${repo} (the checkout, e.g. for plugin paths), ${cases_dir} (the case file's directory) and any
+extra names under `ports`. A case may carry `xfail: "reason"` for a known, explained difference. Every request's `expect` is checked against every target;
 then, unless only the reference runs, each normalised outcome of wasmproxy must equal Envoy's.
 """
 
@@ -48,7 +49,7 @@ from .compare import first_difference, format_difference
 from .config import bootstrap, render_template, substitute, write_yaml
 from .normalize import Normaliser, Outcome
 from .ports import LOOPBACK, free_ports
-from .processes import EnvoyProcess, ProxyProcess, WasmproxyProcess
+from .processes import REPO, EnvoyProcess, ProxyProcess, WasmproxyProcess
 from .raw_http import Headers, PeerClosed, RawConnection, Response, build_request
 
 REFERENCE = "envoy"
@@ -164,6 +165,7 @@ class Case:
     ignore_echo_headers: list[str] = field(default_factory=list)
     ignore_fields: list[str] = field(default_factory=list)
     ordered_headers: bool = False
+    xfail: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Case:
@@ -172,6 +174,7 @@ class Case:
             pipeline=bool(d.get("pipeline")), ignore_headers=list(d.get("ignore_headers") or []),
             ignore_echo_headers=list(d.get("ignore_echo_headers") or []),
             ignore_fields=list(d.get("ignore_fields") or []), ordered_headers=bool(d.get("ordered_headers")),
+            xfail=d.get("xfail"),
         )
 
 
@@ -244,9 +247,16 @@ class DiffEnvironment:
                  targets: Iterable[str] | None = None) -> None:
         self.case_file = case_file
         self.workdir = workdir
-        self.shared = {"echo_port": echo_port, "closed_port": closed_port}
+        self.shared: dict[str, object] = {"echo_port": echo_port, "closed_port": closed_port,
+                                          "repo": REPO, "cases_dir": case_file.path.parent}
         self.names = list(targets if targets is not None else selected_targets())
         self.targets: dict[str, Target] = {}
+
+    def __enter__(self) -> DiffEnvironment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self) -> DiffEnvironment:
         try:
@@ -310,8 +320,7 @@ def run_case(case: Case, target: Target) -> list[Result]:
                 conn = target.connect()
             assert conn is not None
             try:
-                outcome: Outcome = conn.read_response(spec.wire_method) if case.pipeline \
-                    else _exchange(conn, spec)
+                response = conn.read_response(spec.wire_method) if case.pipeline else _exchange(conn, spec)
             except PeerClosed as e:
                 results.append(Result(e, True))
                 conn.close()
@@ -320,9 +329,9 @@ def run_case(case: Case, target: Target) -> list[Result]:
                     break
                 continue
             closed = conn.closed_by_peer(CLOSE_CHECK_S) if spec.check_closed else None
-            results.append(Result(outcome, closed))
+            results.append(Result(response, closed))
             # After "connection: close" the next request must not race the proxy's close.
-            if closed or (outcome.header("connection") or "").lower() == "close":
+            if closed or (response.header("connection") or "").lower() == "close":
                 conn.close()
                 conn = None
                 if case.pipeline:
