@@ -180,3 +180,52 @@ def test_namespace_is_dropped_with_the_last_vm_id_handle() -> None:
     assert global_shared_data.get(vm_id, b"k")[0] == WasmResult.NotFound
     assert global_shared_queue.resolve_queue(vm_id, b"q") == 0
     assert global_shared_queue.dequeue(token)[0] == WasmResult.NotFound
+
+
+def test_queue_items_reach_the_owner_vm_on_its_thread_exactly_once() -> None:
+    """Two producer VMs on their own threads enqueue through the ABI; the owner VM's
+    proxy_on_queue_ready runs only on the owner's thread, and every item is dequeued once."""
+    from tests.wasm_host.guest import Guest
+
+    vm_id = "test_queue_items_reach_the_owner"
+    owner_thread = FakeThread()
+    ready = threading.Event()
+    state: dict = {"dequeued": [], "threads": set()}
+
+    def setup_owner() -> None:
+        g = Guest(vm_id=vm_id, post=owner_thread.post)
+        q, qn = g.put(b"q", 4096)
+        assert g.call(None, "proxy_register_shared_queue", q, qn, 2048) == 0
+
+        def on_ready(root: int, token: int, _: int) -> int:
+            state["threads"].add(threading.get_ident())
+            for _ in range(10_000):
+                if g.hostcall("proxy_dequeue_shared_queue", token, 2048, 2052) != 0:
+                    break
+                state["dequeued"].append(g.out_bytes(2048, 2052))
+            return 0
+
+        g.handlers["proxy_on_queue_ready"] = on_ready
+        state["owner"] = g
+        ready.set()
+
+    owner_thread.post(setup_owner)
+    assert ready.wait(30)
+
+    def produce(p: int) -> None:
+        g = Guest(vm_id=vm_id, post=lambda cb: None)
+        q, qn = g.put(b"q", 4096)
+        assert g.call(None, "proxy_resolve_shared_queue", 0, 0, q, qn, 2048) == 0
+        token = g.u32(2048)
+        for i in range(200):
+            d, dn = g.put(f"{p}:{i}".encode(), 8192)
+            assert g.call(None, "proxy_enqueue_shared_queue", token, d, dn) == 0
+
+    producers = [threading.Thread(target=produce, args=(p,)) for p in range(2)]
+    for t in producers:
+        t.start()
+    for t in producers:
+        t.join()
+    owner_thread.stop()
+    assert state["threads"] == {owner_thread.thread.ident}
+    assert sorted(state["dequeued"]) == sorted(f"{p}:{i}".encode() for p in range(2) for i in range(200))
