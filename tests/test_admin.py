@@ -354,3 +354,12 @@ def test_logging_changes_levels_like_envoy(registry: StatsRegistry) -> None:
         assert status == 400 and body.startswith(b"error: unknown logger name\n\n")
     finally:
         log.set_log_level("info")
+
+
+def test_listeners_text_and_json(registry: StatsRegistry) -> None:
+    h = AdminHandler(registry, listeners=lambda: [("l0", "127.0.0.1", 43505), ("v6", "::1", 80)])
+    # Envoy 1.40: /listeners printed "l0::127.0.0.1:43505".
+    assert h.handle("GET", "/listeners") == (200, ENVOY_HEADERS, b"l0::127.0.0.1:43505\nv6::[::1]:80\n")
+    doc = json.loads(h.handle("GET", "/listeners?format=json")[2])
+    assert doc["listener_statuses"][0] == {
+        "name": "l0", "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 43505}}}

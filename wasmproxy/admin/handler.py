@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from envoy.admin.v3 import clusters_pb2
+from envoy.admin.v3 import clusters_pb2, listeners_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -116,6 +116,8 @@ _COMMANDS = (
                      ("filter", "Regular expression (Google re2) for filtering clusters by name"))),
     _Command("/config_dump", "dump current Envoy configs"),
     _Command("/help", "print out list of admin commands"),
+    _Command("/listeners", "print listener info",
+             params=(("format", "File format to use; One of (text, json)"),)),
     _Command("/logging", "query/change logging levels", post_only=True,
              params=(("paths", "Change multiple logging levels by setting to "
                                "<logger_name1>:<desired_level1>,<logger_name2>:<desired_level2>."),
@@ -160,6 +162,7 @@ class AdminHandler:
         command_line_options: dict[str, Any] | None = None,
         node: Callable[[], dict[str, Any]] | None = None,
         clusters: Callable[[], list[ClusterStatus]] | None = None,
+        listeners: Callable[[], list[tuple[str, str, int]]] | None = None,
         config_dump: Callable[[], Message | dict[str, Any]] | None = None,
         shutdown: Callable[[], None] | None = None,
         flush_on_admin: bool = False,
@@ -170,6 +173,7 @@ class AdminHandler:
         self._options = {**_DEFAULT_OPTIONS, **(command_line_options or {})}
         self._node = node
         self._clusters = clusters
+        self._listeners = listeners
         self._config_dump = config_dump
         self._shutdown = shutdown
         self._flush_on_admin = flush_on_admin
@@ -183,6 +187,7 @@ class AdminHandler:
             "/config_dump": self._config_dump_handler,
             "/quitquitquit": self._quit,
             "/help": self._help,
+            "/listeners": self._listeners_handler,
             "/logging": self._logging,
         }
         self._post_only = {c.path for c in _COMMANDS if c.post_only}
@@ -268,6 +273,20 @@ class AdminHandler:
         if query.get("format") == "json":
             return _response(200, _clusters_json(clusters), _JSON)
         return _response(200, _clusters_text(clusters))
+
+    def _listeners_handler(self, method: str, query: dict[str, str]) -> Response:
+        """``name::address`` lines, or ``envoy.admin.v3.Listeners`` JSON."""
+        listeners = self._listeners() if self._listeners is not None else []
+        if query.get("format") == "json":
+            msg = listeners_pb2.Listeners()
+            for name, host, port in listeners:
+                st = msg.listener_statuses.add(name=name)
+                st.local_address.socket_address.address = host
+                st.local_address.socket_address.port_value = port
+            body: str = json_format.MessageToJson(msg, indent=1, preserving_proto_field_name=True)
+            return _response(200, body, _JSON)
+        lines = [f"{name}::{f'[{host}]' if ':' in host else host}:{port}\n" for name, host, port in listeners]
+        return _response(200, "".join(lines))
 
     def _config_dump_handler(self, method: str, query: dict[str, str]) -> Response:
         dump = self._config_dump() if self._config_dump is not None else {"configs": []}

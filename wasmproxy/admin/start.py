@@ -122,6 +122,7 @@ def start_admin(server: AdminHost) -> AdminServer:
         node=lambda: {"user_agent_name": "envoy",
                       **json_format.MessageToDict(bootstrap.node, preserving_proto_field_name=True)},
         clusters=(lambda: _cluster_statuses(cluster_manager)) if cluster_manager is not None else None,
+        listeners=lambda: [(lst.name, lst.host, lst.port) for lst in getattr(server, "listeners", [])],
         config_dump=lambda: _config_dump(bootstrap),
         shutdown=server.shutdown,
         flush_on_admin=bootstrap.stats_flush_on_admin,
