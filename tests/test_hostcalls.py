@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from tests.wasm_host.fakes import FakeStreamEnv, FakeTime, FakeTimers, FakeWasmEnv, stream_info
-from tests.wasm_host.guest import BAD_PTR, SCRATCH, Guest, pack_u32
+from tests.wasm_host.guest import BAD_PTR, Guest, pack_u32
 from wasmproxy.http.headers import HeaderMap
 from wasmproxy.log import get_logger
 from wasmproxy.wasm.abi import AbiVersion, WasmBufferType, WasmHeaderMapType, WasmResult
