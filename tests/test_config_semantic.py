@@ -16,6 +16,7 @@ CONFIGS = Path(__file__).parent / "configs"
 FRONT = yaml.safe_load((CONFIGS / "front_proxy.yaml").read_text())
 L0 = "static_resources.listeners[0]"
 HCM_PATH = f"{L0}.filter_chains[0].filters[0].typed_config"
+ROUTE0 = f"{HCM_PATH}.route_config.virtual_hosts[0].routes[0]"
 TLS = {"name": "envoy.transport_sockets.tls", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"}}
 RAW = {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
@@ -43,6 +44,10 @@ def _cluster(doc: dict[str, Any], i: int = 0) -> dict[str, Any]:
 def _vhosts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     vhosts: list[dict[str, Any]] = _hcm(doc)["route_config"]["virtual_hosts"]
     return vhosts
+
+
+def _route(doc: dict[str, Any]) -> dict[str, Any]:
+    return _vhosts(doc)[0]["routes"][0]
 
 
 def _set(*keys_and_value: Any) -> Callable[[dict[str, Any]], None]:
@@ -109,6 +114,24 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("duplicate_domain_case_insensitive", lambda d: _vhosts(d).append({"name": "b", "domains": ["a.com", "A.com"]}),
      f"{HCM_PATH}.route_config.virtual_hosts[1].domains[1]",
      "Only unique values for domains are permitted. Duplicate entry of domain A.com in route local_route"),
+    # Envoy: missing ): (
+    ("regex_missing_paren", lambda d: _route(d).update(match={"safe_regex": {"regex": "("}}),
+     f"{ROUTE0}.match.safe_regex.regex", "missing ): ("),
+    # Envoy: invalid perl operator: (?<=
+    ("regex_lookbehind", lambda d: _route(d).update(match={"safe_regex": {"regex": "(?<=a)b"}}),
+     f"{ROUTE0}.match.safe_regex.regex", "invalid perl operator: (?<="),
+    # Envoy: missing ]: [
+    ("regex_in_header_matcher", lambda d: _route(d).update(match={"prefix": "/", "headers": [
+        {"name": "x", "string_match": {"safe_regex": {"regex": "["}}}]}),
+     f"{ROUTE0}.match.headers[0].string_match.safe_regex.regex", "missing ]: ["),
+    # Envoy: :-prefixed or host headers may not be modified
+    ("add_pseudo_header", lambda d: _route(d).update(request_headers_to_add=[{"header": {"key": ":path",
+                                                                                          "value": "/x"}}]),
+     f"{ROUTE0}.request_headers_to_add[0].header.key", ":-prefixed or host headers may not be modified"),
+    # Envoy: :-prefixed or host headers may not be removed
+    ("remove_host_header", lambda d: _vhosts(d)[0].update(response_headers_to_remove=["Host"]),
+     f"{HCM_PATH}.route_config.virtual_hosts[0].response_headers_to_remove[0]",
+     ":-prefixed or host headers may not be removed"),
     ("bootstrap_extension_unsupported", _set("bootstrap_extensions", [{"name": "envoy.bootstrap.internal_listener",
                                                                        "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}]),
@@ -138,6 +161,8 @@ ACCEPTED: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
             {"name": "service1", "weight": 1}, {"name": "service2", "weight": 3}]}}}])),
     ("empty_http_filters_defaults_to_router", lambda d: _hcm(d).pop("http_filters")),
     ("listener_access_log", _set("static_resources", "listeners", 0, "access_log", [STDERR_LOG])),
+    ("re2_unicode_class_and_escaped_paren", lambda d: _route(d).update(
+        match={"safe_regex": {"regex": "\\p{L}+\\(?=x"}})),
 ]
 
 

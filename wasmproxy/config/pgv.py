@@ -19,7 +19,7 @@ import ipaddress
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
@@ -53,21 +53,24 @@ def validate(message: Message, path: str = "") -> None:
 
 def check_durations(message: Message, path: str = "") -> None:
     """Envoy's ``validateDurationFields``: a negative Duration anywhere is an error."""
+    for item, item_path in iter_messages(message, path):
+        if item.DESCRIPTOR.full_name == "google.protobuf.Duration" and (item.seconds < 0 or item.nanos < 0):
+            raise ConfigError(f"Invalid duration: Expected positive duration: {_debug_duration(item)}", item_path)
+
+
+def iter_messages(message: Message, path: str = "") -> Iterator[tuple[Message, str]]:
+    """Every message set inside ``message`` (depth first, with its field path), looking into each
+    ``Any`` whose type is installed: the packed message takes the Any's place and path."""
     for field, value, field_path in _set_fields(message, path):
         if _element_type(field).cpp_type != FieldDescriptor.CPPTYPE_MESSAGE:
             continue
         for item, item_path in _items(field, value, field_path):
-            name = item.DESCRIPTOR.full_name
-            if name == "google.protobuf.Duration":
-                if item.seconds < 0 or item.nanos < 0:
-                    raise ConfigError(f"Invalid duration: Expected positive duration: {_debug_duration(item)}",
-                                      item_path)
-            elif name == "google.protobuf.Any":
-                inner = unpack_any(item)
-                if inner is not None:
-                    check_durations(inner, item_path)
-            else:
-                check_durations(item, item_path)
+            if item.DESCRIPTOR.full_name == "google.protobuf.Any":
+                item = unpack_any(item)
+                if item is None:
+                    continue
+            yield item, item_path
+            yield from iter_messages(item, item_path)
 
 
 def unpack_any(any_message: Message) -> Message | None:

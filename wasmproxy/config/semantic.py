@@ -8,6 +8,7 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
 * static route tables: every cluster a route names exists (``validate_clusters`` defaults to true
   for an inline route_config), domains are unique and there is at most one ``*`` per table;
 * a Wasm filter's local code file exists (Envoy reads it while building the filter chain);
+* route tables: regexes compile as RE2 would, and no header mutation touches ``:``-headers or Host;
 * what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
   cluster types) is an error naming the field, never silently ignored.
 
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from typing import Any
 
 from google.protobuf.message import Message
 
-from wasmproxy.config import registry
+from wasmproxy.config import pgv, registry
 from wasmproxy.config.errors import ConfigError
 from wasmproxy.config.registry import Category
 
@@ -209,6 +211,12 @@ def _validate_clusters(route_config: Any) -> bool:
 
 
 def _check_route_table(route_config: Any, path: str, clusters: set[str] | None) -> None:
+    for message, message_path in pgv.iter_messages(route_config, path):
+        _check_header_mutations(message, message_path)
+        if message.DESCRIPTOR.full_name == "envoy.type.matcher.v3.RegexMatcher":
+            problem = re2_problem(message.regex)
+            if problem:
+                raise ConfigError(problem, f"{message_path}.regex")
     seen_domains: set[str] = set()
     for v, vhost in enumerate(route_config.virtual_hosts):
         vhost_path = f"{path}.virtual_hosts[{v}]"
@@ -236,3 +244,53 @@ def _check_route_table(route_config: Any, path: str, clusters: set[str] | None) 
                     if weighted.name and weighted.name not in clusters:
                         raise ConfigError(f"route: unknown weighted cluster '{weighted.name}'",
                                           f"{action_path}.weighted_clusters.clusters[{w}].name")
+
+
+def _check_header_mutations(message: Message, path: str) -> None:
+    # Envoy's HeaderParser refuses to touch pseudo-headers and Host (HeaderUtility::isModifiableHeader).
+    fields = message.DESCRIPTOR.fields_by_name
+    for name in ("request_headers_to_add", "response_headers_to_add"):
+        if name in fields:
+            for i, option in enumerate(getattr(message, name)):
+                if not _is_modifiable(option.header.key):
+                    raise ConfigError(":-prefixed or host headers may not be modified",
+                                      f"{path}.{name}[{i}].header.key")
+    for name in ("request_headers_to_remove", "response_headers_to_remove"):
+        if name in fields:
+            for i, header in enumerate(getattr(message, name)):
+                if not _is_modifiable(header):
+                    raise ConfigError(":-prefixed or host headers may not be removed", f"{path}.{name}[{i}]")
+
+
+def _is_modifiable(header: str) -> bool:
+    return not header.startswith(":") and header.lower() != "host"
+
+
+_RE2_LOOKAROUND = re.compile(r"(?<!\\)\(\?<?[=!]")
+_RE2_BACKREFERENCE = re.compile(r"\\[1-9]")
+
+
+def re2_problem(pattern: str) -> str | None:
+    """Why RE2 (Envoy's regex engine) would reject ``pattern``, in RE2's words where we know them,
+    or None. Python's ``re`` stands in for RE2; constructs only one of them has are handled first:
+    lookarounds and back-references (Python only) are errors, ``\\p{..}`` classes (RE2 only) pass."""
+    lookaround = _RE2_LOOKAROUND.search(pattern)
+    if lookaround:
+        return f"invalid perl operator: {lookaround.group(0)}"
+    backreference = _RE2_BACKREFERENCE.search(pattern)
+    if backreference:
+        return f"invalid escape sequence: {backreference.group(0)}"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        message = e.msg
+        if message.startswith("bad escape \\p") or message.startswith("bad escape \\P"):
+            return None
+        if message.startswith("missing ), unterminated subpattern"):
+            return f"missing ): {pattern}"
+        if message.startswith("unterminated character set"):
+            return f"missing ]: {pattern}"
+        if message.startswith("unbalanced parenthesis"):
+            return f"unexpected ): {pattern}"
+        return f"invalid regex '{pattern}': {message}"
+    return None
