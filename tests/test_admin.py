@@ -73,6 +73,9 @@ def test_stats_formats_and_errors(registry: StatsRegistry) -> None:
     status, _, body = h.handle("GET", "/stats?filter=(")
     assert status == 400 and body.startswith(b"Invalid re2 regex: ")
     assert h.handle("GET", "/stats?usedonly&filter=rq_")[2] == b"http.admin.downstream_rq_2xx: 3\n"
+    # A "+" in a regex is a regex "+", not a space; %-escapes are decoded.
+    assert h.handle("GET", "/stats?filter=^http\\..+_2xx$")[2] == b"http.admin.downstream_rq_2xx: 3\n"
+    assert h.handle("GET", "/stats?filter=server%2Elive")[2] == b"server.live: 1\n"
     assert h.handle("GET", "/stats?type=Bogus") == (400, ENVOY_HEADERS, b"invalid &type= param")
     assert h.handle("GET", "/stats?type=Gauges") == (200, ENVOY_HEADERS, b"server.live: 1\n")
     assert h.handle("GET", "/stats/prometheus?type=Counters") == prom  # Envoy ignores type= here

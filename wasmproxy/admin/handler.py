@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from envoy.admin.v3 import clusters_pb2, listeners_pb2
 from google.protobuf import json_format
@@ -200,8 +200,7 @@ class AdminHandler:
             return _response(404, "invalid path. admin commands are:\n" + _help_text())
         if url.path in self._post_only and method != "POST":
             return _response(405, f"Method {method} not allowed, POST required.")
-        query = dict(parse_qsl(url.query, keep_blank_values=True))
-        return route(method, query)
+        return route(method, _parse_query(url.query))
 
     # -- handlers ---------------------------------------------------------------------
 
@@ -349,6 +348,16 @@ def _change_log_levels(query: dict[str, str]) -> str:
     except ValueError:
         return "unknown logger level"
     return ""
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    """Envoy's query parsing: percent-decoding only, so ``+`` in a regex stays a ``+``."""
+    out: dict[str, str] = {}
+    for part in query.split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            out[unquote(key)] = unquote(value)
+    return out
 
 
 def _response(status: int, body: str, content_type: str = _TEXT) -> Response:
