@@ -239,6 +239,10 @@ _context_set_epoch_deadline = _c("wasmtime_context_set_epoch_deadline", None, c_
 _memory_data = _c("wasmtime_memory_data", c_size_t, c_void_p, c_void_p)
 _memory_data_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
 _trap_new = _c("wasmtime_trap_new", c_size_t, ctypes.c_char_p, c_size_t)
+_EXTERN_FUNC = _wffi.WASMTIME_EXTERN_FUNC.value  # wasmtime_extern_kind_t
+_EXTERN_MEMORY = _wffi.WASMTIME_EXTERN_MEMORY.value
+_instance_export_get = _c("wasmtime_instance_export_get", ctypes.c_bool,
+                          c_void_p, c_void_p, ctypes.c_char_p, c_size_t, c_void_p)
 
 # wasmtime_func_unchecked_callback_t(env, caller, args_and_results, num) -> wasm_trap_t*,
 # every pointer as a plain int.
@@ -712,17 +716,19 @@ class WasmVm:
 
         # Everything wasmtime may call back into or read from stays referenced here.
         self._keepalive: list[Any] = []
-        imports: list[Any] = []
+        n_imports = len(module._imports)
+        externs = (_wffi.wasmtime_extern_t * max(n_imports, 1))()
         imported_memory: wasmtime.Memory | None = None
-        for mod_name, imp_name, sig, ty in module._imports:
+        for i, (mod_name, imp_name, sig, ty) in enumerate(module._imports):
             qualname = f"{mod_name}.{imp_name}"
             if isinstance(ty, (wasmtime.MemoryType, wasmtime.TableType)):
                 # cpp-host (V8) creates an imported memory or table itself (Emscripten style).
                 try:
                     if isinstance(ty, wasmtime.MemoryType):
-                        imports.append(imported_memory := wasmtime.Memory(store, ty))
+                        imported_memory = wasmtime.Memory(store, ty)
+                        externs[i] = imported_memory._as_extern()
                     else:
-                        imports.append(wasmtime.Table(store, ty, None))
+                        externs[i] = wasmtime.Table(store, ty, None)._as_extern()
                 except wasmtime.WasmtimeError as e:
                     raise WasmLoadError(f"Failed to create import {qualname}: {e}") from None
                 continue
@@ -736,23 +742,38 @@ class WasmVm:
                     f"Failed to load Wasm module due to an import type mismatch: {qualname}, "
                     f"want: {_sig_text(sig)}, but host exports: {_sig_text(declared)}")
             cb = _HOST_CALLBACK(self._make_host_trampoline(qualname, fn, sig))
-            func_t = _wffi.wasmtime_func_t()
+            externs[i].kind = _EXTERN_FUNC
             _func_new_unchecked(self._ctx, _context_address(ty.ptr()), cb, None, None,
-                                addressof(func_t))
-            self._keepalive += (cb, ty, func_t)
-            imports.append(wasmtime.Func._from_raw(func_t))
-        try:
-            self._instance = wasmtime.Instance(store, module._module, imports)
-        except wasmtime.Trap as e:  # the module's start section trapped
-            raise _wasm_trap(e, module._code) from self._take_host_error()
-        except wasmtime.WasmtimeError as e:
-            raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from e
-        self._exports = self._instance.exports(store)
-        mem = self._exports.get("memory")
-        if not isinstance(mem, wasmtime.Memory):
-            mem = imported_memory
-        self.memory = WasmMemory(store if mem is not None else None, self._ctx,
-                                 mem._memory if mem is not None else None)
+                                addressof(externs[i].of.func))
+            self._keepalive += (cb, ty)
+        self._keepalive.append(externs)
+        self._instance = _wffi.wasmtime_instance_t()
+        trap = POINTER(_wffi.wasm_trap_t)()
+        err = _wffi.wasmtime_instance_new(store._context(), module._module.ptr(), externs,
+                                          n_imports, ctypes.byref(self._instance),
+                                          ctypes.byref(trap))
+        if trap:  # the module's start section trapped
+            raise _wasm_trap(wasmtime.Trap._from_ptr(trap), module._code) from (
+                self._take_host_error())
+        if err:
+            e = wasmtime.WasmtimeError._from_ptr(err)
+            raise WasmLoadError(f"Failed to instantiate Wasm module {self.name!r}: {e}") from None
+        mem = self._export("memory")
+        if mem is not None and mem.kind == _EXTERN_MEMORY:
+            self.memory = WasmMemory(store, self._ctx, mem.of.memory)
+        elif imported_memory is not None:
+            self.memory = WasmMemory(store, self._ctx, imported_memory._memory)
+        else:
+            self.memory = WasmMemory(None, self._ctx, None)
+
+    def _export(self, name: str) -> Any:
+        """The wasmtime_extern_t exported as ``name``, or None (one lookup, no reflection)."""
+        ext = _wffi.wasmtime_extern_t()
+        raw = name.encode()
+        if not _instance_export_get(self._ctx, addressof(self._instance), raw, len(raw),
+                                    addressof(ext)):
+            return None
+        return ext
 
     # -- calls into the guest ----------------------------------------------------------------
 
@@ -767,10 +788,10 @@ class WasmVm:
             sig = self.module.exports.get(name)
             if sig is None:
                 return None
-            ext = self._exports.get(name)
-            if not isinstance(ext, wasmtime.Func):
+            ext = self._export(name)
+            if ext is None or ext.kind != _EXTERN_FUNC:
                 return None
-            fn = self._make_call(name, ext._func, sig)
+            fn = self._make_call(name, ext.of.func, sig)
             self._functions[name] = fn
         return fn
 
