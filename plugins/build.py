@@ -85,6 +85,7 @@ TARGETS: tuple[Target, ...] = (
     _c("pause", "pause.c"),
     _c("shared", "shared.c"),
     _c("metrics", "metrics.c"),
+    _c("props", "props.c"),
     _c("trap", "trap.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),
