@@ -258,3 +258,25 @@ def test_pause_plugin_resumes_when_the_callout_answers() -> None:
     assert [a for a in env.actions if a[0] == "continue"] == [("continue", 0)]
     assert request.get("x-resumed-by") == "http_call"
     assert (request.get("x-callout-status"), request.get("x-callout-body")) == ("200", "callout-body")
+
+
+def test_bad_pointers_get_invalid_memory_access_and_the_vm_survives() -> None:
+    wasm, plugin = load("wat_bad_pointers")
+    for _ in range(2):
+        ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+        ctx.decode_headers(HeaderMap([(":path", "/")]), True)
+        response = HeaderMap([(":status", "200")])
+        assert ctx.encode_headers(response, True) == FilterHeadersStatus.Continue
+        for name in ("log", "log-len", "get-key", "get-out", "add-value", "property", "time", "shared-key",
+                     "metric-name"):
+            assert response.get(f"x-bad-{name}") == "6", name
+        assert response.get("x-bad-fd-write") == "21"
+        ctx.on_destroy()
+    assert not wasm.is_failed()
+
+
+def test_trap_message_names_the_callback_as_envoy_logs_it() -> None:
+    wasm, plugin = load("trap")
+    ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
+    ctx.decode_headers(HeaderMap([(":path", "/"), ("x-trap-phase", "request_headers")]), True)
+    assert "Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in wasm.fail_message
