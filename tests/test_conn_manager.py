@@ -649,3 +649,27 @@ def test_keep_alive_and_pipelining_over_real_loopback_socket():
     data = result["data"]
     assert data.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert data.endswith(b"connection: close\r\n\r\nhello")
+
+
+def test_fragment_in_path_is_400_without_body_and_close():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /direct#frag HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.take() == (b"HTTP/1.1 400 Bad Request\r\n" + DATE.encode()
+                        + b"\r\nserver: envoy\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+    assert t.closed and h.store["downstream_rq_failed_path_normalization"] == 1
+
+
+def test_connect_without_upgrade_config_is_answered_and_closed():
+    class NoRoute(Direct):
+        def decode_headers(self, headers, end_stream):
+            self.seen.append(headers.copy())
+            self.decoder_callbacks.send_local_reply(404, "")
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(NoRoute)
+    conn, t = h.connect()
+    conn.data_received(b"CONNECT diff.test:443 HTTP/1.1\r\nHost: diff.test:443\r\n\r\n")
+    assert t.take().endswith(b"connection: close\r\ncontent-length: 0\r\n\r\n")
+    assert t.closed
+    assert ":path" not in h.made[0].seen[0] and h.made[0].seen[0].get(":authority") == "diff.test:443"

@@ -17,6 +17,7 @@ which are delivered after `feed_data` returns, so a callback may pause, encode o
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Callable, Protocol
 
@@ -46,6 +47,7 @@ DETAILS_HEADERS_TOO_LARGE = "http1.headers_too_large"
 DETAILS_TOO_MANY_HEADERS = "http1.too_many_headers"
 DETAILS_INVALID_URL = "http1.invalid_url"
 DETAILS_INVALID_TRANSFER_ENCODING = "http1.invalid_transfer_encoding"
+DETAILS_INVALID_CHARACTERS = "http1.invalid_characters"
 DETAILS_LOW_VERSION = "low_version"
 
 # CodeUtility::toString (source/common/http/codes.cc); anything else prints "Unknown".
@@ -82,6 +84,8 @@ _STATUS_LINES: dict[int, bytes] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason_phrase(code).encode()) for code in range(100, 600)
 }
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9110 5.5: field values carry no control characters but HTAB (obs-fold arrives unfolded).
+_INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 
@@ -127,7 +131,7 @@ class ClientCodecCallbacks(Protocol):
 def _error_from_parser(exc: Exception) -> CodecError:
     """Map an llhttp error to Envoy's status and details."""
     message = str(exc)
-    if "Transfer-Encoding" in message and "invalid" in message:
+    if "Transfer-Encoding" in message and "Content-Length" not in message:
         # Envoy answers an unknown transfer-coding with 501 (RFC 9112 6.1).
         return CodecError(501, DETAILS_INVALID_TRANSFER_ENCODING, message)
     if isinstance(exc, httptools.HttpParserInvalidURLError):
@@ -242,6 +246,8 @@ class _CodecBase:
         self._check_head_size()
 
     def _on_header(self, name: bytes, value: bytes) -> None:
+        if _INVALID_VALUE_BYTES.search(value) is not None:
+            self._fail(CodecError(400, DETAILS_INVALID_CHARACTERS, "header value contains invalid characters"))
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
         if self._headers_done:
             self._trailer_pairs.append(pair)
@@ -328,6 +334,11 @@ class ServerCodec(_CodecBase):
         self._callbacks = callbacks
         self._accept_http_10 = accept_http_10
         self._parser = httptools.HttpRequestParser(_MessageParser(self))
+        # What Envoy 1.40 (Balsa) accepts beyond strict llhttp: bare LF line ends and obs-fold
+        # (unfolded to one space). Values are still checked for control characters above.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True, lenient_optional_lf_after_cr=True, lenient_optional_cr_before_lf=True
+        )
         self._paused = False
         # Set when a complete request was delivered; cleared when its response is encoded.
         self._awaiting_response = False
@@ -454,7 +465,11 @@ class ServerCodec(_CodecBase):
         method = parser.get_method().decode("latin-1")
         headers = self._request_headers(method)
         content_length = headers.get("content-length")
-        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        transfer_encoding = headers.get("transfer-encoding")
+        chunked = transfer_encoding is not None
+        if chunked and transfer_encoding.strip().lower() != "chunked":  # type: ignore[union-attr]
+            # Envoy implements no transfer-coding but chunked (RFC 9112 6.1: 501).
+            self._fail(CodecError(501, DETAILS_INVALID_TRANSFER_ENCODING, "unsupported transfer encoding"))
         self._has_body = chunked or (content_length is not None and content_length.strip() not in ("", "0"))
         keep_alive = parser.should_keep_alive()
         if self._has_body:
@@ -468,8 +483,8 @@ class ServerCodec(_CodecBase):
         regular: list[tuple[str, str]] = []
         for key, value in self._pairs:
             if key == "host":
-                if host is None:
-                    host = value
+                # Envoy keeps one :authority and appends repeated values with ",".
+                host = value if host is None else f"{host},{value}"
                 continue
             regular.append((key, value))
         path = url

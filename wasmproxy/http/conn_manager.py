@@ -46,6 +46,7 @@ __all__ = [
 DETAILS_MISSING_HOST = "missing_host_header"
 DETAILS_UPGRADE_FAILED = "upgrade_failed"
 DETAILS_ABSOLUTE_PATH = "absolute_path"
+DETAILS_PATH_NORMALIZATION_FAILED = "path_normalization_failed"
 DETAILS_STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
 DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
 
@@ -79,6 +80,7 @@ _COUNTERS = (
     "downstream_rq_completed", "downstream_rq_timeout", "downstream_rq_idle_timeout", "downstream_rq_too_large",
     "rs_too_large", "downstream_rq_response_before_rq_complete", "downstream_rq_rx_reset", "downstream_rq_tx_reset",
     "downstream_rq_ws_on_non_ws_route", "downstream_rq_non_relative_path",
+    "downstream_rq_failed_path_normalization",
 )
 _GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_active",
            "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered")
@@ -613,12 +615,21 @@ class ActiveStream:
             fm.send_local_reply(400, "", None, None, DETAILS_MISSING_HOST)
             return
         path = headers.get(":path")
+        if path is not None and "#" in path:
+            # Envoy rejects a fragment in the request target (path normalization).
+            self.stats.downstream_rq_failed_path_normalization.inc()
+            self.conn.drain_state = _CLOSING
+            fm.send_local_reply(400, "", None, None, DETAILS_PATH_NORMALIZATION_FAILED)
+            return
         if path is not None and not path.startswith("/"):
             # Only relative paths at the application layer ("OPTIONS *" included).
             self.stats.downstream_rq_non_relative_path.inc()
             fm.send_local_reply(404, "", None, None, DETAILS_ABSOLUTE_PATH)
             return
         upgrade = _is_upgrade(headers)
+        if headers.get(":method") == "CONNECT":
+            # Without upgrade_configs a CONNECT never completes as a request: close after the reply.
+            self.conn.drain_state = _CLOSING
         self._mutate_request_headers(headers)
         if upgrade:
             # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
