@@ -142,13 +142,14 @@ def test_host_function_returning_none_for_a_result_traps():
         vm.get_function("call_raise")(1)
 
 
-def test_host_function_can_reenter_the_guest():
-    """cpp-host allocates returned buffers by calling the plugin's malloc from a host call."""
+@pytest.mark.parametrize("data", [b"response body", bytes(range(256)) * 1000])
+def test_host_function_can_reenter_the_guest(data):
+    """cpp-host allocates returned buffers by calling the plugin's malloc from a host call;
+    the large case makes malloc grow memory in the middle of the host call."""
     box: dict = {}
 
     def get_buffer(ptr_out, size_out):
         vm = box["vm"]
-        data = b"response body"
         p = vm.get_function("malloc")(len(data))
         vm.memory.write(p, data)
         vm.memory.write_u32(ptr_out, p)
@@ -159,9 +160,10 @@ def test_host_function_can_reenter_the_guest():
                             {("env", "get_buffer"): get_buffer})
     assert vm.get_function("fetch")() == 0
     p, n = vm.memory.read_u32(8), vm.memory.read_u32(12)
-    assert (p, vm.memory.read(p, n)) == (1024, b"response body")
+    assert (p, vm.memory.read(p, n)) == (1024, data)
     assert vm.get_function("fetch")() == 0
-    assert vm.memory.read_u32(8) == 1024 + len(b"response body")
+    assert vm.memory.read_u32(8) == 1024 + len(data)
+    assert vm.memory.size() >= 1024 + 2 * len(data)
 
 
 def test_caller_context_is_the_store_context():
