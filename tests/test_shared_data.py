@@ -229,3 +229,15 @@ def test_queue_items_reach_the_owner_vm_on_its_thread_exactly_once() -> None:
     owner_thread.stop()
     assert state["threads"] == {owner_thread.thread.ident}
     assert sorted(state["dequeued"]) == sorted(f"{p}:{i}".encode() for p in range(2) for i in range(200))
+
+
+def test_snapshots_for_admin() -> None:
+    sd = SharedData()
+    sd.set("a", b"k1", b"", 0)
+    sd.set("a", b"k2", b"", 0)
+    sd.set("b", b"k", b"", 0)
+    assert sd.snapshot() == {"a": 2, "b": 1}
+    sq = SharedQueue()
+    token = sq.register_queue("a", b"q", lambda t: None, lambda cb: None)
+    sq.enqueue(token, b"x")
+    assert sq.snapshot() == {token: 1}

@@ -65,22 +65,6 @@ class SharedData:
             namespace[key] = (bytes(value), self._next_cas())
         return WasmResult.Ok
 
-    def keys(self, vm_id: str) -> list[bytes]:
-        with self._lock:
-            return list(self._data.get(vm_id, {}))
-
-    def remove(self, vm_id: str, key: bytes, cas: int) -> tuple[WasmResult, bytes, int]:
-        """Delete a key (cpp-host SharedData::remove; no ABI call reaches it yet)."""
-        with self._lock:
-            namespace = self._data.get(vm_id, {})
-            entry = namespace.get(key)
-            if entry is None:
-                return WasmResult.NotFound, b"", 0
-            if cas and cas != entry[1]:
-                return WasmResult.CasMismatch, b"", 0
-            del namespace[key]
-        return WasmResult.Ok, entry[0], entry[1]
-
     def delete_vm_id(self, vm_id: str) -> None:
         with self._lock:
             self._data.pop(vm_id, None)
