@@ -132,6 +132,24 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("remove_host_header", lambda d: _vhosts(d)[0].update(response_headers_to_remove=["Host"]),
      f"{HCM_PATH}.route_config.virtual_hosts[0].response_headers_to_remove[0]",
      ":-prefixed or host headers may not be removed"),
+    # Envoy: error adding listener '127.0.0.1:8080': no filter chains specified
+    ("no_filter_chains", _set("static_resources", "listeners", 0, "filter_chains", []),
+     f"{L0}.filter_chains", "error adding listener '127.0.0.1:8080': no filter chains specified"),
+    # Envoy: error adding listener '127.0.0.1:8080': filter chain 'two' has the same matching rules defined as
+    # 'one'. duplicate matcher is: {"destination_port":8080,"server_names":["a.com"]}
+    ("same_filter_chain_match", lambda d: d["static_resources"]["listeners"][0].update(filter_chains=[
+        {**copy.deepcopy(d["static_resources"]["listeners"][0]["filter_chains"][0]), "name": name,
+         "filter_chain_match": {"server_names": ["a.com"], "destination_port": 8080}} for name in ("one", "two")]),
+     f"{L0}.filter_chains[1].filter_chain_match",
+     "error adding listener '127.0.0.1:8080': filter chain 'two' has the same matching rules defined as 'one'. "
+     "duplicate matcher is: {\"destination_port\":8080,\"server_names\":[\"a.com\"]}"),
+    # Envoy: error adding listener: 'other' has duplicate address '127.0.0.1:8080' as existing listener, ...
+    ("duplicate_listener_address", lambda d: d["static_resources"]["listeners"].append(
+        {**copy.deepcopy(d["static_resources"]["listeners"][0]), "name": "other"}),
+     "static_resources.listeners[1].address",
+     "error adding listener: 'other' has duplicate address '127.0.0.1:8080' as existing listener, to check if the "
+     "listener has duplicated addresses with other listeners or 'enable_reuse_port' is set to 'false' for the "
+     "listener"),
     ("bootstrap_extension_unsupported", _set("bootstrap_extensions", [{"name": "envoy.bootstrap.internal_listener",
                                                                        "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}]),
@@ -161,6 +179,13 @@ ACCEPTED: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
             {"name": "service1", "weight": 1}, {"name": "service2", "weight": 3}]}}}])),
     ("empty_http_filters_defaults_to_router", lambda d: _hcm(d).pop("http_filters")),
     ("listener_access_log", _set("static_resources", "listeners", 0, "access_log", [STDERR_LOG])),
+    # Envoy accepts a second listener of the same name (it replaces the first) and two on port 0.
+    ("same_name_listener_replaces", lambda d: d["static_resources"]["listeners"].append(
+        copy.deepcopy(d["static_resources"]["listeners"][0]))),
+    ("two_ephemeral_port_listeners", lambda d: (
+        d["static_resources"]["listeners"][0]["address"]["socket_address"].update(port_value=0),
+        d["static_resources"]["listeners"].append({**copy.deepcopy(d["static_resources"]["listeners"][0]),
+                                                   "name": "other"}))),
     ("re2_unicode_class_and_escaped_paren", lambda d: _route(d).update(
         match={"safe_regex": {"regex": "\\p{L}+\\(?=x"}})),
 ]

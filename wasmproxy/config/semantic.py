@@ -3,7 +3,8 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
 
 * cluster manager: duplicate cluster names, STATIC endpoints that are not IP addresses,
   LOGICAL_DNS with more than one endpoint, CLUSTER_PROVIDED lb without a provider;
-* listeners: a listener needs an IP address; each network filter and HTTP filter resolves to a
+* listeners: a listener needs an IP address (not shared with another listener) and a filter chain,
+  its chains' matches differ; each network filter and HTTP filter resolves to a
   supported extension; terminal filters (router, HCM, tcp_proxy) come last and only last;
 * static route tables: every cluster a route names exists (``validate_clusters`` defaults to true
   for an inline route_config), domains are unique and there is at most one ``*`` per table;
@@ -12,17 +13,19 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
 * what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
   cluster types) is an error naming the field, never silently ignored.
 
-Envoy accepts two static listeners with the same name (the later one replaces the earlier one),
-so that is not an error here either.
+Envoy accepts two static listeners with the same name (the later one replaces the earlier one, and
+may reuse its address), so that is not an error here either.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from wasmproxy.config import pgv, registry
@@ -43,8 +46,20 @@ def check_bootstrap(bootstrap: Message) -> None:
         _find_and_unpack(Category.BOOTSTRAP_EXTENSIONS, ext, f"bootstrap_extensions[{i}]")
     resources = bootstrap.static_resources
     clusters = _check_clusters(resources.clusters)
+    bound: dict[str, str] = {}  # "ip:port" -> listener name, for fixed ports
     for i, listener in enumerate(resources.listeners):
-        _check_listener(listener, f"static_resources.listeners[{i}]", clusters)
+        path = f"static_resources.listeners[{i}]"
+        _check_listener(listener, path, clusters)
+        address = listener.address.socket_address
+        if listener.address.WhichOneof("address") != "socket_address" or address.port_value == 0:
+            continue
+        where = _address_string(listener.address)
+        owner = bound.setdefault(where, listener.name)
+        if owner != listener.name:  # a listener of the same name replaces the earlier one, as in Envoy
+            raise ConfigError(
+                f"error adding listener: '{listener.name}' has duplicate address '{where}' as existing listener, to "
+                f"check if the listener has duplicated addresses with other listeners or 'enable_reuse_port' is "
+                f"set to 'false' for the listener", f"{path}.address")
 
 
 # -- clusters ------------------------------------------------------------------------------------
@@ -127,12 +142,36 @@ def _check_listener(listener: Any, path: str, clusters: set[str]) -> None:
                           f"listener filters)", f"{path}.listener_filters[0]")
     _check_access_logs(listener.access_log, f"{path}.access_log")
     chains = [(f"{path}.filter_chains[{i}]", chain) for i, chain in enumerate(listener.filter_chains)]
+    if not chains and not listener.HasField("default_filter_chain"):
+        raise ConfigError(f"error adding listener '{_address_string(listener.address)}': no filter chains specified",
+                          f"{path}.filter_chains")
+    _check_distinct_matches(listener, path)
     if listener.HasField("default_filter_chain"):
         chains.append((f"{path}.default_filter_chain", listener.default_filter_chain))
     for chain_path, chain in chains:
         if chain.HasField("transport_socket"):
             _check_transport_socket(chain.transport_socket, f"{chain_path}.transport_socket")
         _check_network_filters(chain.filters, f"{chain_path}.filters", clusters)
+
+
+def _address_string(address: Any) -> str:
+    """Envoy's ``Address::Instance::asString()`` for an IP socket address."""
+    socket_address = address.socket_address
+    host = socket_address.address
+    return f"[{host}]:{socket_address.port_value}" if ":" in host else f"{host}:{socket_address.port_value}"
+
+
+def _check_distinct_matches(listener: Any, path: str) -> None:
+    seen: dict[bytes, Any] = {}
+    for i, chain in enumerate(listener.filter_chains):
+        key = chain.filter_chain_match.SerializeToString(deterministic=True)
+        first = seen.setdefault(key, chain)
+        if first is not chain:
+            matcher = json.dumps(json_format.MessageToDict(chain.filter_chain_match, preserving_proto_field_name=True),
+                                 separators=(",", ":"))
+            raise ConfigError(f"error adding listener '{_address_string(listener.address)}': filter chain "
+                              f"'{chain.name}' has the same matching rules defined as '{first.name}'. duplicate "
+                              f"matcher is: {matcher}", f"{path}.filter_chains[{i}].filter_chain_match")
 
 
 def _check_network_filters(filters: Any, path: str, clusters: set[str]) -> None:
