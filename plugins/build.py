@@ -86,6 +86,7 @@ TARGETS: tuple[Target, ...] = (
     _c("shared", "shared.c"),
     _c("metrics", "metrics.c"),
     _c("props", "props.c"),
+    _c("logging", "logging.c"),
     _c("trap", "trap.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),
