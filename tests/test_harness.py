@@ -204,6 +204,7 @@ def test_normaliser_large_bodies_by_digest_and_closed_outcomes() -> None:
     big = _resp([], b"x" * 10000)
     assert Normaliser()(big)["body"] == {"length": 10000, "sha256": hashlib.sha256(b"x" * 10000).hexdigest()}
     assert Normaliser()(PeerClosed(b""))["outcome"] == "closed before a response"
+    assert Normaliser()(TimeoutError())["outcome"] == "no response before the deadline"
 
 
 # --- comparison and case checking -------------------------------------------------------------

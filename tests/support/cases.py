@@ -61,6 +61,8 @@ PROCESS_CLASSES: dict[str, type[ProxyProcess]] = {REFERENCE: EnvoyProcess, CANDI
                                                   TWIN: EnvoyProcess}
 # Envoy closes after a local error reply once its delayed_close_timeout (1 s by default) ends.
 CLOSE_CHECK_S = 3.0
+# Every request of a case must be answered within this (the slowest case waits 0.5 s on purpose).
+REQUEST_TIMEOUT_S = 5.0
 
 
 def selected_targets() -> list[str]:
@@ -223,7 +225,7 @@ class Target:
     port_names: dict[int, str]
     host: str = LOOPBACK
 
-    def connect(self, timeout: float = 10.0) -> RawConnection:
+    def connect(self, timeout: float = REQUEST_TIMEOUT_S) -> RawConnection:
         return RawConnection(self.host, self.port, timeout=timeout)
 
     def normaliser(self, case: Case | None = None) -> Normaliser:
@@ -321,8 +323,8 @@ def run_case(case: Case, target: Target) -> list[Result]:
             assert conn is not None
             try:
                 response = conn.read_response(spec.wire_method) if case.pipeline else _exchange(conn, spec)
-            except PeerClosed as e:
-                results.append(Result(e, True))
+            except (PeerClosed, TimeoutError) as e:
+                results.append(Result(e, isinstance(e, PeerClosed)))
                 conn.close()
                 conn = None
                 if case.pipeline:
@@ -348,6 +350,8 @@ def expectation_failures(spec: RequestSpec, result: Result) -> list[str]:
     """Which of `spec.expect` does not hold for `result` (empty when all hold)."""
     exp = spec.expect
     out = result.outcome
+    if isinstance(out, TimeoutError):
+        return [f"no response within {REQUEST_TIMEOUT_S}s"] if exp else []
     resp = out.partial if isinstance(out, PeerClosed) else out
     fails: list[str] = []
     if "outcome" in exp:
@@ -357,8 +361,9 @@ def expectation_failures(spec: RequestSpec, result: Result) -> list[str]:
     if "closed" in exp and result.closed != exp["closed"]:
         fails.append(f"connection closed: expected {exp['closed']}, got {result.closed}")
     if resp is None:
+        assert isinstance(out, PeerClosed)
         if {"status", "headers", "body", "body_contains", "echo"} & exp.keys():
-            fails.append(f"no response: connection closed after {len(out.received)} bytes")  # type: ignore[union-attr]
+            fails.append(f"no response: connection closed after {len(out.received)} bytes")
         return fails
     if "status" in exp and resp.status != exp["status"]:
         fails.append(f"status: expected {exp['status']}, got {resp.status}")

@@ -17,7 +17,8 @@ from typing import Any
 
 from .raw_http import PeerClosed, Response
 
-Outcome = Response | PeerClosed
+# What one request can get: a response, a close (maybe mid-response), or nothing in time.
+Outcome = Response | PeerClosed | TimeoutError
 
 # Response headers whose value is volatile: name -> placeholder (presence is still compared).
 VOLATILE_RESPONSE_HEADERS = {
@@ -96,6 +97,8 @@ class Normaliser:
 
     def __call__(self, outcome: Outcome, closed: bool | None = None) -> dict[str, Any]:
         """The comparable form of one outcome; `closed` is whether the peer then closed (if checked)."""
+        if isinstance(outcome, TimeoutError):
+            return {"outcome": "no response before the deadline"}
         if isinstance(outcome, PeerClosed) and outcome.partial is None:
             out: dict[str, Any] = {"outcome": "closed before a response",
                                    "received": self.text(outcome.received.decode("latin-1"))}
