@@ -7,9 +7,9 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
   its chains' matches differ; each network filter and HTTP filter resolves to a
   supported extension; terminal filters (router, HCM, tcp_proxy) come last and only last;
 * static route tables: every cluster a route names exists (``validate_clusters`` defaults to true
-  for an inline route_config), domains are unique and there is at most one ``*`` per table;
+  for an inline route_config), domains are unique, at most one ``*`` per table, regexes compile as
+  RE2 would, and no header mutation touches ``:``-headers or Host;
 * a Wasm filter's local code file exists (Envoy reads it while building the filter chain);
-* route tables: regexes compile as RE2 would, and no header mutation touches ``:``-headers or Host;
 * what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
   cluster types) is an error naming the field, never silently ignored.
 
