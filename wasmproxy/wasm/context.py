@@ -323,9 +323,6 @@ class ContextBase:
 
     # -- identity --------------------------------------------------------------------------
 
-    def is_vm_context(self) -> bool:
-        return self.id == 0
-
     def is_root_context(self) -> bool:
         return self.parent_context is self
 
@@ -758,10 +755,6 @@ class ContextBase:
     def get_current_time_nanoseconds(self) -> int:
         assert self.wasm is not None
         return int(self.wasm.time_source.system_time() * 1e9)
-
-    def get_monotonic_time_nanoseconds(self) -> int:
-        assert self.wasm is not None
-        return int(self.wasm.time_source.monotonic() * 1e9)
 
     def set_timer_period(self, period_ms: int) -> WasmResult:
         assert self.wasm is not None
