@@ -366,3 +366,72 @@ def test_listeners_text_and_json(registry: StatsRegistry) -> None:
     doc = json.loads(h.handle("GET", "/listeners?format=json")[2])
     assert doc["listener_statuses"][0] == {
         "name": "l0", "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 43505}}}
+
+
+def test_logging_parameter_errors_and_plain_listing(registry: StatsRegistry) -> None:
+    h = AdminHandler(registry)
+    status, _, body = h.handle("POST", "/logging")
+    assert status == 200 and body.startswith(b"active loggers:\n")
+    status, _, body = h.handle("POST", "/logging?level=info&paths=wasm:debug")
+    assert status == 400 and body.startswith(b"error: invalid number of parameters\n\n")
+
+
+def test_prometheus_filter_errors_and_flush_on_admin(registry: StatsRegistry) -> None:
+    registry._all_stores()[0].histogram("h_ms").record(3)
+    status, _, body = AdminHandler(registry).handle("GET", "/stats/prometheus?filter=(")
+    assert status == 400 and body.startswith(b"Invalid re2 regex: ")
+    body = AdminHandler(registry, flush_on_admin=True).handle("GET", "/stats/prometheus?filter=h_ms")[2]
+    assert b"envoy_h_ms_count{} 1\n" in body
+
+
+def test_clusters_json_success_rates(registry: StatsRegistry) -> None:
+    host = HostStatus("10.0.0.1:80", success_rate=99.5, local_origin_success_rate=100)
+    h = AdminHandler(registry, clusters=lambda: [ClusterStatus("c", [host])])
+    status = json.loads(h.handle("GET", "/clusters?format=json")[2])["cluster_statuses"][0]["host_statuses"][0]
+    assert status["success_rate"] == {"value": 99.5}
+    assert status["local_origin_success_rate"] == {"value": 100.0}
+    assert b"c::10.0.0.1:80::success_rate::99.5\n" in h.handle("GET", "/clusters")[2]
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):  # the server closes: bounded by the response size
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_admin_server_close_errors_and_handler_failure(registry: StatsRegistry) -> None:
+    d = Dispatcher("main_thread")
+
+    def broken() -> list[ClusterStatus]:
+        raise RuntimeError("provider bug")
+
+    server = AdminServer(AdminHandler(registry, clusters=broken), d)
+    port = server.bind()[1]
+    started = threading.Event()
+    d.post(lambda: d.loop.create_task(server.start()).add_done_callback(lambda t: started.set()))
+    t = threading.Thread(target=d.run)
+    t.start()
+    try:
+        assert started.wait(WAIT)
+        reply = _raw_exchange(port, b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nconnection: close\r\n" in reply
+        assert reply.endswith(b"\r\n\r\nLIVE\n")
+        reply = _raw_exchange(port, b"GET /clusters HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        reply = _raw_exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    finally:
+        closed = threading.Event()
+        d.post(lambda: (server.close(), closed.set()))
+        assert closed.wait(WAIT)
+        d.exit()
+        t.join(WAIT)
+        d.close()
+    unstarted = AdminServer(AdminHandler(registry), d)
+    unstarted.bind()
+    unstarted.close()  # a bound but never started server releases its socket

@@ -221,10 +221,18 @@ def test_timer_enable_disable_and_rearm() -> None:
             return timer.enabled()
 
         assert post_and_wait(d, disabled_before_fire) is False
+
+        def rearm_pending() -> None:
+            timer.enable_timer(60_000)  # far away ...
+            timer.enable_timer(0)  # ... replaced: fires next iteration, once
+
+        fired.clear()
+        post_and_wait(d, rearm_pending)
+        assert fired.wait(WAIT)
         # Two loop iterations later the cancelled timer still has not fired.
         post_and_wait(d)
         post_and_wait(d)
-        assert count == [1]
+        assert count == [1, 1]
         with pytest.raises(AssertionError):
             timer.enable_timer(1)  # wrong thread
 
@@ -285,4 +293,49 @@ def test_time_source_is_overridable() -> None:
     assert d.time_source.monotonic() == 5.0
     ts.advance(1.5)
     assert d.time_source.monotonic() == 6.5
+    assert d.time_source.system_time() == 1_800_000_001.5
     d.close()
+
+
+def test_timer_with_delay_fires_after_it_and_rearms() -> None:
+    d = Dispatcher("worker_0")
+    fired: list[float] = []
+    done = threading.Event()
+
+    with running(d):
+
+        def setup() -> float:
+            def on_timer() -> None:
+                fired.append(d.loop.time())
+                if len(fired) < 2:
+                    timer.enable_timer(5)
+                else:
+                    done.set()
+
+            timer = d.create_timer(on_timer)
+            timer.enable_timer(5)
+            return d.loop.time()
+
+        armed_at = post_and_wait(d, setup)
+        assert done.wait(WAIT)
+    assert len(fired) == 2
+    assert fired[0] - armed_at >= 0.004 and fired[1] - fired[0] >= 0.004  # loop clock, ms granularity
+
+
+def test_run_binds_once_and_exit_is_idempotent() -> None:
+    d = Dispatcher("worker_0")
+    with running(d):
+        post_and_wait(d)
+        with pytest.raises(AssertionError, match="already bound"):
+            d.run()
+        d.exit()
+        d.exit()
+    assert "worker_0" in repr(d)
+
+
+def test_real_time_source_reads_clocks() -> None:
+    import time
+
+    ts = Dispatcher("x").time_source
+    assert abs(ts.system_time() - time.time()) < 5
+    assert ts.monotonic() <= time.monotonic()

@@ -86,3 +86,15 @@ def test_active_loggers_list_envoys_names_then_ours(buf) -> None:
     log.set_component_log_level("zz_custom_component:error")
     assert dict(log.active_loggers())["zz_custom_component"] == "error"
     assert dict(log.active_loggers())["wasm"] == "info"
+
+
+def test_set_logger_level_unknown_and_configure_component_levels() -> None:
+    out = io.StringIO()
+    try:
+        log.configure("warning", stream=out, component_levels="wasm:debug")
+        log.get_logger("wasm").debug("dbg")
+        assert "[debug][wasm] dbg" in out.getvalue()
+        with pytest.raises(KeyError):
+            log.set_logger_level("nope", "info")
+    finally:
+        log.configure("info")

@@ -300,3 +300,24 @@ def test_default_tag_extraction(name: str, metric: str, tags: tuple) -> None:
     extracted, got = extract_tags(name)
     assert prometheus_name(extracted) == metric
     assert got == tags
+
+
+def test_bin_edges_at_float_rounding_limits() -> None:
+    from wasmproxy.stats.histogram import _bin_left_width, bin_key
+
+    # log10 rounds down here; the bin must still be the next decade's first (as libcircllhist).
+    assert bin_key(0.0009999999999999994) == bin_key(0.001)
+    # log10 rounds up here; the value stays in its own decade's last bin.
+    v = 9.9999999999999e70
+    left, width = _bin_left_width(bin_key(v))
+    assert left <= v < left + width
+
+
+def test_unrepresentable_custom_metric_is_left_out_of_prometheus() -> None:
+    reg = StatsRegistry()
+    store = reg.add_store(Store())
+    store.counter("wasmcustom.9lives").inc()
+    store.counter("wasmcustom.ok").inc()
+    assert prometheus_name("wasmcustom.9lives") is None
+    text = render_prometheus(reg, StatsFilter())
+    assert "9lives" not in text and "ok{} 1" in text

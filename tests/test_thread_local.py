@@ -244,3 +244,26 @@ def test_thread_asserts_and_shutdown_order() -> None:
         assert slot.get() == "v"  # main still holds its object until its own shutdown_thread
         w.tls.shutdown_thread()
         assert slot.get() is None
+
+
+def test_registration_visibility_and_shutdown_edges() -> None:
+    with workers(1) as w:
+        d = w.dispatchers[0]
+        assert w.tls.current_thread_registered()
+        assert w.on_worker(d, w.tls.current_thread_registered)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(w.tls.current_thread_registered()))
+        t.start()
+        t.join(WAIT)
+        assert seen == [False]
+        slot = w.tls.allocate_slot()
+        assert slot.current_thread_registered()
+        slot.free()
+        slot.free()  # a second free is harmless
+        other = w.tls.allocate_slot()
+        assert not w.tls.is_shutdown
+        w.tls.shutdown_global_threading()
+        assert w.tls.is_shutdown
+        other.free()  # after shutdown: nothing posted to workers that are going away
+        with pytest.raises(AssertionError, match="twice"):
+            w.tls.shutdown_global_threading()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from wasmproxy.event import Dispatcher, SimulatedTimeSource
 from wasmproxy.event.watchdog import GuardDog, WatchDog, WatchDogEvent
 from wasmproxy.stats import Store
@@ -131,3 +133,47 @@ def test_blocked_worker_counted_by_guard_thread() -> None:
         t.join(WAIT)
         d.close()
     assert not t.is_alive()
+
+
+def test_stop_watching_and_failing_action_and_double_start() -> None:
+    ts = SimulatedTimeSource()
+    store = Store("guard_dog")
+    calls: list[str] = []
+
+    def bad_action(event, threads, now):
+        calls.append("bad")
+        raise RuntimeError("action failed")
+
+    def good_action(event, threads, now):
+        calls.append("good")
+
+    gd = GuardDog(store, "workers", time_source=ts,
+                  actions=[(WatchDogEvent.MISS, bad_action), (WatchDogEvent.MISS, good_action)])
+    dog = gd.create_watchdog("worker_0")
+    gone = gd.create_watchdog("worker_1")
+    gd.step()
+    gd.stop_watching(gone)
+    ts.advance(0.5)
+    gd.step()
+    assert calls == ["bad", "good"]  # a failing action is logged; the others still run
+    assert store.counter("server.worker_0.watchdog_miss").value == 1
+    assert store.counter("server.worker_1.watchdog_miss").value == 0
+    gd.start()
+    try:
+        with pytest.raises(AssertionError, match="already started"):
+            gd.start()
+    finally:
+        gd.stop()
+    gd.stop()  # stopping twice is harmless
+    assert isinstance(dog, WatchDog)
+
+
+def test_default_kill_action_aborts(monkeypatch) -> None:
+    import os
+
+    from wasmproxy.event import watchdog
+
+    aborted = []
+    monkeypatch.setattr(os, "abort", lambda: aborted.append(True))
+    watchdog.abort_process(WatchDog("worker_0", 1), 2.5)
+    assert aborted == [True]

@@ -48,9 +48,9 @@ def bin_key(value: float) -> int:
     if val >= 100:
         val //= 10
         exp += 1
-    elif val < 10:  # log10 rounded up just below a power of ten
-        val *= 10
+    elif val < 10:  # log10 rounded up just below a power of ten (libcircllhist drops these as NaN)
         exp -= 1
+        val = min(99, math.floor(value / 10.0**exp * 10 + 1e-13))
     return exp * 100 + val
 
 
