@@ -93,14 +93,26 @@ class FakeStat:
         self.value -= n
 
 
+class FakeHistogram:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def record(self, value: float) -> None:
+        self.values.append(value)
+
+
 class FakeStore:
     def __init__(self) -> None:
         self.stats: dict[str, FakeStat] = {}
+        self.histograms: dict[str, FakeHistogram] = {}
 
     def counter(self, name: str) -> FakeStat:
         return self.stats.setdefault(name, FakeStat())
 
     gauge = counter
+
+    def histogram(self, name: str, unit: Any = None) -> FakeHistogram:
+        return self.histograms.setdefault(name, FakeHistogram())
 
     def __getitem__(self, short: str) -> int:
         return self.stats["http.ingress." + short].value
@@ -168,7 +180,7 @@ class Harness:
         return install
 
     def connect(self, peer: tuple[str, int] = ("10.1.2.3", 5555)) -> tuple[Any, FakeTransport]:
-        conn = self.handler.protocol_factory()
+        conn = self.handler()
         transport = FakeTransport(peer)
         conn.connection_made(transport)
         return conn, transport
@@ -258,6 +270,8 @@ def test_connection_close_request_gets_connection_close_and_is_closed():
     assert out.endswith(b"server: envoy\r\nconnection: close\r\n\r\nhello")
     assert t.closed
     assert h.store["downstream_cx_destroy_local"] == 1 and h.store["downstream_cx_active"] == 0
+    assert h.store.histograms["http.ingress.downstream_cx_length_ms"].values == [0.0]
+    assert h.store.histograms["http.ingress.downstream_rq_time"].values == [0.0]
 
 
 def test_http10_gets_envoys_426():
@@ -611,7 +625,7 @@ def test_keep_alive_and_pipelining_over_real_loopback_socket():
     config.stat_prefix = "ingress"
     config.filter_factories = [lambda cb: cb.add_stream_filter(Direct())]
     handler = WorkerConnectionHandler(config, LoopDispatcher(loop), FakeStore())  # type: ignore[arg-type]
-    server = loop.run_until_complete(loop.create_server(handler.protocol_factory, "127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(handler, "127.0.0.1", 0))
     port = server.sockets[0].getsockname()[1]
     result: dict[str, bytes] = {}
     finished = loop.create_future()
@@ -673,3 +687,76 @@ def test_connect_without_upgrade_config_is_answered_and_closed():
     assert t.take().endswith(b"connection: close\r\ncontent-length: 0\r\n\r\n")
     assert t.closed
     assert ":path" not in h.made[0].seen[0] and h.made[0].seen[0].get(":authority") == "diff.test:443"
+
+
+# -- built from the proto, with the real router filter -----------------------------------
+
+
+class _NoClusters:
+    def has_cluster(self, name: str) -> bool:
+        return False
+
+    def thread_local(self) -> "_NoClusters":
+        return self
+
+    def get(self, name: str) -> None:
+        return None
+
+
+class _Context:
+    cluster_manager = _NoClusters()
+    listener_name = "listener_0"
+
+
+def _hcm_proto(extra: dict[str, Any] | None = None) -> Any:
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (registers the type)
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import json_format
+
+    config = {
+        "stat_prefix": "ingress",
+        "route_config": {"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "hello"}}},
+            {"match": {"prefix": "/s299"}, "direct_response": {"status": 299}},
+        ]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        **(extra or {}),
+    }
+    return json_format.ParseDict(config, http_connection_manager_pb2.HttpConnectionManager())
+
+
+def test_hcm_from_proto_answers_like_envoy_with_direct_responses():
+    from wasmproxy.http.conn_manager import create_hcm_factory
+
+    factory = create_hcm_factory(_hcm_proto({"stream_idle_timeout": "2s", "common_http_protocol_options": {
+        "idle_timeout": "3s"}}), _Context())
+    assert (factory.config.stream_idle_timeout_ms, factory.config.idle_timeout_ms) == (2000, 3000)
+    dispatcher = FakeDispatcher()
+    handler = factory.for_worker(dispatcher, FakeStore())  # type: ignore[arg-type]
+    conn = handler()
+    t = FakeTransport()
+    conn.connection_made(t)
+    expected = [
+        (b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n", HELLO),
+        (b"GET /s299 HTTP/1.1\r\nHost: a\r\n\r\n",
+         b"HTTP/1.1 299 Unknown\r\n" + DATE.encode() + b"\r\nserver: envoy\r\ncontent-length: 0\r\n\r\n"),
+        (b"GET /nomatch HTTP/1.1\r\nHost: a\r\n\r\n",
+         b"HTTP/1.1 404 Not Found\r\n" + DATE.encode() + b"\r\nserver: envoy\r\ncontent-length: 0\r\n\r\n"),
+        (b"HEAD /direct HTTP/1.1\r\nHost: a\r\n\r\n", HELLO[: -len(b"hello")]),
+    ]
+    for request, response in expected:
+        conn.data_received(request)
+        dispatcher.run_posts()
+        assert t.take() == response
+
+
+def test_terminal_filter_must_be_last():
+    from wasmproxy.config.errors import ConfigError
+    from wasmproxy.http.conn_manager import create_hcm_factory
+
+    router = {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    with pytest.raises(ConfigError, match="terminal filter named envoy.filters.http.router of type "
+                                          "envoy.filters.http.router must be the last filter"):
+        create_hcm_factory(_hcm_proto({"http_filters": [router, router]}), _Context())

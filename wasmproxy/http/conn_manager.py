@@ -87,15 +87,17 @@ _GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_
 
 
 class HcmFactoryContext(Protocol):
-    """What `create_hcm_factory` needs from the integrator (main thread, config time).
+    """What `create_hcm_factory` reads from the integrator's context (main thread, config time).
 
-    * `cluster_exists(name) -> bool`: for the route table's validate_clusters check.
-    * The same object is handed, unchanged, to every HTTP filter factory and access logger
-      factory, which may read more from it (e.g. `cluster_manager`, `thread_local`,
-      `dispatcher` of main, `stats` scope, `listener_name`): see those factories.
+    * `cluster_manager.has_cluster(name) -> bool`: the route table's validate_clusters check
+      (skipped when `cluster_manager` is None);
+    * `listener_name`: copied into every stream's StreamInfo.
+    The same object is handed, unchanged, to every HTTP filter factory and access logger
+    factory, which may read more from it (wasmproxy.server_context.FactoryContext).
     """
 
-    def cluster_exists(self, name: str) -> bool: ...
+    cluster_manager: Any
+    listener_name: str
 
 
 class HttpConnectionManagerConfig:
@@ -136,7 +138,8 @@ class HttpConnectionManagerConfig:
             raise ConfigError("RDS and scoped routes are not supported: use route_config", "rds")
         from ..router.config import RouteConfig, RouteConfigError
 
-        cluster_exists = getattr(factory_context, "cluster_exists", None)
+        cluster_manager = getattr(factory_context, "cluster_manager", None)
+        cluster_exists = cluster_manager.has_cluster if cluster_manager is not None else None
         try:
             self.route_config = RouteConfig.from_proto(proto.route_config, cluster_exists)
         except RouteConfigError as e:
@@ -222,6 +225,10 @@ class HcmStats:
             setattr(self, name, store.counter(prefix + name))
         for name in _GAUGES:
             setattr(self, name, store.gauge(prefix + name))
+        from ..stats.store import Unit
+
+        self.downstream_cx_length_ms = store.histogram(prefix + "downstream_cx_length_ms", Unit.MILLISECONDS)
+        self.downstream_rq_time = store.histogram(prefix + "downstream_rq_time", Unit.MILLISECONDS)
         self.rq_by_class = [None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
                             self.downstream_rq_4xx, self.downstream_rq_5xx]
 
@@ -256,12 +263,13 @@ class _DateProvider:
 class HcmFactory:
     """Returned by `create_hcm_factory`: makes per-worker connection handlers."""
 
-    def __init__(self, config: HttpConnectionManagerConfig) -> None:
+    def __init__(self, config: HttpConnectionManagerConfig, listener_name: str = "") -> None:
         self.config = config
+        self.listener_name = listener_name
 
-    def for_worker(self, dispatcher: "Dispatcher", store: Any, listener_name: str = "") -> "WorkerConnectionHandler":
-        """On the worker (or before it runs): a handler whose `protocol_factory` serves that worker's sockets."""
-        return WorkerConnectionHandler(self.config, dispatcher, store, listener_name)
+    def for_worker(self, dispatcher: "Dispatcher", store: Any) -> "WorkerConnectionHandler":
+        """On the worker (or before it runs): the asyncio protocol factory for that worker's sockets."""
+        return WorkerConnectionHandler(self.config, dispatcher, store, self.listener_name)
 
 
 def create_hcm_factory(hcm_proto: Any, factory_context: Any) -> HcmFactory:
@@ -269,16 +277,18 @@ def create_hcm_factory(hcm_proto: Any, factory_context: Any) -> HcmFactory:
 
     Usage by the integrator, per worker::
 
-        handler = hcm_factory.for_worker(worker_dispatcher, worker_store, listener_name)
-        await worker_dispatcher.loop.create_server(handler.protocol_factory, sock=listen_socket)
+        handler = hcm_factory.for_worker(worker_dispatcher, worker_store)
+        await worker_dispatcher.loop.create_server(handler, sock=listen_socket)
         ...; handler.drain()        # drain: connection: close on the next response
         ...; handler.close_all()    # shutdown
     """
-    return HcmFactory(HttpConnectionManagerConfig.from_proto(hcm_proto, factory_context))
+    config = HttpConnectionManagerConfig.from_proto(hcm_proto, factory_context)
+    return HcmFactory(config, getattr(factory_context, "listener_name", ""))
 
 
 class WorkerConnectionHandler:
-    """The HCM on one worker: shared stats, date cache and the set of live connections."""
+    """The HCM on one worker: shared stats, date cache and live connections; calling it makes
+    the Protocol for a new connection (it is the asyncio protocol factory)."""
 
     _connection_ids = itertools.count(1)
 
@@ -293,7 +303,7 @@ class WorkerConnectionHandler:
         self.draining = False
         self._stream_ids = itertools.count(1)
 
-    def protocol_factory(self) -> "ConnectionManager":
+    def __call__(self) -> "ConnectionManager":
         return ConnectionManager(self)
 
     def next_connection_id(self) -> int:
@@ -343,6 +353,7 @@ class ConnectionManager(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._idle_timer: Timer | None = None
+        self._connected_at = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -357,6 +368,7 @@ class ConnectionManager(asyncio.Protocol):
             remote_address=_address(transport.get_extra_info("peername")),
         )
         self.connection_info.direct_remote_address = self.connection_info.remote_address
+        self._connected_at = self.dispatcher.time_source.monotonic()
         self.handler.connections.add(self)
         stats = self.stats
         stats.downstream_cx_total.inc()
@@ -495,6 +507,7 @@ class ConnectionManager(asyncio.Protocol):
             self.stream.on_connection_reset()
         stats.downstream_cx_active.dec()
         stats.downstream_cx_http1_active.dec()
+        stats.downstream_cx_length_ms.record((self.dispatcher.time_source.monotonic() - self._connected_at) * 1000)
         if self._idle_timer is not None:
             self._idle_timer.disable_timer()
         self.handler.connections.discard(self)
@@ -899,6 +912,7 @@ class ActiveStream:
         self.filter_manager.destroy_filters()
         self.stats.downstream_rq_active.dec()
         self.stats.downstream_rq_completed.inc()
+        self.stats.downstream_rq_time.record((self.dispatcher.time_source.monotonic() - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self)
 
 
