@@ -760,3 +760,28 @@ def test_terminal_filter_must_be_last():
     with pytest.raises(ConfigError, match="terminal filter named envoy.filters.http.router of type "
                                           "envoy.filters.http.router must be the last filter"):
         create_hcm_factory(_hcm_proto({"http_filters": [router, router]}), _Context())
+
+
+def test_downstream_write_watermarks_reach_registered_filters():
+    events = []
+
+    class Watch(PassThroughFilter):
+        def on_above_write_buffer_high_watermark(self):
+            events.append("above")
+
+        def on_below_write_buffer_low_watermark(self):
+            events.append("below")
+
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.add_downstream_watermark_callbacks(self)
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Watch)
+    conn, t = h.connect()
+    conn.pause_writing()  # already above when the filter registers: it is told at once
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    conn.resume_writing()
+    conn.pause_writing()
+    h.made[0].decoder_callbacks.remove_downstream_watermark_callbacks(h.made[0])
+    conn.resume_writing()
+    assert events == ["above", "below", "above"]

@@ -96,6 +96,10 @@ class FilterManagerCallbacks(Protocol):
 
     def on_encoder_filter_below_write_buffer_low_watermark(self) -> None: ...
 
+    def add_downstream_watermark_callbacks(self, callbacks: Any) -> None: ...
+
+    def remove_downstream_watermark_callbacks(self, callbacks: Any) -> None: ...
+
 
 class _ActiveFilter:
     """State Envoy keeps per filter per direction (ActiveStreamFilterBase)."""
@@ -352,6 +356,14 @@ class ActiveStreamDecoderFilter(_ActiveFilter):
 
     def on_decoder_filter_below_write_buffer_low_watermark(self) -> None:
         self.parent.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
+
+    def add_downstream_watermark_callbacks(self, callbacks: Any) -> None:
+        """Be told when the downstream connection cannot take more response data (and when it can):
+        `callbacks.on_above_write_buffer_high_watermark()` / `on_below_write_buffer_low_watermark()`."""
+        self.parent.callbacks.add_downstream_watermark_callbacks(callbacks)
+
+    def remove_downstream_watermark_callbacks(self, callbacks: Any) -> None:
+        self.parent.callbacks.remove_downstream_watermark_callbacks(callbacks)
 
 
 class ActiveStreamEncoderFilter(_ActiveFilter):
