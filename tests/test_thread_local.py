@@ -267,3 +267,19 @@ def test_registration_visibility_and_shutdown_edges() -> None:
         other.free()  # after shutdown: nothing posted to workers that are going away
         with pytest.raises(AssertionError, match="twice"):
             w.tls.shutdown_global_threading()
+
+
+def test_updates_skip_a_worker_that_already_exited() -> None:
+    with workers(2) as w:
+        slot = w.tls.allocate_slot()
+        slot.set(lambda d: [d.name])
+        gone = w.dispatchers[1]
+        gone.exit()
+        w.threads[1].join(WAIT)
+        slot.set(lambda d: [d.name, "v2"])  # no DispatcherExitedError out of set()
+        done = []
+        slot.run_on_all_threads(lambda obj: None, lambda: done.append(True))
+        w.run_main_until(lambda: done)
+        assert done == [True]
+        assert w.on_worker(w.dispatchers[0], slot.get) == ["worker_0", "v2"]
+        slot.free()

@@ -15,6 +15,10 @@ Mirrors ``source/common/thread_local/thread_local_impl.cc``:
   flag, so a slot freed on main while updates are in flight does nothing on the
   workers (Envoy's ``still_alive_guard_``). Callbacks passed in must not
   capture the slot or its owner.
+* A worker whose dispatcher already exited is skipped (and counts as done for
+  ``run_on_all_threads``): during shutdown its thread-local data is gone anyway.
+  Envoy avoids the case by calling ``shutdown_global_threading`` before stopping
+  workers; do the same.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from wasmproxy.event.dispatcher import DispatcherExitedError
+from wasmproxy.log import get_logger
+
 __all__ = ["Slot", "ThreadLocalInstance"]
+
+
+_log = get_logger("main")
 
 
 class _Dispatcher(Protocol):
@@ -137,29 +147,39 @@ class ThreadLocalInstance:
         data = self._tls.data
         return data[index] if index < len(data) else None
 
+    def _post(self, dispatcher: _Dispatcher, cb: Callable[[], None]) -> bool:
+        """Post to a worker; a worker whose loop already exited is skipped (its data is gone)."""
+        try:
+            dispatcher.post(cb)
+        except DispatcherExitedError:
+            _log.debug("thread local: %s has exited; update skipped", dispatcher.name)
+            return False
+        return True
+
     def _run_on_all_threads(self, cb: Callable[[], None], complete_cb: Callable[[], None] | None) -> None:
         """Main first, then every worker; ``complete_cb`` posted to main after the last worker."""
         cb()
-        if not self._registered:
-            if complete_cb is not None:
-                self._main_dispatcher.post(complete_cb)
-            return
-        remaining = [len(self._registered)]
+        # One count per worker plus one for this posting loop, so a fast worker cannot
+        # finish the count before every post is out.
+        remaining = [len(self._registered) + 1]
         lock = threading.Lock()
         main = self._main_dispatcher
 
-        def on_thread() -> None:
-            cb()
-            if complete_cb is None:
-                return
+        def done_one() -> None:
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
-            if last:
+            if last and complete_cb is not None:
                 main.post(complete_cb)
 
+        def on_thread() -> None:
+            cb()
+            done_one()
+
         for dispatcher in self._registered:
-            dispatcher.post(on_thread)
+            if not self._post(dispatcher, on_thread):
+                done_one()
+        done_one()
 
     # -- shutdown (Envoy's order) ---------------------------------------------------
 
@@ -217,7 +237,7 @@ class Slot:
             def init(dispatcher: _Dispatcher = dispatcher) -> None:
                 parent._set_thread_local(index, init_cb(dispatcher))
 
-            dispatcher.post(self._guarded(init))
+            parent._post(dispatcher, self._guarded(init))
         parent._set_thread_local(index, init_cb(parent._main_dispatcher))
 
     def get(self) -> Any:
