@@ -442,7 +442,16 @@ def test_continue_and_close_stream() -> None:
     g.wasm.do_after_vm_call_actions()
     assert env.actions == [("continue", 0), ("close", 1)]
     assert env.stream_info.response_code_details == "wasm_close_stream"
-    assert g.call(None, "proxy_continue_stream", 0) == 12  # a root context has no stream
+    # A root context has no stream: Envoy 1.40 answers Ok and does nothing (probe plugin).
+    for name, stream_type, expected in [("proxy_continue_stream", 0, OK), ("proxy_continue_stream", 2, OK),
+                                        ("proxy_continue_stream", 3, 12), ("proxy_close_stream", 0, OK),
+                                        ("proxy_close_stream", 3, OK)]:
+        assert g.call(None, name, stream_type) == expected, (name, stream_type)
+    assert g.call(None, "proxy_send_local_response", 403, 0, 0, 0, 0, 0, 0, 0) == OK
+    assert g.call(None, "proxy_set_effective_context", 0) == OK
+    assert g.call(None, "proxy_set_effective_context", 99) == BAD_ARG
+    assert g.call(None, "proxy_get_status", OUT, OUT + 4, OUT + 8) == OK
+    assert (g.u32(OUT), g.u32(OUT + 8)) == (0, 0)
 
 
 def test_abi_0_1_0_continue_request_and_clear_route_cache() -> None:
@@ -667,3 +676,18 @@ def test_envoy_compress_and_uncompress_foreign_functions() -> None:
     assert g.out_bytes(OUT, OUT + 4) == data
     bad, badn = g.put(b"not zlib", VAL)
     assert g.call(None, "proxy_call_foreign_function", u, un, bad, badn, OUT, OUT + 4) == 3  # SerializationFailure
+
+
+def test_root_context_answers_like_envoy_for_stream_only_calls() -> None:
+    """Observed in Envoy 1.40 from proxy_on_vm_start (a root context, no stream)."""
+    g = Guest()
+    k, kn = g.put(b"a", KEY)
+    d, dn = g.put(b"x", VAL)
+    assert g.call(None, "proxy_get_header_map_pairs", WasmHeaderMapType.HttpCallResponseHeaders, OUT, OUT + 4) == OK
+    assert g.call(None, "proxy_get_header_map_value", WasmHeaderMapType.HttpCallResponseHeaders, k, kn, OUT,
+                  OUT + 4) == BAD_ARG
+    assert g.call(None, "proxy_get_header_map_pairs", REQ, OUT, OUT + 4) == OK
+    assert g.call(None, "proxy_get_buffer_status", WasmBufferType.PluginConfiguration, OUT, OUT + 4) == NOT_FOUND
+    assert g.call(None, "proxy_get_buffer_status", WasmBufferType.HttpRequestBody, OUT, OUT + 4) == OK
+    assert g.call(None, "proxy_set_buffer_bytes", WasmBufferType.HttpRequestBody, 0, 0, d, dn) == BAD_ARG
+    assert g.call(None, "proxy_set_buffer_bytes", WasmBufferType.VmConfiguration, 0, 0, d, dn) == BAD_ARG

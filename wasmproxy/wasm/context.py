@@ -10,8 +10,9 @@ lives (header maps, buffers, metrics, status translation). Three kinds, as in cp
 
 Everything is driven by plain calls (sans-IO). A stream context talks to the proxy only
 through a `StreamEnvironment` (continue/close the stream, local replies, StreamInfo); a Wasm
-talks to the outside through a `WasmEnvironment` (HTTP/gRPC callouts, DNS). Their defaults do
-nothing and say so: a context without an environment answers ``Unimplemented``.
+talks to the outside through a `WasmEnvironment` (HTTP/gRPC callouts, DNS). The stream side's
+defaults do nothing (the plugin sees Ok, as Envoy answers when a callback is absent); the
+callout side's defaults answer ``Unimplemented``.
 
 Re-entrancy (Envoy's rule): actions that would re-enter the filter chain (continue, close,
 local reply) are never done inside a host call; they are queued with
@@ -921,14 +922,16 @@ class ContextBase:
 
     # Streams.
 
+    # Without a stream (a root context) these do nothing and still answer Ok, as Envoy 1.40
+    # does when its filter callbacks are absent (checked with a probe plugin).
+
     def continue_stream(self, stream_type: int) -> WasmResult:
-        env, wasm = self.env, self.wasm
-        if env is None or wasm is None:
-            return WasmResult.Unimplemented
         if stream_type == WasmStreamType.Upstream:
             return WasmResult.Unimplemented
+        env, wasm = self.env, self.wasm
         st = WasmStreamType(stream_type)
-        wasm.add_after_vm_call_action(lambda: env.continue_stream(st))
+        if env is not None and wasm is not None:
+            wasm.add_after_vm_call_action(lambda: env.continue_stream(st))
         if st != WasmStreamType.Downstream:
             # Envoy forgets the request-side maps once the plugin resumes the stream.
             self.request_headers = None
@@ -939,7 +942,7 @@ class ContextBase:
     def close_stream(self, stream_type: int) -> WasmResult:
         env, wasm = self.env, self.wasm
         if env is None or wasm is None:
-            return WasmResult.Unimplemented
+            return WasmResult.Ok
         st = WasmStreamType(stream_type)
         info = env.stream_info
         if st in (WasmStreamType.Request, WasmStreamType.Response) and info is not None:
@@ -965,7 +968,7 @@ class ContextBase:
     ) -> WasmResult:
         env, wasm = self.env, self.wasm
         if env is None or wasm is None:
-            return WasmResult.Unimplemented
+            return WasmResult.Ok
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in additional_headers]
         # SDKs pass -1 (as u32) for "no gRPC status": only known codes produce a grpc-status.
         grpc = grpc_status if 0 <= grpc_status <= GRPC_STATUS_MAXIMUM_KNOWN else None
@@ -976,9 +979,8 @@ class ContextBase:
         return WasmResult.Ok
 
     def clear_route_cache(self) -> WasmResult:
-        if self.env is None:
-            return WasmResult.Unimplemented
-        self.env.clear_route_cache()
+        if self.env is not None:
+            self.env.clear_route_cache()
         return WasmResult.Ok
 
     # Shared data and queues.
