@@ -620,7 +620,9 @@ class LoopDispatcher:
 
 
 def test_keep_alive_and_pipelining_over_real_loopback_socket():
-    loop = asyncio.new_event_loop()
+    import uvloop
+
+    loop = uvloop.new_event_loop()  # as the workers run
     config = HttpConnectionManagerConfig()
     config.stat_prefix = "ingress"
     config.filter_factories = [lambda cb: cb.add_stream_filter(Direct())]

@@ -358,8 +358,7 @@ class ConnectionManager(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
         # Envoy's per-connection buffer limit is the high watermark of the write buffer.
         transport.set_write_buffer_limits(high=self.config.buffer_limit, low=self.config.buffer_limit // 2)
         self.connection_info = ConnectionInfo(
