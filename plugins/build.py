@@ -87,6 +87,7 @@ TARGETS: tuple[Target, ...] = (
     _c("metrics", "metrics.c"),
     _c("props", "props.c"),
     _c("logging", "logging.c"),
+    _c("abi_all", "abi_all.c"),
     _c("trap", "trap.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),

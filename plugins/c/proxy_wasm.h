@@ -305,7 +305,7 @@ static inline int32_t pw_get_property(const char *path, size_t path_len, pw_byte
 
 /* Builder for the header-map wire format: u32 count, (u32 klen, u32 vlen) x count, then each
  * key and value followed by a NUL. Add at most PW_PAIRS_MAX pairs. */
-#define PW_PAIRS_MAX 32
+#define PW_PAIRS_MAX 128
 typedef struct {
   size_t n;
   const char *key[PW_PAIRS_MAX];
