@@ -591,3 +591,22 @@ def test_continue_from_a_timer_like_callback_after_data_buffered():
     pending.pop()()
     assert router.body == b"body"
     assert ("router", "dd", b"body", False) in log and ("router", "dt") in log
+
+
+def test_continue_and_dont_end_stream_hides_end_stream_from_later_filters():
+    log: list = []
+    fm, _ = make(Scripted("a", log, dh=H.ContinueAndDontEndStream), Router(log, respond=False))
+    fm.decode_headers(req(), True)
+    assert ("router", "dh", False) in log
+
+
+def test_upstream_1xx_is_dropped_unless_proxy_100_continue():
+    log: list = []
+    router = Router(log, respond=False)
+    fm, owner = make(Scripted("a", log), router)
+    fm.decode_headers(req("POST"), False)
+    router.decoder_callbacks.encode_1xx_headers(HeaderMap([(":status", "100")]))
+    assert owner.out == []
+    fm.proxy_100_continue = True
+    router.decoder_callbacks.encode_1xx_headers(HeaderMap([(":status", "100")]))
+    assert owner.out == [("1xx", "100")]

@@ -588,6 +588,7 @@ class ActiveStream:
         )
         self.filter_manager = FilterManager(self, self.dispatcher, self.stream_info, self.stream_id,
                                             self.config.buffer_limit)
+        self.filter_manager.proxy_100_continue = self.config.proxy_100_continue
         for log in self.config.access_logs:
             self.filter_manager.add_access_log_handler(log)
         self.response_started = False

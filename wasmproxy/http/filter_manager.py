@@ -488,6 +488,8 @@ class FilterManager:
         self.saw_downstream_reset = False
         self.is_head_request = False
         self.is_grpc_request = False
+        # HttpConnectionManager.proxy_100_continue: forward upstream 1xx instead of answering itself.
+        self.proxy_100_continue = False
         self.decoder_filter_chain_aborted = False
         self.encoder_filter_chain_aborted = False
         self._filter_call_state = 0
@@ -562,10 +564,9 @@ class FilterManager:
             if self.decoder_filter_chain_aborted:
                 self._execute_prepared_local_reply()
                 return
-            if status == FilterHeadersStatus.ContinueAndDontEndStream and end_stream:
-                # The filter will add a body: later filters must not see end_stream on headers.
+            if status == FilterHeadersStatus.ContinueAndDontEndStream:
+                # The filter will inject a body: later filters must not see end_stream on headers.
                 end_stream = False
-                self.remote_decode_complete = False
             continue_iteration = entry.handle_after_headers(status)
             if self.local_complete and i + 1 < len(filters):
                 self._maybe_continue_decoding(continue_data_entry)
@@ -682,6 +683,8 @@ class FilterManager:
         return i if start_from_current and filter.iterate_from_current_filter else i + 1
 
     def encode_1xx_headers(self, headers: HeaderMap) -> None:
+        if not self.proxy_100_continue:
+            return  # the connection manager already answered 100-continue itself (Envoy's default)
         for entry in self.encoder_filters:
             status = entry.handle.encode_1xx_headers(headers)
             if status != FilterHeadersStatus.Continue:
@@ -705,9 +708,8 @@ class FilterManager:
                 self._execute_prepared_local_reply()
                 return
             entry.processed_headers = True
-            if status == FilterHeadersStatus.ContinueAndDontEndStream and end_stream:
+            if status == FilterHeadersStatus.ContinueAndDontEndStream:
                 end_stream = False
-                self.local_complete = False
             if not entry.handle_after_headers(status):
                 if not entry.end_stream:
                     self._maybe_continue_encoding(continue_data_entry)
