@@ -42,6 +42,9 @@ def envoy() -> Iterator[EnvoyRun]:
             "request_headers add request_headers x-from-config c1\n"
             "response_headers add response_headers x-from-config c2\n",
             vm_id="configured")]),
+        Listener("configured_abi010", [wasm_filter(
+            plugin("headers_abi010"), "response_headers add response_headers x-from-config abi010",
+            vm_id="configured_abi010")]),
         Listener("demo", [wasm_filter(plugin("example"), "hello from the demo plugin", root_id="demo")]),
         Listener("nowasi", [wasm_filter(plugin("nowasi"), "no libc here")]),
         Listener("wat_minimal", [wasm_filter(plugin("wat_minimal"))]),
@@ -103,6 +106,10 @@ def test_configuration_operations_apply_to_every_request(envoy: EnvoyRun) -> Non
         r = envoy.request("configured")
         assert r.echo_header("x-from-config") == "c1"
         assert r.header("x-from-config") == "c2"
+
+
+def test_abi_010_reads_its_configuration_with_proxy_get_configuration(envoy: EnvoyRun) -> None:
+    assert envoy.request("configured_abi010").header("x-from-config") == "abi010"
 
 
 def test_demo_plugin_adds_its_headers(envoy: EnvoyRun) -> None:
