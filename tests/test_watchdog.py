@@ -115,13 +115,13 @@ def test_blocked_worker_counted_by_guard_thread() -> None:
     dog = gd.create_watchdog("worker_0", dispatcher=d)
     release = threading.Event()
     started = threading.Event()
-    d.post(started.set)  # runs after the posted start_watchdog
+    d.post(started.set)
     t = threading.Thread(target=d.run)
     t.start()
     gd.start()
     try:
         assert started.wait(WAIT)
-        assert isinstance(dog, WatchDog) and dog.thread_id == d.thread_id
+        assert isinstance(dog, WatchDog)
         d.post(lambda: release.wait(WAIT))  # the worker is now stuck in a callback
         assert missed.wait(WAIT)
         assert store.counter("server.worker_0.watchdog_miss").value >= 1
@@ -177,3 +177,42 @@ def test_default_kill_action_aborts(monkeypatch) -> None:
     monkeypatch.setattr(os, "abort", lambda: aborted.append(True))
     watchdog.abort_process(WatchDog("worker_0", 1), 2.5)
     assert aborted == [True]
+
+
+def test_idle_worker_with_registered_watchdog_is_not_counted() -> None:
+    """The touch timer keeps an idle loop alive in the guard dog's eyes (no false misses).
+
+    Without it the loop below would be silent for ~500 ms (its own timer does not
+    touch), three times the miss timeout, and be counted once.
+    """
+    store = Store("guard_dog")
+    d = Dispatcher("worker_0")
+    gd = GuardDog(store, "workers", miss_timeout_ms=150, megamiss_timeout_ms=10_000)
+    gd.create_watchdog("worker_0", dispatcher=d)
+    idle_over = threading.Event()
+    ticks = [0]
+    timer: list = []
+
+    def on_tick() -> None:
+        ticks[0] += 1
+        if ticks[0] == 25:  # 25 x 20 ms of idleness
+            idle_over.set()
+        else:
+            timer[0].enable_timer(20)
+
+    def arm() -> None:
+        timer.append(d.create_timer(on_tick))
+        timer[0].enable_timer(20)
+
+    d.post(arm)
+    t = threading.Thread(target=d.run)
+    t.start()
+    gd.start()
+    try:
+        assert idle_over.wait(WAIT)
+    finally:
+        gd.stop()
+        d.exit()
+        t.join(WAIT)
+        d.close()
+    assert store.counter("server.worker_0.watchdog_miss").value == 0

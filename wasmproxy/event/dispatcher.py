@@ -158,6 +158,8 @@ class Dispatcher:
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         self.thread_id: int | None = None
         self._watchdog_touch = watchdog_touch
+        self._touch_interval_ms = 100.0
+        self._touch_timer: Timer | None = None
         self._post_lock = threading.Lock()
         self._post_callbacks: list[Callable[[], None]] = []
         self._exited = False
@@ -178,9 +180,29 @@ class Dispatcher:
                 f"it runs on thread id {self.thread_id}"
             )
 
-    def set_watchdog_touch(self, touch: Callable[[], None] | None) -> None:
-        """Install the watchdog's touch (called before each post callback). Any thread, before run."""
+    def register_watchdog(self, touch: Callable[[], None], min_touch_interval_ms: float = 100.0) -> None:
+        """Any thread: call ``touch`` before each post callback and every ``min_touch_interval_ms``
+        (Envoy's ``registerWatchdog``; the timer keeps an idle loop from looking stuck).
+        The default suits the default 200 ms miss timeout; pass the guard dog's interval."""
         self._watchdog_touch = touch
+        self._touch_interval_ms = min_touch_interval_ms
+        if self.is_thread_safe():
+            self._arm_touch_timer()
+        elif self.thread_id is not None:
+            self.post(self._arm_touch_timer)
+        # Not running yet: run() arms it.
+
+    set_watchdog_touch = register_watchdog
+
+    def _arm_touch_timer(self) -> None:
+        if self._touch_timer is None:
+            self._touch_timer = Timer(self, self._on_touch_timer)
+        self._touch_timer.enable_timer(self._touch_interval_ms)
+
+    def _on_touch_timer(self) -> None:
+        if self._watchdog_touch is not None:
+            self._watchdog_touch()
+        self._arm_touch_timer()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -190,6 +212,8 @@ class Dispatcher:
             raise AssertionError(f"dispatcher '{self.name}' is already bound to thread {self.thread_id}")
         self.thread_id = threading.get_ident()
         asyncio.set_event_loop(self.loop)
+        if self._watchdog_touch is not None:
+            self._arm_touch_timer()
         try:
             self.loop.run_forever()
         finally:

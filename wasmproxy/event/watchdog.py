@@ -2,7 +2,8 @@
 
 Each watched thread owns a :class:`WatchDog`; its dispatcher calls ``touch()``
 before every post callback and from a periodic touch timer (half the guard
-dog's loop interval, as Envoy). ``touch`` only sets a flag: no clock read, no
+dog's loop interval, as Envoy): ``create_watchdog(name, dispatcher=d)`` sets
+both up through ``Dispatcher.register_watchdog``. ``touch`` only sets a flag: no clock read, no
 lock, cheap on the hot path. The :class:`GuardDog` ``step()`` turns flags into
 last-check-in times and counts threads that have been silent too long:
 
@@ -37,7 +38,7 @@ from wasmproxy.event.dispatcher import RealTimeSource, TimeSource
 from wasmproxy.log import get_logger
 
 if TYPE_CHECKING:
-    from wasmproxy.event.dispatcher import Dispatcher, Timer
+    from wasmproxy.event.dispatcher import Dispatcher
     from wasmproxy.stats import Counter, Store
 
 __all__ = ["GuardDog", "WatchDog", "WatchDogAction", "WatchDogEvent", "abort_process"]
@@ -69,31 +70,17 @@ def abort_process(dog: WatchDog, silent_for_s: float) -> None:
 
 
 class WatchDog:
-    """One watched thread's heartbeat; ``touch`` from that thread only."""
+    """One watched thread's heartbeat; ``touch`` from that thread only (a flag store)."""
 
-    __slots__ = ("_timer", "thread_id", "thread_name", "touched")
+    __slots__ = ("thread_id", "thread_name", "touched")
 
     def __init__(self, thread_name: str, thread_id: int | None = None) -> None:
         self.thread_name = thread_name
         self.thread_id = thread_id
         self.touched = True
-        self._timer: Timer | None = None
 
     def touch(self) -> None:
         self.touched = True
-
-    def start_watchdog(self, dispatcher: Dispatcher, interval_ms: float) -> None:
-        """Dispatcher thread: touch before each post callback and every ``interval_ms``."""
-        dispatcher.set_watchdog_touch(self.touch)
-        self.thread_id = dispatcher.thread_id
-
-        def on_timer() -> None:
-            self.touch()
-            timer.enable_timer(interval_ms)
-
-        timer = dispatcher.create_timer(on_timer)
-        timer.enable_timer(interval_ms)
-        self._timer = timer
 
 
 class _WatchedDog:
@@ -164,10 +151,9 @@ class GuardDog:
         With ``dispatcher``, the dog is started on that dispatcher's thread (touch before
         each post callback and every ``touch_interval_ms``), as Envoy's ``registerWatchdog``.
         """
-        dog = WatchDog(thread_name, thread_id)
+        dog = WatchDog(thread_name, thread_id if thread_id is not None or dispatcher is None else dispatcher.thread_id)
         if dispatcher is not None:
-            interval = self.touch_interval_ms
-            dispatcher.post(lambda: dog.start_watchdog(dispatcher, interval))
+            dispatcher.register_watchdog(dog.touch, self.touch_interval_ms)
         # Per-thread counters live in the guard dog's store (main's), like Envoy's server scope.
         with self._lock:
             self._dogs.append(
