@@ -511,6 +511,7 @@ def test_http_call_validation_and_response_delivery() -> None:
     body, bn = g.put(b"req", VAL + 512)
     assert g.call(ctx, "proxy_http_call", u, un, h, hn, body, bn, 0, 0, 500, OUT) == OK
     token = g.u32(OUT)
+    assert token == 4  # HTTP callout tokens: low bits 0, step 4
     (call,) = env.calls
     assert call[1] is g.root  # callouts belong to the root context
     assert call[2] == token and call[4] == b"req" and call[6] == 500
@@ -551,18 +552,21 @@ def test_grpc_tokens_and_errors() -> None:
     r, rn = g.put(b"msg", VAL)
     assert g.call(None, "proxy_grpc_call", s, sn, n, nn, m, mn, md, mdn, r, rn, 1000, OUT) == OK
     call_token = g.u32(OUT)
-    assert call_token & 1 == 1
+    assert call_token == 5  # the low two bits say gRPC call (cpp-host CalloutType)
     assert g.call(None, "proxy_grpc_stream", s, sn, n, nn, m, mn, md, mdn, OUT) == OK
     stream_token = g.u32(OUT)
-    assert stream_token & 1 == 0
+    assert stream_token == 6
     assert g.call(None, "proxy_grpc_send", stream_token, r, rn, 1) == OK
     assert g.call(None, "proxy_grpc_send", call_token, r, rn, 0) == BAD_ARG
-    assert g.call(None, "proxy_grpc_send", stream_token + 2, r, rn, 0) == NOT_FOUND
+    assert g.call(None, "proxy_grpc_send", stream_token + 4, r, rn, 0) == NOT_FOUND
+    for name in ("proxy_grpc_cancel", "proxy_grpc_close"):  # an HTTP-kind token: Envoy 1.40 says 2
+        assert g.call(None, name, 0x7FFFFF00) == BAD_ARG
+    assert g.call(None, "proxy_grpc_send", 0x7FFFFF00, r, rn, 0) == BAD_ARG
     assert g.call(None, "proxy_grpc_send", stream_token, BAD_PTR, rn, 0) == INVALID
     assert g.call(None, "proxy_grpc_cancel", call_token) == OK
     assert g.call(None, "proxy_grpc_cancel", call_token) == NOT_FOUND
     assert g.call(None, "proxy_grpc_close", stream_token) == OK
-    assert g.call(None, "proxy_grpc_close", stream_token + 2) == NOT_FOUND
+    assert g.call(None, "proxy_grpc_close", stream_token + 4) == NOT_FOUND
     assert g.call(None, "proxy_grpc_call", BAD_PTR, sn, n, nn, m, mn, md, mdn, r, rn, 1000, OUT) == INVALID
     assert g.call(None, "proxy_grpc_stream", s, sn, n, nn, m, mn, md, mdn, BAD_PTR) == INVALID
     assert ("grpc_send", stream_token, b"msg", True) in env.calls

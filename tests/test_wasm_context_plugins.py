@@ -280,3 +280,46 @@ def test_trap_message_names_the_callback_as_envoy_logs_it() -> None:
     ctx = wasm.create_stream_context(plugin, FakeStreamEnv(stream_info()))
     ctx.decode_headers(HeaderMap([(":path", "/"), ("x-trap-phase", "request_headers")]), True)
     assert "Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in wasm.fail_message
+
+
+def test_abi_all_statuses_match_real_envoy() -> None:
+    """Every host function's status, as abi_all reports it, equals what Envoy 1.40 answered."""
+    from tests.wasm_host.fakes import FakeWasmEnv
+    from wasmproxy.wasm.abi import WasmResult
+
+    class Env(FakeWasmEnv):  # Envoy's answers for a known ("echo") and an unknown cluster
+        def http_call(self, context, token, cluster, headers, body, trailers, timeout_ms):  # type: ignore[no-untyped-def]
+            return WasmResult.Ok if cluster == "echo" else WasmResult.BadArgument
+
+        def grpc_call(self, context, token, service, *rest):  # type: ignore[no-untyped-def]
+            return WasmResult.Ok if service == b"echo" else WasmResult.ParseFailure
+
+        def grpc_stream(self, context, token, service, *rest):  # type: ignore[no-untyped-def]
+            return WasmResult.Ok if service == b"echo" else WasmResult.ParseFailure
+
+    path = OUT / "abi_all.wasm"
+    if not path.exists():
+        pytest.skip("abi_all.wasm not built")
+    reference = {}
+    for line in (Path(__file__).parent / "wasm_host" / "envoy_1_40_abi_all.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition(": ")
+            reference[name] = value
+    wasm = Wasm(compile_module(path.read_bytes(), name="abi_all"), post=lambda cb: None, vm_id="pvm",
+                vm_configuration=b"vmcfg", environment=Env())
+    assert wasm.initialize()
+    plugin = Plugin(name="pname", root_id="proot", vm_id="pvm", plugin_configuration=b"plugin-config")
+    root = wasm.start(plugin)
+    assert root is not None and wasm.configure(root, plugin)
+    info = stream_info()
+    ctx = wasm.create_stream_context(plugin, FakeStreamEnv(info))
+    ctx.decode_headers(HeaderMap([(":authority", "127.0.0.1:1"), (":path", "/"), (":method", "GET"),
+                                  (":scheme", "http"), ("user-agent", "curl/7.88.1"), ("accept", "*/*"),
+                                  ("x-forwarded-proto", "http"), ("x-request-id", "abc")]), True)
+    info.response_code = 200
+    response = HeaderMap([(":status", "200"), ("content-length", "2"), ("content-type", "text/plain")])
+    ctx.encode_headers(response, False)
+    ours = {k: v for k, v in response.items() if k.startswith("x-abi")}
+    common = set(ours) & set(reference)
+    assert len(common) >= 60  # the plugin may have grown since the reference was taken
+    assert {k: ours[k] for k in common} == {k: reference[k] for k in common}

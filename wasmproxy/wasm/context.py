@@ -1174,7 +1174,7 @@ class ContextBase:
 
     def grpc_send(self, token: int, message: bytes, end_stream: bool) -> WasmResult:
         assert self.wasm is not None
-        if token & 1:  # odd tokens are calls, which cannot be sent on
+        if not _is_grpc_stream(token):  # only streams can be sent on
             return WasmResult.BadArgument
         if token not in self.grpc_streams:
             return WasmResult.NotFound
@@ -1183,12 +1183,14 @@ class ContextBase:
 
     def grpc_close(self, token: int) -> WasmResult:
         assert self.wasm is not None
-        if token & 1:
+        if _is_grpc_call(token):
             if token not in self.grpc_calls:
                 return WasmResult.NotFound
             self.wasm.environment.grpc_close(token)
             self.grpc_calls.discard(token)
             return WasmResult.Ok
+        if not _is_grpc_stream(token):
+            return WasmResult.BadArgument
         state = self.grpc_streams.get(token)
         if state is None:
             return WasmResult.NotFound
@@ -1201,12 +1203,14 @@ class ContextBase:
 
     def grpc_cancel(self, token: int) -> WasmResult:
         assert self.wasm is not None
-        if token & 1:
+        if _is_grpc_call(token):
             if token not in self.grpc_calls:
                 return WasmResult.NotFound
             self.wasm.environment.grpc_cancel(token)
             self.grpc_calls.discard(token)
             return WasmResult.Ok
+        if not _is_grpc_stream(token):
+            return WasmResult.BadArgument
         if token not in self.grpc_streams:
             return WasmResult.NotFound
         self.wasm.environment.grpc_cancel(token)
@@ -1231,14 +1235,14 @@ class ContextBase:
         wasm = self.wasm
         assert wasm is not None
         if "proxy_on_grpc_receive" not in wasm.module_functions:
-            if token & 1:
+            if _is_grpc_call(token):
                 self.grpc_calls.discard(token)
             return
         self.grpc_receive_buffer = message
 
         def cleanup() -> None:
             self.grpc_receive_buffer = None
-            if token & 1:
+            if _is_grpc_call(token):
                 self.grpc_calls.discard(token)
 
         wasm.add_after_vm_call_action(cleanup)
@@ -1253,7 +1257,7 @@ class ContextBase:
             return
 
         def cleanup() -> None:
-            if token & 1:
+            if _is_grpc_call(token):
                 self.grpc_calls.discard(token)
             else:
                 state = self.grpc_streams.get(token)
@@ -1301,6 +1305,14 @@ class ContextBase:
             self._call("envoy_on_resolve_dns", self.id, token, len(data))
         finally:
             self.call_data = _EMPTY_BUFFER
+
+
+def _is_grpc_call(token: int) -> bool:
+    return (token & 3) == 1
+
+
+def _is_grpc_stream(token: int) -> bool:
+    return (token & 3) == 2
 
 
 # Python logging levels for spdlog's trace..critical (Envoy passes the plugin's level through).

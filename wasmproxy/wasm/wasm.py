@@ -187,8 +187,9 @@ class Wasm:
         # Ticks: root context id -> period (ms) and timer.
         self._tick_periods: dict[int, int] = {}
         self._timers: dict[int, Timer] = {}
-        # Callout tokens (Envoy: http from 1; grpc calls odd, grpc streams even).
-        self._next_http_call_id = 1
+        # Callout tokens carry their kind in the low two bits (cpp-host CalloutType: 0 HTTP,
+        # 1 gRPC call, 2 gRPC stream) and step by 4: the first ones are 4, 5 and 6.
+        self._next_http_call_id = 0
         self._next_grpc_call_id = 1
         self._next_grpc_stream_id = 2
         self._next_dns_token = 1
@@ -513,19 +514,16 @@ class Wasm:
         return metric_id
 
     def next_http_call_id(self) -> int:
-        token = self._next_http_call_id
-        self._next_http_call_id += 1
-        return token
+        self._next_http_call_id += 4
+        return self._next_http_call_id
 
     def next_grpc_call_id(self) -> int:
-        token = self._next_grpc_call_id
-        self._next_grpc_call_id += 2
-        return token
+        self._next_grpc_call_id += 4
+        return self._next_grpc_call_id
 
     def next_grpc_stream_id(self) -> int:
-        token = self._next_grpc_stream_id
-        self._next_grpc_stream_id += 2
-        return token
+        self._next_grpc_stream_id += 4
+        return self._next_grpc_stream_id
 
     def next_dns_token(self) -> int:
         token = self._next_dns_token
