@@ -116,8 +116,8 @@ class GuardDog:
         time_source: TimeSource | None = None,
         kill_action: Callable[[WatchDog, float], None] = abort_process,
     ) -> None:
-        """``store``: a Store only this guard dog writes (its thread's), registered with the
-        StatsRegistry. Timeouts in ms, 0 = off, defaults as Envoy's Bootstrap ``watchdogs``.
+        """``store``: where the counters live (main's Store is fine: only the guard thread
+        increments them). Timeouts in ms, 0 = off, defaults as Envoy's Bootstrap ``watchdogs``.
         ``actions`` observe events (Envoy's ``watchdog.actions``); ``kill_action`` ends the
         process on KILL/MULTIKILL (a test passes a recorder)."""
         self.name = name
@@ -148,10 +148,12 @@ class GuardDog:
     ) -> WatchDog:
         """Any thread: watch a new thread; its per-thread counters are ``server.<thread_name>.*``.
 
-        With ``dispatcher``, the dog is started on that dispatcher's thread (touch before
-        each post callback and every ``touch_interval_ms``), as Envoy's ``registerWatchdog``.
+        With ``dispatcher``, that dispatcher touches the dog before each post callback and
+        every ``touch_interval_ms`` (``Dispatcher.register_watchdog``, as Envoy's).
         """
-        dog = WatchDog(thread_name, thread_id if thread_id is not None or dispatcher is None else dispatcher.thread_id)
+        if thread_id is None and dispatcher is not None:
+            thread_id = dispatcher.thread_id
+        dog = WatchDog(thread_name, thread_id)
         if dispatcher is not None:
             dispatcher.register_watchdog(dog.touch, self.touch_interval_ms)
         # Per-thread counters live in the guard dog's store (main's), like Envoy's server scope.
