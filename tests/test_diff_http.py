@@ -23,6 +23,7 @@ pytestmark = pytest.mark.envoy
 
 CASES_DIR = Path(__file__).parent / "diff_cases"
 DATA_PATH = CaseFile.load(CASES_DIR / "http_data_path.yaml")
+HTTP_OPTIONS = CaseFile.load(CASES_DIR / "http_options.yaml")
 FRONT_PROXY = CaseFile.load(CASES_DIR / "front_proxy.yaml")
 
 MIB = 1024 * 1024
@@ -51,6 +52,11 @@ def data_path_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) 
 
 
 @pytest.fixture(scope="module")
+def http_options_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
+    yield from _environment(HTTP_OPTIONS, tmp_path_factory, echo_upstream)
+
+
+@pytest.fixture(scope="module")
 def front_proxy_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
     yield from _environment(FRONT_PROXY, tmp_path_factory, echo_upstream)
 
@@ -58,6 +64,11 @@ def front_proxy_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int
 @pytest.mark.parametrize("case", _params(DATA_PATH))
 def test_data_path(data_path_env: DiffEnvironment, case: Case) -> None:
     data_path_env.run(case)
+
+
+@pytest.mark.parametrize("case", _params(HTTP_OPTIONS))
+def test_http_options(http_options_env: DiffEnvironment, case: Case) -> None:
+    http_options_env.run(case)
 
 
 @pytest.mark.parametrize("case", _params(FRONT_PROXY))

@@ -188,16 +188,33 @@ def test_normaliser_keeps_presence_and_real_differences() -> None:
     assert first_difference(norm(_resp([("x-a", "1")])), without) is not None
 
 
+def _echo_resp(echoed: str, response_headers: list[tuple[str, str]] | None = None) -> Response:
+    body = ('{"method": "GET", "path": "/", "http_version": "1.1", "headers": %s, "body_length": 0,'
+            ' "body_sha256": "e3b0", "body": "", "trailers": []}' % echoed).encode()
+    return _resp([("content-type", "application/json"), *(response_headers or [])], body)
+
+
 def test_normaliser_echo_body() -> None:
-    body = (b'{"method": "GET", "path": "/", "http_version": "1.1", "headers": [["host", "127.0.0.1:40000"],'
-            b' ["x-request-id", "9d1c"], ["x-forwarded-for", "127.0.0.1"], ["x-b", "2"], ["x-a", "1"]],'
-            b' "body_length": 0, "body_sha256": "e3b0", "body": "", "trailers": []}')
-    resp = _resp([("content-type", "application/json")], body)
+    resp = _echo_resp('[["host", "127.0.0.1:40000"], ["x-request-id", "9d1c"], ["x-forwarded-for", "127.0.0.1"],'
+                      ' ["x-b", "2"], ["x-a", "1"]]')
     echoed = Normaliser({40000: "listener_port"})(resp)["body"]["headers"]
     assert echoed == {"host": ["127.0.0.1:<listener_port>"], "x-a": ["1"], "x-b": ["2"],
-                      "x-forwarded-for": ["<xff>"], "x-request-id": ["<request-id>"]}
+                      "x-forwarded-for": ["127.0.0.1"], "x-request-id": ["<request-id-1>"]}
     ordered = Normaliser(ordered_headers=True, ignore_echo_headers=["host"])(resp)["body"]["headers"]
-    assert ordered == ["x-request-id: <request-id>", "x-forwarded-for: <xff>", "x-b: 2", "x-a: 1"]
+    assert ordered == ["x-request-id: <request-id-1>", "x-forwarded-for: 127.0.0.1", "x-b: 2", "x-a: 1"]
+
+
+def test_generated_ids_keep_their_relations() -> None:
+    norm = Normaliser()
+    same = norm(_echo_resp('[["x-request-id", "aaa"]]', [("x-request-id", "aaa")]))
+    other = norm(_echo_resp('[["x-request-id", "bbb"]]', [("x-request-id", "ccc")]))
+    assert same["headers"]["x-request-id"] == same["body"]["headers"]["x-request-id"] == ["<request-id-1>"]
+    assert other["headers"]["x-request-id"] == ["<request-id-1>"]
+    assert other["body"]["headers"]["x-request-id"] == ["<request-id-2>"]
+    preserved = norm(_echo_resp('[["x-request-id", "mine"]]'), sent=["mine"])
+    regenerated = norm(_echo_resp('[["x-request-id", "fresh"]]'), sent=["mine"])
+    assert preserved["body"]["headers"]["x-request-id"] == ["mine"]
+    assert first_difference(preserved, regenerated) is not None
 
 
 def test_normaliser_large_bodies_by_digest_and_closed_outcomes() -> None:

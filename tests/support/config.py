@@ -18,7 +18,7 @@ from .ports import LOOPBACK
 
 _WHOLE = re.compile(r"^\$\{(\w+)\}$")
 
-ROUTER_FILTER = {
+ROUTER_FILTER: dict[str, Any] = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
@@ -62,11 +62,13 @@ def bootstrap(*, listener_port: int, admin_port: int, virtual_hosts: Sequence[Ma
               clusters: Mapping[str, int] | Sequence[Mapping[str, Any]] = (),
               http_filters: Sequence[Mapping[str, Any]] = (),
               hcm: Mapping[str, Any] | None = None,
-              route_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              route_config: Mapping[str, Any] | None = None,
+              router: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A bootstrap with one loopback HTTP listener (HCM, `http_filters` then the router) and admin.
 
-    `clusters` is either {name: port} (STATIC loopback clusters) or full cluster dicts; `hcm`
-    and `route_config` add or override fields of the HttpConnectionManager and its route config.
+    `clusters` is either {name: port} (STATIC loopback clusters) or full cluster dicts; `hcm`,
+    `route_config` and `router` add or override fields of the HttpConnectionManager, its route
+    config and the router filter's config.
     """
     if isinstance(clusters, Mapping):
         cluster_list = [static_cluster(n, p) for n, p in clusters.items()]
@@ -79,7 +81,8 @@ def bootstrap(*, listener_port: int, admin_port: int, virtual_hosts: Sequence[Ma
         "codec_type": "AUTO",
         "route_config": {"name": "local_route", "virtual_hosts": list(virtual_hosts),
                          **(route_config or {})},
-        "http_filters": [*http_filters, ROUTER_FILTER],
+        "http_filters": [*http_filters, {**ROUTER_FILTER, "typed_config": {
+            **ROUTER_FILTER["typed_config"], **(router or {})}}],
         **(hcm or {}),
     }
     return {

@@ -20,22 +20,39 @@ from .raw_http import PeerClosed, Response
 # What one request can get: a response, a close (maybe mid-response), or nothing in time.
 Outcome = Response | PeerClosed | TimeoutError
 
+# A generated id becomes <request-id-N>, numbered by first appearance within one outcome, so
+# "the response carries the id the upstream saw" is still compared; an id the client sent is
+# kept as it is, so "preserved" and "regenerated" stay different.
+GENERATED = "<request-id>"
 # Response headers whose value is volatile: name -> placeholder (presence is still compared).
 VOLATILE_RESPONSE_HEADERS = {
     "date": "<date>",
-    "x-request-id": "<request-id>",
+    "x-request-id": GENERATED,
     "x-envoy-upstream-service-time": "<ms>",
     "server": "<server>",
 }
-# Request headers the echo upstream reports whose value is volatile.
+# Request headers the echo upstream reports whose value is volatile. x-forwarded-for is not:
+# every target sees the same loopback client and host addresses, so its value is compared.
 VOLATILE_ECHO_HEADERS = {
-    "x-request-id": "<request-id>",
-    "x-forwarded-for": "<xff>",
+    "x-request-id": GENERATED,
 }
 # Bodies up to this many bytes are compared as text; longer ones by length and sha256.
 TEXT_BODY_LIMIT = 4096
 
 _PORT = re.compile(r"(?<![\w.:-])((?:127\.0\.0\.1|localhost|\[::1\])?):(\d{2,5})(?!\d)")
+
+
+@dataclass(slots=True)
+class _Ids:
+    """Numbering of generated ids within one outcome."""
+
+    sent: set[str]
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, value: str) -> str:
+        if value in self.sent:
+            return value
+        return self.names.setdefault(value, f"<request-id-{len(self.names) + 1}>")
 
 
 @dataclass(slots=True)
@@ -59,9 +76,18 @@ class Normaliser:
         return _PORT.sub(repl, s)
 
     def headers(self, headers: Iterable[tuple[str, str]], volatile: Mapping[str, str],
-                ignore: Iterable[str]) -> Any:
+                ignore: Iterable[str], ids: _Ids | None = None) -> Any:
         skip = {n.lower() for n in ignore}
-        pairs = [(k, volatile.get(k.lower(), self.text(v))) for k, v in headers if k.lower() not in skip]
+        pairs = []
+        for k, v in headers:
+            if k.lower() in skip:
+                continue
+            placeholder = volatile.get(k.lower())
+            if placeholder == GENERATED and ids is not None:
+                v = ids.name(v)
+            elif placeholder is not None:
+                v = placeholder
+            pairs.append((k, self.text(v)))
         if self.ordered_headers:
             return [f"{k}: {v}" for k, v in pairs]
         grouped: dict[str, list[str]] = {}
@@ -69,7 +95,7 @@ class Normaliser:
             grouped.setdefault(k, []).append(v)
         return grouped
 
-    def body(self, resp: Response) -> Any:
+    def body(self, resp: Response, ids: _Ids) -> Any:
         ctype = (resp.header("content-type") or "").lower()
         if ctype.startswith("application/json"):
             try:
@@ -77,7 +103,7 @@ class Normaliser:
             except ValueError:
                 doc = None
             if isinstance(doc, dict) and {"method", "headers", "body_sha256"} <= doc.keys():
-                return self.echo(doc)
+                return self.echo(doc, ids)
         if len(resp.body) <= TEXT_BODY_LIMIT:
             try:
                 return self.text(resp.body.decode("utf-8"))
@@ -85,18 +111,19 @@ class Normaliser:
                 pass
         return {"length": len(resp.body), "sha256": resp.body_sha256}
 
-    def echo(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def echo(self, doc: dict[str, Any], ids: _Ids) -> dict[str, Any]:
         """What the echo upstream reported, with its volatile parts hidden."""
         out = dict(doc)
         out["path"] = self.text(doc["path"])
-        out["headers"] = self.headers(doc["headers"], VOLATILE_ECHO_HEADERS, self.ignore_echo_headers)
+        out["headers"] = self.headers(doc["headers"], VOLATILE_ECHO_HEADERS, self.ignore_echo_headers, ids)
         out["trailers"] = self.headers(doc.get("trailers") or [], {}, ())
         if isinstance(doc.get("body"), str):
             out["body"] = self.text(doc["body"])
         return out
 
-    def __call__(self, outcome: Outcome, closed: bool | None = None) -> dict[str, Any]:
-        """The comparable form of one outcome; `closed` is whether the peer then closed (if checked)."""
+    def __call__(self, outcome: Outcome, closed: bool | None = None, sent: Iterable[str] = ()) -> dict[str, Any]:
+        """The comparable form of one outcome; `closed` is whether the peer then closed (if checked),
+        `sent` the header values the client sent (never treated as generated)."""
         if isinstance(outcome, TimeoutError):
             return {"outcome": "no response before the deadline"}
         if isinstance(outcome, PeerClosed) and outcome.partial is None:
@@ -105,14 +132,15 @@ class Normaliser:
             return out
         resp = outcome.partial if isinstance(outcome, PeerClosed) else outcome
         assert resp is not None
+        ids = _Ids(set(sent))
         out = {
             "outcome": "response" if resp.complete else "truncated response",
             "status": resp.status,
             "reason": resp.reason,
             "version": resp.version,
             "interim": [s for s, _ in resp.interim],
-            "headers": self.headers(resp.headers, VOLATILE_RESPONSE_HEADERS, self.ignore_headers),
-            "body": self.body(resp) if resp.complete else "<truncated: how much arrived is a race>",
+            "headers": self.headers(resp.headers, VOLATILE_RESPONSE_HEADERS, self.ignore_headers, ids),
+            "body": self.body(resp, ids) if resp.complete else "<truncated: how much arrived is a race>",
         }
         if resp.trailers:
             out["trailers"] = self.headers(resp.trailers, {}, ())
