@@ -33,7 +33,7 @@ from .runtime import InvalidMemoryAccess, WasmTrap
 if TYPE_CHECKING:
     from .wasm import Wasm
 
-__all__ = ["host_functions", "marshal_pairs", "unmarshal_pairs", "pairs_size"]
+__all__ = ["host_functions", "marshal_pairs", "unmarshal_pairs"]
 
 _OK = int(WasmResult.Ok)
 _NOT_FOUND = int(WasmResult.NotFound)
@@ -47,10 +47,6 @@ _U32 = struct.Struct("<I")
 
 
 # -- pairs (cpp-host PairsUtil) ----------------------------------------------------------------
-
-
-def pairs_size(pairs: Sequence[tuple[bytes, bytes]]) -> int:
-    return 4 + sum(8 + len(k) + 1 + len(v) + 1 for k, v in pairs)
 
 
 def marshal_pairs(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
