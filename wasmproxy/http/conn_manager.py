@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-import uuid
+import os
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -55,7 +55,7 @@ DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
 DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
 
 # Headers Envoy strips from edge requests (ConnectionManagerUtility::cleanInternalHeaders).
-_INTERNAL_ONLY_HEADERS = (
+_INTERNAL_ONLY_HEADERS = frozenset((
     "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node",
     "x-envoy-expected-rq-timeout-ms", "x-envoy-external-address", "x-envoy-force-trace",
     "x-envoy-hedge-on-per-try-timeout", "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries",
@@ -63,7 +63,7 @@ _INTERNAL_ONLY_HEADERS = (
     "x-envoy-retry-grpc-on", "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name",
     "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-upstream-rq-timeout-alt-response",
     "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-stream-duration-ms",
-)
+))
 
 # ServerHeaderTransformation enum values.
 _OVERWRITE, _APPEND_IF_ABSENT, _PASS_THROUGH = 0, 1, 2
@@ -695,11 +695,7 @@ class ActiveStream:
                 name = token.strip().lower()
                 if name and name not in ("close", "keep-alive", "upgrade", "te") and not name.startswith(":"):
                     headers.remove(name)  # hop-by-hop headers nominated by Connection
-        headers.remove("connection")
-        headers.remove("upgrade")
-        headers.remove("keep-alive")
-        headers.remove("proxy-connection")
-        headers.remove("transfer-encoding")
+        _remove_present(headers, _REQUEST_HOP_BY_HOP)
         te = headers.get("te")
         if te is not None:
             if any(t.strip().lower() == "trailers" for t in te.split(",")):
@@ -717,8 +713,7 @@ class ActiveStream:
                 headers.set("x-envoy-internal", "true")
             else:
                 edge_request = True
-                for name in _INTERNAL_ONLY_HEADERS:
-                    headers.remove(name)
+                _remove_present(headers, _INTERNAL_ONLY_HEADERS)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
             if edge_request:
                 headers.set("x-envoy-external-address", remote)
@@ -728,7 +723,7 @@ class ActiveStream:
         if config.generate_request_id and (
             request_id is None or (edge_request and not config.preserve_external_request_id)
         ):
-            request_id = str(uuid.uuid4())
+            request_id = _uuid4()
             headers.set("x-request-id", request_id)
         self.stream_info.request_id = request_id or ""
 
@@ -749,11 +744,7 @@ class ActiveStream:
             headers.set("server", config.server_name)
         elif config.server_header_transformation == _APPEND_IF_ABSENT:
             headers.set_default("server", config.server_name)
-        headers.remove("connection")
-        headers.remove("upgrade")
-        headers.remove("transfer-encoding")
-        headers.remove("keep-alive")
-        headers.remove("proxy-connection")
+        _remove_present(headers, _RESPONSE_HOP_BY_HOP)
         request_headers = self.filter_manager.request_headers
         if config.always_set_request_id_in_response and request_headers is not None:
             request_id = request_headers.get("x-request-id")
@@ -914,6 +905,25 @@ class ActiveStream:
         self.stats.downstream_rq_completed.inc()
         self.stats.downstream_rq_time.record((self.dispatcher.time_source.monotonic() - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self)
+
+
+_REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding"))
+_RESPONSE_HOP_BY_HOP = _REQUEST_HOP_BY_HOP
+
+
+def _remove_present(headers: HeaderMap, names: frozenset[str]) -> None:
+    """Remove every header in `names` with one scan (most requests carry none of them)."""
+    for key in {k for k, _ in headers.items()} & names:
+        headers.remove(key)
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID string, as Envoy's x-request-id; cheaper than uuid.uuid4()."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _is_upgrade(headers: HeaderMap) -> bool:
