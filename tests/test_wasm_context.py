@@ -296,3 +296,18 @@ def test_stream_without_a_vm_follows_the_failure_policy(policy: FailurePolicy, e
                            [("local_reply", 503, b"", [], 14, "wasm_fail_stream")])
     ctx.log(None, None, None, env.stream_info)
     ctx.on_destroy()
+
+
+def test_closing_the_last_wasm_of_a_vm_id_drops_its_shared_data() -> None:
+    from wasmproxy.wasm.shared_data import global_shared_data
+
+    vm_id = "test_closing_the_last_wasm"
+    a = Guest(vm_id=vm_id)
+    b = Guest(vm_id=vm_id)
+    global_shared_data.set(vm_id, b"k", b"v", 0)
+    a.events.clear()
+    a.wasm.close()
+    assert a.names() == ["proxy_on_done", "proxy_on_delete"]
+    assert global_shared_data.get(vm_id, b"k")[0] == 0  # b still holds the vm_id
+    b.wasm.close()
+    assert global_shared_data.get(vm_id, b"k")[0] == 1  # NotFound: the namespace is gone

@@ -29,7 +29,7 @@ from . import hostcalls
 from .abi import AbiVersion, AbiVersionError, FailState, MetricType, WasmResult, detect_abi_version
 from .context import ContextBase, Plugin, WasmEnvironment
 from .runtime import HostFunction, WasmLoadError, WasmMemory, WasmModule, WasmTrap, WasmVm
-from .shared_data import get_vm_id_handle
+from .shared_data import VmIdHandle, get_vm_id_handle
 from .wasi import env_runtime_host_functions, wasi_host_functions
 
 __all__ = [
@@ -162,7 +162,7 @@ class Wasm:
         self.fail_message = ""
         self._fail_callbacks: list[Callable[[FailState], None]] = []
         # Every Wasm of a vm_id holds its handle: SharedData for the vm_id lives as long as they do.
-        self._vm_id_handle = get_vm_id_handle(vm_id)
+        self._vm_id_handle: VmIdHandle | None = get_vm_id_handle(vm_id)
         # Contexts: id -> context (weak: stream contexts belong to their streams).
         self.contexts: "weakref.WeakValueDictionary[int, ContextBase]" = weakref.WeakValueDictionary()
         self._next_context_id = 1  # 0 is the VM context
@@ -342,6 +342,22 @@ class Wasm:
     def finish_shutdown(self) -> None:
         while self.pending_delete:
             self.pending_delete.pop(0).on_delete()
+
+    def close(self) -> None:
+        """The Wasm is being destroyed: shut its plugins down, drop the VM, and release the vm_id.
+
+        Python frees a Wasm only through the cycle collector (contexts point back at it), so
+        the owner calls this to make the end deterministic: when the last Wasm of a vm_id
+        closes, that vm_id's SharedData and queues go at once (cpp-host ~WasmBase).
+        """
+        self.start_shutdown()
+        self.pending_done.clear()
+        self.pending_delete.clear()
+        for timer in self._timers.values():
+            timer.disable_timer()
+        self._timers.clear()
+        self.vm = None
+        self._vm_id_handle = None
 
     # -- failure ---------------------------------------------------------------------------
 
