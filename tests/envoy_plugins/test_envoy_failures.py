@@ -138,19 +138,28 @@ STARTUP_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def startup_failures() -> Iterator[dict[str, tuple[int, str]]]:
+    """Start one Envoy per case, all at once, and collect each exit code and log."""
+    runs = {case: EnvoyRun([Listener("l", [wasm])]) for case, (wasm, _) in STARTUP_FAILURES.items()}
+    try:
+        for run in runs.values():
+            run.start(wait_ready=False)
+        yield {case: (run.wait_exit(), run.log_text()) for case, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.stop()
+
+
 @pytest.mark.parametrize("case", list(STARTUP_FAILURES))
-def test_plugin_that_cannot_start_fails_envoy_startup(case: str) -> None:
+def test_plugin_that_cannot_start_fails_envoy_startup(startup_failures: dict[str, tuple[int, str]],
+                                                     case: str) -> None:
     """Every policy, FAIL_OPEN included: a static listener whose plugin fails to load is fatal."""
     wasm, reason = STARTUP_FAILURES[case]
-    run = EnvoyRun([Listener("l", [wasm])])
-    try:
-        run.start(wait_ready=False)
-        assert run.wait_exit() == 1
-        log = run.log_text()
-        assert reason in log
-        assert f"Unable to create Wasm plugin {wasm['typed_config']['config']['name']}" in log
-    finally:
-        run.stop()
+    exit_code, log = startup_failures[case]
+    assert exit_code == 1
+    assert reason in log
+    assert f"Unable to create Wasm plugin {wasm['typed_config']['config']['name']}" in log
 
 
 def test_infinite_loop_hangs_the_worker_but_not_admin() -> None:

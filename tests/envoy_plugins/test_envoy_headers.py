@@ -127,3 +127,13 @@ def test_nowasi_and_wat_minimal_plugins(envoy: EnvoyRun) -> None:
 def test_assemblyscript_plugin_reads_its_configuration(envoy: EnvoyRun) -> None:
     assert envoy.request("as_header").header("x-as-header") == "from-as-config"
     assert envoy.request("as_header_empty").header("x-as-header") == "none"
+
+
+@pytest.mark.parametrize(("body", "forwarded"), [([b"abc"], [["x-body-trailer", "bt"]]), (b"abc", [])])
+def test_trailers_added_at_the_end_of_the_request_body(envoy: EnvoyRun, body: bytes | list[bytes],
+                                                       forwarded: list[list[str]]) -> None:
+    ops = "request_body add request_trailers x-body-trailer bt;request_body keys request_trailers"
+    r = envoy.request("headers", "POST", headers={"x-headers-ops": ops}, body=body)
+    assert r.header("x-keys-request_trailers") == "0:x-body-trailer"
+    # Only a chunked upstream request can carry them; with content-length they are dropped.
+    assert r.echo()["trailers"] == forwarded
