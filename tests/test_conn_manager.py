@@ -787,3 +787,38 @@ def test_downstream_write_watermarks_reach_registered_filters():
     h.made[0].decoder_callbacks.remove_downstream_watermark_callbacks(h.made[0])
     conn.resume_writing()
     assert events == ["above", "below", "above"]
+
+
+def test_a_filter_bug_closes_the_connection_instead_of_hanging_it():
+    class Broken(PassThroughFilter):
+        destroyed = 0
+
+        def decode_headers(self, headers, end_stream):
+            raise RuntimeError("bug")
+
+        def on_destroy(self):
+            Broken.destroyed += 1
+
+    h = Harness(Broken)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert t.closed and Broken.destroyed == 1
+
+
+def test_max_requests_per_connection_closes_after_the_last_one():
+    h = Harness(Direct, max_requests_per_connection=2)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"connection: close" not in t.take()
+    h.dispatcher.run_posts()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"connection: close\r\n" in t.take() and t.closed
+    assert h.store["downstream_cx_max_requests_reached"] == 1
+
+
+def test_unsupported_hcm_fields_are_ignored_with_a_warning(caplog):
+    from wasmproxy.http.conn_manager import create_hcm_factory
+
+    caplog.set_level("WARNING")
+    create_hcm_factory(_hcm_proto({"normalize_path": True}), _Context())
+    assert any("normalize_path" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ import os
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from ..log import get_logger
 from .codec import CodecError, ServerCodec, reason_phrase
 from .filter import AccessLogHandler, FilterFactoryCb
 from .filter_manager import DEFAULT_BUFFER_LIMIT, FilterManager
@@ -41,6 +42,8 @@ __all__ = [
     "ActiveStream",
     "create_hcm_factory",
 ]
+
+_log = get_logger("http")
 
 # StreamInfo::ResponseCodeDetails the HCM itself produces.
 DETAILS_MISSING_HOST = "missing_host_header"
@@ -80,7 +83,7 @@ _COUNTERS = (
     "downstream_rq_completed", "downstream_rq_timeout", "downstream_rq_idle_timeout", "downstream_rq_too_large",
     "rs_too_large", "downstream_rq_response_before_rq_complete", "downstream_rq_rx_reset", "downstream_rq_tx_reset",
     "downstream_rq_ws_on_non_ws_route", "downstream_rq_non_relative_path",
-    "downstream_rq_failed_path_normalization",
+    "downstream_rq_failed_path_normalization", "downstream_cx_max_requests_reached",
 )
 _GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_active",
            "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered")
@@ -125,6 +128,7 @@ class HttpConnectionManagerConfig:
         self.accept_http_10 = False
         self.enable_trailers = False
         self.buffer_limit = DEFAULT_BUFFER_LIMIT
+        self.max_requests_per_connection = 0  # 0: unlimited
 
     @classmethod
     def from_proto(cls, proto: Any, factory_context: Any) -> "HttpConnectionManagerConfig":
@@ -170,6 +174,8 @@ class HttpConnectionManagerConfig:
                 self.idle_timeout_ms = _ms(common.idle_timeout)
             if common.HasField("max_headers_count"):
                 self.max_headers_count = common.max_headers_count.value
+            if common.HasField("max_requests_per_connection"):
+                self.max_requests_per_connection = common.max_requests_per_connection.value
         if proto.HasField("stream_idle_timeout"):
             self.stream_idle_timeout_ms = _ms(proto.stream_idle_timeout)
         if proto.HasField("request_timeout"):
@@ -179,7 +185,26 @@ class HttpConnectionManagerConfig:
         if proto.HasField("http_protocol_options"):
             self.accept_http_10 = proto.http_protocol_options.accept_http_10
             self.enable_trailers = proto.http_protocol_options.enable_trailers
+        for name in _UNSUPPORTED_FIELDS:
+            if _is_set(proto, name):
+                _log.warning("http_connection_manager %s: field '%s' is not supported and is ignored",
+                             self.stat_prefix, name)
         return self
+
+
+# Fields that change Envoy's answers but that wasmproxy ignores (with a warning at load).
+_UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing", "normalize_path", "merge_slashes",
+                       "path_with_escaped_slashes_action", "strip_matching_host_port", "strip_any_host_port",
+                       "request_headers_timeout", "xff_num_trusted_hops", "internal_address_config",
+                       "scheme_header_transformation", "early_header_mutation_extensions",
+                       "original_ip_detection_extensions", "add_user_agent")
+
+
+def _is_set(proto: Any, name: str) -> bool:
+    try:
+        return bool(proto.HasField(name))
+    except ValueError:  # repeated or plain scalar: set when non-empty / non-default
+        return bool(getattr(proto, name))
 
 
 def _ms(duration: Any) -> int:
@@ -349,6 +374,7 @@ class ConnectionManager(asyncio.Protocol):
         self.stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
         self._read_disable_count = 0
+        self._requests = 0
         self._pipelining_disabled = False
         self._write_paused = False
         self._closed = False
@@ -382,8 +408,17 @@ class ConnectionManager(asyncio.Protocol):
         self.stats.downstream_cx_rx_bytes_total.inc(len(data))
         if self._closed:
             return
-        self.codec.feed(data)
+        try:
+            self.codec.feed(data)
+        except Exception:
+            # A bug in a filter must not leave the connection hanging: log it and close.
+            _log.exception("[C%s] unhandled error while decoding; closing", self._conn_id())
+            self.close()
+            return
         self._apply_pipelining_backpressure()
+
+    def _conn_id(self) -> int:
+        return self.connection_info.id if self.connection_info is not None else 0
 
     def eof_received(self) -> bool | None:
         # The client half-closed: Envoy treats it as a remote close for HTTP/1.
@@ -410,6 +445,12 @@ class ConnectionManager(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.disable_timer()
+        self._requests += 1
+        limit = self.config.max_requests_per_connection
+        if limit and self._requests >= limit and self.drain_state == _NOT_DRAINING:
+            # The last request this connection may carry: answer it with connection: close.
+            self.stats.downstream_cx_max_requests_reached.inc()
+            self.drain_state = _CLOSING
         self.stream = ActiveStream(self)
 
     def on_headers(self, headers: HeaderMap, end_stream: bool) -> None:
@@ -426,6 +467,7 @@ class ConnectionManager(asyncio.Protocol):
 
     def on_codec_error(self, error: CodecError) -> None:
         """A protocol error: Envoy's local reply (if a response can still be sent), then close."""
+        _log.debug("[C%s] dispatch error: %s", self._conn_id(), error)
         self.stats.downstream_cx_protocol_error.inc()
         self.drain_state = _CLOSING
         stream = self.stream
