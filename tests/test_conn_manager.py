@@ -816,9 +816,19 @@ def test_max_requests_per_connection_closes_after_the_last_one():
     assert h.store["downstream_cx_max_requests_reached"] == 1
 
 
-def test_unsupported_hcm_fields_are_ignored_with_a_warning(caplog):
-    from wasmproxy.http.conn_manager import create_hcm_factory
+def test_unsupported_hcm_fields_are_ignored_with_a_warning():
+    import logging
 
-    caplog.set_level("WARNING")
-    create_hcm_factory(_hcm_proto({"normalize_path": True}), _Context())
-    assert any("normalize_path" in r.getMessage() for r in caplog.records)
+    from wasmproxy.http.conn_manager import create_hcm_factory
+    from wasmproxy.log import get_logger
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = get_logger("http")
+    logger.addHandler(handler)
+    try:
+        create_hcm_factory(_hcm_proto({"normalize_path": True}), _Context())
+    finally:
+        logger.removeHandler(handler)
+    assert any("normalize_path" in r.getMessage() for r in records)
