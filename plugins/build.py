@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import shutil
@@ -154,10 +155,11 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
 
 def _npm_ci() -> None:
     """Install the pinned AssemblyScript toolchain into plugins/as/node_modules once per lockfile."""
-    with _npm_lock:
-        lock = (AS_DIR / "package-lock.json").read_bytes()
+    with _npm_lock, open(AS_DIR / "package-lock.json", "rb") as lockfile:
+        # Other processes (parallel test runs) may build too: one npm ci at a time.
+        fcntl.flock(lockfile, fcntl.LOCK_EX)
         marker = AS_DIR / "node_modules" / ".wasmproxy-lock-sha256"
-        digest = hashlib.sha256(lock).hexdigest()
+        digest = hashlib.sha256(lockfile.read()).hexdigest()
         if marker.exists() and marker.read_text() == digest:
             return
         _run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], AS_DIR, "AssemblyScript deps (npm ci)")
