@@ -38,6 +38,7 @@ virtual_hosts:
   routes:
   - {match: {prefix: /timeout}, route: {cluster: up, timeout: 0.3s}}
   - {match: {prefix: /refused}, route: {cluster: refused}}
+  - {match: {prefix: /overflow}, route: {cluster: ovf}}
   - {match: {prefix: /unknown404}, route: {cluster: nope, cluster_not_found_response_code: NOT_FOUND}}
   - {match: {prefix: /unknown}, route: {cluster: nope}}
   - {match: {prefix: /nohealthy}, route: {cluster: empty}}
@@ -58,7 +59,8 @@ class Harness:
         self.store = Store()
         self.cm = ClusterManager(
             [static_cluster("up", upstream_port), static_cluster("refused", closed_port()),
-             static_cluster("empty")],
+             static_cluster("empty"),
+             static_cluster("ovf", upstream_port, extra="circuit_breakers: {thresholds: [{max_pending_requests: 0}]}")],
             self.d, FakeTls(self.d), self.store,
         )
         self.routes = RouteConfig.from_proto(ParseDict(yaml.safe_load(ROUTES), route_pb2.RouteConfiguration()))
@@ -344,3 +346,19 @@ def test_factory_installs_a_router_per_stream() -> None:
     factory(chain)
     assert len(chain.filters) == 2 and all(isinstance(f, Router) for f in chain.filters)
     assert chain.filters[0] is not chain.filters[1]
+
+
+def test_pending_overflow_is_503_overflow_with_overloaded_header() -> None:
+    async def scenario() -> None:
+        hx = Harness(closed_port())
+        s = await hx.request("/overflow")
+        assert s.local_reply == (
+            503, b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "upstream_reset_before_response_started{overflow}")
+        # As Envoy 1.40 sent it: route-level headers first, then x-envoy-overloaded.
+        assert [k for k, _ in s.response_headers.items()] == [":status", "x-vh-resp", "x-rc-resp", "x-envoy-overloaded"]
+        assert s.stream_info.response_flags == ["UO"]
+        assert hx.counter("cluster.ovf.upstream_rq_pending_overflow") == 1
+        assert hx.counter("cluster.ovf.upstream_rq_503") == 1
+
+    run(scenario())

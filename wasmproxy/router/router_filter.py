@@ -311,6 +311,9 @@ class Router:
     def on_destroy(self) -> None:
         self._destroyed = True
         self._cleanup()
+        remove = getattr(self.callbacks, "remove_downstream_watermark_callbacks", None)
+        if remove is not None:
+            remove(self)
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
             upstream.reset()
@@ -362,7 +365,14 @@ class Router:
         upstream.host.stats.rq_error += 1
         assert self.cluster is not None
         self.cluster.stats.charge_response_code(code, self._internal)
-        self.callbacks.send_local_reply(code, body, self._finalize_local_reply, None, details)
+        modify = self._finalize_local_reply
+        if flag == "UO" and not self.config.suppress_envoy_headers:
+
+            def modify(headers: HeaderMap) -> None:
+                self._finalize_local_reply(headers)
+                headers.add("x-envoy-overloaded", "true")
+
+        self.callbacks.send_local_reply(code, body, modify, None, details)
 
     def _finalize_local_reply(self, headers: HeaderMap) -> None:
         if self.route is not None:
