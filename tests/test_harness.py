@@ -297,7 +297,7 @@ def test_free_ports_are_distinct() -> None:
 def test_substitute_keeps_lone_placeholder_types() -> None:
     doc = substitute({"port_value": "${p}", "name": "svc-${p}", "list": ["${p}"]}, {"p": 8080})
     assert doc == {"port_value": 8080, "name": "svc-8080", "list": [8080]}
-    assert render_template("a: ${x}\nb: {c: 1}\n", {"x": 2}) == "a: 2\nb: {c: 1}\n"
+    assert render_template("a: ${x}\nb: {c: 1}\nr: ^/a$\n", {"x": 2}) == "a: 2\nb: {c: 1}\nr: ^/a$\n"
     with pytest.raises(KeyError):
         render_template("${missing}", {})
 

@@ -1,7 +1,8 @@
 """Bootstrap rendering for tests: a standard loopback config, or any YAML template.
 
-Templates use ``${name}`` placeholders (string.Template), which never clash with YAML's own
-braces. Placeholders standing alone as a YAML value keep their type (a port stays an int).
+Templates use ``${name}`` placeholders, which never clash with YAML's own braces; any other
+``$`` (regexes end in one) is left alone. Placeholders standing alone as a YAML value keep their
+type (a port stays an int).
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import yaml
 
 from .ports import LOOPBACK
 
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 _WHOLE = re.compile(r"^\$\{(\w+)\}$")
 
 ROUTER_FILTER: dict[str, Any] = {
@@ -26,7 +27,7 @@ ROUTER_FILTER: dict[str, Any] = {
 
 def render_template(text: str, values: Mapping[str, object]) -> str:
     """Fill ``${name}`` placeholders in a YAML template; a missing value raises KeyError."""
-    return Template(text).substitute({k: str(v) for k, v in values.items()})
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
 def substitute(obj: Any, values: Mapping[str, object]) -> Any:
@@ -35,7 +36,7 @@ def substitute(obj: Any, values: Mapping[str, object]) -> Any:
         m = _WHOLE.match(obj)
         if m:
             return values[m.group(1)]
-        return Template(obj).substitute({k: str(v) for k, v in values.items()})
+        return render_template(obj, values)
     if isinstance(obj, list):
         return [substitute(x, values) for x in obj]
     if isinstance(obj, dict):
