@@ -250,6 +250,17 @@ def test_cluster_manager_tables_and_admin_text() -> None:
             )
         ]
         assert "b::127.0.0.1:2001::cx_total::0" in lines
+        a.hosts[0].stats.cx_total = 2
+        js = cm.clusters_json()["cluster_statuses"][0]
+        assert js["name"] == "a" and js["observability_name"] == "a"
+        assert js["circuit_breakers"]["thresholds"][1] == {
+            "priority": "HIGH", "max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024,
+            "max_retries": 3}
+        h0 = js["host_statuses"][0]
+        assert h0["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 1001}}
+        assert h0["stats"][:2] == [{"name": "cx_connect_fail"}, {"name": "cx_total", "value": "2"}]
+        assert h0["stats"][6] == {"type": "GAUGE", "name": "cx_active"}
+        assert h0["health_status"] == {"eds_health_status": "HEALTHY"} and h0["weight"] == 1
 
     run(scenario())
 

@@ -15,7 +15,7 @@ from ..stats.store import Store
 from .cluster import Cluster, ClusterConfigError, ClusterInfo, Resolver, resolve_with_loop
 from .cluster_stats import ClusterStats
 from .conn_pool import Http1ConnPool
-from .host import Host
+from .host import Host, HostStats
 from .load_balancer import LoadBalancer, create_load_balancer
 
 if TYPE_CHECKING:
@@ -214,6 +214,47 @@ class ClusterManager:
                 lines.append(f"{p}::success_rate::-1")
                 lines.append(f"{p}::local_origin_success_rate::-1")
         return "".join(line + "\n" for line in lines)
+
+    def clusters_json(self) -> dict[str, Any]:
+        """Admin `/clusters?format=json` (envoy.admin.v3.Clusters as proto JSON: zeros omitted,
+        64-bit values as strings)."""
+        statuses = []
+        for cluster in self.clusters.values():
+            info = cluster.info
+            thresholds = []
+            for prio, rm in ((None, info.resource_manager), ("HIGH", info.high_resource_manager)):
+                t: dict[str, Any] = {} if prio is None else {"priority": prio}
+                t.update(max_connections=rm.connections.max, max_pending_requests=rm.pending_requests.max,
+                         max_requests=rm.requests.max, max_retries=rm.retries.max)
+                thresholds.append(t)
+            entry: dict[str, Any] = {"name": info.name}
+            hosts = []
+            for host in cluster.hosts:
+                stats: list[dict[str, str]] = []
+                for kind, names in (("", HostStats.COUNTERS), ("GAUGE", HostStats.GAUGES)):
+                    for stat in names:
+                        item = {"type": kind} if kind else {}
+                        item["name"] = stat
+                        value = getattr(host.stats, stat)
+                        if value:
+                            item["value"] = str(value)
+                        stats.append(item)
+                h: dict[str, Any] = {
+                    "address": {"socket_address": {"address": host.address.host, "port_value": host.address.port}},
+                    "stats": stats,
+                    "health_status": {"eds_health_status": "HEALTHY" if host.healthy else "UNHEALTHY"},
+                    "weight": host.weight,
+                    "locality": {},
+                }
+                if host.hostname:
+                    h["hostname"] = host.hostname
+                hosts.append(h)
+            if hosts:
+                entry["host_statuses"] = hosts
+            entry["circuit_breakers"] = {"thresholds": thresholds}
+            entry["observability_name"] = info.observability_name
+            statuses.append(entry)
+        return {"cluster_statuses": statuses}
 
 
 __all__ = [
