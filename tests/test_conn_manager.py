@@ -123,6 +123,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.out = bytearray()
         self.closed = False
+        self.fully_closed = False
         self.reading = True
         self.read_pauses = 0
         self.peer = peer
@@ -132,6 +133,14 @@ class FakeTransport(asyncio.Transport):
         self.out += data
 
     def close(self) -> None:
+        self.closed = True
+        self.fully_closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        # What a client sees as the end of the connection; the socket lingers (delayed close).
         self.closed = True
 
     def is_closing(self) -> bool:
@@ -832,3 +841,22 @@ def test_unsupported_hcm_fields_are_ignored_with_a_warning():
     finally:
         logger.removeHandler(handler)
     assert any("normalize_path" in r.getMessage() for r in records)
+
+
+def test_local_close_half_closes_then_closes_on_peer_eof_or_after_the_delay():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx")
+    assert t.closed and not t.fully_closed
+    conn.data_received(b"late bytes are dropped")
+    h.dispatcher.advance(0.5)
+    assert not t.fully_closed
+    h.dispatcher.advance(0.6)
+    assert t.fully_closed and h.store["downstream_cx_delayed_close_timeout"] == 1
+
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    conn.connection_lost(None)  # the peer closed in time
+    h.dispatcher.advance(2)
+    assert h.store["downstream_cx_delayed_close_timeout"] == 0

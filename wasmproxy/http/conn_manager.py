@@ -56,6 +56,7 @@ DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
 # Envoy's defaults (HttpConnectionManager proto docs).
 DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
 DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
+DEFAULT_DELAYED_CLOSE_TIMEOUT_MS = 1000
 
 # Headers Envoy strips from edge requests (ConnectionManagerUtility::cleanInternalHeaders).
 _INTERNAL_ONLY_HEADERS = frozenset((
@@ -123,6 +124,7 @@ class HttpConnectionManagerConfig:
         self.idle_timeout_ms = DEFAULT_IDLE_TIMEOUT_MS
         self.stream_idle_timeout_ms = DEFAULT_STREAM_IDLE_TIMEOUT_MS
         self.request_timeout_ms = 0
+        self.delayed_close_timeout_ms = DEFAULT_DELAYED_CLOSE_TIMEOUT_MS
         self.max_request_headers_kb = 60
         self.max_headers_count = 100
         self.accept_http_10 = False
@@ -180,6 +182,8 @@ class HttpConnectionManagerConfig:
             self.stream_idle_timeout_ms = _ms(proto.stream_idle_timeout)
         if proto.HasField("request_timeout"):
             self.request_timeout_ms = _ms(proto.request_timeout)
+        if proto.HasField("delayed_close_timeout"):
+            self.delayed_close_timeout_ms = _ms(proto.delayed_close_timeout)
         if proto.HasField("max_request_headers_kb"):
             self.max_request_headers_kb = proto.max_request_headers_kb.value
         if proto.HasField("http_protocol_options"):
@@ -344,8 +348,9 @@ class WorkerConnectionHandler:
             conn.start_drain()
 
     def close_all(self) -> None:
+        """Shutdown: close every connection now."""
         for conn in list(self.connections):
-            conn.close()
+            conn.close(flush_and_delay=False)
 
 
 # Drain states (Envoy's DrainState).
@@ -379,6 +384,7 @@ class ConnectionManager(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._idle_timer: Timer | None = None
+        self._delayed_close_timer: Timer | None = None
         self._connected_at = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -421,11 +427,14 @@ class ConnectionManager(asyncio.Protocol):
         return self.connection_info.id if self.connection_info is not None else 0
 
     def eof_received(self) -> bool | None:
-        # The client half-closed: Envoy treats it as a remote close for HTTP/1.
+        # The client half-closed: Envoy treats it as a remote close for HTTP/1 (returning None
+        # lets the transport close; after our own delayed close this ends it early).
         self._on_remote_close()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._delayed_close_timer is not None:
+            self._delayed_close_timer.disable_timer()
         if not self._closed:
             self._on_remote_close()
 
@@ -518,14 +527,32 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is None:
             self.close()
 
-    def close(self) -> None:
-        """Local close: flush what was written, then close (Envoy's FlushWrite)."""
+    def close(self, flush_and_delay: bool = True) -> None:
+        """Local close, by default Envoy's FlushWriteAndDelay: flush what was written, half-close,
+        and give the peer delayed_close_timeout to close its side (its late bytes are read and
+        dropped), so a client still sending a body reads our reply instead of a reset."""
         if self._closed:
             return
         self.stats.downstream_cx_destroy_local.inc()
         if self.stream is not None:
             self.stats.downstream_cx_destroy_local_active_rq.inc()
         self._teardown()
+        transport = self.transport
+        if transport is None:
+            return
+        delay_ms = self.config.delayed_close_timeout_ms
+        if not flush_and_delay or delay_ms <= 0 or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._read_disable_count:
+            self._read_disable_count = 0
+            transport.resume_reading()  # to see the peer's FIN
+        self._delayed_close_timer = self.dispatcher.create_timer(self._on_delayed_close_timeout)
+        self._delayed_close_timer.enable_timer(delay_ms)
+
+    def _on_delayed_close_timeout(self) -> None:
+        self.stats.downstream_cx_delayed_close_timeout.inc()
         if self.transport is not None:
             self.transport.close()
 
