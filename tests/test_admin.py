@@ -435,3 +435,15 @@ def test_admin_server_close_errors_and_handler_failure(registry: StatsRegistry) 
     unstarted = AdminServer(AdminHandler(registry), d)
     unstarted.bind()
     unstarted.close()  # a bound but never started server releases its socket
+
+
+def test_histogram_buckets_parameter(registry: StatsRegistry) -> None:
+    h = AdminHandler(registry)
+    usage = b"usage: /stats?histogram_buckets=(cumulative|disjoint|detailed|summary|prometheusnative)\n"
+    # Envoy 1.40 bodies:
+    assert h.handle("GET", "/stats?histogram_buckets=bogus") == (400, ENVOY_HEADERS, usage)
+    assert h.handle("GET", "/stats/prometheus?histogram_buckets=bogus") == (400, ENVOY_HEADERS, usage)
+    assert h.handle("GET", "/stats/prometheus?histogram_buckets=detailed") == (
+        400, ENVOY_HEADERS, b"unsupported prometheus histogram bucket mode")
+    assert h.handle("GET", "/stats?histogram_buckets=cumulative")[0] == 200
+    assert h.handle("GET", "/stats?format=prometheus&histogram_buckets=summary")[0] == 200

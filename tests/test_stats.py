@@ -323,3 +323,97 @@ def test_unrepresentable_custom_metric_is_left_out_of_prometheus() -> None:
     assert prometheus_name("wasmcustom.9lives") is None
     text = render_prometheus(reg, StatsFilter())
     assert "9lives" not in text and "ok{} 1" in text
+
+
+@pytest.fixture
+def bucket_reg() -> StatsRegistry:
+    reg = StatsRegistry()
+    store = reg.add_store(Store("main_thread"))
+    for v in (0, 1, 2):
+        store.histogram("http.admin.downstream_cx_length_ms").record(v)
+    store.histogram("server.initialization_time_ms").record(69)
+    reg.flush()
+    return reg
+
+
+def test_text_bucket_modes_match_envoy(bucket_reg: StatsRegistry) -> None:
+    from wasmproxy.stats import HistogramBuckets
+
+    f = StatsFilter(regex=re.compile("cx_length"))
+    # Envoy 1.40, samples 0, 1, 2 in the first flush:
+    assert render_text(bucket_reg, f, HistogramBuckets.CUMULATIVE) == (
+        "http.admin.downstream_cx_length_ms: B0.5(1,1) B1(2,2) B5(3,3) B10(3,3) B25(3,3) B50(3,3) B100(3,3) "
+        "B250(3,3) B500(3,3) B1000(3,3) B2500(3,3) B5000(3,3) B10000(3,3) B30000(3,3) B60000(3,3) "
+        "B300000(3,3) B600000(3,3) B1.8e+06(3,3) B3.6e+06(3,3)\n"
+    )
+    assert render_text(bucket_reg, f, HistogramBuckets.DISJOINT) == (
+        "http.admin.downstream_cx_length_ms: B0.5(1,1) B1(1,1) B5(1,1) B10(0,0) B25(0,0) B50(0,0) B100(0,0) "
+        "B250(0,0) B500(0,0) B1000(0,0) B2500(0,0) B5000(0,0) B10000(0,0) B30000(0,0) B60000(0,0) "
+        "B300000(0,0) B600000(0,0) B1.8e+06(0,0) B3.6e+06(0,0)\n"
+    )
+    detailed = render_text(bucket_reg, StatsFilter(regex=re.compile("initialization")), HistogramBuckets.DETAILED)
+    assert detailed == (
+        "server.initialization_time_ms:\n"
+        "  totals=69,1:1\n"
+        "  intervals=69,1:1\n"
+        "  summary=P0(69.5,69.5) P25(69.5,69.5) P50(69.5,69.5) P75(69.5,69.5) P90(69.5,69.5) P95(69.5,69.5) "
+        "P99(69.5,69.5) P99.5(69.5,69.5) P99.9(69.5,69.5) P100(69.5,69.5)\n"
+    )
+    assert "  totals=0,0:1, 1,0.1:1, 2,0.1:1\n" in render_text(bucket_reg, f, HistogramBuckets.DETAILED)
+
+
+def test_json_bucket_modes_match_envoy(bucket_reg: StatsRegistry) -> None:
+    from wasmproxy.stats import HistogramBuckets
+
+    f = StatsFilter(regex=re.compile("initialization"))
+    # Envoy 1.40, one sample of 69 ms (note 3e+05: Envoy's shortest double form).
+    assert render_json(bucket_reg, f, HistogramBuckets.DISJOINT) == (
+        '{"stats":[{"histograms":[{"name":"server.initialization_time_ms","buckets":['
+        '{"upper_bound":0.5,"interval":0,"cumulative":0},{"upper_bound":1,"interval":0,"cumulative":0},'
+        '{"upper_bound":5,"interval":0,"cumulative":0},{"upper_bound":10,"interval":0,"cumulative":0},'
+        '{"upper_bound":25,"interval":0,"cumulative":0},{"upper_bound":50,"interval":0,"cumulative":0},'
+        '{"upper_bound":100,"interval":1,"cumulative":1},{"upper_bound":250,"interval":0,"cumulative":0},'
+        '{"upper_bound":500,"interval":0,"cumulative":0},{"upper_bound":1000,"interval":0,"cumulative":0},'
+        '{"upper_bound":2500,"interval":0,"cumulative":0},{"upper_bound":5000,"interval":0,"cumulative":0},'
+        '{"upper_bound":10000,"interval":0,"cumulative":0},{"upper_bound":30000,"interval":0,"cumulative":0},'
+        '{"upper_bound":60000,"interval":0,"cumulative":0},{"upper_bound":3e+05,"interval":0,"cumulative":0},'
+        '{"upper_bound":6e+05,"interval":0,"cumulative":0},{"upper_bound":1800000,"interval":0,"cumulative":0},'
+        '{"upper_bound":3600000,"interval":0,"cumulative":0}]}]}]}'
+    )
+    assert render_json(bucket_reg, f, HistogramBuckets.DETAILED) == (
+        '{"stats":[{"histograms":{"supported_percentiles":[0,25,50,75,90,95,99,99.5,99.9,100],"details":['
+        '{"name":"server.initialization_time_ms","totals":[{"lower_bound":69,"width":1,"count":1}],'
+        '"intervals":[{"lower_bound":69,"width":1,"count":1}],"percentiles":['
+        + ",".join(['{"cumulative":69.5,"interval":69.5}'] * 10) + "]}]}}]}"
+    )
+    assert render_json(bucket_reg, StatsFilter(regex=re.compile("nothing"))) == '{"stats":[]}'
+
+
+def test_prometheus_summary_uses_interval_quantiles_like_envoy() -> None:
+    reg = StatsRegistry()
+    store = reg.add_store(Store("main_thread"))
+    h = store.histogram("http.admin.downstream_cx_length_ms")
+    for v in (0, 5):
+        h.record(v)
+    reg.flush()
+    for v in [0] * 4 + [1] * 6:
+        h.record(v)
+    reg.flush()
+    text = render_prometheus(reg, StatsFilter(), summary=True)
+    labels = 'envoy_http_conn_manager_prefix="admin"'
+    # Envoy 1.40, interval of 4 x 0 and 6 x 1 ms:
+    assert text == (
+        "# TYPE envoy_http_downstream_cx_length_ms summary\n"
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0"}} 0\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.25"}} 0\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.5"}} 1.0142857142857142349612331599928\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.75"}} 1.0571428571428571618895375650027\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.9"}} 1.0714285714285713968507707249955\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.95"}} 1.0857142857142856318120038849884\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.99"}} 1.0857142857142856318120038849884\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.995"}} 1.0857142857142856318120038849884\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="0.999"}} 1.0857142857142856318120038849884\n'
+        f'envoy_http_downstream_cx_length_ms{{{labels},quantile="1"}} 1.0857142857142856318120038849884\n'
+        f"envoy_http_downstream_cx_length_ms_sum{{{labels}}} 6.2857142857142864755815026001073\n"
+        f"envoy_http_downstream_cx_length_ms_count{{{labels}}} 10\n"
+    )

@@ -33,7 +33,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from wasmproxy import __version__, log
-from wasmproxy.stats import StatsFilter, StatsRegistry, StatType, render_json, render_prometheus, render_text
+from wasmproxy.stats import (
+    HistogramBuckets,
+    StatsFilter,
+    StatsRegistry,
+    StatType,
+    render_json,
+    render_prometheus,
+    render_text,
+)
 
 __all__ = ["AdminHandler", "ClusterStatus", "HostStatus", "Response"]
 
@@ -131,11 +139,14 @@ _COMMANDS = (
                      ("filter", "Regular expression (Google re2) for filtering stats"),
                      ("invert_filter", "Invert the filter regex"),
                      ("format", "Format to use; One of (text, json, prometheus)"),
-                     ("type", "Stat types to include.; One of (All, Counters, Histograms, Gauges, TextReadouts)"))),
+                     ("type", "Stat types to include.; One of (All, Counters, Histograms, Gauges, TextReadouts)"),
+                     ("histogram_buckets",
+                      "Histogram bucket display mode; One of (cumulative, disjoint, detailed, summary)"))),
     _Command("/stats/prometheus", "print server stats in prometheus format",
              params=(("usedonly", "Only include stats that have been written by system since restart"),
                      ("filter", "Regular expression (Google re2) for filtering stats"),
-                     ("invert_filter", "Invert the filter regex"))),
+                     ("invert_filter", "Invert the filter regex"),
+                     ("histogram_buckets", "Histogram bucket display mode; One of (cumulative, summary)"))),
 )
 
 
@@ -246,20 +257,29 @@ class AdminHandler:
         f = self._stats_filter(query)
         if not isinstance(f, StatsFilter):
             return f
+        try:
+            buckets = HistogramBuckets(query.get("histogram_buckets", "summary"))
+        except ValueError:
+            return _response(400, _BUCKETS_USAGE)
         if self._flush_on_admin:
             self._stats.flush()
         if fmt == "json":
-            return _response(200, render_json(self._stats, f), _JSON)
-        return _response(200, render_text(self._stats, f))
+            return _response(200, render_json(self._stats, f, buckets), _JSON)
+        return _response(200, render_text(self._stats, f, buckets))
 
     def _prometheus(self, method: str, query: dict[str, str]) -> Response:
         # Envoy's prometheus output ignores type=.
         f = self._stats_filter({k: v for k, v in query.items() if k != "type"})
         if not isinstance(f, StatsFilter):
             return f
+        mode = query.get("histogram_buckets", "cumulative")
+        if mode in ("disjoint", "detailed", "prometheusnative"):
+            return _response(400, "unsupported prometheus histogram bucket mode")
+        if mode not in ("cumulative", "summary"):
+            return _response(400, _BUCKETS_USAGE)
         if self._flush_on_admin:
             self._stats.flush()
-        return _response(200, render_prometheus(self._stats, f))
+        return _response(200, render_prometheus(self._stats, f, summary=mode == "summary"))
 
     def _clusters_handler(self, method: str, query: dict[str, str]) -> Response:
         clusters = self._clusters() if self._clusters is not None else []
@@ -312,6 +332,8 @@ class AdminHandler:
     def _help(self, method: str, query: dict[str, str]) -> Response:
         return _response(200, "admin commands are:\n" + _help_text())
 
+
+_BUCKETS_USAGE = "usage: /stats?histogram_buckets=(cumulative|disjoint|detailed|summary|prometheusnative)\n"
 
 _LOGGING_USAGE = (
     "usage: /logging?<name>=<level> (change single level)\n"

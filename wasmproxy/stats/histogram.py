@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_QUANTILES",
     "HistogramBins",
     "HistogramStatistics",
+    "bins_of",
 ]
 
 # Envoy's HistogramStatisticsImpl::supportedQuantiles() and defaultBuckets().
@@ -60,6 +61,11 @@ def _bin_left_width(key: int) -> tuple[float, float]:
     exp, val = divmod(key, 100)
     scale = 10.0**exp
     return val / 10.0 * scale, scale / 10.0
+
+
+def bins_of(counts: dict[int, int]) -> list[tuple[float, float, int]]:
+    """Non-empty bins in order as (left edge, width, count), libcircllhist's bucket view."""
+    return [(*_bin_left_width(k), c) for k, c in sorted(counts.items()) if c]
 
 
 class HistogramBins:
@@ -102,7 +108,7 @@ class HistogramStatistics:
     __slots__ = ("computed_buckets", "computed_quantiles", "sample_count", "sample_sum", "supported_buckets")
 
     def __init__(self, counts: dict[int, int], supported_buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        bins = [(*_bin_left_width(k), c) for k, c in sorted(counts.items()) if c]
+        bins = bins_of(counts)
         self.supported_buckets = tuple(supported_buckets)
         self.sample_count = sum(c for _, _, c in bins)
         self.sample_sum = sum(_harmonic_midpoint(left, width) * c for left, width, c in bins)

@@ -36,6 +36,7 @@ class MergedHistogram:
     used: bool
     interval: HistogramStatistics
     cumulative: HistogramStatistics
+    interval_bins: dict[int, int]
     cumulative_bins: dict[int, int]
 
 
@@ -131,12 +132,14 @@ class StatsRegistry:
         out = {}
         for name, (unit, used) in meta.items():
             cumulative = self._hist_cumulative.get(name, {})
+            interval = self._hist_interval.get(name, {})
             out[name] = MergedHistogram(
                 name=name,
                 unit=unit,
                 used=used,
-                interval=HistogramStatistics(self._hist_interval.get(name, {}), self._supported_buckets),
+                interval=HistogramStatistics(interval, self._supported_buckets),
                 cumulative=HistogramStatistics(cumulative, self._supported_buckets),
+                interval_bins=interval,
                 cumulative_bins=cumulative,
             )
         return out
