@@ -411,11 +411,11 @@ def check_case(case: Case, results: Mapping[str, list[Result]], normalisers: Map
         raise AssertionError("\n".join(problems))
     if REFERENCE not in results:
         return
-    ref = [_comparable(r, spec, normalisers[REFERENCE], case) for r, spec in zip(results[REFERENCE], case.requests)]
+    ref = [comparable(r, spec, normalisers[REFERENCE], case) for r, spec in zip(results[REFERENCE], case.requests)]
     for name, res in results.items():
         if name == REFERENCE:
             continue
-        got = [_comparable(r, spec, normalisers[name], case) for r, spec in zip(res, case.requests)]
+        got = [comparable(r, spec, normalisers[name], case) for r, spec in zip(res, case.requests)]
         for i in range(max(len(ref), len(got))):
             a = ref[i] if i < len(ref) else "<no request made>"
             b = got[i] if i < len(got) else "<no request made>"
@@ -426,7 +426,8 @@ def check_case(case: Case, results: Mapping[str, list[Result]], normalisers: Map
                                                        REFERENCE, name, a, b))
 
 
-def _comparable(r: Result, spec: RequestSpec, normaliser: Normaliser, case: Case) -> dict[str, Any]:
+def comparable(r: Result, spec: RequestSpec, normaliser: Normaliser, case: Case) -> dict[str, Any]:
+    """The normalised form of one result that check_case compares (minus the case's ignore_fields)."""
     out = normaliser(r.outcome, r.closed, sent=[v for _, v in spec.headers])
     for f in case.ignore_fields:
         out.pop(f, None)
