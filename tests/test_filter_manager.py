@@ -610,3 +610,16 @@ def test_upstream_1xx_is_dropped_unless_proxy_100_continue():
     fm.proxy_100_continue = True
     router.decoder_callbacks.encode_1xx_headers(HeaderMap([(":status", "100")]))
     assert owner.out == [("1xx", "100")]
+
+
+def test_terminal_filter_is_never_handed_the_same_buffered_bytes_twice():
+    log: list = []
+    a = Scripted("a", log, dd=[D.StopIterationAndBuffer, D.Continue], dt=T.StopIteration)
+    router = Router(log, respond=False, dd=D.StopIterationNoBuffer)
+    fm, _ = make(a, router)
+    fm.decode_headers(req("POST"), False)
+    fm.decode_data(b"once", False)
+    a.decoder_callbacks.continue_decoding()
+    fm.decode_trailers(HeaderMap([("t", "1")]))
+    a.decoder_callbacks.continue_decoding()
+    assert [e[2] for e in log if e[:2] == ("router", "dd")] == [b"once", b""]

@@ -615,12 +615,13 @@ class FilterManager:
                 return
             if not trailers_existed and self.request_trailers is not None and trailers_added_entry is None:
                 trailers_added_entry = entry
-            if not entry.handle_after_data(status, data):
-                if i + 1 < len(filters):
-                    break
-            elif i + 1 == len(filters) and data is self.buffered_request_data:
-                # The terminal filter took the buffered data (Envoy's router drains it).
+            last = i + 1 == len(filters)
+            if last and status not in (FilterDataStatus.StopIterationAndBuffer, FilterDataStatus.StopIterationAndWatermark):
+                # The terminal filter consumed the data (Envoy's router drains what it forwards),
+                # so a later continue cannot hand the same bytes over twice.
                 data.clear()
+            if not entry.handle_after_data(status, data) and not last:
+                break
             i += 1
         if data is self.buffered_request_data:
             self._check_decoder_low_watermark(data)
