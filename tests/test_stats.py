@@ -417,3 +417,14 @@ def test_prometheus_summary_uses_interval_quantiles_like_envoy() -> None:
         f"envoy_http_downstream_cx_length_ms_sum{{{labels}}} 6.2857142857142864755815026001073\n"
         f"envoy_http_downstream_cx_length_ms_count{{{labels}}} 10\n"
     )
+
+
+def test_histogram_record_truncates_to_integers_like_envoy() -> None:
+    reg = StatsRegistry()
+    h = reg.add_store(Store()).histogram("http.x.downstream_rq_time")
+    for v in (0.7, 1.9, -3):
+        h.record(v)
+    reg.flush()
+    stats = reg.histograms()["http.x.downstream_rq_time"].cumulative
+    assert stats.computed_buckets[0] == 2  # 0.7 and -3 land in the zero bin (le=0.5)
+    assert stats.computed_quantiles[-1] == pytest.approx(1.05)  # 1.9 is recorded as 1

@@ -97,7 +97,10 @@ class Histogram:
         self.bins = HistogramBins()
 
     def record(self, value: float) -> None:
-        self.bins.insert(value)
+        """Record one sample. Envoy's ``recordValue`` takes a uint64, so fractions are
+        truncated (0.7 ms is recorded as 0, as Envoy's duration_cast would) and negatives are 0."""
+        v = int(value)
+        self.bins.insert(v if v > 0 else 0)
         self.used = True
 
     record_value = record
