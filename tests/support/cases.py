@@ -401,29 +401,31 @@ def _echo_failures(exp: Mapping[str, Any], resp: Response) -> list[str]:
 
 
 def check_case(case: Case, results: Mapping[str, list[Result]], normalisers: Mapping[str, Normaliser]) -> None:
-    """Assert every target met every expectation, then that each target matches the reference."""
-    problems = []
+    """Assert each target matches the reference and every target met every expectation.
+
+    The message leads with the first difference from Envoy, then lists unmet expectations.
+    """
+    problems = [d for name in results if name != REFERENCE and REFERENCE in results
+                if (d := _first_difference(case, results, normalisers, name))]
     for name, res in results.items():
         for i, (spec, r) in enumerate(zip(case.requests, res), 1):
             for f in expectation_failures(spec, r):
                 problems.append(f"case {case.name!r}, request #{i} ({spec.describe()}) on {name}: {f}")
     if problems:
         raise AssertionError("\n".join(problems))
-    if REFERENCE not in results:
-        return
+
+
+def _first_difference(case: Case, results: Mapping[str, list[Result]],
+                      normalisers: Mapping[str, Normaliser], name: str) -> str | None:
     ref = [comparable(r, spec, normalisers[REFERENCE], case) for r, spec in zip(results[REFERENCE], case.requests)]
-    for name, res in results.items():
-        if name == REFERENCE:
-            continue
-        got = [comparable(r, spec, normalisers[name], case) for r, spec in zip(res, case.requests)]
-        for i in range(max(len(ref), len(got))):
-            a = ref[i] if i < len(ref) else "<no request made>"
-            b = got[i] if i < len(got) else "<no request made>"
-            d = first_difference(a, b)
-            if d:
-                spec = case.requests[i]
-                raise AssertionError(format_difference(case.name, i + 1, spec.describe(), d,
-                                                       REFERENCE, name, a, b))
+    got = [comparable(r, spec, normalisers[name], case) for r, spec in zip(results[name], case.requests)]
+    for i in range(max(len(ref), len(got))):
+        a: Any = ref[i] if i < len(ref) else "<no request made>"
+        b: Any = got[i] if i < len(got) else "<no request made>"
+        d = first_difference(a, b)
+        if d:
+            return format_difference(case.name, i + 1, case.requests[i].describe(), d, REFERENCE, name, a, b)
+    return None
 
 
 def comparable(r: Result, spec: RequestSpec, normaliser: Normaliser, case: Case) -> dict[str, Any]:
