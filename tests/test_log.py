@@ -98,3 +98,21 @@ def test_set_logger_level_unknown_and_configure_component_levels() -> None:
             log.set_logger_level("nope", "info")
     finally:
         log.configure("info")
+
+
+def test_log_format_patterns() -> None:
+    out = io.StringIO()
+    try:
+        log.configure("info", stream=out, log_format='{"lvl":"%l","short":"%L","comp":"%n","msg":"%j"} %s:%# %%')
+        log.get_logger("router").warning('say "hi"')
+        line = out.getvalue().rstrip("\n")
+        assert re.fullmatch(
+            r'\{"lvl":"warning","short":"W","comp":"router","msg":"say \\"hi\\""\} test_log\.py:\d+ %', line
+        ), line
+        out.truncate(0)
+        out.seek(0)
+        log.configure("info", stream=out, log_format="%Y-%m-%dT%T.%f %P [%t]")
+        log.get_logger("main").info("x")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6} \d+ \[\d+\]", out.getvalue().rstrip("\n"))
+    finally:
+        log.configure("info")

@@ -14,14 +14,19 @@ record is built, and messages use lazy ``%`` arguments, so a disabled
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
 from typing import IO, Any
 
 __all__ = [
+    "DEFAULT_LOG_FORMAT",
     "ENVOY_LOGGERS",
+    "EnvoyFormatter",
     "LEVELS",
     "Logger",
     "active_loggers",
@@ -72,18 +77,55 @@ class Logger(logging.Logger):
             self._log(TRACE, msg, args, **kwargs)
 
 
+DEFAULT_LOG_FORMAT = "[%Y-%m-%d %T.%e][%t][%l][%n] %v"
+
+
+def _flag_value(flag: str, record: logging.LogRecord, tm: time.struct_time) -> str:
+    """One spdlog/Envoy pattern flag (the subset Envoy documents for --log-format)."""
+    if flag == "v":
+        return record.getMessage()
+    if flag == "j":  # the message, JSON-escaped (Envoy's extension)
+        return json.dumps(record.getMessage())[1:-1]
+    if flag in "lL":
+        name = _LEVEL_NAMES.get(record.levelno, record.levelname.lower())
+        return name if flag == "l" else name[0].upper()
+    if flag == "n":
+        return record.name.rpartition(".")[2]
+    if flag == "t":
+        # Envoy prints the OS thread id; handlers run on the logging thread, so ask it now.
+        return str(threading.get_native_id())
+    if flag == "P":
+        return str(os.getpid())
+    if flag == "e":
+        return f"{int((record.created % 1) * 1000):03d}"
+    if flag == "f":
+        return f"{int((record.created % 1) * 1_000_000):06d}"
+    if flag in "gs":
+        return record.pathname if flag == "g" else os.path.basename(record.pathname)
+    if flag == "#":
+        return str(record.lineno)
+    if flag == "%":
+        return "%"
+    return time.strftime("%" + flag, tm)  # %Y %m %d %H %M %S %T %F %z %Z %a %b ...
+
+
 class EnvoyFormatter(logging.Formatter):
-    """Formats ``[%Y-%m-%d %T.%e][%t][%l][%n] %v`` as Envoy's default log format does."""
+    """Formats records with an Envoy ``--log-format`` pattern; the default is Envoy's own
+    ``[%Y-%m-%d %T.%e][%t][%l][%n] %v`` without the source location."""
+
+    def __init__(self, pattern: str = DEFAULT_LOG_FORMAT) -> None:
+        super().__init__()
+        # Split once: literals at even indexes, flag letters at odd ones.
+        self._parts = re.split(r"%(.)", pattern)
 
     def format(self, record: logging.LogRecord) -> str:
-        secs = int(record.created)
-        millis = int((record.created - secs) * 1000)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(secs))
-        level = _LEVEL_NAMES.get(record.levelno, record.levelname.lower())
-        component = record.name.rpartition(".")[2]
-        # Envoy prints the OS thread id; handlers run on the logging thread, so ask it now.
-        tid = getattr(record, "native_thread_id", None) or threading.get_native_id()
-        line = f"[{stamp}.{millis:03d}][{tid}][{level}][{component}] {record.getMessage()}"
+        tm = time.localtime(record.created)
+        parts = self._parts
+        out = [parts[0]]
+        for i in range(1, len(parts), 2):
+            out.append(_flag_value(parts[i], record, tm))
+            out.append(parts[i + 1])
+        line = "".join(out)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -182,13 +224,19 @@ def active_loggers() -> list[tuple[str, str]]:
     return out
 
 
-def configure(level: str | int = "info", stream: IO[str] | None = None, component_levels: str = "") -> None:
-    """Install the Envoy-format handler on ``stream`` (stderr, as Envoy) and set levels."""
+def configure(
+    level: str | int = "info",
+    stream: IO[str] | None = None,
+    component_levels: str = "",
+    log_format: str = DEFAULT_LOG_FORMAT,
+) -> None:
+    """Install the Envoy-format handler on ``stream`` (stderr, as Envoy) and set levels
+    (``-l``, ``--component-log-level``, ``--log-format``)."""
     global _handler
     if _handler is not None:
         _root.removeHandler(_handler)
     _handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
-    _handler.setFormatter(EnvoyFormatter())
+    _handler.setFormatter(EnvoyFormatter(log_format))
     _root.addHandler(_handler)
     set_log_level(level)
     if component_levels:
