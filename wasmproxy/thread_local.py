@@ -58,7 +58,7 @@ class ThreadLocalInstance:
         self._main_thread_id = threading.get_ident()
         self._main_dispatcher = main_dispatcher
         self._registered: list[_Dispatcher] = []
-        self._slots: list[Slot | None] = []
+        self._next_index = 0
         self._free_indexes: list[int] = []
         self._shutdown = False
         self._tls = _ThreadData()
@@ -114,15 +114,12 @@ class ThreadLocalInstance:
         if self._free_indexes:
             index = self._free_indexes.pop()
         else:
-            index = len(self._slots)
-            self._slots.append(None)
-        slot = Slot(self, index)
-        self._slots[index] = slot
-        return slot
+            index = self._next_index
+            self._next_index += 1
+        return Slot(self, index)
 
     def _remove_slot(self, index: int) -> None:
         self._assert_main_thread()
-        self._slots[index] = None
         if self._shutdown:
             # Threads are gone or going; shutdown_thread() clears their data.
             return
@@ -205,7 +202,12 @@ class ThreadLocalInstance:
 
 
 class Slot:
-    """One TLS slot: a per-thread object published from main (Envoy's ``SlotImpl``)."""
+    """One TLS slot: a per-thread object published from main (Envoy's ``SlotImpl``).
+
+    Call ``free()`` when done: Envoy frees in the slot's destructor, but Python
+    collects garbage on whichever thread drops the last reference, at no fixed time.
+    A slot collected without ``free()`` only stops its in-flight updates.
+    """
 
     __slots__ = ("__weakref__", "_freed", "_index", "_parent")
 
