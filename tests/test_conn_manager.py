@@ -484,7 +484,7 @@ def test_watermark_filter_pauses_reading_until_it_continues():
 # -- timeouts --------------------------------------------------------------------------------
 
 
-def test_stream_idle_timeout_is_408_stream_timeout():
+def test_stream_idle_timeout_is_408_stream_timeout_while_the_request_is_incomplete():
     h = Harness(Direct, stream_idle_timeout_ms=1000)
     conn, t = h.connect()
     conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
@@ -860,3 +860,29 @@ def test_local_close_half_closes_then_closes_on_peer_eof_or_after_the_delay():
     conn.connection_lost(None)  # the peer closed in time
     h.dispatcher.advance(2)
     assert h.store["downstream_cx_delayed_close_timeout"] == 0
+
+
+def test_stream_idle_timeout_is_504_once_the_request_is_complete_and_a_reset_after_headers():
+    class Wait(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Wait, stream_idle_timeout_ms=1000)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.dispatcher.advance(1.1)
+    out = t.take()
+    assert out.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and out.endswith(b"\r\n\r\nstream timeout")
+    assert not t.closed  # the request was complete: the connection stays usable
+
+    class Started(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), False)
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(Started, stream_idle_timeout_ms=1000)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    t.take()
+    h.dispatcher.advance(1.1)
+    assert t.take() == b"" and t.closed and h.store["downstream_rq_tx_reset"] == 1

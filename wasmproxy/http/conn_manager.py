@@ -938,17 +938,21 @@ class ActiveStream:
         if self._idle_timer is not None and not self._destroyed:
             self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
 
+    def _timeout_code(self) -> int:
+        """Utility::maybeRequestTimeoutCode: 504 once the request is in (we were waiting), else 408."""
+        return 504 if self.filter_manager.remote_decode_complete else 408
+
     def _on_idle_timeout(self) -> None:
         self.stats.downstream_rq_idle_timeout.inc()
         self.stream_info.add_response_flag("SI")
-        if self.response_started:
-            self.filter_manager.reset_stream()
-        else:
-            self.filter_manager.send_local_reply(408, "stream timeout", None, None, DETAILS_STREAM_IDLE_TIMEOUT)
+        # A local reply, or a reset when response headers already went out.
+        self.filter_manager.send_local_reply(self._timeout_code(), "stream timeout", None, None,
+                                             DETAILS_STREAM_IDLE_TIMEOUT)
 
     def _on_request_timeout(self) -> None:
         self.stats.downstream_rq_timeout.inc()
-        self.filter_manager.send_local_reply(408, "request timeout", None, None, DETAILS_REQUEST_OVERALL_TIMEOUT)
+        self.filter_manager.send_local_reply(self._timeout_code(), "request timeout", None, None,
+                                             DETAILS_REQUEST_OVERALL_TIMEOUT)
 
     # -- completion ----------------------------------------------------------------------
 
