@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PLUGINS_DIR = Path(__file__).resolve().parent
@@ -58,19 +58,18 @@ class Target:
     kind: str  # "c" (WASI reactor), "c-nowasi", "wat", "as", "truncate", "bytes"
     sources: tuple[Path, ...] = ()
     defines: tuple[str, ...] = ()
-    data: bytes = b""  # "bytes": the file content; "truncate": unused
+    data: bytes = b""  # "bytes": the file content
     truncate_of: str = ""  # "truncate": the target whose first `truncate_at` bytes we keep
     truncate_at: int = 0
-    tools: tuple[str, ...] = field(default=())
+    tools: tuple[str, ...] = ()  # executables needed (their versions are part of the stamp)
 
     @property
     def output(self) -> Path:
         return OUT_DIR / f"{self.name}.wasm"
 
 
-def _c(name: str, source: str, *defines: str, header: bool = True) -> Target:
-    sources = (C_DIR / source, C_DIR / "proxy_wasm.h") if header else (C_DIR / source,)
-    return Target(name, "c", sources, defines, tools=(CLANG,))
+def _c(name: str, source: str, *defines: str) -> Target:
+    return Target(name, "c", (C_DIR / source, C_DIR / "proxy_wasm.h"), defines, tools=(CLANG,))
 
 
 def _wat(name: str) -> Target:
@@ -214,14 +213,16 @@ def build(names: list[str] | None = None, force: bool = False, jobs: int = 2) ->
 
 def _build(names: list[str] | None, force: bool, jobs: int) -> dict[str, tuple[Path, bool]]:
     wanted = list(TARGETS) if not names else [_target(n) for n in names]
-    # Derived targets need their source target first.
-    first = [TARGETS_BY_NAME[t.truncate_of] for t in wanted if t.kind == "truncate"]
+    # Derived targets come last, after the targets they are cut from.
+    derived = [t for t in wanted if t.kind == "truncate"]
+    sources = dict.fromkeys([t for t in wanted if t.kind != "truncate"]
+                            + [TARGETS_BY_NAME[t.truncate_of] for t in derived])
     built: dict[str, bool] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for phase in (first, [t for t in wanted if t.kind != "truncate"], [t for t in wanted if t.kind == "truncate"]):
-            futures = {t.name: pool.submit(build_target, t, force) for t in dict.fromkeys(phase)}
+        for phase in (list(sources), derived):
+            futures = {t.name: pool.submit(build_target, t, force) for t in phase}
             for name, fut in futures.items():
-                built[name] = fut.result() or built.get(name, False)
+                built[name] = fut.result()
     return {t.name: (t.output, built[t.name]) for t in wanted}
 
 

@@ -10,8 +10,6 @@ import wasmtime
 
 from plugins import build as plugin_build
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, Path]:
@@ -19,7 +17,7 @@ def built() -> dict[str, Path]:
 
 
 def test_demo_plugin_is_its_source_built(built: dict[str, Path]) -> None:
-    committed = (REPO / "wasmproxy" / "demo" / "example.wasm").read_bytes()
+    committed = plugin_build.DEMO_WASM.read_bytes()
     assert built["example"].read_bytes() == committed, "rebuild: python -m plugins.build example && cp"
 
 
