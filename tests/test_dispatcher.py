@@ -339,3 +339,23 @@ def test_real_time_source_reads_clocks() -> None:
     ts = Dispatcher("x").time_source
     assert abs(ts.system_time() - time.time()) < 5
     assert ts.monotonic() <= time.monotonic()
+
+
+@pytest.mark.parametrize("from_own_thread", [False, True])
+def test_register_watchdog_on_a_running_loop_touches_while_idle(from_own_thread: bool) -> None:
+    d = Dispatcher("worker_0")
+    touches = [0]
+    idle_touches = threading.Event()
+
+    def touch() -> None:
+        touches[0] += 1
+        if touches[0] >= 3:
+            idle_touches.set()
+
+    with running(d):
+        post_and_wait(d)  # the loop is running
+        if from_own_thread:
+            post_and_wait(d, lambda: d.register_watchdog(touch, 5))
+        else:
+            d.register_watchdog(touch, 5)
+        assert idle_touches.wait(WAIT)  # no posts needed: the touch timer fires on its own
