@@ -317,8 +317,10 @@ def bootstrap(listeners: list[Listener], echo_port: int) -> dict[str, Any]:
 class EnvoyRun:
     """One Envoy process serving `listeners`, plus the echo upstream. Use as a context manager."""
 
-    def __init__(self, listeners: list[Listener], log_level: str = "warning", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, listeners: list[Listener], log_level: str = "warning", extra_args: tuple[str, ...] = (),
+                 concurrency: int = 1) -> None:
         self.listeners = listeners
+        self.concurrency = concurrency
         self.log_level = log_level
         self.extra_args = extra_args
         self.ports: dict[str, int] = {}
@@ -345,7 +347,7 @@ class EnvoyRun:
         config = self.dir / "envoy.json"
         config.write_text(json.dumps(bootstrap(self.listeners, self.echo.port), indent=1))
         base_id = (os.getpid() * 89 + next(_base_ids)) % 4_000_000 + 1000
-        argv = [str(ENVOY_BIN), "-c", str(config), "--concurrency", "1", "--base-id", str(base_id),
+        argv = [str(ENVOY_BIN), "-c", str(config), "--concurrency", str(self.concurrency), "--base-id", str(base_id),
                 "--disable-hot-restart", "-l", self.log_level, "--admin-address-path", str(self.dir / "admin"), *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -68,3 +68,11 @@ def test_resolve_shared_queue(envoy: EnvoyRun) -> None:
     assert resolve("vm1/shared_queue") == "0"
     assert resolve("vm1/nope") == "1"  # NOT_FOUND
     assert resolve("vm9/shared_queue") == "1"
+
+
+def test_counter_is_shared_by_every_worker() -> None:
+    """Two workers, each with its own VM clone: one SharedData, no lost or repeated increments."""
+    with EnvoyRun([Listener("counter", [wasm_filter(plugin("shared"), vm_id="workers")])], concurrency=2) as run:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            responses = list(pool.map(lambda _: run.request("counter"), range(40)))
+    assert sorted(int(r.header("x-shared-counter") or 0) for r in responses) == list(range(1, 41))
