@@ -544,6 +544,8 @@ def test_access_log_and_on_destroy_once_when_the_client_goes_away_mid_request():
     conn.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
     conn.connection_lost(None)
     assert logged == [("/x", None, 0)]
+    info = h.made[0].decoder_callbacks.stream_info
+    assert info.response_flags == ["DC"] and info.response_code_details == "downstream_remote_disconnect"
     assert h.made[0].destroyed == 1
     assert h.store["downstream_rq_rx_reset"] == 1 and h.store["downstream_cx_destroy_remote_active_rq"] == 1
 

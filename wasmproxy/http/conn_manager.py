@@ -50,6 +50,7 @@ DETAILS_MISSING_HOST = "missing_host_header"
 DETAILS_UPGRADE_FAILED = "upgrade_failed"
 DETAILS_ABSOLUTE_PATH = "absolute_path"
 DETAILS_PATH_NORMALIZATION_FAILED = "path_normalization_failed"
+DETAILS_DOWNSTREAM_REMOTE_DISCONNECT = "downstream_remote_disconnect"
 DETAILS_STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
 DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
 
@@ -562,17 +563,17 @@ class ConnectionManager(asyncio.Protocol):
         self.stats.downstream_cx_destroy_remote.inc()
         if self.stream is not None:
             self.stats.downstream_cx_destroy_remote_active_rq.inc()
-        self._teardown()
+        self._teardown(remote=True)
         if self.transport is not None:
             self.transport.close()
 
-    def _teardown(self) -> None:
+    def _teardown(self, remote: bool = False) -> None:
         self._closed = True
         stats = self.stats
         stats.downstream_cx_destroy.inc()
         if self.stream is not None:
             stats.downstream_cx_destroy_active_rq.inc()
-            self.stream.on_connection_reset()
+            self.stream.on_connection_reset(remote)
         stats.downstream_cx_active.dec()
         stats.downstream_cx_http1_active.dec()
         stats.downstream_cx_length_ms.record((self.dispatcher.time_source.monotonic() - self._connected_at) * 1000)
@@ -746,10 +747,13 @@ class ActiveStream:
             return
         self.filter_manager.send_local_reply(error.status, reason_phrase(error.status), None, None, error.details)
 
-    def on_connection_reset(self) -> None:
+    def on_connection_reset(self, remote: bool) -> None:
         """The connection went away under this stream."""
         if not self._codec_saw_local_complete:
             self.stats.downstream_rq_rx_reset.inc()
+            if remote:
+                self.stream_info.add_response_flag("DC")
+                self.stream_info.response_code_details = DETAILS_DOWNSTREAM_REMOTE_DISCONNECT
         self.filter_manager.saw_downstream_reset = True
         self._destroy()
 
