@@ -5,7 +5,6 @@ Expected bodies marked "Envoy 1.40" were copied from a real Envoy's admin (curl 
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import threading

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from wasmproxy.stats.histogram import SUPPORTED_QUANTILES, HistogramStatistics, bins_of
+from wasmproxy.stats.histogram import SUPPORTED_QUANTILES, bins_of
 from wasmproxy.stats.registry import MergedHistogram, StatsRegistry
 from wasmproxy.stats.tags import extract_tags, prometheus_label, prometheus_name
 
