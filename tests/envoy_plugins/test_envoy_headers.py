@@ -3,6 +3,7 @@ example, nowasi, wat_minimal and the AssemblyScript SDK plugin."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,7 +52,7 @@ def envoy() -> Iterator[EnvoyRun]:
         Listener("as_header", [wasm_filter(plugin("as_header"), "from-as-config", root_id="as_header")]),
         Listener("as_header_empty", [wasm_filter(plugin("as_header"), vm_id="as2", root_id="as_header")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, extra_args=("--component-log-level", "wasm:info")) as run:
         yield run
 
 
@@ -137,3 +138,19 @@ def test_trailers_added_at_the_end_of_the_request_body(envoy: EnvoyRun, body: by
     assert r.header("x-keys-request_trailers") == "0:x-body-trailer"
     # Only a chunked upstream request can carry them; with content-length they are dropped.
     assert r.echo()["trailers"] == forwarded
+
+
+def test_on_log_reads_headers_and_response_trailers(envoy: EnvoyRun) -> None:
+    ops = ";".join(f"log get {m} {k}" for m, k in [("request_headers", "x-log-probe"), ("response_headers", "x-echo"),
+                                                 ("request_trailers", "rt"), ("response_trailers", "x-up-trailer")])
+    r = envoy.request("headers", "POST", headers={"x-headers-ops": ops, "x-log-probe": "p1",
+                                                  "x-echo-header": "x-echo=e1", "x-echo-trailers": "x-up-trailer=u1"},
+                      body=[b"abc"], trailers=[("rt", "t1")])
+    assert r.status == 200
+    deadline = time.monotonic() + 5.0
+    # Everything but the request trailers (which reached the upstream) is still readable.
+    wanted = ["headers: x-get-x-log-probe: 0:p1", "headers: x-get-x-echo: 0:e1", "headers: x-get-rt: 1:",
+              "headers: x-get-x-up-trailer: 0:u1"]
+    while not all(w in envoy.log_text() for w in wanted):  # on_log runs after the response is sent
+        assert time.monotonic() < deadline, [w for w in wanted if w not in envoy.log_text()]
+        time.sleep(0.02)
