@@ -17,6 +17,9 @@ def envoy() -> Iterator[EnvoyRun]:
         Listener("by_header", [wasm_filter(plugin("local_reply"), "")]),
         # Same VM (same code, vm_id and VM config): each plugin keeps its own settings.
         Listener("configured", [wasm_filter(plugin("local_reply"), configured)]),
+        # props first: its encoder runs on the local reply sent by the filter after it.
+        Listener("details", [wasm_filter(plugin("props"), vm_id="props"),
+                             wasm_filter(plugin("local_reply"), "phase request_headers\nstatus 418", vm_id="lr")]),
     ]
     with EnvoyRun(listeners) as run:
         yield run
@@ -79,3 +82,16 @@ def test_grpc_status_is_ignored_for_plain_http(envoy: EnvoyRun) -> None:
                                             "x-local-reply-grpc-status": "7"})
     assert (r.status, r.body) == (200, b"")
     assert r.header("grpc-status") is None
+
+
+@pytest.mark.parametrize(("details", "seen"), [(None, "wasm_local_reply"), ("my_details", "my_details"),
+                                               ("has space", "has_space")])
+def test_response_code_details(envoy: EnvoyRun, details: str | None, seen: str) -> None:
+    headers = {"x-props-get-response": "response.code_details,response.flags"}
+    if details is not None:
+        headers["x-local-reply-details"] = details
+    r = envoy.request("details", headers=headers)
+    assert r.status == 418
+    # Envoy makes details a single token; no response flag is set for a plugin's reply.
+    assert r.header("x-prop-response.code_details") == f"0:{seen}"
+    assert r.header("x-prop-response.flags") == "0:hex:" + "00" * 8
