@@ -428,3 +428,38 @@ def test_histogram_record_truncates_to_integers_like_envoy() -> None:
     stats = reg.histograms()["http.x.downstream_rq_time"].cumulative
     assert stats.computed_buckets[0] == 2  # 0.7 and -3 land in the zero bin (le=0.5)
     assert stats.computed_quantiles[-1] == pytest.approx(1.05)  # 1.9 is recorded as 1
+
+
+def test_main_reads_while_workers_create_and_bump_stats() -> None:
+    """Lock-free reads: main merges while workers add new names and record (no 'dict changed size')."""
+    reg = StatsRegistry()
+    stores = [reg.add_store(Store(f"worker_{i}")) for i in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(store: Store) -> None:
+        i = 0
+        while not stop.is_set() and i < 200_000:  # bounded
+            store.counter(f"cluster.c{i % 2000}.upstream_rq_total").inc()
+            store.histogram(f"cluster.c{i % 200}.upstream_rq_time").record(i % 300)
+            i += 1
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(10):
+            reg.counters()
+            reg.flush()
+            render_text(reg, StatsFilter())
+    except BaseException as e:  # pragma: no cover - the failure being tested for
+        errors.append(e)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    reg.flush()
+    total = sum(v for v, _ in reg.counters().values())
+    samples = sum(h.cumulative.sample_count for h in reg.histograms().values())
+    assert total == samples  # every increment and every sample accounted for after the last flush
