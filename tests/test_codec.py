@@ -107,6 +107,12 @@ def test_missing_host_leaves_authority_absent_for_the_connection_manager():
     assert ":authority" not in dict(rec.events[1][1])
 
 
+def test_optional_whitespace_around_values_is_dropped():
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Custom:   spaced  out \t\r\nX-Empty:\r\n\r\n")
+    assert rec.events[1][1][-2:] == [("x-custom", "spaced  out"), ("x-empty", "")]
+
+
 def test_header_values_keep_raw_bytes_as_latin1():
     codec, rec = server()
     codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xe9\r\n\r\n")

@@ -248,7 +248,9 @@ class _CodecBase:
     def _on_header(self, name: bytes, value: bytes) -> None:
         if _INVALID_VALUE_BYTES.search(value) is not None:
             self._fail(CodecError(400, DETAILS_INVALID_CHARACTERS, "header value contains invalid characters"))
-        pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        # RFC 9112 5.1: optional whitespace around the value is not part of it (llhttp keeps
+        # the trailing part).
+        pair = (name.decode("latin-1").lower(), value.rstrip(b" \t").decode("latin-1"))
         if self._headers_done:
             self._trailer_pairs.append(pair)
             if len(self._trailer_pairs) > self._max_headers_count:
