@@ -14,6 +14,7 @@ pytestmark = pytest.mark.envoy
 
 PHASES = ["request_headers", "request_body", "response_headers", "response_body", "log"]
 POLICIES = ["FAIL_CLOSED", "FAIL_OPEN", "FAIL_RELOAD"]
+MORE_PHASES = ["request_trailers", "response_trailers", "done", "delete"]
 
 
 def _trap_listener(phase: str, policy: str, config: str = "") -> Listener:
@@ -31,6 +32,7 @@ def _trap_listener(phase: str, policy: str, config: str = "") -> Listener:
 def envoy() -> Iterator[EnvoyRun]:
     listeners = [_trap_listener(phase, policy) for phase in PHASES for policy in POLICIES]
     listeners += [_trap_listener("tick", policy, "tick 10\ntrap tick") for policy in ("FAIL_CLOSED", "FAIL_OPEN")]
+    listeners += [_trap_listener(phase, "FAIL_CLOSED") for phase in MORE_PHASES]
     listeners += [Listener(name, [wasm_filter(plugin(name), vm_id=name)])
                   for name in ("wat_bad_pointers", "wat_memory_grow", "wat_proc_exit")]
     with EnvoyRun(listeners) as run:
@@ -98,6 +100,24 @@ def _wait_for_reload(envoy: EnvoyRun, listener: str, after: Response) -> None:
     assert _is_echo(after) and after.header("x-trap-requests") == "1"
     assert envoy.request(listener, "POST", body=b"x").header("x-trap-requests") == "2"
     assert envoy.stat(f"wasm.{listener}.vm_reload_success") == 1
+
+
+@pytest.mark.parametrize("phase", MORE_PHASES)
+def test_trap_in_trailers_done_and_delete(envoy: EnvoyRun, phase: str) -> None:
+    listener = f"{phase}-FAIL_CLOSED"
+    kwargs: dict[str, Any] = {"body": [b"x"], "trailers": [("rt", "1")]}
+    trapping = {"x-trap-phase": phase, "x-echo-trailers": "t=1"}
+    if phase == "request_trailers":
+        r = envoy.request(listener, "POST", headers=trapping, **kwargs)
+        assert (r.status, r.body) == (503, b"")
+    elif phase == "response_trailers":  # the response has started: the stream is reset
+        with pytest.raises(ConnectionError):
+            envoy.request(listener, "POST", headers=trapping, **kwargs)
+    else:  # after the response: it is complete, trailers included
+        r = envoy.request(listener, "POST", headers=trapping, **kwargs)
+        assert _alive(r) and r.echo()["method"] == "POST" and r.trailers == [("t", "1")]
+        _wait_for_log(envoy, f"Function: proxy_on_{phase} failed: Uncaught RuntimeError: unreachable")
+    assert envoy.request(listener, "POST", **kwargs).status == 503
 
 
 @pytest.mark.parametrize("policy", ["FAIL_CLOSED", "FAIL_OPEN"])
