@@ -34,8 +34,12 @@ response_headers_to_add: [{header: {key: x-rc-resp, value: rc}}]
 virtual_hosts:
 - name: vh
   domains: ["*"]
+  include_attempt_count_in_response: true
   response_headers_to_add: [{header: {key: x-vh-resp, value: vh}}]
   routes:
+  - {match: {prefix: /retry-refused}, route: {cluster: refused, retry_policy: {retry_on: connect-failure, num_retries: 2}}}
+  - {match: {prefix: /retry-5xx}, route: {cluster: up, retry_policy: {retry_on: 5xx, num_retries: 2}}}
+  - {match: {prefix: /retry-try}, route: {cluster: up, retry_policy: {retry_on: 5xx, num_retries: 1, per_try_timeout: 1s}}}
   - {match: {prefix: /timeout}, route: {cluster: up, timeout: 0.3s}}
   - {match: {prefix: /refused}, route: {cluster: refused}}
   - {match: {prefix: /overflow}, route: {cluster: ovf}}
@@ -117,7 +121,7 @@ def test_proxies_request_and_response_with_envoy_headers() -> None:
         # Upstream headers (hop-by-hop removed), then service time, then route/vhost/config additions.
         assert [k for k, _ in resp.items()] == [":status", "content-length", "x-envoy-upstream-foo",
                                                 "x-envoy-upstream-service-time", "x-route-resp", "x-vh-resp",
-                                                "x-rc-resp"]
+                                                "x-rc-resp", "x-envoy-attempt-count"]
         assert resp.get("x-envoy-upstream-service-time").isdigit()
         info = s.stream_info
         assert info.upstream_cluster == "up" and str(info.upstream_host) == f"127.0.0.1:{up.port}"
@@ -204,8 +208,10 @@ def test_connect_failure_is_503_with_envoys_text() -> None:
         assert s.local_reply == (
             503,
             b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
-            "upstream_reset_before_response_started{remote_connection_failure}",
+            # Envoy 1.40 puts the transport failure in the details only.
+            "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
         )
+        assert s.stream_info.upstream_transport_failure_reason == "delayed connect error: Connection refused"
         assert s.stream_info.response_flags == ["UF"]
         assert hx.counter("cluster.refused.upstream_rq_503") == 1
         assert hx.counter("cluster.refused.upstream_cx_connect_fail") == 1
@@ -356,9 +362,104 @@ def test_pending_overflow_is_503_overflow_with_overloaded_header() -> None:
             503, b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
             "upstream_reset_before_response_started{overflow}")
         # As Envoy 1.40 sent it: route-level headers first, then x-envoy-overloaded.
-        assert [k for k, _ in s.response_headers.items()] == [":status", "x-vh-resp", "x-rc-resp", "x-envoy-overloaded"]
+        assert [k for k, _ in s.response_headers.items()] == [
+            ":status", "x-vh-resp", "x-rc-resp", "x-envoy-attempt-count", "x-envoy-overloaded"]
         assert s.stream_info.response_flags == ["UO"]
         assert hx.counter("cluster.ovf.upstream_rq_pending_overflow") == 1
         assert hx.counter("cluster.ovf.upstream_rq_503") == 1
+
+    run(scenario())
+
+
+# Envoy 1.40 with the same routes, a refused port and an upstream answering 503 then 200:
+#   /retry-refused -> 503 "...retried and the latest reset reason: remote connection failure",
+#                     flags URX,UF, x-envoy-attempt-count: 3
+#   /retry-5xx     -> 200 "good 2", x-envoy-attempt-count: 2; discarded 503s count as retry.upstream_rq_503
+#   always 503     -> the last 503 is forwarded, flags URX, x-envoy-attempt-count: 3
+
+
+def test_connect_failure_retries_then_503_retried_text() -> None:
+    async def scenario() -> None:
+        hx = Harness(closed_port())
+        router, s, _ = hx.start("/retry-refused")
+        for ceiling in (25, 75):  # jittered exponential back-off from the 25 ms base
+            timer = await hx.d.fire_when_enabled("_do_retry")
+            assert 0 <= timer.fired_ms < ceiling
+        await s.done
+        assert s.local_reply[:2] == (503, b"upstream connect error or disconnect/reset before headers. "
+                                          b"retried and the latest reset reason: remote connection failure")
+        assert s.stream_info.response_flags == ["URX", "UF"]
+        assert s.response_headers.get("x-envoy-attempt-count") == "3"
+        assert hx.counter("cluster.refused.upstream_rq_retry") == 2
+        assert hx.counter("cluster.refused.upstream_rq_retry_limit_exceeded") == 1
+        assert hx.counter("cluster.refused.upstream_rq_pending_failure_eject") == 3
+        assert hx.counter("cluster.refused.upstream_rq_503") == 1
+        assert hx.cm.clusters["refused"].info.resource_manager.retries.count == 0
+
+    run(scenario())
+
+
+def test_5xx_is_retried_and_the_good_response_forwarded() -> None:
+    async def scenario() -> None:
+        seen = [0]
+
+        async def flaky(reader: Any, writer: Any, head: bytes) -> bool:
+            seen[0] += 1
+            always = b"always" in head
+            if always or seen[0] % 2 == 1:
+                body = b"bad %d" % seen[0]
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                writer.write(ok_response(b"good %d" % seen[0]))
+            await writer.drain()
+            return True
+
+        up = await Upstream(flaky).start()
+        hx = Harness(up.port)
+        router, s, _ = hx.start("/retry-5xx")
+        await hx.d.fire_when_enabled("_do_retry")
+        await s.done
+        assert s.response_headers.get(":status") == "200" and bytes(s.body) == b"good 2"
+        assert s.response_headers.get("x-envoy-attempt-count") == "2"
+        assert s.stream_info.response_flags == [] and s.stream_info.attempt_count == 2
+        assert hx.counter("cluster.up.retry.upstream_rq_503") == 1
+        assert hx.counter("cluster.up.upstream_rq_503") == 0 and hx.counter("cluster.up.upstream_rq_200") == 1
+        assert hx.counter("cluster.up.upstream_rq_retry_success") == 1
+
+        router, s, _ = hx.start("/retry-5xx/always")
+        for _ in range(2):
+            await hx.d.fire_when_enabled("_do_retry")
+        await s.done
+        assert s.response_headers.get(":status") == "503" and bytes(s.body) == b"bad 5"
+        assert s.stream_info.response_flags == ["URX"]
+        assert s.response_headers.get("x-envoy-attempt-count") == "3"
+        assert hx.counter("cluster.up.retry.upstream_rq_503") == 3
+        assert hx.counter("cluster.up.upstream_rq_retry_limit_exceeded") == 1
+        await up.stop()
+
+    run(scenario())
+
+
+def test_per_try_timeout_retries_then_504() -> None:
+    async def scenario() -> None:
+        async def hang(reader: Any, writer: Any, head: bytes) -> bool:
+            await reader.read()
+            return False
+
+        up = await Upstream(hang).start()
+        hx = Harness(up.port)
+        router, s, _ = hx.start("/retry-try", method="POST", body=b"replayed", content_length="8")
+        await up.request_seen.wait()
+        up.request_seen.clear()
+        timer = await hx.d.fire_when_enabled("_on_per_try_timeout")
+        assert timer.fired_ms == 1000
+        await hx.d.fire_when_enabled("_do_retry")
+        await up.request_seen.wait()
+        await hx.d.fire_when_enabled("_on_per_try_timeout")
+        await s.done
+        assert s.local_reply[:2] == (504, b"upstream request timeout")
+        assert hx.counter("cluster.up.upstream_rq_per_try_timeout") == 2
+        assert len(up.requests) == 2 and all(b"content-length: 8" in r for r in up.requests)
+        await up.stop()
 
     run(scenario())

@@ -191,7 +191,7 @@ def test_connect_refused_is_a_remote_connection_failure() -> None:
         r = Recorder()
         assert pool.new_stream(r, r) is not None
         await r.done
-        assert r.failure == (PoolFailureReason.RemoteConnectionFailure, "")
+        assert r.failure == (PoolFailureReason.RemoteConnectionFailure, "delayed connect error: Connection refused")
         # As Envoy counts it for a refused connect.
         assert c(store, "upstream_cx_connect_fail") == 1 and c(store, "upstream_cx_destroy_remote") == 1
         assert c(store, "upstream_rq_pending_failure_eject") == 1 and c(store, "upstream_rq_total") == 0

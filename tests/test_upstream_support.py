@@ -22,9 +22,11 @@ class FakeTimer:
         self.dispatcher = dispatcher
         self.cb = cb
         self.ms: float | None = None
+        self.fired_ms: float | None = None
 
     def enable_timer(self, ms: float) -> None:
         self.ms = ms
+        self.dispatcher.timer_enabled.set()
 
     def disable_timer(self) -> None:
         self.ms = None
@@ -34,7 +36,7 @@ class FakeTimer:
 
     def fire(self) -> None:
         assert self.ms is not None, "timer not enabled"
-        self.ms = None
+        self.fired_ms, self.ms = self.ms, None
         self.cb()
 
 
@@ -57,6 +59,7 @@ class FakeDispatcher:
         self.loop = loop
         self.time_source = FakeTime()
         self.timers: list[FakeTimer] = []
+        self.timer_enabled = asyncio.Event()
 
     def post(self, cb: Callable[[], None]) -> None:
         self.loop.call_soon_threadsafe(cb)
@@ -74,6 +77,15 @@ class FakeDispatcher:
 
     def enabled_timers(self, name: str) -> list[FakeTimer]:
         return [t for t in self.timers if t.enabled() and getattr(t.cb, "__name__", "") == name]
+
+    async def fire_when_enabled(self, name: str) -> FakeTimer:
+        """Wait until a timer whose callback is `name` is armed, then fire it."""
+        while not self.enabled_timers(name):
+            self.timer_enabled.clear()
+            await self.timer_enabled.wait()
+        timer = self.enabled_timers(name)[0]
+        timer.fire()
+        return timer
 
     def deferred_delete(self, obj: Any) -> None:
         pass

@@ -16,6 +16,7 @@ from ..http.headers import HeaderMap
 from ..http.stream_info import StreamInfo
 from .header_parser import HeaderParser
 from .matchers import HeaderMatcher, MatcherConfigError, QueryParameterMatcher, compile_regex, parse_query
+from .retry import RetryPolicy
 
 DEFAULT_ROUTE_TIMEOUT_MS = 15000
 
@@ -86,6 +87,7 @@ class Route:
         self.host_rewrite_header = ""
         self.auto_host_rewrite = False
         self.append_x_forwarded_host = False
+        self.retry_policy: RetryPolicy | None = vhost.retry_policy
         # direct_response
         self.direct_status = 0
         self.direct_body = b""
@@ -193,6 +195,8 @@ class Route:
         self.host_rewrite_header = a.host_rewrite_header.lower()
         self.auto_host_rewrite = a.auto_host_rewrite.value if a.HasField("auto_host_rewrite") else False
         self.append_x_forwarded_host = a.append_x_forwarded_host
+        if a.HasField("retry_policy"):
+            self.retry_policy = RetryPolicy.from_proto(a.retry_policy)
 
     def cluster_for(self, headers: HeaderMap, stream_id: int) -> str:
         """The target cluster: fixed, from a header, or weighted by stream_id as Envoy does."""
@@ -337,6 +341,9 @@ class VirtualHost:
         self.response_headers_parser = HeaderParser(proto.response_headers_to_add, proto.response_headers_to_remove)
         if proto.HasField("matcher"):
             raise RouteConfigError("virtual_hosts.matcher is not supported")
+        self.retry_policy = RetryPolicy.from_proto(proto.retry_policy) if proto.HasField("retry_policy") else None
+        self.include_request_attempt_count: bool = proto.include_request_attempt_count
+        self.include_attempt_count_in_response: bool = proto.include_attempt_count_in_response
         self.routes = [Route(r, self) for r in proto.routes]
 
     def route(self, headers: HeaderMap, stream_id: int) -> Route | None:

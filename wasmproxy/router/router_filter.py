@@ -9,7 +9,12 @@ Failures become Envoy's local replies, with Envoy's bodies, details and flags:
 * no route: 404, empty body, NR;  unknown cluster: cluster_not_found_response_code, NC;
 * no host: 503 "no healthy upstream", UH;  route timeout: 504 "upstream request timeout", UT;
 * connect failure / reset before headers: 503 (502 for a protocol error)
-  "upstream connect error or disconnect/reset before headers. reset reason: <reason>", UF/UC/UO.
+  "upstream connect error or disconnect/reset before headers. reset reason: <reason>", UF/UC/UO
+  ("retried and the latest reset reason: ..." after retries, flags URX,UF).
+
+Retries follow the route's (or virtual host's) retry_policy: the request body is kept
+for replay up to the cluster's buffer limit, each retry backs off with jitter, and a
+response Envoy would retry is discarded (counted under `retry.`) unless retries ran out.
 
 Worker thread only (the stream's dispatcher).
 """
@@ -27,13 +32,15 @@ from ..http.filter import (
 )
 from ..http.headers import HeaderMap
 from ..upstream.conn_pool import POOL_FAILURE_TO_RESET, PoolFailureReason, RequestEncoder, StreamResetReason
+from .config import update_authority
+from .retry import RetryState
 
 if TYPE_CHECKING:
     from ..upstream.cluster_manager import ThreadLocalCluster, ThreadLocalClusterManager
     from ..upstream.host import Host
     from .config import Route
 
-RESET_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
+RESET_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. "
 NO_HEALTHY_UPSTREAM = "no healthy upstream"
 UPSTREAM_REQUEST_TIMEOUT = "upstream request timeout"
 
@@ -214,11 +221,20 @@ class Router:
         self._request_headers: HeaderMap | None = None
         self._timeout_ms = 0
         self._timer: Any = None
+        self._per_try_timer: Any = None
+        self._retry_timer: Any = None
+        self._retry: RetryState | None = None
+        # The request body kept for a retry (None once it outgrew the limit: no more retries).
+        self._retry_body: bytearray | None = None
+        self._request_trailers: HeaderMap | None = None
+        self._attempts = 0
+        # Set when a retry was wanted but not allowed: URX (limit) or UO (retry circuit breaker).
+        self._retry_flag = ""
         self._downstream_end_stream = False
         self._downstream_response_started = False
         self._request_complete_at = 0.0
         self._internal = False
-        self._destroyed = False
+        self._read_disabled = 0
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -269,47 +285,56 @@ class Router:
 
         host = cluster.choose_host()
         if host is None:
-            info.add_response_flag("UH")
-            cluster.stats.charge_response_code(503, self._internal)
-            cb.send_local_reply(503, NO_HEALTHY_UPSTREAM, self._finalize_local_reply, None,
-                                DETAILS_NO_HEALTHY_UPSTREAM)
+            self._no_healthy_upstream()
             return FilterHeadersStatus.StopIteration
-        info.upstream_host = host.address
 
         self._timeout_ms = final_timeout_ms(route, headers, self.config)
+        self._retry = RetryState.create(route.retry_policy, headers)
+        if self._retry is not None:
+            self._retry_body = bytearray()
         keep_original = not self.config.suppress_envoy_headers
         route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
-            from .config import update_authority
-
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
         for name in _HOP_BY_HOP:
             headers.remove(name)
-        info.attempt_count = 1
-
-        self.upstream = UpstreamRequest(self, host)
         if end_stream:
             self._on_request_complete()
-        self.upstream.start(cluster.conn_pool(host), headers, end_stream)
+        self._start_attempt(host)
         return FilterHeadersStatus.StopIteration
 
     def decode_data(self, data: bytearray, end_stream: bool) -> FilterDataStatus:
+        if self.cluster is None:
+            return FilterDataStatus.StopIterationNoBuffer
+        chunk = bytes(data)
+        if self._retry_body is not None:
+            if len(self._retry_body) + len(chunk) > self.cluster.info.per_connection_buffer_limit:
+                # Envoy stops retrying a request whose body outgrew the retry buffer.
+                self._retry_body = None
+                self._retry = None
+            else:
+                self._retry_body += chunk
+        if end_stream:
+            self._downstream_end_stream = True
+            self._on_request_complete()
         if self.upstream is not None:
+            self.upstream.accept_data(chunk, end_stream)
             if end_stream:
-                self._downstream_end_stream = True
-                self._on_request_complete()
-            self.upstream.accept_data(bytes(data), end_stream)
+                self._maybe_start_per_try_timer()
         return FilterDataStatus.StopIterationNoBuffer
 
     def decode_trailers(self, trailers: HeaderMap) -> FilterTrailersStatus:
+        if self.cluster is None:
+            return FilterTrailersStatus.StopIteration
+        self._request_trailers = trailers
+        self._downstream_end_stream = True
+        self._on_request_complete()
         if self.upstream is not None:
-            self._downstream_end_stream = True
-            self._on_request_complete()
             self.upstream.accept_trailers(trailers)
+            self._maybe_start_per_try_timer()
         return FilterTrailersStatus.StopIteration
 
     def on_destroy(self) -> None:
-        self._destroyed = True
         self._cleanup()
         remove = getattr(self.callbacks, "remove_downstream_watermark_callbacks", None)
         if remove is not None:
@@ -321,12 +346,97 @@ class Router:
     # -- DownstreamWatermarkCallbacks (the downstream connection's write buffer) -----------------------
 
     def on_above_write_buffer_high_watermark(self) -> None:
+        self._read_disabled += 1
         if self.upstream is not None:
             self.upstream.read_disable(True)
 
     def on_below_write_buffer_low_watermark(self) -> None:
+        self._read_disabled -= 1
         if self.upstream is not None:
             self.upstream.read_disable(False)
+
+    # -- attempts ---------------------------------------------------------------------------
+
+    def _start_attempt(self, host: "Host") -> None:
+        assert self.cluster is not None and self._request_headers is not None
+        self._attempts += 1
+        info = self.callbacks.stream_info
+        info.attempt_count = self._attempts
+        info.upstream_host = host.address
+        headers = self._request_headers
+        vh = self.route.virtual_host if self.route is not None else None
+        if vh is not None and vh.include_request_attempt_count:
+            headers.set("x-envoy-attempt-count", str(self._attempts))
+        upstream = UpstreamRequest(self, host)
+        for _ in range(self._read_disabled):
+            upstream.read_disable(True)
+        self.upstream = upstream
+        replay = self._attempts > 1
+        body = bytes(self._retry_body or b"") if replay else b""
+        trailers = self._request_trailers if replay else None
+        headers_end = self._downstream_end_stream and not body and trailers is None
+        upstream.start(self.cluster.conn_pool(host), headers, headers_end)
+        if self.upstream is not upstream:
+            return  # failed at once (pool overflow)
+        if replay:
+            if body:
+                upstream.accept_data(body, self._downstream_end_stream and trailers is None)
+            if trailers is not None:
+                upstream.accept_trailers(trailers)
+        self._maybe_start_per_try_timer()
+
+    def _maybe_start_per_try_timer(self) -> None:
+        """The per-try timeout runs from the end of the request for each attempt."""
+        policy = self._retry.policy if self._retry is not None else None
+        if policy is None or policy.per_try_timeout_ms <= 0 or not self._downstream_end_stream:
+            return
+        if self.upstream is None or self.upstream.encoder is None:
+            return  # started again once the pool hands us a connection
+        if self._per_try_timer is None:
+            self._per_try_timer = self.callbacks.dispatcher.create_timer(self._on_per_try_timeout)
+        self._per_try_timer.enable_timer(policy.per_try_timeout_ms)
+
+    def _schedule_retry(self) -> bool:
+        """Back off and retry if the policy and the retry circuit breaker allow it."""
+        retry = self._retry
+        if retry is None or self.cluster is None or self._retry_body is None:
+            return False
+        if retry.retries_remaining <= 0:
+            self.cluster.stats.inc("upstream_rq_retry_limit_exceeded")
+            self._retry_flag = "URX"
+            return False
+        retries = self.cluster.info.resource_manager.retries
+        if not retries.can_create():
+            self.cluster.stats.inc("upstream_rq_retry_overflow")
+            self._retry_flag = "UO"
+            return False
+        retry.retries_remaining -= 1
+        retries.inc()
+        self.cluster.stats.inc("upstream_rq_retry")
+        self.cluster.stats.inc("upstream_rq_retry_backoff_exponential")
+        self.upstream = None
+        if self._per_try_timer is not None:
+            self._per_try_timer.disable_timer()
+        if self._retry_timer is None:
+            self._retry_timer = self.callbacks.dispatcher.create_timer(self._do_retry)
+        self._retry_timer.enable_timer(retry.next_backoff_ms())
+        return True
+
+    def _do_retry(self) -> None:
+        assert self.cluster is not None
+        self.cluster.info.resource_manager.retries.dec()
+        host = self.cluster.choose_host()
+        if host is None:
+            self._no_healthy_upstream()
+            return
+        self._start_attempt(host)
+
+    def _no_healthy_upstream(self) -> None:
+        assert self.cluster is not None
+        self.callbacks.stream_info.add_response_flag("UH")
+        self.cluster.stats.charge_response_code(503, self._internal)
+        self.callbacks.send_local_reply(503, NO_HEALTHY_UPSTREAM, self._finalize_local_reply, None,
+                                        DETAILS_NO_HEALTHY_UPSTREAM)
 
     # -- timing ---------------------------------------------------------------------------
 
@@ -340,29 +450,51 @@ class Router:
             self._timer.enable_timer(self._timeout_ms)
 
     def _cleanup(self) -> None:
-        if self._timer is not None:
-            self._timer.disable_timer()
-            self._timer = None
+        for name in ("_timer", "_per_try_timer", "_retry_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                if name == "_retry_timer" and timer.enabled() and self.cluster is not None:
+                    self.cluster.info.resource_manager.retries.dec()
+                timer.disable_timer()
+                setattr(self, name, None)
 
     def _on_response_timeout(self) -> None:
         self._timer = None
         upstream = self.upstream
-        if upstream is None or self.cluster is None:
+        if self.cluster is None:
             return
         self.upstream = None
         self.cluster.stats.inc("upstream_rq_timeout")
-        upstream.host.stats.rq_timeout += 1
-        upstream.reset()
+        if upstream is not None:
+            upstream.host.stats.rq_timeout += 1
+            upstream.reset()
+        self._cleanup()
         self._abort(upstream, 504, "UT", UPSTREAM_REQUEST_TIMEOUT, DETAILS_RESPONSE_TIMEOUT)
 
-    def _abort(self, upstream: UpstreamRequest, code: int, flag: str, body: str, details: str) -> None:
+    def _on_per_try_timeout(self) -> None:
+        upstream = self.upstream
+        if upstream is None or self.cluster is None or self._downstream_response_started:
+            return
+        self.cluster.stats.inc("upstream_rq_per_try_timeout")
+        upstream.host.stats.rq_timeout += 1
+        self.upstream = None
+        upstream.reset()
+        if self._retry is not None and self._retry.would_retry_per_try_timeout() and self._schedule_retry():
+            return
+        self._cleanup()
+        self._abort(upstream, 504, "UT", UPSTREAM_REQUEST_TIMEOUT, DETAILS_RESPONSE_TIMEOUT)
+
+    def _abort(self, upstream: UpstreamRequest | None, code: int, flag: str, body: str, details: str) -> None:
         """onUpstreamAbort: a local reply if nothing was sent downstream yet, else a reset."""
         info = self.callbacks.stream_info
+        if self._retry_flag:
+            info.add_response_flag(self._retry_flag)  # Envoy logs e.g. "URX,UF"
         info.add_response_flag(flag)
         if self._downstream_response_started:
             self.callbacks.reset_stream()
             return
-        upstream.host.stats.rq_error += 1
+        if upstream is not None:
+            upstream.host.stats.rq_error += 1
         assert self.cluster is not None
         self.cluster.stats.charge_response_code(code, self._internal)
         modify = self._finalize_local_reply
@@ -377,16 +509,28 @@ class Router:
     def _finalize_local_reply(self, headers: HeaderMap) -> None:
         if self.route is not None:
             self.route.finalize_response_headers(headers, self.callbacks.stream_info, self._request_headers)
+            if self._attempts and self.route.virtual_host.include_attempt_count_in_response:
+                headers.set("x-envoy-attempt-count", str(self._attempts))
 
     # -- upstream events ---------------------------------------------------------------------------
 
     def on_upstream_connected(self, upstream: UpstreamRequest, encoder: RequestEncoder) -> None:
         info = self.callbacks.stream_info
-        info.first_upstream_tx = self._now()
+        if info.first_upstream_tx is None:
+            info.first_upstream_tx = self._now()
         info.upstream_local_address = encoder.local_address
+        self._maybe_start_per_try_timer()
 
     def on_upstream_reset(self, upstream: UpstreamRequest, reason: StreamResetReason, transport_failure: str) -> None:
         if upstream is not self.upstream:
+            return
+        if (
+            not self._downstream_response_started
+            and self._retry is not None
+            and self._retry.would_retry_reset(reason)
+            and self._schedule_retry()
+        ):
+            upstream.host.stats.rq_error += 1
             return
         self.upstream = None
         self._cleanup()
@@ -394,10 +538,11 @@ class Router:
         if transport_failure:
             info.upstream_transport_failure_reason = transport_failure
         code = 502 if reason is StreamResetReason.ProtocolError else 503
-        body = RESET_BEFORE_HEADERS + reason.value
+        retried = "retried and the latest " if self._attempts > 1 else ""
+        # Envoy 1.40 names the transport failure in the details, not in the body.
+        body = RESET_BEFORE_HEADERS + retried + "reset reason: " + reason.value
         detail = reason.value.replace(" ", "_")
         if transport_failure:
-            body += ", transport failure reason: " + transport_failure
             detail += "|" + transport_failure.replace(" ", "_")
         self._abort(upstream, code, _RESET_FLAGS[reason], body,
                     "upstream_reset_before_response_started{" + detail + "}")
@@ -408,21 +553,37 @@ class Router:
         cb = self.callbacks
         info = cb.stream_info
         now = self._now()
-        info.first_upstream_rx = now
         status_text = headers.get(":status") or "0"
         status = int(status_text) if status_text.isdigit() else 0
         assert self.cluster is not None and self.route is not None
-        self.cluster.stats.charge_response_code(status, self._internal)
         if status >= 500:
             upstream.host.stats.rq_error += 1
         else:
             upstream.host.stats.rq_success += 1
+        retry = self._retry
+        if retry is not None:
+            if retry.would_retry_headers(status, headers):
+                if self._downstream_end_stream and self._schedule_retry():
+                    # A discarded response counts under "retry." only (Envoy's chargeUpstreamCode).
+                    self.cluster.stats.charge_response_code(status, self._internal, retry=True)
+                    upstream.reset()  # HTTP/1 cannot skip the rest of a response: close
+                    return
+                if self._retry_flag:
+                    info.add_response_flag(self._retry_flag)
+            elif self._attempts > 1:
+                self.cluster.stats.inc("upstream_rq_retry_success")
+        self.cluster.stats.charge_response_code(status, self._internal)
+        if self._per_try_timer is not None:
+            self._per_try_timer.disable_timer()
+        info.first_upstream_rx = now
         for name in _HOP_BY_HOP:
             headers.remove(name)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)
             headers.set("x-envoy-upstream-service-time", str(int((now - start) * 1000)))
         self.route.finalize_response_headers(headers, info, self._request_headers)
+        if self.route.virtual_host.include_attempt_count_in_response:
+            headers.set("x-envoy-attempt-count", str(self._attempts))
         info.response_code_details = DETAILS_VIA_UPSTREAM
         self._downstream_response_started = True
         if end_stream:

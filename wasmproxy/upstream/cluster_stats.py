@@ -41,12 +41,15 @@ class ClusterStats:
     def record_ms(self, name: str, value: float) -> None:
         self._store.histogram(self.prefix + name, Unit.MILLISECONDS).record(value)
 
-    def charge_response_code(self, code: int, internal: bool) -> None:
+    def charge_response_code(self, code: int, internal: bool, retry: bool = False) -> None:
         """upstream_rq_<code>, upstream_rq_<N>xx and upstream_rq_completed, plus the
-        internal./external. copies (CodeStatsImpl::chargeResponseStat)."""
+        internal./external. copies (CodeStatsImpl::chargeResponseStat); a response discarded
+        for a retry counts only under "retry."."""
         group = f"upstream_rq_{code // 100}xx"
         exact = f"upstream_rq_{code}"
-        where = "internal." if internal else "external."
         for name in (exact, group, "upstream_rq_completed"):
-            self.inc(name)
-            self.inc(where + name)
+            if retry:
+                self.inc("retry." + name)
+            else:
+                self.inc(name)
+                self.inc(("internal." if internal else "external.") + name)

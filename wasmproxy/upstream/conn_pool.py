@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import os
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
@@ -184,9 +185,13 @@ class ActiveClient(asyncio.Protocol):
             self._connect_timer.disable_timer()
             local = isinstance(exc, OSError) and exc.errno in (errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE)
             self.state = "closed"
+            # Envoy's transport failure reason for a plain TCP connect error.
+            code = getattr(exc, "errno", None)
+            reason = f"delayed connect error: {os.strerror(code)}" if isinstance(code, int) else ""
             self.pool._on_connect_failure(
                 self,
                 PoolFailureReason.LocalConnectionFailure if local else PoolFailureReason.RemoteConnectionFailure,
+                reason,
             )
 
     def _on_connect_timeout(self) -> None:
@@ -198,7 +203,7 @@ class ActiveClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.pool.stats.inc("upstream_cx_connect_timeout")
-        self.pool._on_connect_failure(self, PoolFailureReason.Timeout)
+        self.pool._on_connect_failure(self, PoolFailureReason.Timeout, "")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -515,7 +520,7 @@ class Http1ConnPool:
         self.stats.gauge_add("upstream_rq_active", -1)
         self.host.stats.rq_active -= 1
 
-    def _on_connect_failure(self, client: ActiveClient, reason: PoolFailureReason) -> None:
+    def _on_connect_failure(self, client: ActiveClient, reason: PoolFailureReason, transport_failure: str) -> None:
         if client in self._connecting:
             self._connecting.remove(client)
         self.stats.inc("upstream_cx_connect_fail")
@@ -526,7 +531,7 @@ class Http1ConnPool:
             pending = self._pending.pop()
             self._pending_gone()
             self.stats.inc("upstream_rq_pending_failure_eject")
-            pending.callbacks.on_pool_failure(reason, "", self.host)
+            pending.callbacks.on_pool_failure(reason, transport_failure, self.host)
 
     def _on_client_closed(self, client: ActiveClient, local: bool, with_active_rq: bool) -> None:
         self._remove_ready(client)
