@@ -410,11 +410,12 @@ class ServerCodec(_CodecBase):
         self._response_body_allowed = not self.is_head_request and status not in (204, 304)
         self._chunk_encoding = False
         if not saw_content_length:
+            # The branches of Envoy's StreamEncoderImpl::encodeHeadersBase, in its order (so a
+            # headers-only answer to HEAD does announce chunked, as Envoy's does).
             if status == 204 or status == 304:
                 pass
-            elif end_stream:
-                if not self.is_head_request:
-                    lines.append(b"content-length: 0\r\n")
+            elif end_stream and not self.is_head_request:
+                lines.append(b"content-length: 0\r\n")
             elif self.protocol == "HTTP/1.1":
                 lines.append(b"transfer-encoding: chunked\r\n")
                 self._chunk_encoding = self._response_body_allowed
