@@ -1,0 +1,360 @@
+"""PluginConfig: one configured plugin, its VMs on every thread, and its failure policy.
+
+Envoy's PluginConfig (source/extensions/common/wasm/wasm.cc) over cpp-host's
+getOrCreateThreadLocalPlugin:
+
+* on the main thread, from an ``envoy.extensions.wasm.v3.PluginConfig``: resolve the failure
+  policy (``fail_open`` xor ``failure_policy``; UNSPECIFIED is FAIL_CLOSED), read and compile
+  the code, create (or share) the base VM with its canary, then publish a `PluginHandleHolder`
+  to every thread through a ThreadLocal slot;
+* on each thread (`get_or_create_thread_local_plugin`): a thread-local cache keyed by
+  ``vm_key || "||" || plugin key``; on a miss, this thread's clone of the base VM, the plugin's
+  root context, proxy_on_vm_start and proxy_on_configure;
+* per stream (`PluginConfig.create_context`): the stream context, or what the failure policy
+  says when the VM failed: FAIL_OPEN skips the filter (None), FAIL_CLOSED gives a context with
+  no VM (it answers 503), FAIL_RELOAD rebuilds this thread's VM from the base, at most once
+  per backoff interval (jittered between base and 1.5 x base, Envoy's
+  JitteredLowerBoundBackOffStrategy; ``reload_config.backoff.base_interval``, default 1 s).
+  Only a runtime failure (a trap) is reloaded, as in Envoy.
+
+Plugin code that cannot be loaded, started or configured rejects the configuration
+(ConfigError "Unable to create Wasm plugin <name>"), whatever the policy; remote code that
+cannot be fetched loads the plugin without a VM instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config.errors import ConfigError
+from ..http.headers import HeaderMap
+from ..log import get_logger
+from .abi import FailState, WasmResult
+from .code import compile_code, read_code
+from .context import ContextBase, FailurePolicy, Plugin, StreamEnvironment, WasmEnvironment
+from .stats import DEFAULT_RUNTIME, LifecycleStats, PluginStats, RemoteLoadStats
+from .vm import WasmHandle, WasmThread, create_wasm, get_or_create_thread_local_wasm, make_vm_key
+from .wasm import Wasm
+
+if TYPE_CHECKING:
+    from ..server_context import FactoryContext
+
+__all__ = [
+    "PluginConfig",
+    "PluginHandle",
+    "PluginHandleHolder",
+    "ProxyWasmEnvironment",
+    "any_to_bytes",
+    "get_or_create_thread_local_plugin",
+    "wasm_thread_for",
+]
+
+_log = get_logger("wasm")
+
+_NULL_RUNTIME = "envoy.wasm.runtime.null"
+_SUPPORTED_RUNTIMES = ("", "envoy.wasm.runtime.v8", "envoy.wasm.runtime.wasmtime", "envoy.wasm.runtime.wamr",
+                       "envoy.wasm.runtime.wavm")
+
+
+def any_to_bytes(any_msg: Any) -> bytes:
+    """MessageUtil::anyToBytes: StringValue/BytesValue unwrapped, anything else serialized."""
+    type_name = any_msg.type_url.rpartition("/")[2]
+    if type_name in ("google.protobuf.StringValue", "google.protobuf.BytesValue"):
+        from google.protobuf import wrappers_pb2
+
+        cls = wrappers_pb2.StringValue if type_name.endswith("StringValue") else wrappers_pb2.BytesValue
+        msg = cls()
+        any_msg.Unpack(msg)
+        value = msg.value
+        return value.encode() if isinstance(value, str) else bytes(value)
+    return bytes(any_msg.value)
+
+
+class PluginHandle:
+    """A plugin started on one thread's VM (cpp-host PluginHandleBase); wasm None: no VM."""
+
+    __slots__ = ("wasm_handle", "plugin", "root_context_id", "__weakref__")
+
+    def __init__(self, wasm_handle: WasmHandle | None, plugin: Plugin, root_context_id: int = 0) -> None:
+        self.wasm_handle = wasm_handle
+        self.plugin = plugin
+        self.root_context_id = root_context_id
+
+    @property
+    def wasm(self) -> Wasm | None:
+        return self.wasm_handle.wasm if self.wasm_handle is not None else None
+
+
+class _LocalPlugins:
+    """Thread-local plugin handles, weakly held (cpp-host local_plugins)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._local = threading.local()
+
+    def cache(self) -> dict[str, "weakref.ref[PluginHandle]"]:
+        cache = getattr(self._local, "plugins", None)
+        if cache is None:
+            cache = self._local.plugins = {}
+        return cache
+
+
+_local_plugins = _LocalPlugins()
+
+
+def get_or_create_thread_local_plugin(
+    base: WasmHandle | None, plugin: Plugin, thread: WasmThread, *, legacy_fail_open: bool = False
+) -> PluginHandle | None:
+    """Any thread: this thread's started and configured plugin on its clone of `base`.
+
+    No base (the code never loaded): a handle with no VM, so the failure policy applies.
+    None when the clone could not be made, started or configured (then no filter is added).
+    """
+    if base is None:
+        if not legacy_fail_open:
+            _log.critical("Plugin configured to fail closed failed to load")
+        return PluginHandle(None, plugin)
+    key = f"{base.wasm.vm_key}||{plugin.key}"
+    cache = _local_plugins.cache()
+    ref = cache.get(key)
+    if ref is not None:
+        handle = ref()
+        if handle is not None and handle.wasm is not None and not handle.wasm.is_failed():
+            return handle
+        del cache[key]
+    for stale in [k for k, r in cache.items() if r() is None]:
+        del cache[stale]
+    wasm_handle = get_or_create_thread_local_wasm(base, thread)
+    if wasm_handle is None:
+        return None
+    wasm = wasm_handle.wasm
+    root = wasm.start(plugin)
+    if root is None or wasm.is_failed():
+        base.wasm.fail(FailState.StartFailed, "Failed to start thread-local Wasm")
+        return None
+    if not wasm.configure(root, plugin) or wasm.is_failed():
+        base.wasm.fail(FailState.ConfigureFailed, "Failed to configure thread-local Wasm plugin")
+        return None
+    handle = PluginHandle(wasm_handle, plugin, root.id)
+    cache[key] = weakref.ref(handle)
+    return handle
+
+
+class PluginHandleHolder:
+    """What one thread's slot holds: the current handle, when it was (re)loaded, reload stats."""
+
+    __slots__ = ("handle", "last_load", "thread", "stats")
+
+    def __init__(self, handle: PluginHandle | None, last_load: float, thread: WasmThread, stats: PluginStats) -> None:
+        self.handle = handle
+        self.last_load = last_load
+        self.thread = thread
+        self.stats = stats
+
+
+class _HttpCallCallbacks:
+    """AsyncClient callbacks for one http_call: the answer goes to the calling root context."""
+
+    __slots__ = ("context", "token")
+
+    def __init__(self, context: ContextBase, token: int) -> None:
+        self.context = weakref.ref(context)
+        self.token = token
+
+    def on_success(self, headers: HeaderMap, body: bytes, trailers: HeaderMap | None) -> None:
+        context = self.context()
+        if context is not None and context.wasm is not None and not context.wasm.is_failed():
+            context.on_http_call_success(self.token, headers, body, trailers)
+
+    def on_failure(self, reason: str) -> None:
+        context = self.context()
+        if context is not None and context.wasm is not None and not context.wasm.is_failed():
+            context.on_http_call_failure(self.token)
+
+
+class ProxyWasmEnvironment(WasmEnvironment):
+    """Callouts of the Wasms of one thread: http_call through that thread's AsyncClient.
+
+    gRPC callouts and DNS answer Unimplemented (not supported yet).
+    """
+
+    def __init__(self, thread_local_cluster_manager: Callable[[], Any], node: object | None) -> None:
+        self._tlcm = thread_local_cluster_manager
+        self.node = node
+
+    def http_call(
+        self, context: ContextBase, token: int, cluster: str, headers: HeaderMap, body: bytes,
+        trailers: HeaderMap | None, timeout_ms: int | None,
+    ) -> WasmResult:
+        tlcm = self._tlcm()
+        if tlcm is None or tlcm.get(cluster) is None:
+            return WasmResult.BadArgument
+        request = tlcm.http_async_client().send(cluster, headers, body, trailers, timeout_ms or 0,
+                                                _HttpCallCallbacks(context, token))
+        # Envoy: a request that completed inline returns no handle, and the call fails.
+        return WasmResult.Ok if request is not None else WasmResult.InternalFailure
+
+
+def _jittered_backoff_ms(base_ms: int) -> int:
+    """JitteredLowerBoundBackOffStrategy::nextBackOffMs: random in [base, 1.5 x base)."""
+    half = base_ms >> 1
+    return base_ms + (random.randrange(half) if half > 0 else 0)
+
+
+def _environment_variables(proto: Any) -> dict[str, str]:
+    """WasmConfig: key_values, then host_env_keys taken from our environment; keys unique."""
+    vm_config = proto.vm_config
+    if not vm_config.HasField("environment_variables"):
+        return {}
+    env_vars = vm_config.environment_variables
+    if vm_config.runtime == _NULL_RUNTIME and (env_vars.key_values or env_vars.host_env_keys):
+        raise ConfigError("Environment variables must not be set for NullVm.")
+    envs = dict(env_vars.key_values)
+    for key in env_vars.host_env_keys:
+        if key in env_vars.key_values:
+            raise ConfigError(f"Key {key} is duplicated in envoy.extensions.wasm.v3.VmConfig.environment_variables "
+                              f"for {proto.name}. All the keys must be unique.")
+    for key in env_vars.host_env_keys:
+        value = os.environ.get(key)
+        if value is not None:
+            envs[key] = value
+    return envs
+
+
+def _failure_policy(proto: Any) -> FailurePolicy:
+    if proto.fail_open:
+        if proto.failure_policy != FailurePolicy.UNSPECIFIED:
+            raise ConfigError("only one of fail_open or failure_policy can be set")
+        return FailurePolicy.FAIL_OPEN
+    if proto.failure_policy == FailurePolicy.UNSPECIFIED:
+        return FailurePolicy.FAIL_CLOSED
+    if proto.failure_policy not in (FailurePolicy.FAIL_RELOAD, FailurePolicy.FAIL_CLOSED, FailurePolicy.FAIL_OPEN):
+        raise ConfigError("unknown failure policy")
+    return FailurePolicy(proto.failure_policy)
+
+
+def wasm_thread_for(context: "FactoryContext", dispatcher: Any) -> WasmThread:
+    """What a Wasm on `dispatcher`'s thread uses: its post, timers, Store and callouts."""
+    cluster_manager = context.cluster_manager
+
+    def thread_local_cluster_manager() -> Any:
+        return cluster_manager.thread_local() if cluster_manager is not None else None
+
+    return WasmThread(
+        post=dispatcher.post, timer_factory=dispatcher.create_timer, stats_store=context.store_for(dispatcher),
+        environment=ProxyWasmEnvironment(thread_local_cluster_manager, context.local_info.node),
+        time_source=dispatcher.time_source)
+
+
+class PluginConfig:
+    """A configured plugin and its per-thread handles. Built on main; create_context on workers."""
+
+    def __init__(self, proto: Any, context: "FactoryContext") -> None:
+        self.failure_policy = _failure_policy(proto)
+        self.reload_base_ms = 1000
+        if proto.HasField("reload_config") and proto.reload_config.backoff.HasField("base_interval"):
+            self.reload_base_ms = max(1, proto.reload_config.backoff.base_interval.ToMilliseconds())
+        vm_config = proto.vm_config
+        runtime = vm_config.runtime
+        if runtime not in _SUPPORTED_RUNTIMES:
+            raise ConfigError(f"Failed to create Wasm VM using {runtime} runtime. Envoy may be compiled "
+                              f"without support for it.")
+        self.name = proto.name
+        self.plugin = Plugin(
+            name=proto.name, root_id=proto.root_id, vm_id=vm_config.vm_id,
+            plugin_configuration=any_to_bytes(proto.configuration) if proto.HasField("configuration") else b"",
+            vm_configuration=any_to_bytes(vm_config.configuration) if vm_config.HasField("configuration") else b"",
+            failure_policy=self.failure_policy,
+            allow_on_headers_stop_iteration=proto.allow_on_headers_stop_iteration.value
+            if proto.HasField("allow_on_headers_stop_iteration") else False,
+        )
+        envs = _environment_variables(proto)
+        main_store = context.main_store
+        self.lifecycle = LifecycleStats(main_store, runtime or DEFAULT_RUNTIME)
+        remote_stats = RemoteLoadStats(main_store)
+        self._context = context
+        source = read_code(vm_config, self._cluster_hosts, remote_stats)
+        base: WasmHandle | None = None
+        if source.code:
+            module = compile_code(source.code, self.name, vm_config.allow_precompiled)
+            if module is not None:
+                vm_key = make_vm_key(vm_config.vm_id, self.plugin.vm_configuration, source.code)
+                base = create_wasm(vm_key, module, self.plugin, thread=wasm_thread_for(context, context.main_dispatcher),
+                                   lifecycle=self.lifecycle, envs=envs)
+        self.base = base
+        if base is None:
+            _log.critical("Plugin %s failed to load", self.name)
+        legacy_fail_open = bool(proto.fail_open)
+        if base is None and not source.remote:
+            get_or_create_thread_local_plugin(None, self.plugin, wasm_thread_for(context, context.main_dispatcher),
+                                              legacy_fail_open=legacy_fail_open)
+            raise ConfigError(f"Unable to create Wasm plugin {self.name}")
+        self._slot = context.thread_local.allocate_slot()
+        plugin, store_for = self.plugin, context.store_for
+
+        # Captures neither the slot nor this config (ThreadLocal's rule): only what it builds from.
+        def init(dispatcher: Any) -> PluginHandleHolder:
+            thread = wasm_thread_for(context, dispatcher)
+            handle = get_or_create_thread_local_plugin(base, plugin, thread, legacy_fail_open=legacy_fail_open)
+            return PluginHandleHolder(handle, dispatcher.time_source.monotonic(), thread,
+                                      PluginStats(store_for(dispatcher), plugin.name))
+
+        self._slot.set(init)
+
+    def _cluster_hosts(self, name: str) -> list[tuple[str, int]]:
+        cluster = self._context.cluster_manager.clusters.get(name)
+        if cluster is None:
+            return []
+        return [(h.address.host, h.address.port) for h in cluster.hosts]
+
+    # -- per stream (the owning thread) -----------------------------------------------------
+
+    def _holder(self) -> PluginHandleHolder | None:
+        if not self._slot.current_thread_registered():
+            return None
+        holder: PluginHandleHolder | None = self._slot.get()
+        return holder
+
+    def _maybe_reload(self, holder: PluginHandleHolder) -> Wasm | None:
+        """PluginConfig::maybeReloadHandleIfNeeded: the Wasm to use, reloaded if allowed."""
+        if self.base is None or holder.handle is None:
+            return None
+        wasm = holder.handle.wasm
+        if wasm is None or wasm.fail_state != FailState.RuntimeError:
+            return wasm
+        if self.failure_policy != FailurePolicy.FAIL_RELOAD:
+            return wasm
+        interval_ms = _jittered_backoff_ms(self.reload_base_ms)
+        now = holder.thread.time_source.monotonic()
+        if (now - holder.last_load) * 1000 < interval_ms:
+            holder.stats.vm_reload_backoff.inc()
+            return wasm
+        holder.last_load = now
+        new = get_or_create_thread_local_plugin(self.base, self.plugin, holder.thread)
+        if new is None or new.wasm is None or new.wasm.is_failed():
+            holder.stats.vm_reload_failure.inc()
+        else:
+            holder.stats.vm_reload_success.inc()
+            holder.handle = new
+        return holder.handle.wasm
+
+    def wasm(self) -> Wasm | None:
+        """This thread's current Wasm for the plugin (after any reload), or None."""
+        holder = self._holder()
+        return self._maybe_reload(holder) if holder is not None else None
+
+    def create_context(self, env: StreamEnvironment) -> ContextBase | None:
+        """A stream context for a new stream on this thread; None: skip the filter (fail open)."""
+        holder = self._holder()
+        if holder is None or holder.handle is None:
+            return None
+        wasm = self._maybe_reload(holder)
+        if wasm is None or wasm.is_failed():
+            if self.failure_policy == FailurePolicy.FAIL_OPEN:
+                return None
+            return ContextBase.stream_context(None, 0, self.plugin, env)
+        return ContextBase.stream_context(wasm, holder.handle.root_context_id, self.plugin, env)

@@ -1,0 +1,80 @@
+"""The wasm.* stats Envoy keeps about VMs and plugins, under Envoy's exact names.
+
+* ``wasm.<runtime>.created`` / ``wasm.<runtime>.active`` and ``wasm.wasm_vm_count``
+  (LifecycleStatsHandler): every Wasm, base, canary or per-thread clone, counts once when
+  created; active goes down when it is destroyed. ``<runtime>`` is the configured runtime
+  name (``envoy.wasm.runtime.v8``), so dashboards built on Envoy keep working.
+* ``wasm.remote_load_cache_*`` (CreateStatsHandler): the remote-code cache.
+* ``wasm.<plugin name>.vm_reload{,_backoff,_success,_failure}`` (StatsHandler): FAIL_RELOAD.
+
+Plugin-defined metrics are not here: the host core stores them as ``wasmcustom.<name>``.
+
+Lifecycle and remote-cache stats live in the main thread's Store and may be touched from any
+thread (a VM is destroyed where its last holder lets go), so they are updated under one lock.
+Plugin reload stats are per worker (each thread's Store; admin sums them).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..stats.store import ImportMode
+
+__all__ = ["DEFAULT_RUNTIME", "LifecycleStats", "PluginStats", "RemoteLoadStats"]
+
+DEFAULT_RUNTIME = "envoy.wasm.runtime.v8"
+
+_lock = threading.Lock()
+
+
+class LifecycleStats:
+    """created / active for one runtime, plus the process-wide wasm_vm_count. Any thread."""
+
+    def __init__(self, store: Any, runtime: str = DEFAULT_RUNTIME) -> None:
+        prefix = f"wasm.{runtime or DEFAULT_RUNTIME}."
+        self.created = store.counter(prefix + "created")
+        self.active = store.gauge(prefix + "active", ImportMode.NEVER_IMPORT)
+        self.vm_count = store.gauge("wasm.wasm_vm_count", ImportMode.NEVER_IMPORT)
+
+    def on_vm_created(self) -> None:
+        with _lock:
+            self.created.inc()
+            self.active.inc()
+            self.vm_count.inc()
+
+    def on_vm_shutdown(self) -> None:
+        with _lock:
+            self.active.dec()
+            self.vm_count.dec()
+
+
+class RemoteLoadStats:
+    """wasm.remote_load_* (Envoy creates them whenever a plugin is created). Any thread."""
+
+    def __init__(self, store: Any) -> None:
+        self.cache_hits = store.counter("wasm.remote_load_cache_hits")
+        self.cache_negative_hits = store.counter("wasm.remote_load_cache_negative_hits")
+        self.cache_misses = store.counter("wasm.remote_load_cache_misses")
+        self.fetch_successes = store.counter("wasm.remote_load_fetch_successes")
+        self.fetch_failures = store.counter("wasm.remote_load_fetch_failures")
+        self.cache_entries = store.gauge("wasm.remote_load_cache_entries", ImportMode.NEVER_IMPORT)
+
+    def inc(self, counter: Any) -> None:
+        with _lock:
+            counter.inc()
+
+    def set_entries(self, n: int) -> None:
+        with _lock:
+            self.cache_entries.set(n)
+
+
+class PluginStats:
+    """wasm.<plugin name>.vm_reload* in one thread's Store (that thread only)."""
+
+    def __init__(self, store: Any, plugin_name: str) -> None:
+        prefix = f"wasm.{plugin_name}."
+        self.vm_reload = store.counter(prefix + "vm_reload")
+        self.vm_reload_backoff = store.counter(prefix + "vm_reload_backoff")
+        self.vm_reload_success = store.counter(prefix + "vm_reload_success")
+        self.vm_reload_failure = store.counter(prefix + "vm_reload_failure")
