@@ -8,7 +8,7 @@
  *        response_trailers log      (body phases apply at end_of_stream only)
  * op:    add replace remove get size keys     (size and keys take no name)
  * map:   request_headers request_trailers response_headers response_trailers
- * get reports "x-get-<name>: <status>:<value>", size reports "x-size-<map>: <status>:<size>:<pairs>",
+ * get reports "x-get-<name>: <status>:<value>" (a pseudo-header's ':' is dropped from <name>), size reports "x-size-<map>: <status>:<size>:<pairs>",
  * keys reports "x-keys-<map>: <status>:<key>,<key>..." (in map order, from get_header_map_pairs),
  * and a failed add/replace/remove reports "x-status-<op>-<name>: <status>"; reports are added to
  * the response headers in on_response_headers (later ones are logged at info).
@@ -103,7 +103,7 @@ static void run_op(stream_state *s, const op *o) {
   if (!strcmp(o->op, "get")) {
     pw_bytes v;
     rc = pw_get_header(o->map, o->name, &v);
-    snprintf(name, sizeof name, "x-get-%s", o->name);
+    snprintf(name, sizeof name, "x-get-%s", o->name + (o->name[0] == ':')); /* ":path" -> x-get-path */
     snprintf(value, sizeof value, "%d:%s", rc, v.data);
     pw_bytes_free(&v);
     add_report(s, name, value);
@@ -149,7 +149,7 @@ static void run_op(stream_state *s, const op *o) {
   else
     rc = -1;
   if (rc != PW_OK) {
-    snprintf(name, sizeof name, "x-status-%s-%s", o->op, o->name);
+    snprintf(name, sizeof name, "x-status-%s-%s", o->op, o->name + (o->name[0] == ':'));
     snprintf(value, sizeof value, "%d", rc);
     add_report(s, name, value);
   }

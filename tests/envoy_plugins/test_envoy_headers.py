@@ -154,3 +154,28 @@ def test_on_log_reads_headers_and_response_trailers(envoy: EnvoyRun) -> None:
     while not all(w in envoy.log_text() for w in wanted):  # on_log runs after the response is sent
         assert time.monotonic() < deadline, [w for w in wanted if w not in envoy.log_text()]
         time.sleep(0.02)
+
+
+def test_maps_that_do_not_exist_yet_or_any_more_refuse_edits(envoy: EnvoyRun) -> None:
+    ops = ";".join([
+        "request_headers add response_headers x-early 1", "request_headers add response_trailers x-early-t 1",
+        "request_headers add request_trailers x-rt-early 1", "request_headers get response_headers :status",
+        "response_headers get request_trailers x", "response_headers add request_trailers x-late-rt 1",
+        "response_headers add response_trailers x-rsp-t 1",
+    ])
+    r = envoy.request("headers", "POST", headers={"x-headers-ops": ops}, body=b"x")
+    assert r.status == 200
+    assert _x_headers(r) == {"x-status-add-x-early": "2", "x-status-add-x-early-t": "2", "x-status-add-x-rt-early": "2",
+                             "x-get-status": "2:", "x-get-x": "2:", "x-status-add-x-late-rt": "2",
+                             "x-status-add-x-rsp-t": "2"}
+    assert r.trailers == []
+
+
+def test_pseudo_headers_can_be_rewritten(envoy: EnvoyRun) -> None:
+    ops = ";".join(["request_headers replace request_headers :path /rewritten",
+                    "request_headers remove request_headers :authority",
+                    "response_headers replace response_headers :status 201"])
+    r = envoy.request("headers", path="/original", headers={"x-headers-ops": ops})
+    assert r.status == 201
+    assert r.echo()["path"] == "/rewritten"
+    assert r.echo_header("host") is None  # Envoy forwards the request without a Host header
