@@ -74,6 +74,8 @@ static void call_everything(uint32_t context_id, reports *r) {
   free(p), p = NULL;
   report(r, "get_buffer_bytes-plugin_configuration", proxy_get_buffer_bytes(PW_PLUGIN_CONFIGURATION, 0, 10, &p, &n));
   free(p), p = NULL;
+  report(r, "get_buffer_bytes-vm_configuration", proxy_get_buffer_bytes(PW_VM_CONFIGURATION, 0, 10, &p, &n));
+  free(p), p = NULL;
   report(r, "get_buffer_bytes-bad_type", proxy_get_buffer_bytes(BAD_TYPE, 0, 10, &p, &n));
   report(r, "set_buffer_bytes-request_body", proxy_set_buffer_bytes(PW_REQUEST_BODY, 0, 0, S("x")));
   report(r, "set_buffer_bytes-bad_type", proxy_set_buffer_bytes(BAD_TYPE, 0, 0, S("x")));
@@ -153,6 +155,9 @@ static void call_everything(uint32_t context_id, reports *r) {
   report(r, "get_property-missing", proxy_get_property(S("abi_all_missing"), &p, &n));
   report(r, "set_property", proxy_set_property(S("abi_all_prop"), S("v")));
   report(r, "call_foreign_function-unknown", proxy_call_foreign_function(S("abi_all_nope"), "", 0, &p, &n));
+  report(r, "call_foreign_function-clear_route_cache",
+         proxy_call_foreign_function(S("clear_route_cache"), "", 0, &p, &n));
+  free(p), p = NULL;
 
   /* streams, last: continuing a stream that is not paused, from inside its own callback, makes
    * its request headers unreadable (BAD_ARGUMENT) in Envoy */

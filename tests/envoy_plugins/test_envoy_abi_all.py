@@ -14,7 +14,8 @@ pytestmark = pytest.mark.envoy
 EXPECTED_REQUEST_PHASE = {
     "log": 0, "log-bad-level": 2, "get_log_level": 0, "get_current_time_nanoseconds": 0,
     "set_tick_period_milliseconds": 0, "set_effective_context": 0, "set_effective_context-unknown": 2, "done": 1,
-    "get_buffer_bytes-request_body": 0, "get_buffer_bytes-plugin_configuration": 1, "get_buffer_bytes-bad_type": 2,
+    "get_buffer_bytes-request_body": 0, "get_buffer_bytes-plugin_configuration": 1,
+    "get_buffer_bytes-vm_configuration": 0, "get_buffer_bytes-bad_type": 2,
     "set_buffer_bytes-request_body": 2, "set_buffer_bytes-bad_type": 2, "get_buffer_status-request_body": 0,
     "get_buffer_status-bad_type": 2, "get_header_map_size": 0, "get_header_map_size-bad_type": 2,
     "get_header_map_pairs": 0, "get_header_map_pairs-bad_type": 2, "set_header_map_pairs": 0,
@@ -31,6 +32,7 @@ EXPECTED_REQUEST_PHASE = {
     "define_metric": 0, "define_metric-bad_type": 2, "increment_metric": 0, "increment_metric-unknown": 1,
     "record_metric": 0, "record_metric-unknown": 1, "get_metric": 0, "get_metric-unknown": 1, "get_property": 0,
     "get_property-missing": 1, "set_property": 0, "call_foreign_function-unknown": 1,
+    "call_foreign_function-clear_route_cache": 0,
     # Continuing a stream that is not paused, inside its own request-headers callback, is OK, but
     # afterwards Envoy no longer lets the plugin read the request headers.
     "continue_stream-not_paused": 0, "probe-after-continue_stream": 2, "continue_stream-bad_type": 2,
