@@ -89,7 +89,7 @@ def test_large_bodies_stream_through_with_flat_rss(data_path_env: DiffEnvironmen
     download_sha = hashlib.sha256(pattern_bytes(0, LARGE_BODY)).hexdigest()
     results: dict[str, list[Result]] = {}
     for name, target in data_path_env.targets.items():
-        with target.connect(timeout=60) as conn:
+        with target.connect(timeout=30) as conn:
             # Warm up: let buffers and allocator pools reach their working size first.
             _stream_upload(conn, 4 * MIB)
             assert conn.read_response().status == 200

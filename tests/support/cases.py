@@ -14,6 +14,7 @@ A case file (YAML, under tests/diff_cases/) holds::
         ignore_echo_headers: []  # request headers, as the echo upstream saw them, not compared
         ignore_fields: []        # whole top-level fields not compared: status, headers, body...
         ordered_headers: false   # true: header order is compared too
+        xfail: "why"             # a known, explained wasmproxy difference (strict; only when it runs)
         requests:
           - method: GET          # or raw: "GET / HTTP/1.1\\r\\n..." (exact bytes, latin-1)
             path: /prefix/x
@@ -23,20 +24,21 @@ A case file (YAML, under tests/diff_cases/) holds::
             expect_continue: true # send the headers, wait for the interim 100, then the body
             new_connection: true  # default: reuse the case's connection while it stays open
             check_closed: true    # record whether the proxy then closes the connection
-            expect: {status: 200, closed: false, headers: {x-a: "1", x-b: null},
-                     body_contains: "...", echo: {path: /x, headers: {host: example.com}}}
+            expect: {status: 200, closed: false, headers: {x-a: "1", x-b: null}, interim: [100],
+                     body: "exact", body_contains: "...", outcome: response,  # or truncated, closed
+                     echo: {path: /x, body_length: 3, headers: {host: example.com}}}
 
 Placeholders: ${listener_port} ${admin_port} (per target), ${echo_port} ${closed_port} (shared),
 ${repo} (the checkout, e.g. for plugin paths), ${cases_dir} (the case file's directory) and any
-extra names under `ports`. A case may carry `xfail: "reason"` for a known, explained difference. Every request's `expect` is checked against every target;
-then, unless only the reference runs, each normalised outcome of wasmproxy must equal Envoy's.
+extra names under `ports`. Every request's `expect` is checked against every target; then each
+normalised outcome of every other target must equal Envoy's (when Envoy runs).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +173,11 @@ class Case:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Case:
+        known = {"name", "requests", "pipeline", "ignore_headers", "ignore_echo_headers", "ignore_fields",
+                 "ordered_headers", "xfail"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"case {d.get('name')!r}: unknown fields {sorted(extra)}")
         return cls(
             name=d["name"], requests=[RequestSpec.from_dict(r) for r in d["requests"]],
             pipeline=bool(d.get("pipeline")), ignore_headers=list(d.get("ignore_headers") or []),
@@ -228,9 +235,7 @@ class Target:
     def connect(self, timeout: float = REQUEST_TIMEOUT_S) -> RawConnection:
         return RawConnection(self.host, self.port, timeout=timeout)
 
-    def normaliser(self, case: Case | None = None) -> Normaliser:
-        if case is None:
-            return Normaliser(self.port_names)
+    def normaliser(self, case: Case) -> Normaliser:
         return Normaliser(self.port_names, case.ignore_headers, case.ignore_echo_headers, case.ordered_headers)
 
 
@@ -261,21 +266,24 @@ class DiffEnvironment:
         self.stop()
 
     def start(self) -> DiffEnvironment:
+        """Spawn every target, then wait for all of them (they start up side by side)."""
         try:
             for name in self.names:
-                self.targets[name] = self._start(name)
+                self.targets[name] = self._spawn(name)
+            for target in self.targets.values():
+                target.process.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, name: str) -> Target:
+    def _spawn(self, name: str) -> Target:
         port_keys = ["listener_port", "admin_port", *self.case_file.extra_ports()]
         ports = dict(zip(port_keys, free_ports(len(port_keys))))
         text = self.case_file.render({**self.shared, **ports})
         path = write_yaml(text, self.workdir / f"{self.case_file.path.stem}.{name}.yaml")
         process = PROCESS_CLASSES[name](path)
-        process.start()
+        process.spawn()
         return Target(name, process, ports["listener_port"], {v: k for k, v in ports.items()})
 
     def stop(self) -> None:

@@ -93,15 +93,19 @@ class ProxyProcess:
 
     def start(self) -> None:
         """Spawn the process and wait until it serves; on failure stop it and raise ProcessError."""
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env(), cwd=REPO)
-        _live.add(self)
+        self.spawn()
         try:
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def spawn(self) -> None:
+        """Start the process without waiting; the caller must wait_ready() and stop() it."""
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env(), cwd=REPO)
+        _live.add(self)
 
     def wait_ready(self, deadline_s: float = READY_DEADLINE_S) -> None:
         """Poll admin /ready, then every listener, until all answer or the deadline passes."""
