@@ -623,3 +623,84 @@ def test_terminal_filter_is_never_handed_the_same_buffered_bytes_twice():
     fm.decode_trailers(HeaderMap([("t", "1")]))
     a.decoder_callbacks.continue_decoding()
     assert [e[2] for e in log if e[:2] == ("router", "dd")] == [b"once", b""]
+
+
+def test_decoder_only_and_encoder_only_filters_take_their_direction_only():
+    log: list = []
+    fm, owner = make()
+    dec, enc = Scripted("dec", log), Scripted("enc", log)
+    fm.add_stream_decoder_filter(dec)
+    fm.add_stream_encoder_filter(enc)
+    router = Router(log)
+    fm.add_stream_filter(router)
+    fm.decode_headers(req(), True)
+    assert [e[:2] for e in log] == [("dec", "dh"), ("router", "dh"), ("router", "eh"), ("enc", "eh")]
+
+
+def test_encode_trailers_stop_and_continue():
+    log: list = []
+    a = Scripted("a", log, et=T.StopIteration)
+    router = Router(log, respond=False)
+    fm, owner = make(a, router)
+    fm.decode_headers(req(), True)
+    router.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), False)
+    router.decoder_callbacks.encode_data(b"x", False)
+    router.decoder_callbacks.encode_trailers(HeaderMap([("grpc-status", "0")]))
+    assert owner.out == [("headers", "200", False), ("data", b"x", False)] and owner.ended == 0
+    a.encoder_callbacks.continue_encoding()
+    assert owner.out[-1] == ("trailers", [("grpc-status", "0")]) and owner.ended == 1
+
+
+def test_data_added_while_decoding_trailers_flows_to_later_filters_inline():
+    log: list = []
+
+    def add(self, trailers):
+        self.decoder_callbacks.add_decoded_data(b"extra", False)
+        return T.Continue
+
+    router = Router(log, respond=False)
+    fm, _ = make(Scripted("a", log, dt=add), router)
+    fm.decode_headers(req("POST"), False)
+    fm.decode_trailers(HeaderMap([("t", "1")]))
+    assert router.body == b"extra" and ("router", "dt") in log
+    assert log.index(("router", "dd", b"extra", False)) < log.index(("router", "dt"))
+
+
+def test_encoder_watermark_status_applies_flow_control_to_the_response():
+    log: list = []
+    a = Scripted("a", log, ed=D.StopIterationAndWatermark)
+    router = Router(log, respond=False)
+    fm, owner = make(a, router, limit=4)
+    fm.decode_headers(req(), True)
+    router.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), False)
+    router.decoder_callbacks.encode_data(b"123456", False)
+    assert owner.watermarks == ["encoder-above"] and owner.too_large == []
+    a.encoder_callbacks.continue_encoding()
+    assert owner.watermarks == ["encoder-above", "encoder-below"]
+    assert owner.out[-1] == ("data", b"123456", False)
+
+
+def test_headers_only_response_that_gains_a_body_in_an_encoder():
+    log: list = []
+
+    def add(self, headers, end_stream):
+        self.encoder_callbacks.add_encoded_data(b"added", False)
+        return H.Continue
+
+    router = Router(log, respond=False)
+    fm, owner = make(Scripted("a", log, eh=add), router)
+    fm.decode_headers(req(), True)
+    router.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), True)
+    assert owner.out == [("headers", "200", False), ("data", b"added", True)] and owner.ended == 1
+
+
+def test_add_decoded_data_outside_any_callback_is_buffered_until_continue():
+    log: list = []
+    a = Scripted("a", log, dh=H.StopIteration)
+    router = Router(log, respond=False)
+    fm, _ = make(a, router)
+    fm.decode_headers(req("POST"), True)
+    a.decoder_callbacks.add_decoded_data(b"later", False)  # e.g. from an http_call callback
+    assert a.decoder_callbacks.decoding_buffer() == b"later"
+    a.decoder_callbacks.continue_decoding()
+    assert ("router", "dh", False) in log and ("router", "dd", b"later", True) in log
