@@ -134,6 +134,11 @@ def test_malformed_request_gets_400_and_close(echo: RawConnection) -> None:
     assert echo.closed_by_peer(timeout=5)
 
 
+def test_malformed_control_header_gets_400(echo: RawConnection) -> None:
+    assert echo.request("GET", "/", [("x-echo-status", "abc")]).status == 400
+    assert echo.closed_by_peer(timeout=5)
+
+
 def test_read_timeout_is_bounded(echo: RawConnection) -> None:
     echo.send(build_request("GET", "/", [("x-echo-delay-ms", "2000")]))
     with pytest.raises(TimeoutError):

@@ -205,11 +205,15 @@ class EchoProtocol(asyncio.Protocol):
             if req is None or self._transport is None:
                 self._close()
                 return
-            if req is _BAD_REQUEST:
+            try:
+                if req is _BAD_REQUEST:
+                    raise ValueError("unparsable request")
+                keep_open = await self._respond(req)
+            except ValueError:  # the request, or one of its x-echo-* values, is malformed
                 self._write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                self._close()
+                keep_open = False
+            except ConnectionResetError:
                 return
-            keep_open = await self._respond(req)
             if not keep_open:
                 self._close()
                 return
