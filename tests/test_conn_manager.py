@@ -722,7 +722,8 @@ class _Context:
 
 
 def _hcm_proto(extra: dict[str, Any] | None = None) -> Any:
-    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (registers the type)
+    from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401  (registers the types)
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
     from google.protobuf import json_format
 
@@ -888,3 +889,70 @@ def test_stream_idle_timeout_is_504_once_the_request_is_complete_and_a_reset_aft
     t.take()
     h.dispatcher.advance(1.1)
     assert t.take() == b"" and t.closed and h.store["downstream_rq_tx_reset"] == 1
+
+
+def test_hcm_proto_options_access_log_and_default_router(tmp_path):
+    from wasmproxy.http.conn_manager import create_hcm_factory
+
+    log_path = tmp_path / "access.log"
+    factory = create_hcm_factory(_hcm_proto({
+        "http_filters": [],
+        "server_name": "wasmproxy",
+        "server_header_transformation": "APPEND_IF_ABSENT",
+        "via": "1.1 wasmproxy",
+        "always_set_request_id_in_response": True,
+        "request_timeout": "2s",
+        "delayed_close_timeout": "0s",
+        "max_request_headers_kb": 8,
+        "http_protocol_options": {"accept_http_10": True, "enable_trailers": True},
+        "common_http_protocol_options": {"max_headers_count": 10, "max_requests_per_connection": 5},
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(log_path), "log_format": {"text_format": "%RESPONSE_CODE% %REQ(:PATH)%\n"}}}],
+    }), _Context())
+    c = factory.config
+    assert (c.request_timeout_ms, c.delayed_close_timeout_ms, c.max_request_headers_kb, c.max_headers_count,
+            c.max_requests_per_connection, c.accept_http_10, c.enable_trailers) == (2000, 0, 8, 10, 5, True, True)
+    dispatcher = FakeDispatcher()
+    conn = factory.for_worker(dispatcher, FakeStore())()  # type: ignore[arg-type]
+    t = FakeTransport()
+    conn.connection_made(t)
+    conn.data_received(b"GET /direct HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+    out = t.take().decode()
+    assert out.startswith("HTTP/1.1 200 OK\r\n")
+    assert "server: wasmproxy\r\n" in out and "via: 1.1 wasmproxy\r\n" in out and "x-request-id: " in out
+    assert "connection: keep-alive\r\n" in out  # HTTP/1.0 keep-alive is answered explicitly
+    assert log_path.read_text() == "200 /direct\n"
+
+
+def test_unsupported_http_filter_is_a_config_error_unless_optional():
+    from wasmproxy.config.errors import ConfigError
+    from wasmproxy.http.conn_manager import create_hcm_factory
+
+    router = {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    unknown = {"name": "envoy.filters.http.cors", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}
+    from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401  (registers the type)
+
+    with pytest.raises(ConfigError, match="http_filters\\[0\\].typed_config"):
+        create_hcm_factory(_hcm_proto({"http_filters": [unknown, router]}), _Context())
+    factory = create_hcm_factory(_hcm_proto({"http_filters": [{**unknown, "is_optional": True}, router]}), _Context())
+    assert len(factory.config.filter_factories) == 1
+
+
+def test_request_trailers_reach_filters_when_enabled():
+    seen = []
+
+    class Trailers(Direct):
+        def decode_trailers(self, trailers):
+            seen.append(trailers.items())
+            self.decoder_callbacks.send_local_reply(200, "hello")
+            from wasmproxy.http.filter import FilterTrailersStatus
+
+            return FilterTrailersStatus.StopIteration
+
+    h = Harness(Trailers, enable_trailers=True)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nT: 1\r\n\r\n")
+    assert seen == [[("t", "1")]] and t.take() == HELLO
