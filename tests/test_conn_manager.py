@@ -919,7 +919,7 @@ def test_hcm_proto_options_access_log_and_default_router(tmp_path):
     conn.connection_made(t)
     conn.data_received(b"GET /direct HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
     out = t.take().decode()
-    assert out.startswith("HTTP/1.1 200 OK\r\n")
+    assert out.startswith("HTTP/1.0 200 OK\r\n")
     assert "server: wasmproxy\r\n" in out and "via: 1.1 wasmproxy\r\n" in out and "x-request-id: " in out
     assert "connection: keep-alive\r\n" in out  # HTTP/1.0 keep-alive is answered explicitly
     assert log_path.read_text() == "200 /direct\n"

@@ -404,6 +404,8 @@ class ServerCodec(_CodecBase):
         status = int(headers.get(":status") or 0)
         lines, saw_content_length = _header_lines(headers, frozenset())
         status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        if self.protocol == "HTTP/1.0":
+            status_line = b"HTTP/1.0" + status_line[8:]  # Envoy answers HTTP/1.0 in kind
         if 100 <= status < 200:
             return status_line + b"".join(lines) + _CRLF
         self._response_started = True
