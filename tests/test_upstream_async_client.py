@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import uvloop
+
 from test_upstream_support import FakeDispatcher, FakeTls, Upstream, closed_port, ok_response, read_body, static_cluster
 from wasmproxy.http.headers import HeaderMap
 from wasmproxy.stats.store import Store
@@ -59,7 +61,7 @@ def test_success_with_body_and_outbound_headers() -> None:
         assert store.counter("cluster.up.internal.upstream_rq_200").value == 1
         await up.stop()
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
 
 
 def test_timeout_is_a_504_response_not_a_failure() -> None:
@@ -82,7 +84,7 @@ def test_timeout_is_a_504_response_not_a_failure() -> None:
         assert headers.get("content-type") == "text/plain" and headers.get("content-length") == "24"
         await up.stop()
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
 
 
 def test_connect_failure_is_a_503_response() -> None:
@@ -95,7 +97,7 @@ def test_connect_failure_is_a_503_response() -> None:
         assert (kind, headers.get(":status")) == ("success", "503")
         assert body == b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
 
 
 def test_inline_completion_returns_none_after_the_callback() -> None:
@@ -108,7 +110,7 @@ def test_inline_completion_returns_none_after_the_callback() -> None:
         assert client.send("missing", request(), b"", None, 1000, cb2) is None
         assert not cb2.done.done()
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
 
 
 def test_reset_after_headers_is_a_failure_and_cancel_is_silent() -> None:
@@ -137,4 +139,4 @@ def test_reset_after_headers_is_a_failure_and_cancel_is_silent() -> None:
         assert store.gauge("cluster.up.upstream_rq_active").value == 0
         await up.stop()
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+import uvloop
+
 import pytest
 
 from test_upstream_support import FakeDispatcher, FakeTls, cluster, static_cluster
@@ -147,11 +149,7 @@ load_assignment:
 
 
 def run(coro):  # type: ignore[no-untyped-def]
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+    return uvloop.run(coro)
 
 
 def test_strict_dns_resolves_refreshes_and_publishes_to_workers() -> None:

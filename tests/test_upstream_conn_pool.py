@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import uvloop
+
 from test_upstream_support import FakeDispatcher, Upstream, closed_port, ok_response, static_cluster
 from wasmproxy.http.headers import HeaderMap
 from wasmproxy.stats.store import Store
@@ -73,7 +75,7 @@ def make_pool(port: int, extra: str = "") -> tuple[Http1ConnPool, Store, FakeDis
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+    return uvloop.run(coro)  # the loop wasmproxy runs on
 
 
 def c(store: Store, name: str) -> int:

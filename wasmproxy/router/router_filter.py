@@ -48,7 +48,7 @@ UPSTREAM_REQUEST_TIMEOUT = "upstream request timeout"
 DETAILS_ROUTE_NOT_FOUND = "route_not_found"
 DETAILS_CLUSTER_NOT_FOUND = "cluster_not_found"
 DETAILS_NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
-DETAILS_RESPONSE_TIMEOUT = "upstream_response_timeout"
+DETAILS_RESPONSE_TIMEOUT = "response_timeout"
 DETAILS_DIRECT_RESPONSE = "direct_response"
 DETAILS_VIA_UPSTREAM = "via_upstream"
 
@@ -361,7 +361,7 @@ class Router:
         assert self.cluster is not None and self._request_headers is not None
         self._attempts += 1
         info = self.callbacks.stream_info
-        info.attempt_count = self._attempts
+        info.attempt_count = info.upstream_request_attempt_count = self._attempts
         info.upstream_host = host.address
         headers = self._request_headers
         vh = self.route.virtual_host if self.route is not None else None
@@ -433,6 +433,9 @@ class Router:
 
     def _no_healthy_upstream(self) -> None:
         assert self.cluster is not None
+        self._attempts = max(self._attempts, 1)  # Envoy counts the attempt that found no host
+        info = self.callbacks.stream_info
+        info.attempt_count = info.upstream_request_attempt_count = self._attempts
         self.callbacks.stream_info.add_response_flag("UH")
         self.cluster.stats.charge_response_code(503, self._internal)
         self.callbacks.send_local_reply(503, NO_HEALTHY_UPSTREAM, self._finalize_local_reply, None,
@@ -491,26 +494,32 @@ class Router:
             info.add_response_flag(self._retry_flag)  # Envoy logs e.g. "URX,UF"
         info.add_response_flag(flag)
         if self._downstream_response_started:
+            info.response_code_details = details.replace("_before_response_started", "_after_response_started")
             self.callbacks.reset_stream()
             return
         if upstream is not None:
             upstream.host.stats.rq_error += 1
         assert self.cluster is not None
         self.cluster.stats.charge_response_code(code, self._internal)
-        modify = self._finalize_local_reply
-        if flag == "UO" and not self.config.suppress_envoy_headers:
+        overloaded = flag == "UO" and not self.config.suppress_envoy_headers
 
-            def modify(headers: HeaderMap) -> None:
-                self._finalize_local_reply(headers)
+        def modify(headers: HeaderMap) -> None:
+            self._finalize_local_reply(headers, attempt_count=False)
+            if overloaded:
                 headers.add("x-envoy-overloaded", "true")
+            self._add_attempt_count(headers)
 
         self.callbacks.send_local_reply(code, body, modify, None, details)
 
-    def _finalize_local_reply(self, headers: HeaderMap) -> None:
+    def _finalize_local_reply(self, headers: HeaderMap, attempt_count: bool = True) -> None:
         if self.route is not None:
             self.route.finalize_response_headers(headers, self.callbacks.stream_info, self._request_headers)
-            if self._attempts and self.route.virtual_host.include_attempt_count_in_response:
-                headers.set("x-envoy-attempt-count", str(self._attempts))
+            if attempt_count:
+                self._add_attempt_count(headers)
+
+    def _add_attempt_count(self, headers: HeaderMap) -> None:
+        if self._attempts and self.route is not None and self.route.virtual_host.include_attempt_count_in_response:
+            headers.set("x-envoy-attempt-count", str(self._attempts))
 
     # -- upstream events ---------------------------------------------------------------------------
 

@@ -162,6 +162,9 @@ class ActiveClient(asyncio.Protocol):
         self.state = "connecting"  # connecting -> ready/busy -> closed
         self.remaining_requests = pool.info.max_requests_per_connection or -1
         self._eof = False
+        # Response bytes received for the current stream: a close after some is a protocol
+        # error (an incomplete message), a close before any is a connection termination.
+        self._response_bytes = 0
         self._read_disable_count = 0
         self._connect_start = pool.dispatcher.time_source.monotonic()
         self._connect_timer = pool.dispatcher.create_timer(self._on_connect_timeout)
@@ -206,8 +209,7 @@ class ActiveClient(asyncio.Protocol):
         self.pool._on_connect_failure(self, PoolFailureReason.Timeout, "")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
         if self.state != "connecting":  # timed out meanwhile
             transport.abort()
             return
@@ -234,6 +236,7 @@ class ActiveClient(asyncio.Protocol):
         self.state = "busy"
         if self.remaining_requests > 0:
             self.remaining_requests -= 1
+        self._response_bytes = 0
         self.stream = RequestEncoder(self, decoder)
         return self.stream
 
@@ -259,6 +262,7 @@ class ActiveClient(asyncio.Protocol):
             # Bytes with no request outstanding: the connection is unusable (Envoy closes it).
             self.close(local=False)
             return
+        self._response_bytes += len(data)
         self.codec.feed(data)
 
     def eof_received(self) -> bool:
@@ -323,7 +327,8 @@ class ActiveClient(asyncio.Protocol):
             return
         self._finish_stream(stream)
         self.close(local=not self._eof)
-        reason = StreamResetReason.ConnectionTermination if self._eof else StreamResetReason.ProtocolError
+        terminated = self._eof and self._response_bytes == 0
+        reason = StreamResetReason.ConnectionTermination if terminated else StreamResetReason.ProtocolError
         stream.decoder.on_reset_stream(reason, error.details)
 
     # -- lifecycle ---------------------------------------------------------------------------
