@@ -268,7 +268,10 @@ class PluginConfig:
             name=proto.name, root_id=proto.root_id, vm_id=vm_config.vm_id,
             plugin_configuration=any_to_bytes(proto.configuration) if proto.HasField("configuration") else b"",
             vm_configuration=any_to_bytes(vm_config.configuration) if vm_config.HasField("configuration") else b"",
-            failure_policy=self.failure_policy,
+            # The host core's fail_open bit is Envoy's PluginBase::fail_open_: the deprecated
+            # bool alone. A trap in a callback lets the stream continue only with it; the
+            # FAIL_OPEN policy instead skips the filter on later streams (Envoy 1.40).
+            failure_policy=FailurePolicy.FAIL_OPEN if proto.fail_open else FailurePolicy.UNSPECIFIED,
             allow_on_headers_stop_iteration=proto.allow_on_headers_stop_iteration.value
             if proto.HasField("allow_on_headers_stop_iteration") else False,
         )

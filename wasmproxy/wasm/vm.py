@@ -37,7 +37,6 @@ from .wasm import Timer, Wasm
 __all__ = [
     "WasmHandle",
     "WasmThread",
-    "base_wasm_count",
     "create_wasm",
     "get_or_create_thread_local_wasm",
     "make_vm_key",
@@ -74,11 +73,12 @@ class WasmHandle:
     __slots__ = ("wasm", "base", "lifecycle", "_finalizer", "__weakref__")
 
     def __init__(self, wasm: Wasm, lifecycle: LifecycleStats, base: "WasmHandle | None" = None) -> None:
+        """On the thread the Wasm will run on (its owner)."""
         self.wasm = wasm
         self.base = base
         self.lifecycle = lifecycle
         lifecycle.on_vm_created()
-        self._finalizer = weakref.finalize(self, _destroy, wasm, lifecycle)
+        self._finalizer = weakref.finalize(self, _destroy, wasm, lifecycle, threading.get_ident())
 
     def kill(self) -> None:
         """Destroy the Wasm now (the canary), instead of when the handle is collected."""
@@ -89,21 +89,22 @@ class WasmHandle:
         return self._finalizer.alive
 
 
-def _destroy(wasm: Wasm, lifecycle: LifecycleStats) -> None:
-    wasm.close()
+def _destroy(wasm: Wasm, lifecycle: LifecycleStats, owner_thread: int) -> None:
+    """Close the Wasm on its own thread (a VM is only ever entered there)."""
     lifecycle.on_vm_shutdown()
+    if threading.get_ident() == owner_thread:
+        wasm.close()
+        return
+    try:
+        wasm.post(wasm.close)
+    except Exception:  # the owner's dispatcher is gone: the VM just goes with the garbage
+        _log.debug("wasm %s released after its thread ended", wasm.vm_id)
 
 
 # -- the process-wide base-VM cache -----------------------------------------------------------
 
 _base_wasms: dict[str, "weakref.ref[WasmHandle]"] = {}
 _base_wasms_lock = threading.Lock()
-
-
-def base_wasm_count() -> int:
-    """How many base VMs are alive (admin, tests)."""
-    with _base_wasms_lock:
-        return sum(1 for ref in _base_wasms.values() if ref() is not None)
 
 
 def create_wasm(
