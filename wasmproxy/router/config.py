@@ -42,10 +42,11 @@ def _ms(duration: Any) -> int:
 
 def _split_query(path: str) -> tuple[str, str]:
     """('/a/b', '?x=1') — the query (and fragment) kept verbatim with its '?'."""
-    for i, ch in enumerate(path):
-        if ch in "?#":
-            return path[:i], path[i:]
-    return path, ""
+    q = path.find("?")
+    h = path.find("#")
+    if h >= 0 and (q < 0 or h < q):
+        q = h
+    return (path, "") if q < 0 else (path[:q], path[q:])
 
 
 def strip_port(host: str) -> str:
@@ -70,6 +71,8 @@ class Route:
         self._build_match(proto.match)
         self.request_headers_parser = HeaderParser(proto.request_headers_to_add, proto.request_headers_to_remove)
         self.response_headers_parser = HeaderParser(proto.response_headers_to_add, proto.response_headers_to_remove)
+        # request? -> the non-empty parsers of route, vhost and config, in evaluation order.
+        self._parser_cache: dict[bool, list[HeaderParser]] = {}
 
         self.action: str = proto.WhichOneof("action") or ""
         if self.action not in ("route", "direct_response", "redirect"):
@@ -132,11 +135,14 @@ class Route:
             dv = m.runtime_fraction.default_value
             self.runtime_fraction = (dv.numerator, (100, 10_000, 1_000_000)[dv.denominator])
 
-    def matches(self, headers: HeaderMap, stream_id: int) -> bool:
-        path_header = headers.get(":path")
+    def matches(self, headers: HeaderMap, stream_id: int, path_header: str | None = None, path: str = "") -> bool:
+        """Whether this route takes the request; `path_header`/`path` (without query) may be passed in
+        by a caller that matches many routes against the same request."""
         if path_header is None:
-            return False
-        path, _ = _split_query(path_header)
+            path_header = headers.get(":path")
+            if path_header is None:
+                return False
+            path = _split_query(path_header)[0]
         cmp = path if self.case_sensitive else path.lower()
         kind = self.match_kind
         if kind == "prefix":
@@ -227,6 +233,12 @@ class Route:
     # -- header mutations ---------------------------------------------------------------------------
 
     def _parsers(self, request: bool) -> list[HeaderParser]:
+        cached = self._parser_cache.get(request)
+        if cached is None:
+            cached = self._parser_cache[request] = self._build_parsers(request)
+        return cached
+
+    def _build_parsers(self, request: bool) -> list[HeaderParser]:
         vh = self.virtual_host
         rc = vh.route_config
         if request:
@@ -347,8 +359,12 @@ class VirtualHost:
         self.routes = [Route(r, self) for r in proto.routes]
 
     def route(self, headers: HeaderMap, stream_id: int) -> Route | None:
+        path_header = headers.get(":path")
+        if path_header is None:
+            return None  # every path matcher needs a :path (CONNECT has none)
+        path = _split_query(path_header)[0]
         for r in self.routes:
-            if r.matches(headers, stream_id):
+            if r.matches(headers, stream_id, path_header, path):
                 return r
         return None
 

@@ -80,8 +80,10 @@ class RetryState:
         header_max = headers.get("x-envoy-max-retries")
         if header_max is not None and header_max.isdigit():
             num = int(header_max)
-        headers.remove("x-envoy-retry-on")
-        headers.remove("x-envoy-max-retries")
+        if header_on is not None:
+            headers.remove("x-envoy-retry-on")
+        if header_max is not None:
+            headers.remove("x-envoy-max-retries")
         if not retry_on or num <= 0:
             return None
         return cls(policy or RetryPolicy(), retry_on, num)

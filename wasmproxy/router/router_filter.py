@@ -67,6 +67,12 @@ _RESET_FLAGS = {
 _HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding")
 
 
+def remove_hop_by_hop(headers: HeaderMap) -> None:
+    for name in _HOP_BY_HOP:
+        if headers.get(name) is not None:
+            headers.remove(name)
+
+
 class RouterConfig:
     """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to."""
 
@@ -98,8 +104,10 @@ def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig) -
     chosen = expected if expected is not None else header
     if chosen is not None and chosen.isdigit():
         timeout = int(chosen)
-    headers.remove("x-envoy-upstream-rq-timeout-ms")
-    headers.remove("x-envoy-upstream-rq-per-try-timeout-ms")
+    if header is not None:
+        headers.remove("x-envoy-upstream-rq-timeout-ms")
+    if headers.get("x-envoy-upstream-rq-per-try-timeout-ms") is not None:
+        headers.remove("x-envoy-upstream-rq-per-try-timeout-ms")
     if not config.suppress_envoy_headers and timeout > 0:
         headers.set("x-envoy-expected-rq-timeout-ms", str(timeout))
     return timeout
@@ -296,8 +304,7 @@ class Router:
         route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
-        for name in _HOP_BY_HOP:
-            headers.remove(name)
+        remove_hop_by_hop(headers)
         if end_stream:
             self._on_request_complete()
         self._start_attempt(host)
@@ -585,8 +592,7 @@ class Router:
         if self._per_try_timer is not None:
             self._per_try_timer.disable_timer()
         info.first_upstream_rx = now
-        for name in _HOP_BY_HOP:
-            headers.remove(name)
+        remove_hop_by_hop(headers)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)
             headers.set("x-envoy-upstream-service-time", str(int((now - start) * 1000)))
