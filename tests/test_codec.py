@@ -323,7 +323,14 @@ def test_204_and_304_are_never_chunked_nor_given_a_length(status):
     codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     out = codec.encode_headers(response(status), False)
     assert b"chunked" not in out and b"content-length" not in out
-    assert codec.encode_data(b"x", True) == b""
+    # Like Envoy's codec, a body given anyway goes out as is (Envoy's direct_response 204 does).
+    assert codec.encode_data(b"x", True) == b"x"
+
+
+def test_any_http_version_but_1_1_is_http10_to_envoy():
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n")
+    assert rec.events[-1] == ("error", 426, "low_version")
 
 
 def test_100_continue():

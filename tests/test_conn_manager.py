@@ -123,7 +123,6 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.out = bytearray()
         self.closed = False
-        self.fully_closed = False
         self.reading = True
         self.read_pauses = 0
         self.peer = peer
@@ -133,14 +132,6 @@ class FakeTransport(asyncio.Transport):
         self.out += data
 
     def close(self) -> None:
-        self.closed = True
-        self.fully_closed = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        # What a client sees as the end of the connection; the socket lingers (delayed close).
         self.closed = True
 
     def is_closing(self) -> bool:
@@ -250,7 +241,7 @@ def test_direct_reply_bytes_match_envoy_and_connection_is_kept_alive():
     conn, t = h.connect()
     conn.data_received(b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n")
     assert t.take() == HELLO
-    assert not t.closed
+    assert not conn.closed
     h.dispatcher.run_posts()
     conn.data_received(b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n")
     assert t.take() == HELLO
@@ -277,7 +268,7 @@ def test_connection_close_request_gets_connection_close_and_is_closed():
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     out = t.take()
     assert out.endswith(b"server: envoy\r\nconnection: close\r\n\r\nhello")
-    assert t.closed
+    assert conn.closed
     assert h.store["downstream_cx_destroy_local"] == 1 and h.store["downstream_cx_active"] == 0
     assert h.store.histograms["http.ingress.downstream_cx_length_ms"].values == [0.0]
     assert h.store.histograms["http.ingress.downstream_rq_time"].values == [0.0]
@@ -291,7 +282,7 @@ def test_http10_gets_envoys_426():
         b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\ncontent-type: text/plain\r\n"
         + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nUpgrade Required"
     )
-    assert t.closed
+    assert conn.closed
 
 
 @pytest.mark.parametrize("raw", [
@@ -306,7 +297,7 @@ def test_malformed_request_gets_envoys_400_and_close(raw):
         b"HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\ncontent-type: text/plain\r\n"
         + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nBad Request"
     )
-    assert t.closed
+    assert conn.closed
     assert h.store["downstream_cx_protocol_error"] == 1 and h.store["downstream_rq_4xx"] == 1
 
 
@@ -316,7 +307,7 @@ def test_headers_too_large_is_431_with_reason_body():
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
     out = t.take()
     assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 31\r\n")
-    assert out.endswith(b"\r\n\r\nRequest Header Fields Too Large") and t.closed
+    assert out.endswith(b"\r\n\r\nRequest Header Fields Too Large") and conn.closed
 
 
 def test_missing_host_is_400_without_body_and_close():
@@ -327,7 +318,7 @@ def test_missing_host_is_400_without_body_and_close():
         b"HTTP/1.1 400 Bad Request\r\n" + DATE.encode()
         + b"\r\nserver: envoy\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
     )
-    assert t.closed
+    assert conn.closed
 
 
 def test_upgrade_without_upgrade_config_is_403_and_close():
@@ -345,7 +336,7 @@ def test_options_star_is_404_and_kept_alive():
     conn, t = h.connect()
     conn.data_received(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
     assert t.take() == b"HTTP/1.1 404 Not Found\r\n" + DATE.encode() + b"\r\nserver: envoy\r\ncontent-length: 0\r\n\r\n"
-    assert not t.closed
+    assert not conn.closed
 
 
 def test_expect_100_continue_is_answered_by_the_proxy_and_header_removed():
@@ -370,7 +361,7 @@ def test_response_before_request_complete_closes_the_connection():
     conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
     out = t.take()
     assert b"connection: close\r\n" in out and out.endswith(b"hello")
-    assert t.closed
+    assert conn.closed
     assert h.store["downstream_rq_response_before_rq_complete"] == 1
 
 
@@ -441,10 +432,10 @@ def test_streaming_bodies_both_ways_chunked():
     assert t.take().endswith(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n")
     conn.data_received(b"3\r\nabc\r\n")
     assert t.take() == b"3\r\nabc\r\n"
-    assert not t.closed
+    assert not conn.closed
     conn.data_received(b"0\r\n\r\n")
     assert t.take() == b"0\r\n\r\n"
-    assert t.closed
+    assert conn.closed
 
 
 def test_buffering_filter_over_the_limit_answers_413_and_closes():
@@ -461,7 +452,7 @@ def test_buffering_filter_over_the_limit_answers_413_and_closes():
         b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 17\r\ncontent-type: text/plain\r\n"
         + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nPayload Too Large"
     )
-    assert t.closed and h.store["downstream_rq_too_large"] == 1
+    assert conn.closed and h.store["downstream_rq_too_large"] == 1
 
 
 def test_watermark_filter_pauses_reading_until_it_continues():
@@ -524,9 +515,9 @@ def test_connection_idle_timeout_closes_an_idle_connection_only():
     h.dispatcher.advance(0.5)
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     h.dispatcher.advance(0.9)
-    assert not t.closed
+    assert not conn.closed
     h.dispatcher.advance(0.2)
-    assert t.closed and h.store["downstream_cx_idle_timeout"] == 1
+    assert conn.closed and h.store["downstream_cx_idle_timeout"] == 1
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -571,9 +562,9 @@ def test_drain_closes_after_the_current_response():
     idle, t2 = h.connect()
     conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n")
     h.handler.drain()
-    assert t2.closed and not t.closed
+    assert idle.closed and not conn.closed
     conn.data_received(b"x")
-    assert b"connection: close\r\n" in t.take() and t.closed
+    assert b"connection: close\r\n" in t.take() and conn.closed
 
 
 def test_route_is_cached_until_cleared():
@@ -654,7 +645,7 @@ def test_keep_alive_and_pipelining_over_real_loopback_socket():
                         break
                     data += chunk
                 s.sendall(b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                while True:
+                while data.count(b"hello") < 3:  # then we close first, as clients do
                     chunk = s.recv(65536)
                     if not chunk:
                         break
@@ -684,7 +675,7 @@ def test_fragment_in_path_is_400_without_body_and_close():
     conn.data_received(b"GET /direct#frag HTTP/1.1\r\nHost: a\r\n\r\n")
     assert t.take() == (b"HTTP/1.1 400 Bad Request\r\n" + DATE.encode()
                         + b"\r\nserver: envoy\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-    assert t.closed and h.store["downstream_rq_failed_path_normalization"] == 1
+    assert conn.closed and h.store["downstream_rq_failed_path_normalization"] == 1
 
 
 def test_connect_without_upgrade_config_is_answered_and_closed():
@@ -698,7 +689,7 @@ def test_connect_without_upgrade_config_is_answered_and_closed():
     conn, t = h.connect()
     conn.data_received(b"CONNECT diff.test:443 HTTP/1.1\r\nHost: diff.test:443\r\n\r\n")
     assert t.take().endswith(b"connection: close\r\ncontent-length: 0\r\n\r\n")
-    assert t.closed
+    assert conn.closed
     assert ":path" not in h.made[0].seen[0] and h.made[0].seen[0].get(":authority") == "diff.test:443"
 
 
@@ -814,7 +805,7 @@ def test_a_filter_bug_closes_the_connection_instead_of_hanging_it():
     h = Harness(Broken)
     conn, t = h.connect()
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert t.closed and Broken.destroyed == 1
+    assert conn.closed and Broken.destroyed == 1
 
 
 def test_max_requests_per_connection_closes_after_the_last_one():
@@ -824,7 +815,7 @@ def test_max_requests_per_connection_closes_after_the_last_one():
     assert b"connection: close" not in t.take()
     h.dispatcher.run_posts()
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert b"connection: close\r\n" in t.take() and t.closed
+    assert b"connection: close\r\n" in t.take() and conn.closed
     assert h.store["downstream_cx_max_requests_reached"] == 1
 
 
@@ -846,16 +837,16 @@ def test_unsupported_hcm_fields_are_ignored_with_a_warning():
     assert any("normalize_path" in r.getMessage() for r in records)
 
 
-def test_local_close_half_closes_then_closes_on_peer_eof_or_after_the_delay():
+def test_local_close_waits_for_the_peer_or_the_delayed_close_timeout():
     h = Harness(Direct)
     conn, t = h.connect()
     conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx")
-    assert t.closed and not t.fully_closed
+    assert conn.closed and not t.closed  # the socket lingers for the peer to close first
     conn.data_received(b"late bytes are dropped")
     h.dispatcher.advance(0.5)
-    assert not t.fully_closed
+    assert not t.closed
     h.dispatcher.advance(0.6)
-    assert t.fully_closed and h.store["downstream_cx_delayed_close_timeout"] == 1
+    assert t.closed and h.store["downstream_cx_delayed_close_timeout"] == 1
 
     h = Harness(Direct)
     conn, t = h.connect()
@@ -876,7 +867,7 @@ def test_stream_idle_timeout_is_504_once_the_request_is_complete_and_a_reset_aft
     h.dispatcher.advance(1.1)
     out = t.take()
     assert out.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and out.endswith(b"\r\n\r\nstream timeout")
-    assert not t.closed  # the request was complete: the connection stays usable
+    assert not conn.closed  # the request was complete: the connection stays usable
 
     class Started(PassThroughFilter):
         def decode_headers(self, headers, end_stream):
@@ -888,7 +879,7 @@ def test_stream_idle_timeout_is_504_once_the_request_is_complete_and_a_reset_aft
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     t.take()
     h.dispatcher.advance(1.1)
-    assert t.take() == b"" and t.closed and h.store["downstream_rq_tx_reset"] == 1
+    assert t.take() == b"" and conn.closed and h.store["downstream_rq_tx_reset"] == 1
 
 
 def test_hcm_proto_options_access_log_and_default_router(tmp_path):
@@ -956,3 +947,17 @@ def test_request_trailers_reach_filters_when_enabled():
     conn, t = h.connect()
     conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nT: 1\r\n\r\n")
     assert seen == [[("t", "1")]] and t.take() == HELLO
+
+
+def test_http10_body_framed_by_close_is_closed_without_delay():
+    class NoLength(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), False)
+            self.decoder_callbacks.encode_data(b"body", True)
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(NoLength, accept_http_10=True)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert t.take() == b"HTTP/1.0 200 OK\r\n" + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nbody"
+    assert t.closed

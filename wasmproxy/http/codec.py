@@ -339,7 +339,9 @@ class ServerCodec(_CodecBase):
         # What Envoy 1.40 (Balsa) accepts beyond strict llhttp: bare LF line ends and obs-fold
         # (unfolded to one space). Values are still checked for control characters above.
         self._parser.set_dangerous_leniencies(
-            lenient_headers=True, lenient_optional_lf_after_cr=True, lenient_optional_cr_before_lf=True
+            lenient_headers=True, lenient_optional_lf_after_cr=True, lenient_optional_cr_before_lf=True,
+            # Any version parses; all but 1.1 are then HTTP/1.0 to Envoy (426 unless accepted).
+            lenient_version=True,
         )
         self._paused = False
         # Set when a complete request was delivered; cleared when its response is encoded.
@@ -409,7 +411,9 @@ class ServerCodec(_CodecBase):
         if 100 <= status < 200:
             return status_line + b"".join(lines) + _CRLF
         self._response_started = True
-        self._response_body_allowed = not self.is_head_request and status not in (204, 304)
+        # Envoy's codec writes whatever body it is given, even on 204/304 (a direct_response
+        # 204 with a body goes out with it); only HEAD answers never carry one.
+        self._response_body_allowed = not self.is_head_request
         self._chunk_encoding = False
         if not saw_content_length:
             # The branches of Envoy's StreamEncoderImpl::encodeHeadersBase, in its order (so a

@@ -424,6 +424,11 @@ class ConnectionManager(asyncio.Protocol):
             return
         self._apply_pipelining_backpressure()
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing (its socket may linger for a delayed close)."""
+        return self._closed
+
     def _conn_id(self) -> int:
         return self.connection_info.id if self.connection_info is not None else 0
 
@@ -529,9 +534,9 @@ class ConnectionManager(asyncio.Protocol):
             self.close()
 
     def close(self, flush_and_delay: bool = True) -> None:
-        """Local close, by default Envoy's FlushWriteAndDelay: flush what was written, half-close,
-        and give the peer delayed_close_timeout to close its side (its late bytes are read and
-        dropped), so a client still sending a body reads our reply instead of a reset."""
+        """Local close, by default Envoy's FlushWriteAndDelay: what was written is flushed and the
+        peer gets delayed_close_timeout to close first (its late bytes are read and dropped), so a
+        client still sending a body reads our reply instead of a reset."""
         if self._closed:
             return
         self.stats.downstream_cx_destroy_local.inc()
@@ -542,10 +547,9 @@ class ConnectionManager(asyncio.Protocol):
         if transport is None:
             return
         delay_ms = self.config.delayed_close_timeout_ms
-        if not flush_and_delay or delay_ms <= 0 or not transport.can_write_eof():
+        if not flush_and_delay or delay_ms <= 0:
             transport.close()
             return
-        transport.write_eof()
         if self._read_disable_count:
             self._read_disable_count = 0
             transport.resume_reading()  # to see the peer's FIN
@@ -595,7 +599,8 @@ class ConnectionManager(asyncio.Protocol):
         if self._closed:
             return
         if self.drain_state == _CLOSING:
-            self.close()
+            # An HTTP/1.0 body without a length ends at close: no delay then (Envoy's http_10_sans_cl).
+            self.close(flush_and_delay=not stream.framed_by_close)
             return
         if self._idle_timer is not None:
             self._idle_timer.enable_timer(self.config.idle_timeout_ms)
@@ -663,6 +668,7 @@ class ActiveStream:
             self.filter_manager.add_access_log_handler(log)
         self.response_started = False
         self.saw_connection_close = False
+        self.framed_by_close = False
         self._codec_saw_local_complete = False
         self._destroyed = False
         self._cached_route: object | None = None
@@ -830,6 +836,7 @@ class ActiveStream:
             # HTTP/1.0 cannot chunk: without a length the response is framed by close.
             if headers.get("content-length") is None:
                 self.saw_connection_close = True
+                self.framed_by_close = True
             if not self.saw_connection_close:
                 headers.set("connection", "keep-alive")
         if conn.drain_state == _NOT_DRAINING and self.saw_connection_close:
