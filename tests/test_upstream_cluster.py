@@ -12,7 +12,7 @@ import pytest
 from test_upstream_support import FakeDispatcher, FakeTls, cluster, static_cluster
 from wasmproxy.http.stream_info import Address
 from wasmproxy.stats.store import Store
-from wasmproxy.upstream.cluster import ClusterConfigError, ClusterInfo, resolve_with_loop
+from wasmproxy.upstream.cluster import CaresResolver, ClusterConfigError, ClusterInfo
 from wasmproxy.upstream.cluster_manager import ClusterManager
 from wasmproxy.upstream.host import Host
 from wasmproxy.upstream.load_balancer import (
@@ -200,14 +200,22 @@ def test_logical_dns_uses_first_address_only() -> None:
         cm.initialize(lambda: done.set_result(True))
         await done
         assert [str(h.address) for h in cm.thread_local().get("dns").hosts] == ["10.0.0.7:8080"]
-        assert resolver.lookups[0][2] == 3  # AUTO means V4_PREFERRED for LOGICAL_DNS here
+        assert resolver.lookups[0][2] == 0  # dns_lookup_family AUTO is passed through
         cm.shutdown()
 
     run(scenario())
 
 
-def test_resolve_with_loop_handles_ip_literals() -> None:
-    assert run(resolve_with_loop("127.0.0.1", 80, 0)) == ["127.0.0.1"]
+def test_cares_resolver_reads_hosts_and_literals() -> None:
+    resolver = CaresResolver()
+    assert run(resolver("127.0.0.1", 80, 0)) == ["127.0.0.1"]
+    assert run(resolver("::1", 80, 0)) == ["::1"]
+
+    async def lookups() -> None:
+        r = CaresResolver()  # one c-ares channel per loop
+        assert await r("localhost", 80, 1) == ["127.0.0.1"]  # V4_ONLY, from /etc/hosts
+
+    run(lookups())
 
 
 def test_cluster_manager_tables_and_admin_text() -> None:

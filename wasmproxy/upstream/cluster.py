@@ -156,23 +156,43 @@ class ClusterInfo:
         self.high_resource_manager = ResourceManager(high_thresholds)
 
 
-async def resolve_with_loop(hostname: str, port: int, family: int) -> list[str]:
-    """Resolve `hostname` with the running loop's getaddrinfo, in Envoy's dns_lookup_family order."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
-    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
-    v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
-    if family == 1:  # V4_ONLY
-        addrs = v4
-    elif family == 2:  # V6_ONLY
-        addrs = v6
-    elif family == 3:  # V4_PREFERRED
-        addrs = v4 or v6
-    elif family == 4:  # ALL
-        addrs = v4 + v6
-    else:  # AUTO: IPv6 when there is one
-        addrs = v6 or v4
-    return list(dict.fromkeys(addrs))
+class CaresResolver:
+    """DNS through c-ares (aiodns), as Envoy's default resolver: /etc/hosts, then DNS servers.
+
+    Envoy's dns_lookup_family: AUTO asks for IPv6 and falls back to IPv4, V4_PREFERRED the
+    reverse, ALL returns both. Main thread only (one c-ares channel on the main loop).
+    """
+
+    def __init__(self) -> None:
+        self._resolver: Any = None
+
+    async def __call__(self, hostname: str, port: int, family: int) -> list[str]:
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in hostname else socket.AF_INET, hostname)
+            return [hostname]  # an IP literal needs no lookup
+        except OSError:
+            pass
+        if self._resolver is None:
+            import aiodns
+
+            self._resolver = aiodns.DNSResolver(loop=asyncio.get_running_loop())
+        order = {
+            1: (socket.AF_INET,),
+            2: (socket.AF_INET6,),
+            3: (socket.AF_INET, socket.AF_INET6),
+            4: (socket.AF_UNSPEC,),
+        }.get(family, (socket.AF_INET6, socket.AF_INET))
+        error: Exception | None = None
+        for fam in order:
+            try:
+                result = await self._resolver.getaddrinfo(hostname, family=fam, port=port, type=socket.SOCK_STREAM)
+            except Exception as e:  # aiodns.error.DNSError: try the next family
+                error = e
+                continue
+            addrs = [n.addr[0].decode() if isinstance(n.addr[0], bytes) else n.addr[0] for n in result.nodes]
+            if addrs:
+                return list(dict.fromkeys(addrs))
+        raise OSError(f"DNS resolution of {hostname} failed: {error}")
 
 
 def _endpoint_hosts(cluster: ClusterInfo, proto: Any) -> list[tuple[str, int, str, int, bool, dict]]:
@@ -199,14 +219,14 @@ class Cluster:
         proto: Any,
         dispatcher: Any,
         on_hosts_changed: Callable[["Cluster"], None],
-        resolver: Resolver = resolve_with_loop,
+        resolver: Resolver | None = None,
     ) -> None:
         self.info = ClusterInfo(proto)
         self.hosts: tuple[Host, ...] = ()
         self.initialized = False
         self._dispatcher = dispatcher
         self._on_hosts_changed = on_hosts_changed
-        self._resolver = resolver
+        self._resolver: Resolver = resolver or CaresResolver()
         self._endpoints = _endpoint_hosts(self.info, proto)
         self._timer: Any = None
         self._init_waiters: list[Callable[[], None]] = []
@@ -244,9 +264,6 @@ class Cluster:
 
     async def _resolve_all(self) -> None:
         family = self.info.dns_lookup_family
-        if self.info.type == "LOGICAL_DNS":
-            # LOGICAL_DNS: one host whose address is the first answer of the latest lookup.
-            family = 3 if family == 0 else family
         new: list[Host] = []
         failed = False
         for addr, port, hostname, weight, healthy, md in self._endpoints:
@@ -256,7 +273,7 @@ class Cluster:
                 failed = True
                 continue
             if self.info.type == "LOGICAL_DNS":
-                answers = answers[:1]
+                answers = answers[:1]  # one host: the first answer of the latest lookup
             for ip in answers:
                 new.append(Host(self.info.name, Address(ip, port), hostname=hostname or addr, weight=weight,
                                 healthy=healthy, metadata=md))

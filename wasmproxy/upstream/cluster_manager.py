@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..stats.store import Store
-from .cluster import Cluster, ClusterConfigError, ClusterInfo, Resolver, resolve_with_loop
+from .cluster import CaresResolver, Cluster, ClusterConfigError, ClusterInfo, Resolver
 from .cluster_stats import ClusterStats
 from .conn_pool import Http1ConnPool
 from .host import Host, HostStats
@@ -108,7 +108,7 @@ class ClusterManager:
         tls: Any,
         store: Store,
         store_for: Callable[[Any], Store] | None = None,
-        resolver: Resolver = resolve_with_loop,
+        resolver: Resolver | None = None,
     ) -> None:
         self._dispatcher = main_dispatcher
         self._store = store
@@ -116,6 +116,8 @@ class ClusterManager:
         for proto in cluster_protos:
             if proto.name in self.clusters:
                 raise ClusterConfigError(f"cluster manager: duplicate cluster '{proto.name}'")
+            # One c-ares channel for all clusters unless a test passes its own resolver.
+            resolver = resolver or CaresResolver()
             self.clusters[proto.name] = Cluster(proto, main_dispatcher, self._on_hosts_changed, resolver)
         store.counter("cluster_manager.cluster_added").inc(len(self.clusters))
         store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
