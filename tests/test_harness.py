@@ -214,8 +214,8 @@ def test_generated_ids_keep_their_relations() -> None:
     same = norm(_echo_resp('[["x-request-id", "aaa"]]', [("x-request-id", "aaa")]))
     other = norm(_echo_resp('[["x-request-id", "bbb"]]', [("x-request-id", "ccc")]))
     assert same["headers"]["x-request-id"] == same["body"]["headers"]["x-request-id"] == ["<request-id-1>"]
-    assert other["headers"]["x-request-id"] == ["<request-id-1>"]
-    assert other["body"]["headers"]["x-request-id"] == ["<request-id-2>"]
+    assert other["body"]["headers"]["x-request-id"] == ["<request-id-1>"]
+    assert other["headers"]["x-request-id"] == ["<request-id-2>"]
     preserved = norm(_echo_resp('[["x-request-id", "mine"]]'), sent=["mine"])
     regenerated = norm(_echo_resp('[["x-request-id", "fresh"]]'), sent=["mine"])
     assert preserved["body"]["headers"]["x-request-id"] == ["mine"]

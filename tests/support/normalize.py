@@ -139,8 +139,10 @@ class Normaliser:
             "reason": resp.reason,
             "version": resp.version,
             "interim": [s for s, _ in resp.interim],
-            "headers": self.headers(resp.headers, VOLATILE_RESPONSE_HEADERS, self.ignore_headers, ids),
+            # The body before the headers: when both differ, content-length is only the echo of
+            # the body's difference, so the body makes the more useful first difference.
             "body": self.body(resp, ids) if resp.complete else "<truncated: how much arrived is a race>",
+            "headers": self.headers(resp.headers, VOLATILE_RESPONSE_HEADERS, self.ignore_headers, ids),
         }
         if resp.trailers:
             out["trailers"] = self.headers(resp.trailers, {}, ())
