@@ -109,6 +109,9 @@ def test_connection_is_reused_after_a_complete_response() -> None:
         assert up.requests[0].startswith(b"GET / HTTP/1.1\r\nhost: up\r\n")
         pool.drain_connections()
         assert g(store, "upstream_cx_active") == 0 and c(store, "upstream_cx_destroy_local") == 1
+        assert store.histogram("cluster.c.upstream_rq_per_cx").used
+        assert store.histogram("cluster.c.upstream_cx_length_ms").used
+        assert store.histogram("cluster.c.upstream_cx_connect_ms").used
         await up.stop()
 
     run(scenario())

@@ -41,6 +41,9 @@ class ClusterStats:
     def record_ms(self, name: str, value: float) -> None:
         self._store.histogram(self.prefix + name, Unit.MILLISECONDS).record(value)
 
+    def record(self, name: str, value: float) -> None:
+        self._store.histogram(self.prefix + name, Unit.UNSPECIFIED).record(value)
+
     def charge_response_code(self, code: int, internal: bool, retry: bool = False) -> None:
         """upstream_rq_<code>, upstream_rq_<N>xx and upstream_rq_completed, plus the
         internal./external. copies (CodeStatsImpl::chargeResponseStat); a response discarded

@@ -161,12 +161,13 @@ class ActiveClient(asyncio.Protocol):
         self.stream: RequestEncoder | None = None
         self.state = "connecting"  # connecting -> ready/busy -> closed
         self.remaining_requests = pool.info.max_requests_per_connection or -1
+        self.requests = 0
         self._eof = False
         # Response bytes received for the current stream: a close after some is a protocol
         # error (an incomplete message), a close before any is a connection termination.
         self._response_bytes = 0
         self._read_disable_count = 0
-        self._connect_start = pool.dispatcher.time_source.monotonic()
+        self.created_at = self._connect_start = pool.dispatcher.time_source.monotonic()
         self._connect_timer = pool.dispatcher.create_timer(self._on_connect_timeout)
         self._idle_timer: Any = None
         self._task: asyncio.Future[Any] | None = None
@@ -237,6 +238,7 @@ class ActiveClient(asyncio.Protocol):
         if self.remaining_requests > 0:
             self.remaining_requests -= 1
         self._response_bytes = 0
+        self.requests += 1
         self.stream = RequestEncoder(self, decoder)
         return self.stream
 
@@ -528,6 +530,7 @@ class Http1ConnPool:
     def _on_connect_failure(self, client: ActiveClient, reason: PoolFailureReason, transport_failure: str) -> None:
         if client in self._connecting:
             self._connecting.remove(client)
+        self._record_length(client)
         self.stats.inc("upstream_cx_connect_fail")
         self.host.stats.cx_connect_fail += 1
         self._connection_gone(local=False, with_active_rq=False)
@@ -539,11 +542,17 @@ class Http1ConnPool:
             pending.callbacks.on_pool_failure(reason, transport_failure, self.host)
 
     def _on_client_closed(self, client: ActiveClient, local: bool, with_active_rq: bool) -> None:
+        self._record_length(client)
+        self.stats.record("upstream_rq_per_cx", client.requests)
         self._remove_ready(client)
         self._busy.discard(client)
         self._connection_gone(local, with_active_rq)
         if self._pending:
             self._try_create_connections()
+
+    def _record_length(self, client: ActiveClient) -> None:
+        now = self.dispatcher.time_source.monotonic()
+        self.stats.record_ms("upstream_cx_length_ms", (now - client.created_at) * 1000)
 
     def _connection_gone(self, local: bool, with_active_rq: bool) -> None:
         self._rm.connections.dec()
