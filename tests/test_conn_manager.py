@@ -961,3 +961,46 @@ def test_http10_body_framed_by_close_is_closed_without_delay():
     conn.data_received(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
     assert t.take() == b"HTTP/1.0 200 OK\r\n" + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n\r\nbody"
     assert t.closed
+
+
+# -- fuzzing the whole connection manager -----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_pieces = st.sampled_from([
+    b"GET / HTTP/1.1\r\n", b"POST /e HTTP/1.1\r\n", b"HEAD / HTTP/1.1\r\n", b"Host: a\r\n", b"\r\n",
+    b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n", b"0\r\n\r\n", b"abc",
+    b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"Connection: upgrade\r\nUpgrade: ws\r\n",
+    b"GET / HTTP/1.0\r\n", b"\x00", b" ", b"X: y\r\n",
+])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pieces=st.lists(_pieces, max_size=25), cuts=st.lists(st.integers(0, 300), max_size=3),
+       echo=st.booleans(), lost=st.booleans())
+def test_fuzz_connection_manager_never_raises_and_always_finishes_streams(pieces, cuts, echo, lost):
+    import logging
+
+    from wasmproxy.log import get_logger
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    get_logger("http").addHandler(handler)
+    try:
+        h = Harness(Echo if echo else Direct, buffer_limit=64)
+        conn, t = h.connect()
+        data = b"".join(pieces)
+        pos = 0
+        for cut in sorted(cuts) + [len(data)]:
+            conn.data_received(data[pos:cut])
+            h.dispatcher.run_posts()
+            pos = max(pos, cut)
+        if lost:
+            conn.connection_lost(None)
+    finally:
+        get_logger("http").removeHandler(handler)
+    assert errors == []
+    if lost:
+        assert all(f.destroyed == 1 for f in h.made if hasattr(f, "destroyed"))
+        assert h.store["downstream_rq_active"] == 0 and h.store["downstream_cx_active"] == 0
