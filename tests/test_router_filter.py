@@ -467,3 +467,35 @@ def test_per_try_timeout_retries_then_504() -> None:
         await up.stop()
 
     run(scenario())
+
+
+def test_flow_control_both_ways() -> None:
+    async def scenario() -> None:
+        async def hang(reader: Any, writer: Any, head: bytes) -> bool:
+            await reader.read()
+            return False
+
+        up = await Upstream(hang).start()
+        hx = Harness(up.port)
+        h = HeaderMap([(":method", "POST"), (":path", "/"), (":authority", "a")])
+        stream = FakeStream(hx.d, hx.routes.route(h))
+        router = Router(hx.config)
+        router.set_decoder_filter_callbacks(stream)  # type: ignore[arg-type]
+        router.decode_headers(h, False)
+        # Body beyond the cluster's buffer limit while the connection is not up yet: the
+        # router asks the connection manager to stop reading the client.
+        limit = hx.cm.clusters["up"].info.per_connection_buffer_limit
+        router.decode_data(bytearray(limit + 1), False)
+        assert stream.watermark_events == ["above"]
+        await up.request_seen.wait()
+        assert stream.watermark_events == ["above", "below"]  # flushed on connect
+        # The client's connection is backed up: stop reading the upstream until it drains.
+        transport = router.upstream.encoder._client.transport
+        router.on_above_write_buffer_high_watermark()
+        assert not transport.is_reading()
+        router.on_below_write_buffer_low_watermark()
+        assert transport.is_reading()
+        router.on_destroy()
+        await up.stop()
+
+    run(scenario())

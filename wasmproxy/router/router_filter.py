@@ -127,7 +127,6 @@ class UpstreamRequest:
         self._buffered_bytes = 0
         self._above_watermark = False
         self._read_disabled = 0
-        self.awaiting_headers = True
 
     def start(self, pool: Any, headers: HeaderMap, end_stream: bool) -> None:
         self._headers = headers
@@ -198,7 +197,6 @@ class UpstreamRequest:
         self.router.callbacks.encode_1xx_headers(headers)
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        self.awaiting_headers = False
         self.router.on_upstream_headers(self, headers, end_stream)
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
