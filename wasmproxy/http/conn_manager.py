@@ -179,6 +179,10 @@ class HttpConnectionManagerConfig:
                 self.max_headers_count = common.max_headers_count.value
             if common.HasField("max_requests_per_connection"):
                 self.max_requests_per_connection = common.max_requests_per_connection.value
+            for name in ("max_connection_duration", "max_stream_duration", "headers_with_underscores_action"):
+                if _is_set(common, name):
+                    _log.warning("http_connection_manager %s: field 'common_http_protocol_options.%s' is not "
+                                 "supported and is ignored", proto.stat_prefix, name)
         if proto.HasField("stream_idle_timeout"):
             self.stream_idle_timeout_ms = _ms(proto.stream_idle_timeout)
         if proto.HasField("request_timeout"):
