@@ -121,7 +121,7 @@ def test_reset_after_headers_gives_a_truncated_response(echo: RawConnection) -> 
 def test_delay_is_a_timer_not_a_blocked_loop(echo_upstream: int) -> None:
     with RawConnection(LOOPBACK, echo_upstream, timeout=5) as slow, \
             RawConnection(LOOPBACK, echo_upstream, timeout=5) as fast:
-        slow.send(build_request("GET", "/slow", [("x-echo-delay-ms", "1000")]))
+        slow.send(build_request("GET", "/slow", [("x-echo-delay-ms", "1500")]))
         assert fast.request("GET", "/fast").status == 200
         # Had the delay blocked the server's loop, the slow answer would have been written first.
         assert select.select([slow.sock], [], [], 0)[0] == []
