@@ -247,6 +247,9 @@ def test_direct_reply_bytes_match_envoy_and_connection_is_kept_alive():
     assert t.take() == HELLO
     assert h.store["downstream_rq_total"] == 2 and h.store["downstream_rq_2xx"] == 2
     assert h.store["downstream_rq_completed"] == 2 and h.store["downstream_rq_active"] == 0
+    # Envoy's per-listener copies, named after the listener address.
+    assert h.store.stats["listener.127.0.0.1_10000.http.ingress.downstream_rq_2xx"].value == 2
+    assert h.store.stats["listener.127.0.0.1_10000.http.ingress.downstream_rq_completed"].value == 2
     assert [f.destroyed for f in h.made] == [1, 1]
 
 

@@ -275,6 +275,22 @@ class HcmStats:
     downstream_rq_5xx: Any
 
 
+class ListenerHttpStats:
+    """Envoy's per-listener HTTP stats: listener.<address>.http.<stat_prefix>.downstream_rq_{1..5}xx
+    and downstream_rq_completed."""
+
+    def __init__(self, store: Any, listener_prefix: str, stat_prefix: str) -> None:
+        prefix = f"listener.{listener_prefix}.http.{stat_prefix}."
+        self.rq_by_class = [None] + [store.counter(f"{prefix}downstream_rq_{n}xx") for n in range(1, 6)]
+        self.downstream_rq_completed = store.counter(prefix + "downstream_rq_completed")
+
+
+def _listener_stat_prefix(address: Address) -> str:
+    """Envoy names a listener's stats after its address with ':' as '_' ("127.0.0.1_10000")."""
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{host}_{address.port}".replace(":", "_")
+
+
 class _DateProvider:
     """The `date` header value, formatted at most once per second (Envoy's TlsCachingDateProvider)."""
 
@@ -334,11 +350,21 @@ class WorkerConnectionHandler:
         self.listener_name = listener_name
         self.date = _DateProvider(dispatcher.time_source.system_time)
         self.connections: set[ConnectionManager] = set()
+        self._store = store
+        self._listener_stats: dict[str, ListenerHttpStats] = {}
         self.draining = False
         self._stream_ids = itertools.count(1)
 
     def __call__(self) -> "ConnectionManager":
         return ConnectionManager(self)
+
+    def listener_stats(self, local_address: Address) -> ListenerHttpStats:
+        """The per-listener HTTP stats for connections accepted on `local_address` (cached)."""
+        key = _listener_stat_prefix(local_address)
+        stats = self._listener_stats.get(key)
+        if stats is None:
+            stats = self._listener_stats[key] = ListenerHttpStats(self._store, key, self.config.stat_prefix)
+        return stats
 
     def next_connection_id(self) -> int:
         return next(WorkerConnectionHandler._connection_ids)
@@ -391,6 +417,7 @@ class ConnectionManager(asyncio.Protocol):
         self._idle_timer: Timer | None = None
         self._delayed_close_timer: Timer | None = None
         self._connected_at = 0.0
+        self.listener_stats: ListenerHttpStats | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -404,6 +431,7 @@ class ConnectionManager(asyncio.Protocol):
             remote_address=_address(transport.get_extra_info("peername")),
         )
         self.connection_info.direct_remote_address = self.connection_info.remote_address
+        self.listener_stats = self.handler.listener_stats(self.connection_info.local_address)
         self._connected_at = self.dispatcher.time_source.monotonic()
         self.handler.connections.add(self)
         stats = self.stats
@@ -734,7 +762,7 @@ class ActiveStream:
         expect = headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
             # Envoy answers 100-continue itself and drops the header before the filters run.
-            self.stats.downstream_rq_1xx.inc()
+            self._charge_1xx()
             self.conn.write(self.conn.codec.encode_100_continue())
             headers.remove("expect")
         for factory in self.config.filter_factories:
@@ -812,8 +840,13 @@ class ActiveStream:
 
     # -- FilterManagerCallbacks ----------------------------------------------------------
 
-    def encode_1xx_headers(self, headers: HeaderMap) -> None:
+    def _charge_1xx(self) -> None:
         self.stats.downstream_rq_1xx.inc()
+        if self.conn.listener_stats is not None:
+            self.conn.listener_stats.rq_by_class[1].inc()
+
+    def encode_1xx_headers(self, headers: HeaderMap) -> None:
+        self._charge_1xx()
         self.conn.write(self.conn.codec.encode_headers(headers, False))
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
@@ -855,6 +888,8 @@ class ActiveStream:
         self.stream_info.response_code = status
         if 100 <= status < 600:
             self.stats.rq_by_class[status // 100].inc()
+            if self.conn.listener_stats is not None:
+                self.conn.listener_stats.rq_by_class[status // 100].inc()
         self.response_started = True
         self.stream_info.first_downstream_tx = self.dispatcher.time_source.monotonic()
         conn.write(conn.codec.encode_headers(headers, end_stream))
@@ -991,6 +1026,8 @@ class ActiveStream:
         self.filter_manager.destroy_filters()
         self.stats.downstream_rq_active.dec()
         self.stats.downstream_rq_completed.inc()
+        if self.conn.listener_stats is not None:
+            self.conn.listener_stats.downstream_rq_completed.inc()
         self.stats.downstream_rq_time.record((self.dispatcher.time_source.monotonic() - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self)
 
