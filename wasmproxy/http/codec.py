@@ -294,10 +294,9 @@ class _CodecBase:
         self._messages_completed = 0
         try:
             parser.feed_data(data)
-        except _StopParsing:  # pragma: no cover - httptools wraps callback exceptions
-            pass
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _StopParsing) and self._error is None:
+            # httptools wraps what a callback raised; only our own _StopParsing is expected.
+            if not isinstance(exc.__context__, _StopParsing):
                 raise
         except httptools.HttpParserUpgrade:
             self._on_upgrade()
