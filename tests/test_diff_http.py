@@ -16,7 +16,7 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from support.cases import CANDIDATE, REFERENCE, Case, CaseFile, DiffEnvironment, RequestSpec, Result, check_case, selected_targets
+from support.cases import REFERENCE, Case, CaseFile, DiffEnvironment, RequestSpec, Result, case_params, check_case
 from support.ports import free_port
 from support.raw_http import RawConnection, build_request
 from wasmproxy.demo.upstream import pattern_bytes
@@ -40,14 +40,6 @@ def _environment(case_file: CaseFile, tmp_path_factory: pytest.TempPathFactory,
         yield env
 
 
-def _params(case_file: CaseFile) -> list[object]:
-    """One test per case; a case's `xfail` (a known wasmproxy difference) applies when wasmproxy runs."""
-    candidate_runs = CANDIDATE in selected_targets()
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(reason=c.xfail, strict=True)]
-                         if c.xfail and candidate_runs else [])
-            for c in case_file.cases]
-
-
 @pytest.fixture(scope="module")
 def data_path_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
     yield from _environment(DATA_PATH, tmp_path_factory, echo_upstream)
@@ -63,17 +55,17 @@ def front_proxy_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int
     yield from _environment(FRONT_PROXY, tmp_path_factory, echo_upstream)
 
 
-@pytest.mark.parametrize("case", _params(DATA_PATH))
+@pytest.mark.parametrize("case", case_params(DATA_PATH))
 def test_data_path(data_path_env: DiffEnvironment, case: Case) -> None:
     data_path_env.run(case)
 
 
-@pytest.mark.parametrize("case", _params(HTTP_OPTIONS))
+@pytest.mark.parametrize("case", case_params(HTTP_OPTIONS))
 def test_http_options(http_options_env: DiffEnvironment, case: Case) -> None:
     http_options_env.run(case)
 
 
-@pytest.mark.parametrize("case", _params(FRONT_PROXY))
+@pytest.mark.parametrize("case", case_params(FRONT_PROXY))
 def test_envoy_docs_front_proxy_config_runs_unchanged(front_proxy_env: DiffEnvironment, case: Case) -> None:
     front_proxy_env.run(case)
 
