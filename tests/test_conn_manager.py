@@ -1007,3 +1007,30 @@ def test_fuzz_connection_manager_never_raises_and_always_finishes_streams(pieces
     if lost:
         assert all(f.destroyed == 1 for f in h.made if hasattr(f, "destroyed"))
         assert h.store["downstream_rq_active"] == 0 and h.store["downstream_cx_active"] == 0
+
+
+def test_early_local_replies_still_run_the_encoder_filters_and_their_access_logs():
+    seen = []
+
+    class Observer(PassThroughFilter):
+        def encode_headers(self, headers, end_stream):
+            seen.append(headers.get(":status"))
+            return FilterHeadersStatus.Continue
+
+    class Log:
+        def log(self, rq, rs, rt, info):
+            seen.append(("log", info.response_code, info.response_code_details))
+
+    def install(callbacks):
+        callbacks.add_stream_filter(Observer())
+        callbacks.add_access_log_handler(Log())
+
+    h = Harness()
+    h.config.filter_factories = [install]
+    conn, t = h.connect()
+    conn.data_received(b"GARBAGE\r\n\r\n")
+    assert seen == ["400", ("log", 400, "http1.codec_error")]
+    seen.clear()
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\n\r\n")
+    assert seen == ["400", ("log", 400, "missing_host_header")]

@@ -44,6 +44,9 @@ class Owner:
     def reset_stream(self) -> None:
         self.resets += 1
 
+    def create_filter_chain(self) -> None:
+        pass
+
     def route(self) -> object | None:
         return "route"
 

@@ -702,6 +702,7 @@ class ActiveStream:
         self.saw_connection_close = False
         self.framed_by_close = False
         self._codec_saw_local_complete = False
+        self._filter_chain_created = False
         self._destroyed = False
         self._cached_route: object | None = None
         self._route_cached = False
@@ -765,8 +766,7 @@ class ActiveStream:
             self._charge_1xx()
             self.conn.write(self.conn.codec.encode_100_continue())
             headers.remove("expect")
-        for factory in self.config.filter_factories:
-            factory(fm)
+        self.create_filter_chain()
         fm.decode_headers(headers, end_stream)
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
@@ -924,6 +924,13 @@ class ActiveStream:
         self.conn.drain_state = _CLOSING
         self._destroy()
         self.conn.close()
+
+    def create_filter_chain(self) -> None:
+        if self._filter_chain_created:
+            return
+        self._filter_chain_created = True
+        for factory in self.config.filter_factories:
+            factory(self.filter_manager)
 
     def route(self) -> object | None:
         if not self._route_cached:

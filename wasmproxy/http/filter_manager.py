@@ -76,6 +76,10 @@ class FilterManagerCallbacks(Protocol):
     def reset_stream(self) -> None:
         """Abort the downstream stream (HTTP/1: close the connection)."""
 
+    def create_filter_chain(self) -> None:
+        """Install the filters if not done yet (Envoy does it for early local replies too, so
+        encoder filters and access logs see them)."""
+
     def route(self) -> object | None: ...
 
     def clear_route_cache(self) -> None: ...
@@ -892,6 +896,7 @@ class FilterManager:
     def _send_local_reply_via_filter_chain(
         self, status: int, body: bytes, modify_headers: Callable[[HeaderMap], None] | None, grpc_status: int | None
     ) -> None:
+        self.callbacks.create_filter_chain()
         headers, body = self._local_reply_headers(status, body, modify_headers, grpc_status)
         self.response_headers = headers
         end_stream = not body or self.is_head_request
