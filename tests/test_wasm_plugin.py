@@ -240,6 +240,42 @@ def test_environment_variables_merge_key_values_and_host_keys(monkeypatch: pytes
     assert wasm.envs == {"A": "1", "WASMPROXY_TEST_HOST_KEY": "from-host"}
 
 
+ENVIRON_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $get (param i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 8192))
+  (func (export "malloc") (param i32) (result i32) (local i32)
+    global.get $heap local.set 1
+    global.get $heap local.get 0 i32.add global.set $heap
+    local.get 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  ;; Logs the whole environ block (NUL-separated KEY=VALUE strings) at info.
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $sizes (i32.const 0) (i32.const 4)))
+    (drop (call $get (i32.const 16) (i32.const 1024)))
+    (drop (call $log (i32.const 2) (i32.const 1024) (i32.load (i32.const 4))))
+    (i32.const 1)))
+"""
+
+
+def test_plugin_sees_environment_variables_through_wasi_environ(monkeypatch: pytest.MonkeyPatch,
+                                                                 wasm_log: LogText) -> None:
+    import wasmtime
+
+    monkeypatch.setenv("WASMPROXY_TEST_HOST_KEY", "host-value")
+    proto = plugin_config("trap", env={"A": "1"}, host_env_keys=("WASMPROXY_TEST_HOST_KEY",), name="environ",
+                          vm_id="environ")
+    proto.vm_config.code.local.inline_bytes = bytes(wasmtime.wat2wasm(ENVIRON_WAT))
+    PluginConfig(proto, factory_context())
+    logged = [line for line in wasm_log.lines if "A=1" in line]
+    assert logged, wasm_log.text
+    assert logged[0].endswith("A=1\0WASMPROXY_TEST_HOST_KEY=host-value\0")
+
+
 def test_duplicate_environment_keys_are_rejected() -> None:
     proto = plugin_config("trap", env={"A": "1"}, host_env_keys=("A",), name="dup")
     with pytest.raises(ConfigError, match="Key A is duplicated in envoy.extensions.wasm.v3.VmConfig."
