@@ -707,3 +707,14 @@ def test_add_decoded_data_outside_any_callback_is_buffered_until_continue():
     assert a.decoder_callbacks.decoding_buffer() == b"later"
     a.decoder_callbacks.continue_decoding()
     assert ("router", "dh", False) in log and ("router", "dd", b"later", True) in log
+
+
+def test_grpc_local_reply_percent_encodes_the_message():
+    log: list = []
+    fm, _ = make(Scripted("a", log, dh=lambda s, h, e: (s.decoder_callbacks.send_local_reply(
+        403, "50% d\u00e9nied", None, 7), H.StopIteration)[1]))
+    headers = req("POST")
+    headers.add("content-type", "application/grpc+proto")
+    fm.decode_headers(headers, False)
+    assert fm.response_headers.get("grpc-status") == "7"
+    assert fm.response_headers.get("grpc-message") == "50%25 d%C3%A9nied"

@@ -845,7 +845,7 @@ class FilterManager:
         elif self._filter_call_state & _IS_ENCODING:
             self.encoder_filter_chain_aborted = True
         self.stream_info.response_code_details = details
-        body_bytes = body.encode("latin-1") if isinstance(body, str) else bytes(body)
+        body_bytes = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         if self.response_headers is None:
             # Nothing of the response has started: send it through the encoder filters.
             def reply() -> None:
@@ -881,7 +881,7 @@ class FilterManager:
             code = grpc_status if grpc_status is not None else _HTTP_TO_GRPC.get(status, 2)
             headers.add("grpc-status", str(code))
             if body:
-                headers.add("grpc-message", _percent_encode_grpc_message(body.decode("latin-1")))
+                headers.add("grpc-message", _percent_encode_grpc_message(body))
             body = b""
         else:
             headers = HeaderMap([(":status", str(status))])
@@ -950,10 +950,10 @@ class FilterManager:
             f.on_destroy()
 
 
-def _percent_encode_grpc_message(message: str) -> str:
+def _percent_encode_grpc_message(message: bytes) -> str:
     """gRPC's percent-encoding for grpc-message (Grpc::Common::PercentEncoding)."""
     out = []
-    for ch in message.encode("utf-8"):
+    for ch in message:
         if ch < 0x20 or ch > 0x7E or ch == 0x25:
             out.append("%%%02X" % ch)
         else:
