@@ -169,6 +169,16 @@ def test_lifecycle_stats_count_like_envoy(two_workers: tuple[Any, Workers]) -> N
     assert first.wasm() is second.wasm()  # one clone per thread serves both plugins
 
 
+def test_plugins_differing_only_in_name_get_their_own_root_contexts() -> None:
+    context = factory_context()
+    one = PluginConfig(plugin_config("headers", "same", vm_id="names-vm", name="one"), context)
+    two = PluginConfig(plugin_config("headers", "same", vm_id="names-vm", name="two"), context)
+    wasm = one.wasm()
+    assert wasm is not None and wasm is two.wasm()
+    assert one.plugin.key != two.plugin.key
+    assert len(wasm.root_contexts) == 2
+
+
 def test_trap_on_one_worker_reloads_only_that_workers_clone(two_workers: tuple[Any, Workers]) -> None:
     context, workers = two_workers
     factory = create_wasm_filter_factory(

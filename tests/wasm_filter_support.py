@@ -209,6 +209,9 @@ class Downstream:
     def reset_stream(self) -> None:
         self.reset = True
 
+    def create_filter_chain(self) -> None:
+        """The chain is installed when the Stream is made."""
+
     def route(self) -> object | None:
         return None
 

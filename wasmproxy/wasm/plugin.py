@@ -55,6 +55,7 @@ __all__ = [
 _log = get_logger("wasm")
 
 _NULL_RUNTIME = "envoy.wasm.runtime.null"
+_DIRECTIONS = {0: "UNSPECIFIED", 1: "INBOUND", 2: "OUTBOUND"}  # core.v3.TrafficDirection names
 _SUPPORTED_RUNTIMES = ("", "envoy.wasm.runtime.v8", "envoy.wasm.runtime.wasmtime", "envoy.wasm.runtime.wamr",
                        "envoy.wasm.runtime.wavm")
 
@@ -274,6 +275,9 @@ class PluginConfig:
             failure_policy=FailurePolicy.FAIL_OPEN if proto.fail_open else FailurePolicy.UNSPECIFIED,
             allow_on_headers_stop_iteration=proto.allow_on_headers_stop_iteration.value
             if proto.HasField("allow_on_headers_stop_iteration") else False,
+            # Envoy's createPluginKey: equal root_id and configuration still make distinct
+            # plugins (root contexts) when the name or listener direction differ.
+            key_extra=f"{proto.name}||{_DIRECTIONS.get(context.listener_direction, 'UNSPECIFIED')}".encode(),
         )
         envs = _environment_variables(proto)
         main_store = context.main_store
