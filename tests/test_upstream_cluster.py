@@ -18,6 +18,7 @@ from wasmproxy.upstream.host import Host
 from wasmproxy.upstream.load_balancer import (
     LeastRequestLoadBalancer,
     RandomLoadBalancer,
+    RingHashLoadBalancer,
     RoundRobinLoadBalancer,
 )
 
@@ -63,7 +64,7 @@ typed_extension_protocol_options:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("lb_policy: MAGLEV", "MAGLEV is not supported"),
+        ("lb_policy: CLUSTER_PROVIDED", "CLUSTER_PROVIDED is not supported"),
         ("type: EDS", "EDS is not supported"),
         ("http2_protocol_options: {}", "HTTP/2 is not supported"),
     ],
@@ -120,6 +121,21 @@ def test_random_and_least_request() -> None:
     # With 4 random choices among 4 hosts, the idle host wins whenever it is drawn.
     picks = [lr.choose_host() for _ in range(50)]
     assert picks.count(hs[3]) > 25
+
+
+def test_ring_hash_is_sticky_spread_and_mostly_stable() -> None:
+    hs = hosts(4)
+    lb = RingHashLoadBalancer(hs, min_ring_size=1024)
+    keys = [random.Random(i).getrandbits(64) for i in range(400)]
+    picks = [lb.choose_host(k) for k in keys]
+    assert picks == [lb.choose_host(k) for k in keys]  # same key, same host
+    assert all(picks.count(h) > 50 for h in hs)  # every host gets a share
+    # Removing one host moves few of the keys that were not on it (the ring is rebuilt with
+    # more points per host, so not none, as in Envoy).
+    smaller = RingHashLoadBalancer(hs[:3], min_ring_size=1024)
+    kept = [smaller.choose_host(k) is p for k, p in zip(keys, picks) if p is not hs[3]]
+    assert sum(kept) > 0.8 * len(kept)
+    assert lb.choose_host(None) in hs  # no hash: any host
 
 
 class FakeResolver:

@@ -14,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 
 from ..http.headers import HeaderMap
 from ..http.stream_info import StreamInfo
+from .hash_policy import HashPolicy
 from .header_parser import HeaderParser
 from .matchers import HeaderMatcher, MatcherConfigError, QueryParameterMatcher, compile_regex, parse_query
 from .retry import RetryPolicy
@@ -91,6 +92,7 @@ class Route:
         self.auto_host_rewrite = False
         self.append_x_forwarded_host = False
         self.retry_policy: RetryPolicy | None = vhost.retry_policy
+        self.hash_policy = HashPolicy(())
         # direct_response
         self.direct_status = 0
         self.direct_body = b""
@@ -203,6 +205,7 @@ class Route:
         self.append_x_forwarded_host = a.append_x_forwarded_host
         if a.HasField("retry_policy"):
             self.retry_policy = RetryPolicy.from_proto(a.retry_policy)
+        self.hash_policy = HashPolicy(a.hash_policy)
 
     def cluster_for(self, headers: HeaderMap, stream_id: int) -> str:
         """The target cluster: fixed, from a header, or weighted by stream_id as Envoy does."""

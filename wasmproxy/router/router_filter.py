@@ -241,6 +241,7 @@ class Router:
         self._request_complete_at = 0.0
         self._internal = False
         self._read_disabled = 0
+        self._hash_key: int | None = None
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -289,7 +290,10 @@ class Router:
         info.cluster_metadata = cluster.info.metadata
         self._internal = headers.get("x-envoy-internal") == "true"
 
-        host = cluster.choose_host()
+        if cluster.uses_hash and route.hash_policy:
+            conn = info.connection
+            self._hash_key = route.hash_policy.generate_hash(headers, conn.direct_remote_address or conn.remote_address)
+        host = cluster.choose_host(self._hash_key)
         if host is None:
             self._no_healthy_upstream()
             return FilterHeadersStatus.StopIteration
@@ -430,7 +434,7 @@ class Router:
     def _do_retry(self) -> None:
         assert self.cluster is not None
         self.cluster.info.resource_manager.retries.dec()
-        host = self.cluster.choose_host()
+        host = self.cluster.choose_host(self._hash_key)
         if host is None:
             self._no_healthy_upstream()
             return

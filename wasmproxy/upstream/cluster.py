@@ -25,7 +25,8 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_MS = 3600 * 1000
 
-LB_POLICIES = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 3: "RANDOM"}
+LB_POLICIES = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 2: "RING_HASH", 3: "RANDOM", 5: "MAGLEV"}
+DEFAULT_MIN_RING_SIZE = 1024
 _TYPES = {0: "STATIC", 1: "STRICT_DNS", 2: "LOGICAL_DNS"}
 # envoy.config.core.v3.HealthStatus values that take a host out of load balancing.
 _UNHEALTHY = {2, 3, 4}
@@ -107,7 +108,14 @@ class ClusterInfo:
             proto.least_request_lb_config.choice_count.value
             if proto.least_request_lb_config.HasField("choice_count") else 2
         )
-        if proto.HasField("transport_socket") and "raw_buffer" not in proto.transport_socket.name:
+        self.minimum_ring_size = (
+            proto.ring_hash_lb_config.minimum_ring_size.value
+            if proto.ring_hash_lb_config.HasField("minimum_ring_size") else DEFAULT_MIN_RING_SIZE
+        )
+        socket = proto.transport_socket
+        if proto.HasField("transport_socket") and socket.HasField("typed_config") and not (
+            socket.typed_config.type_url.endswith("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer")
+        ):
             raise ClusterConfigError(f"cluster '{self.name}': transport_socket is not supported (plain TCP only)")
         self.connect_timeout_ms = _ms(proto.connect_timeout) if proto.HasField("connect_timeout") else (
             DEFAULT_CONNECT_TIMEOUT_MS

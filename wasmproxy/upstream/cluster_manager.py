@@ -39,14 +39,21 @@ class ThreadLocalCluster:
         for key in [k for k in self._pools if k not in keep]:
             self._pools.pop(key).drain_connections()
         self.hosts = hosts
-        self.load_balancer = create_load_balancer(self.info.lb_policy, hosts, self.info.least_request_choice_count)
+        self.load_balancer = create_load_balancer(
+            self.info.lb_policy, hosts, self.info.least_request_choice_count, self.info.minimum_ring_size
+        )
 
-    def choose_host(self, lb_context: object | None = None) -> Host | None:
+    @property
+    def uses_hash(self) -> bool:
+        """Whether the load balancer wants a request hash (RING_HASH / MAGLEV)."""
+        return self.info.lb_policy in ("RING_HASH", "MAGLEV")
+
+    def choose_host(self, hash_key: int | None = None) -> Host | None:
         """A host for a new request, or None (the router answers 503 "no healthy upstream")."""
         lb = self.load_balancer
         if lb.panic or not lb.hosts:
             self.stats.inc("lb_healthy_panic")
-        host = lb.choose_host()
+        host = lb.choose_host(hash_key)
         if host is None:
             self.stats.inc("upstream_cx_none_healthy")
         return host

@@ -1,4 +1,4 @@
-"""Per-worker load balancers over one host set: ROUND_ROBIN, RANDOM, LEAST_REQUEST.
+"""Per-worker load balancers over one host set: ROUND_ROBIN, RANDOM, LEAST_REQUEST, RING_HASH/MAGLEV.
 
 Each worker builds its own balancer from the host set the main thread published,
 so picking a host takes no lock (Envoy: one LB per ThreadLocalCluster). Hosts are
@@ -8,6 +8,8 @@ threshold (50%) are healthy, in which case all hosts are used.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import random
 from typing import Sequence
 
@@ -27,7 +29,8 @@ class LoadBalancer:
         self._weighted = len({h.weight for h in self._candidates}) > 1
         self._rng = rng or random.Random()
 
-    def choose_host(self) -> Host | None:
+    def choose_host(self, hash_key: int | None = None) -> Host | None:
+        """A host; `hash_key` is the request hash consistent-hashing balancers use."""
         if not self._candidates:
             return None
         return self._pick(self._candidates)
@@ -86,7 +89,38 @@ class LeastRequestLoadBalancer(LoadBalancer):
         return best
 
 
-def create_load_balancer(policy: str, hosts: Sequence[Host], choice_count: int = 2) -> LoadBalancer:
+class RingHashLoadBalancer(LoadBalancer):
+    """Consistent hashing on a ring of weighted host points (RING_HASH, and MAGLEV with the same
+    stickiness). Points hash "<address>_<i>" with 64-bit BLAKE2b, not Envoy's xxHash64, so a key
+    maps to a stable host that may differ from Envoy's choice. No request hash: a random host."""
+
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, min_ring_size: int = 1024) -> None:
+        super().__init__(hosts, rng)
+        total = sum(h.weight for h in self._candidates) or 1
+        ring: list[tuple[int, int]] = []
+        for index, host in enumerate(self._candidates):
+            points = max(1, round(max(min_ring_size, len(self._candidates)) * host.weight / total))
+            for i in range(points):
+                digest = hashlib.blake2b(f"{host.address}_{i}".encode(), digest_size=8).digest()
+                ring.append((int.from_bytes(digest, "big"), index))
+        ring.sort()
+        self._ring_hashes = [h for h, _ in ring]
+        self._ring_hosts = [i for _, i in ring]
+
+    def choose_host(self, hash_key: int | None = None) -> Host | None:
+        if not self._candidates:
+            return None
+        if hash_key is None:
+            return self._candidates[self._rng.randrange(len(self._candidates))]
+        i = bisect.bisect_left(self._ring_hashes, hash_key)
+        return self._candidates[self._ring_hosts[i % len(self._ring_hosts)]]
+
+
+def create_load_balancer(
+    policy: str, hosts: Sequence[Host], choice_count: int = 2, min_ring_size: int = 1024
+) -> LoadBalancer:
+    if policy in ("RING_HASH", "MAGLEV"):
+        return RingHashLoadBalancer(hosts, min_ring_size=min_ring_size)
     if policy == "RANDOM":
         return RandomLoadBalancer(hosts)
     if policy == "LEAST_REQUEST":
