@@ -363,8 +363,8 @@ def _file_formatter(config: Any) -> Formatter | _JsonFormatter:
     which = config.WhichOneof("access_log_format")
     if which == "format":
         return Formatter(config.format)
-    if which == "json_format":
-        return _JsonFormatter(MessageToDict(config.json_format), False)
+    if which in ("json_format", "typed_json_format"):
+        return _JsonFormatter(MessageToDict(getattr(config, which)), False)
     if which == "log_format":
         return _build_formatter(config.log_format, True)
     return Formatter(DEFAULT_FORMAT)
