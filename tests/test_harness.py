@@ -184,9 +184,14 @@ def test_normaliser_hides_only_volatile_values() -> None:
                        "x-other": ["127.0.0.1:5555"]}
 
 
+def test_normaliser_keeps_malformed_volatile_values() -> None:
+    headers = Normaliser()(_resp([("date", "yesterday"), ("x-envoy-upstream-service-time", "3ms")]))["headers"]
+    assert headers == {"date": ["yesterday"], "x-envoy-upstream-service-time": ["3ms"]}
+
+
 def test_normaliser_keeps_presence_and_real_differences() -> None:
     norm = Normaliser()
-    with_date = norm(_resp([("date", "a"), ("x-a", "1")]))
+    with_date = norm(_resp([("date", "Fri, 27 Nov 2026 07:00:00 GMT"), ("x-a", "1")]))
     without = norm(_resp([("x-a", "2")]))
     d = first_difference(with_date, without)
     assert d is not None and d.field == "headers['date']" and d.right == MISSING

@@ -25,6 +25,8 @@ Outcome = Response | PeerClosed | TimeoutError
 # kept as it is, so "preserved" and "regenerated" stay different.
 GENERATED = "<request-id>"
 # Response headers whose value is volatile: name -> placeholder (presence is still compared).
+# A value is replaced only when it has the shape the header's producer gives it (FORMS), so a
+# malformed date or service time still shows up as a difference.
 VOLATILE_RESPONSE_HEADERS = {
     "date": "<date>",
     "x-request-id": GENERATED,
@@ -35,6 +37,14 @@ VOLATILE_RESPONSE_HEADERS = {
 # every target sees the same loopback client and host addresses, so its value is compared.
 VOLATILE_ECHO_HEADERS = {
     "x-request-id": GENERATED,
+}
+FORMS = {
+    # IMF-fixdate, RFC 9110 §5.6.7
+    "<date>": re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                         r"\d{4} \d\d:\d\d:\d\d GMT$"),
+    "<ms>": re.compile(r"^\d+$"),
+    "<server>": re.compile(r"^\S.*$"),
+    GENERATED: re.compile(r"^.+$"),
 }
 # Bodies up to this many bytes are compared as text; longer ones by length and sha256.
 TEXT_BODY_LIMIT = 4096
@@ -83,9 +93,11 @@ class Normaliser:
             if k.lower() in skip:
                 continue
             placeholder = volatile.get(k.lower())
-            if placeholder == GENERATED and ids is not None:
+            if placeholder is None or not FORMS[placeholder].match(v):
+                pass
+            elif placeholder == GENERATED and ids is not None:
                 v = ids.name(v)
-            elif placeholder is not None:
+            else:
                 v = placeholder
             pairs.append((k, self.text(v)))
         if self.ordered_headers:
