@@ -145,7 +145,8 @@ _SIMPLE: dict[str, _Field] = {
     "PROTOCOL": lambda c: c[3].protocol,
     "RESPONSE_CODE": lambda c: c[3].response_code if c[3].response_code is not None else 0,
     "RESPONSE_CODE_DETAILS": lambda c: c[3].response_code_details or None,
-    "RESPONSE_FLAGS": lambda c: ",".join(c[3].response_flags) or None,
+    # Envoy prints "-" for no flags even where a missing value would be null (JSON).
+    "RESPONSE_FLAGS": lambda c: ",".join(c[3].response_flags) or "-",
     "BYTES_RECEIVED": lambda c: c[3].bytes_received,
     "BYTES_SENT": lambda c: c[3].bytes_sent,
     "DURATION": _duration,
@@ -250,7 +251,7 @@ class _JsonFormatter:
             m = _COMMAND.fullmatch(value)
             if m is not None:
                 return ("field", _command(m.group(1), m.group(2)))
-            return ("text", Formatter(value, omit_empty_values=True))
+            return ("text", Formatter(value, self._omit_empty))
         return ("const", value)
 
     def _render(self, compiled: Any, ctx: _Context) -> Any:
