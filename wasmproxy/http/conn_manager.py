@@ -638,7 +638,10 @@ class ConnectionManager(asyncio.Protocol):
             self._idle_timer.enable_timer(self.config.idle_timeout_ms)
         # The next pipelined request starts from a fresh event, never inside this response's
         # call stack (Envoy redispatches from the read path too).
-        self.dispatcher.post(self._dispatch_next_request)
+        try:
+            self.dispatcher.post(self._dispatch_next_request)
+        except RuntimeError:  # the dispatcher has exited (shutdown): nothing more to serve
+            self.close(flush_and_delay=False)
 
     def _dispatch_next_request(self) -> None:
         if self._closed or self.stream is not None:
