@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import itertools
 import os
+import random
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -353,7 +354,7 @@ class WorkerConnectionHandler:
         self._store = store
         self._listener_stats: dict[str, ListenerHttpStats] = {}
         self.draining = False
-        self._stream_ids = itertools.count(1)
+        self._random = random.Random()
 
     def __call__(self) -> "ConnectionManager":
         return ConnectionManager(self)
@@ -370,7 +371,8 @@ class WorkerConnectionHandler:
         return next(WorkerConnectionHandler._connection_ids)
 
     def next_stream_id(self) -> int:
-        return next(self._stream_ids)
+        """A random 64-bit id, as Envoy's (routing uses it, e.g. to pick a weighted cluster)."""
+        return self._random.getrandbits(64)
 
     def drain(self) -> None:
         """Start draining: every connection closes after its current response (connection: close)."""
