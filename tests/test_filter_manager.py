@@ -718,3 +718,16 @@ def test_grpc_local_reply_percent_encodes_the_message():
     fm.decode_headers(headers, False)
     assert fm.response_headers.get("grpc-status") == "7"
     assert fm.response_headers.get("grpc-message") == "50%25 d%C3%A9nied"
+
+
+def test_two_local_replies_in_one_decoder_callback_send_the_first():
+    log: list = []
+
+    def twice(self, headers, end_stream):
+        self.decoder_callbacks.send_local_reply(401, "first")
+        self.decoder_callbacks.send_local_reply(500, "second")
+        return H.StopIteration
+
+    fm, owner = make(Scripted("a", log, dh=twice), Router(log))
+    fm.decode_headers(req(), True)
+    assert owner.out == [("headers", "401", False), ("data", b"first", True)]

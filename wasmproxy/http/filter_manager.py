@@ -852,8 +852,10 @@ class FilterManager:
                 self._send_local_reply_via_filter_chain(status, body_bytes, modify_headers, grpc_status)
 
             if self._filter_call_state & _IS_DECODING:
-                # Envoy prepares the reply and runs it once the current decoder callback returns.
-                self._prepared_local_reply = reply
+                # Envoy prepares the reply and runs it once the current decoder callback returns
+                # (the first one prepared wins).
+                if self._prepared_local_reply is None:
+                    self._prepared_local_reply = reply
             else:
                 reply()
         elif not self.non_100_response_headers_encoded:
