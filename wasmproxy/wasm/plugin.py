@@ -180,7 +180,9 @@ class _HttpCallCallbacks:
 class ProxyWasmEnvironment(WasmEnvironment):
     """Callouts of the Wasms of one thread: http_call through that thread's AsyncClient.
 
-    gRPC callouts and DNS answer Unimplemented (not supported yet).
+    gRPC callouts are not supported yet: they answer ParseFailure for a service that is
+    neither a GrpcService proto nor a known cluster (as Envoy), else Unimplemented. DNS
+    answers Unimplemented.
     """
 
     def __init__(self, thread_local_cluster_manager: Callable[[], Any], node: object | None) -> None:
@@ -198,6 +200,31 @@ class ProxyWasmEnvironment(WasmEnvironment):
                                                 _HttpCallCallbacks(context, token))
         # Envoy: a request that completed inline returns no handle, and the call fails.
         return WasmResult.Ok if request is not None else WasmResult.InternalFailure
+
+    def _grpc_service_status(self, service: bytes) -> WasmResult:
+        """Envoy's grpcCall/grpcStream: bytes that are no GrpcService name a cluster."""
+        from envoy.config.core.v3 import grpc_service_pb2
+        from google.protobuf.message import DecodeError
+
+        try:
+            grpc_service_pb2.GrpcService().ParseFromString(service)
+        except DecodeError:
+            tlcm = self._tlcm()
+            if tlcm is None or tlcm.get(service.decode("utf-8", "replace")) is None:
+                return WasmResult.ParseFailure
+        return WasmResult.Unimplemented
+
+    def grpc_call(
+        self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
+        initial_metadata: HeaderMap, request: bytes, timeout_ms: int,
+    ) -> WasmResult:
+        return self._grpc_service_status(service)
+
+    def grpc_stream(
+        self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
+        initial_metadata: HeaderMap,
+    ) -> WasmResult:
+        return self._grpc_service_status(service)
 
 
 def _jittered_backoff_ms(base_ms: int) -> int:
