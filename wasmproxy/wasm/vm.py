@@ -79,6 +79,8 @@ class WasmHandle:
         self.lifecycle = lifecycle
         lifecycle.on_vm_created()
         self._finalizer = weakref.finalize(self, _destroy, wasm, lifecycle, threading.get_ident())
+        # At interpreter exit the process is going: no calls into plugins from whatever thread is left.
+        self._finalizer.atexit = False
 
     def kill(self) -> None:
         """Destroy the Wasm now (the canary), instead of when the handle is collected."""
