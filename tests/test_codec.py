@@ -182,6 +182,33 @@ def test_malformed_and_smuggling_requests_are_400(raw):
     assert rec.events[-1][0] == "error"  # nothing is parsed after an error
 
 
+@pytest.mark.parametrize("host", [b"a b", b'a"b', b"a<b", b"a{b", b"a|b", b"a^b", b"a`b", b"a\\b"])
+def test_authority_with_characters_outside_rfc3986_is_400(host):
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert rec.events[-1] == ("error", 400, "http.invalid_authority")
+
+
+@pytest.mark.parametrize("host", [b"a%b", b"a@b", b"[::1]:80", b"a,b", b"a;b", b"a!b", b"a~b", b"a'b", b"a*b"])
+def test_authority_characters_envoy_accepts(host):
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert rec.kinds() == ["begin", "headers"]
+
+
+@pytest.mark.parametrize("connection", [b":path", b"close, :method", b"x0,x1,x2,x3,x4,x5,x6,x7,x8,x9"])
+def test_connection_header_nominating_pseudo_headers_or_too_many_is_400(connection):
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: %s\r\n\r\n" % connection)
+    assert rec.events[-1] == ("error", 400, "http1.connection_header_rejected")
+
+
+def test_nine_connection_tokens_are_fine():
+    codec, rec = server()
+    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x1,x2,x3,x4,x5,x6,x7,x8,x9\r\n\r\n")
+    assert rec.kinds() == ["begin", "headers"]
+
+
 @pytest.mark.parametrize("te", [b"gzip", b"gzip, chunked", b"chunked, chunked", b"identity", b"chunked\r\nTransfer-Encoding: chunked"])
 def test_any_transfer_coding_but_chunked_is_501(te):
     codec, rec = server()
