@@ -278,6 +278,25 @@ def wasm_thread_for(context: "FactoryContext", dispatcher: Any) -> WasmThread:
         time_source=dispatcher.time_source)
 
 
+def _plugin(proto: Any, listener_direction: int) -> Plugin:
+    """The host core's Plugin for a PluginConfig (Envoy's Plugin constructor)."""
+    vm_config = proto.vm_config
+    return Plugin(
+        name=proto.name, root_id=proto.root_id, vm_id=vm_config.vm_id,
+        plugin_configuration=any_to_bytes(proto.configuration) if proto.HasField("configuration") else b"",
+        vm_configuration=any_to_bytes(vm_config.configuration) if vm_config.HasField("configuration") else b"",
+        # The host core's fail_open bit is Envoy's PluginBase::fail_open_: the deprecated bool
+        # alone. A trap in a callback lets the stream continue only with it; the FAIL_OPEN
+        # policy instead skips the filter on later streams (Envoy 1.40).
+        failure_policy=FailurePolicy.FAIL_OPEN if proto.fail_open else FailurePolicy.UNSPECIFIED,
+        allow_on_headers_stop_iteration=proto.allow_on_headers_stop_iteration.value
+        if proto.HasField("allow_on_headers_stop_iteration") else False,
+        # Envoy's createPluginKey: equal root_id and configuration still make distinct plugins
+        # (root contexts) when the name or listener direction differ.
+        key_extra=f"{proto.name}||{_DIRECTIONS.get(listener_direction, 'UNSPECIFIED')}".encode(),
+    )
+
+
 class PluginConfig:
     """A configured plugin and its per-thread handles. Built on main; create_context on workers."""
 
@@ -286,47 +305,16 @@ class PluginConfig:
         self.reload_base_ms = 1000
         if proto.HasField("reload_config") and proto.reload_config.backoff.HasField("base_interval"):
             self.reload_base_ms = max(1, proto.reload_config.backoff.base_interval.ToMilliseconds())
-        vm_config = proto.vm_config
-        runtime = vm_config.runtime
+        runtime = proto.vm_config.runtime
         if runtime not in _SUPPORTED_RUNTIMES:
             raise ConfigError(f"Failed to create Wasm VM using {runtime} runtime. Envoy may be compiled "
                               f"without support for it.")
         self.name = proto.name
-        self.plugin = Plugin(
-            name=proto.name, root_id=proto.root_id, vm_id=vm_config.vm_id,
-            plugin_configuration=any_to_bytes(proto.configuration) if proto.HasField("configuration") else b"",
-            vm_configuration=any_to_bytes(vm_config.configuration) if vm_config.HasField("configuration") else b"",
-            # The host core's fail_open bit is Envoy's PluginBase::fail_open_: the deprecated
-            # bool alone. A trap in a callback lets the stream continue only with it; the
-            # FAIL_OPEN policy instead skips the filter on later streams (Envoy 1.40).
-            failure_policy=FailurePolicy.FAIL_OPEN if proto.fail_open else FailurePolicy.UNSPECIFIED,
-            allow_on_headers_stop_iteration=proto.allow_on_headers_stop_iteration.value
-            if proto.HasField("allow_on_headers_stop_iteration") else False,
-            # Envoy's createPluginKey: equal root_id and configuration still make distinct
-            # plugins (root contexts) when the name or listener direction differ.
-            key_extra=f"{proto.name}||{_DIRECTIONS.get(context.listener_direction, 'UNSPECIFIED')}".encode(),
-        )
-        envs = _environment_variables(proto)
-        main_store = context.main_store
-        self.lifecycle = LifecycleStats(main_store, runtime or DEFAULT_RUNTIME)
-        remote_stats = RemoteLoadStats(main_store)
+        self.plugin = _plugin(proto, context.listener_direction)
+        self.lifecycle = LifecycleStats(context.main_store, runtime or DEFAULT_RUNTIME)
         self._context = context
-        source = read_code(vm_config, self._cluster_hosts, remote_stats)
-        base: WasmHandle | None = None
-        if source.code:
-            module = compile_code(source.code, self.name, vm_config.allow_precompiled)
-            if module is not None:
-                vm_key = make_vm_key(vm_config.vm_id, self.plugin.vm_configuration, source.code)
-                base = create_wasm(vm_key, module, self.plugin, thread=wasm_thread_for(context, context.main_dispatcher),
-                                   lifecycle=self.lifecycle, envs=envs)
-        self.base = base
-        if base is None:
-            _log.critical("Plugin %s failed to load", self.name)
+        self.base = base = self._create_base(proto, context, _environment_variables(proto))
         legacy_fail_open = bool(proto.fail_open)
-        if base is None and not source.remote:
-            get_or_create_thread_local_plugin(None, self.plugin, wasm_thread_for(context, context.main_dispatcher),
-                                              legacy_fail_open=legacy_fail_open)
-            raise ConfigError(f"Unable to create Wasm plugin {self.name}")
         self._slot = context.thread_local.allocate_slot()
         plugin, store_for = self.plugin, context.store_for
 
@@ -338,6 +326,27 @@ class PluginConfig:
                                       PluginStats(store_for(dispatcher), plugin.name))
 
         self._slot.set(init)
+
+    def _create_base(self, proto: Any, context: "FactoryContext", envs: dict[str, str]) -> WasmHandle | None:
+        """Main thread: the base VM (createWasm). Local code that does not load rejects the
+        config; remote code that could not be fetched gives None (the plugin runs with no VM)."""
+        vm_config = proto.vm_config
+        main_thread = wasm_thread_for(context, context.main_dispatcher)
+        source = read_code(vm_config, self._cluster_hosts, RemoteLoadStats(context.main_store))
+        base: WasmHandle | None = None
+        if source.code:
+            module = compile_code(source.code, self.name, vm_config.allow_precompiled)
+            if module is not None:
+                vm_key = make_vm_key(vm_config.vm_id, self.plugin.vm_configuration, source.code)
+                base = create_wasm(vm_key, module, self.plugin, thread=main_thread, lifecycle=self.lifecycle,
+                                   envs=envs)
+        if base is None:
+            _log.critical("Plugin %s failed to load", self.name)
+            if not source.remote:
+                # Envoy publishes the (empty) handle first, which logs, then rejects the config.
+                get_or_create_thread_local_plugin(None, self.plugin, main_thread, legacy_fail_open=proto.fail_open)
+                raise ConfigError(f"Unable to create Wasm plugin {self.name}")
+        return base
 
     def _cluster_hosts(self, name: str) -> list[tuple[str, int]]:
         cluster = self._context.cluster_manager.clusters.get(name)
