@@ -18,7 +18,8 @@ CASES_DIR = Path(__file__).parent / "diff_cases"
 PLUGINS = CaseFile.load(CASES_DIR / "wasm_plugins.yaml")
 FAIL_CLOSED = CaseFile.load(CASES_DIR / "wasm_fail_closed.yaml")
 FAIL_OPEN = CaseFile.load(CASES_DIR / "wasm_fail_open.yaml")
-NEEDED = ("headers", "body", "local_reply", "as_header", "trap")
+CALLOUTS = CaseFile.load(CASES_DIR / "wasm_callouts.yaml")
+NEEDED = ("headers", "body", "local_reply", "as_header", "trap", "pause", "props")
 
 
 def _environment(case_file: CaseFile, tmp_path_factory: pytest.TempPathFactory,
@@ -65,3 +66,13 @@ def test_wasm_fail_closed(fail_closed_env: DiffEnvironment, case: Case) -> None:
 @pytest.mark.parametrize("case", _params(FAIL_OPEN))
 def test_wasm_fail_open(fail_open_env: DiffEnvironment, case: Case) -> None:
     fail_open_env.run(case)
+
+
+@pytest.fixture(scope="module")
+def callouts_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
+    yield from _environment(CALLOUTS, tmp_path_factory, echo_upstream)
+
+
+@pytest.mark.parametrize("case", _params(CALLOUTS))
+def test_wasm_callouts(callouts_env: DiffEnvironment, case: Case) -> None:
+    callouts_env.run(case)
