@@ -189,13 +189,18 @@ def test_route_timeout_is_504_upstream_request_timeout() -> None:
     run(scenario())
 
 
-def test_timeout_header_overrides_route_timeout() -> None:
+def test_timeout_header_overrides_route_timeout_only_when_internal() -> None:
     async def scenario() -> None:
         up = await Upstream(echo).start()
         hx = Harness(up.port)
-        router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="1234")
+        router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="1234", x_envoy_internal="true")
         assert headers.get("x-envoy-expected-rq-timeout-ms") == "1234"
         assert [t.ms for t in hx.d.enabled_timers("_on_response_timeout")] == [1234]
+        await s.done
+        # From an external client Envoy strips it first (cleanInternalHeaders): the route timeout holds.
+        router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="20", x_envoy_max_retries="3")
+        assert headers.get("x-envoy-expected-rq-timeout-ms") == "15000"
+        assert "x-envoy-upstream-rq-timeout-ms" not in headers and "x-envoy-max-retries" not in headers
         await s.done
         await up.stop()
 
