@@ -24,6 +24,7 @@ A case file (YAML, under tests/diff_cases/) holds::
             expect_continue: true # send the headers, wait for the interim 100, then the body
             new_connection: true  # default: reuse the case's connection while it stays open
             check_closed: true    # record whether the proxy then closes the connection
+            write_size: 1         # send the request in writes of this many bytes
             expect: {status: 200, closed: false, headers: {x-a: "1", x-b: null}, interim: [100],
                      body: "exact", body_contains: "...", outcome: response,  # or truncated, closed
                      echo: {path: /x, body_length: 3, headers: {host: example.com}}}
@@ -107,12 +108,13 @@ class RequestSpec:
     expect_continue: bool = False
     new_connection: bool = False
     check_closed: bool = False
+    write_size: int = 0
     expect: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RequestSpec:
         known = {"method", "path", "headers", "pad_headers", "body", "body_size", "chunked", "raw", "host",
-                 "expect_continue", "new_connection", "check_closed", "expect"}
+                 "expect_continue", "new_connection", "check_closed", "write_size", "expect"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown request fields {sorted(extra)}")
@@ -130,7 +132,7 @@ class RequestSpec:
             body=body, chunked=bool(d.get("chunked")),
             raw=d["raw"].encode("latin-1") if "raw" in d else None,
             host=d.get("host", "diff.test"), expect_continue=bool(d.get("expect_continue")),
-            new_connection=bool(d.get("new_connection")),
+            new_connection=bool(d.get("new_connection")), write_size=int(d.get("write_size", 0)),
             check_closed=bool(d.get("check_closed")) or "closed" in expect, expect=expect,
         )
 
@@ -312,7 +314,11 @@ class DiffEnvironment:
 
 def _exchange(conn: RawConnection, spec: RequestSpec) -> Response:
     head, rest = spec.head_and_body()
-    conn.send(head)
+    if spec.write_size:
+        for i in range(0, len(head), spec.write_size):
+            conn.send(head[i:i + spec.write_size])
+    else:
+        conn.send(head)
     if not rest:
         return conn.read_response(spec.wire_method)
     # Expect: 100-continue: the body goes only after the interim response (or a final one).
