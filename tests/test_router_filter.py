@@ -69,7 +69,8 @@ class Harness:
             self.d, FakeTls(self.d), self.store,
         )
         self.routes = RouteConfig.from_proto(ParseDict(yaml.safe_load(ROUTES), route_pb2.RouteConfiguration()))
-        self.config = RouterConfig(ParseDict(yaml.safe_load(router_proto), router_pb2.Router()), self.cm.thread_local)
+        self.config = RouterConfig(ParseDict(yaml.safe_load(router_proto), router_pb2.Router()), self.cm.thread_local,
+                                   "http.ingress.", lambda _dispatcher: self.store)
 
     def start(self, path: str, method: str = "GET", body: bytes = b"", **headers: str) -> tuple[Router, FakeStream, HeaderMap]:
         h = HeaderMap([(":method", method), (":path", path), (":authority", "127.0.0.1:18080"),
@@ -254,6 +255,7 @@ def test_reset_after_headers_resets_downstream() -> None:
         assert s.response_headers.get(":status") == "200" and bytes(s.body) == b"abc"
         # Envoy 1.40: an incomplete body is a protocol error once the response started.
         assert s.was_reset and s.local_reply is None and s.stream_info.response_flags == ["UPE"]
+        assert hx.counter("http.ingress.rq_reset_after_downstream_response_started") == 1
         assert s.stream_info.response_code_details == "upstream_reset_after_response_started{protocol_error}"
         await up.stop()
 
@@ -290,6 +292,9 @@ def test_local_answers_no_route_unknown_cluster_no_host_direct_redirect() -> Non
         s = await hx.request("/redir/x?a=1")
         assert s.local_reply[:2] == (301, b"")
         assert s.response_headers.get("location") == "http://127.0.0.1:18080/new?a=1"
+        # Envoy's router stats, under the connection manager's prefix.
+        assert [hx.counter("http.ingress." + n) for n in
+                ("rq_total", "no_route", "no_cluster", "rq_direct_response", "rq_redirect")] == [6, 1, 2, 1, 1]
 
     run(scenario())
 

@@ -84,19 +84,63 @@ def remove_hop_by_hop(headers: HeaderMap) -> None:
             headers.remove(name)
 
 
-class RouterConfig:
-    """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to."""
+# Envoy's ALL_ROUTER_STATS that wasmproxy can reach, under http.<hcm stat_prefix>.
+ROUTER_STATS = ("no_route", "no_cluster", "rq_redirect", "rq_direct_response", "rq_total",
+                "rq_reset_after_downstream_response_started")
 
-    def __init__(self, proto: Any, thread_local_cluster_manager: Callable[[], "ThreadLocalClusterManager"]) -> None:
+
+class RouterStats:
+    """One worker's router counters (Store objects resolved once)."""
+
+    __slots__ = ROUTER_STATS
+
+    def __init__(self, store: Any, prefix: str) -> None:
+        for name in ROUTER_STATS:
+            setattr(self, name, store.counter(prefix + name))
+
+
+class RouterConfig:
+    """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to.
+
+    With `stat_prefix` ("http.<hcm stat_prefix>.") and `store_for(dispatcher)`, the router
+    counts Envoy's router stats in the stream's worker Store.
+    """
+
+    def __init__(
+        self,
+        proto: Any,
+        thread_local_cluster_manager: Callable[[], "ThreadLocalClusterManager"],
+        stat_prefix: str | None = None,
+        store_for: Callable[[Any], Any] | None = None,
+    ) -> None:
         # Called on the stream's worker: that thread's ThreadLocalClusterManager.
         self.thread_local_cluster_manager = thread_local_cluster_manager
         self.suppress_envoy_headers: bool = bool(proto is not None and proto.suppress_envoy_headers)
         self.respect_expected_rq_timeout: bool = bool(proto is not None and proto.respect_expected_rq_timeout)
+        self._stat_prefix = stat_prefix
+        self._store_for = store_for
+        self._stats: dict[int, RouterStats] = {}  # id(dispatcher) -> that worker's counters
+
+    def stats(self, dispatcher: Any) -> RouterStats | None:
+        if self._stat_prefix is None or self._store_for is None:
+            return None
+        stats = self._stats.get(id(dispatcher))
+        if stats is None:
+            stats = self._stats[id(dispatcher)] = RouterStats(self._store_for(dispatcher), self._stat_prefix)
+        return stats
 
 
 def create_router_filter_factory(proto: Any, factory_context: Any) -> FilterFactoryCb:
-    """Factory for the HCM: `factory_context.cluster_manager` is the main ClusterManager."""
-    config = RouterConfig(proto, factory_context.cluster_manager.thread_local)
+    """Factory for the HCM: `factory_context.cluster_manager` is the main ClusterManager; the HCM's
+    stat_prefix, when the context carries it (`extras["http_stat_prefix"]`), names the router stats."""
+    extras = getattr(factory_context, "extras", None) or {}
+    hcm_prefix = extras.get("http_stat_prefix")
+    config = RouterConfig(
+        proto,
+        factory_context.cluster_manager.thread_local,
+        f"http.{hcm_prefix}." if hcm_prefix is not None else None,
+        getattr(factory_context, "store_for", None),
+    )
 
     def factory(callbacks: Any) -> None:
         callbacks.add_stream_decoder_filter(Router(config))
@@ -253,6 +297,7 @@ class Router:
         self._internal = False
         self._read_disabled = 0
         self._hash_key: int | None = None
+        self._stats: RouterStats | None = None
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -267,8 +312,13 @@ class Router:
         info = cb.stream_info
         self._request_headers = headers
         self._downstream_end_stream = end_stream
+        stats = self._stats = self.config.stats(cb.dispatcher)
+        if stats is not None:
+            stats.rq_total.inc()
         route: Route | None = cb.route()  # type: ignore[assignment]
         if route is None:
+            if stats is not None:
+                stats.no_route.inc()
             info.add_response_flag("NR")
             cb.send_local_reply(404, b"", None, None, DETAILS_ROUTE_NOT_FOUND)
             return FilterHeadersStatus.StopIteration
@@ -276,10 +326,14 @@ class Router:
         info.route_name = route.name
         info.route_metadata = route.metadata
         if route.action == "direct_response":
+            if stats is not None:
+                stats.rq_direct_response.inc()
             cb.send_local_reply(route.direct_status, route.direct_body, self._finalize_local_reply,
                                 None, DETAILS_DIRECT_RESPONSE)
             return FilterHeadersStatus.StopIteration
         if route.action == "redirect":
+            if stats is not None:
+                stats.rq_redirect.inc()
             location = route.redirect_location(headers)
 
             def add_location(h: HeaderMap) -> None:
@@ -292,6 +346,8 @@ class Router:
         cluster_name = route.cluster_for(headers, cb.stream_id)
         cluster = self.config.thread_local_cluster_manager().get(cluster_name)
         if cluster is None:
+            if stats is not None:
+                stats.no_cluster.inc()
             info.add_response_flag("NC")
             cb.send_local_reply(route.cluster_not_found_response_code, b"", self._finalize_local_reply,
                                 None, DETAILS_CLUSTER_NOT_FOUND)
@@ -521,6 +577,8 @@ class Router:
         info.add_response_flag(flag)
         if self._downstream_response_started:
             info.response_code_details = details.replace("_before_response_started", "_after_response_started")
+            if self._stats is not None:
+                self._stats.rq_reset_after_downstream_response_started.inc()
             self.callbacks.reset_stream()
             return
         if upstream is not None:
