@@ -329,18 +329,6 @@ def code_server(trap_code: bytes) -> Iterator[_CodeServer]:
     code_module.clear_code_cache_for_testing()
 
 
-class _Host:
-    def __init__(self, port: int) -> None:
-        from wasmproxy.http.stream_info import Address
-
-        self.address = Address("127.0.0.1", port)
-
-
-class _Cluster:
-    def __init__(self, port: int) -> None:
-        self.hosts = [_Host(port)]
-
-
 def _remote_proto(port: int, sha256: str, retries: int = 0) -> Any:
     proto = plugin_config("trap", name="remote", vm_id=f"remote-{sha256[:8]}")
     proto.vm_config.code.ClearField("local")
@@ -355,8 +343,16 @@ def _remote_proto(port: int, sha256: str, retries: int = 0) -> Any:
 
 
 def _remote_context(port: int) -> Any:
+    """A FactoryContext whose bootstrap has the STRICT_DNS cluster "code" at localhost:<port>."""
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+
     context = factory_context()
-    context.cluster_manager.clusters["code"] = _Cluster(port)  # type: ignore[attr-defined]
+    bootstrap = bootstrap_pb2.Bootstrap()
+    cluster = bootstrap.static_resources.clusters.add(name="code", type=1)  # STRICT_DNS
+    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
+    endpoint.address.socket_address.address = "localhost"
+    endpoint.address.socket_address.port_value = port
+    context.bootstrap = bootstrap
     return context
 
 

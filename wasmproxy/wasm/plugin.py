@@ -349,10 +349,16 @@ class PluginConfig:
         return base
 
     def _cluster_hosts(self, name: str) -> list[tuple[str, int]]:
-        cluster = self._context.cluster_manager.clusters.get(name)
-        if cluster is None:
+        """(address, port) of the endpoints the bootstrap gives cluster `name` (DNS names are
+        resolved when connecting, so remote code can come from a STRICT_DNS cluster too)."""
+        bootstrap = self._context.bootstrap
+        if bootstrap is None:
             return []
-        return [(h.address.host, h.address.port) for h in cluster.hosts]
+        for cluster in bootstrap.static_resources.clusters:
+            if cluster.name == name:
+                return [(lb.endpoint.address.socket_address.address, lb.endpoint.address.socket_address.port_value)
+                        for locality in cluster.load_assignment.endpoints for lb in locality.lb_endpoints]
+        return []
 
     # -- per stream (the owning thread) -----------------------------------------------------
 
