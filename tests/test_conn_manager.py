@@ -1034,3 +1034,13 @@ def test_early_local_replies_still_run_the_encoder_filters_and_their_access_logs
     conn, t = h.connect()
     conn.data_received(b"GET / HTTP/1.1\r\n\r\n")
     assert seen == ["400", ("log", 400, "missing_host_header")]
+
+
+def test_100_continue_comes_before_early_rejections_and_grpc_shapes_them():
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Type: application/grpc\r\n"
+                       b"Content-Length: 2\r\n\r\n")
+    assert t.take() == (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n"
+                        b"grpc-status: 13\r\n" + DATE.encode() + b"\r\nserver: envoy\r\nconnection: close\r\n"
+                        b"content-length: 0\r\n\r\n")

@@ -733,9 +733,17 @@ class ActiveStream:
         self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, headers)
         fm = self.filter_manager
         fm.request_headers = headers
+        # Both shape local replies: set them before any can be sent (as Envoy does).
         fm.is_head_request = headers.get(":method") == "HEAD"
+        fm.is_grpc_request = (headers.get("content-type") or "").startswith("application/grpc")
         if end_stream:
             fm.remote_decode_complete = True
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
+            # Envoy answers 100-continue itself, before any check or filter, and drops the header.
+            self._charge_1xx()
+            self.conn.write(self.conn.codec.encode_100_continue())
+            headers.remove("expect")
         if ":authority" not in headers:
             # Require host: for HTTP/1.1 the codec turned Host into :authority. Envoy closes too.
             self.conn.drain_state = _CLOSING
@@ -765,12 +773,6 @@ class ActiveStream:
             self.conn.drain_state = _CLOSING
             fm.send_local_reply(403, "", None, None, DETAILS_UPGRADE_FAILED)
             return
-        expect = headers.get("expect")
-        if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
-            # Envoy answers 100-continue itself and drops the header before the filters run.
-            self._charge_1xx()
-            self.conn.write(self.conn.codec.encode_100_continue())
-            headers.remove("expect")
         self.create_filter_chain()
         fm.decode_headers(headers, end_stream)
 
