@@ -376,6 +376,7 @@ def test_remote_code_with_the_wrong_sha256_loads_no_vm(code_server: _CodeServer,
     assert code_server.hits == 3  # the first try and two retries
     assert config.base is None
     assert "Plugin remote failed to load" in wasm_log.text
+    assert "Wasm remote code fetch is unstable and may cause a crash" in wasm_log.text
     assert context.main_store.counter("wasm.remote_load_fetch_failures").value == 1
     s = Stream([create_wasm_filter_factory(http_wasm(_remote_proto(code_server.port, "00" * 32)), context)])
     s.request([])

@@ -105,6 +105,7 @@ def fetch_remote(remote: Any, cluster_hosts: Callable[[str], list[tuple[str, int
                  stats: RemoteLoadStats, *, monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> bytes:
     """The code of a RemoteDataSource, from the process cache or fetched now (b"" on failure)."""
+    _log.warning("Wasm remote code fetch is unstable and may cause a crash")  # Envoy 1.40 says so too
     sha = remote.sha256.lower()
     now = monotonic()
     with _code_cache_lock:
@@ -146,6 +147,7 @@ def _fetch_with_retries(remote: Any, cluster_hosts: Callable[[str], list[tuple[s
             return code
         if attempt < retries:
             sleep(min(backoff_s * (2 ** attempt), backoff_s * _MAX_BACKOFF_FACTOR))
+    get_logger("config").warning("Retry limit exceeded for fetching data from remote data source.")
     return b""
 
 
