@@ -194,13 +194,23 @@ def test_strict_dns_resolves_refreshes_and_publishes_to_workers() -> None:
         assert [str(h.address) for h in tlc.hosts] == ["10.0.0.1:8080", "10.0.0.3:8080"]
         assert tlc.hosts[0] is first  # unchanged addresses keep their Host (and stats)
         assert store.counter("cluster.dns.membership_change").value == 2
+        # The same answer again: no rebuild, as Envoy counts it.
+        [timer] = [t for t in d.timers if t.enabled()]
+        timer.fire()
+        await cm.clusters["dns"]._task
+        assert store.counter("cluster.dns.update_no_rebuild").value == 1
+        assert store.counter("cluster.dns.update_attempt").value == 3
+        assert store.counter("cluster.dns.update_success").value == 3
+        assert store.counter("cluster.dns.default.total_match_count").value == 6
+        assert store.gauge("cluster.dns.max_host_weight").value == 1
         # A failed lookup keeps the last good hosts.
         del resolver.answers["svc.local"]
         [timer] = [t for t in d.timers if t.enabled()]
         timer.fire()
         await cm.clusters["dns"]._task
-        assert len(resolver.lookups) == 3 and timer.enabled()
+        assert len(resolver.lookups) == 4 and timer.enabled()
         assert len(tlc.hosts) == 2
+        assert store.counter("cluster.dns.update_failure").value == 1
         cm.shutdown()
 
     run(scenario())
@@ -249,6 +259,7 @@ def test_cluster_manager_tables_and_admin_text() -> None:
         assert store.gauge("cluster_manager.active_clusters").value == 2
         assert store.gauge("cluster.a.membership_total").value == 2
         assert store.counter("cluster.a.membership_change").value == 1
+        assert store.counter("cluster.a.default.total_match_count").value == 2
         text = cm.clusters_text()
         lines = text.splitlines()
         assert lines[:10] == [
@@ -295,3 +306,34 @@ def test_duplicate_cluster_names_are_rejected() -> None:
             ClusterManager([static_cluster("a", 1), static_cluster("a", 2)], d, FakeTls(d), Store())
     finally:
         loop.close()
+
+
+def test_strict_dns_endpoint_failure_keeps_that_endpoints_hosts() -> None:
+    async def scenario() -> None:
+        d = FakeDispatcher(asyncio.get_running_loop())
+        resolver = FakeResolver({"a.local": ["10.0.0.1"], "b.local": ["10.0.0.2"]})
+        proto = cluster("""
+name: two
+type: STRICT_DNS
+load_assignment:
+  cluster_name: two
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {address: {socket_address: {address: a.local, port_value: 80}}}
+    - endpoint: {address: {socket_address: {address: b.local, port_value: 81}}}
+""")
+        cm = ClusterManager([proto], d, FakeTls(d), Store(), resolver=resolver)
+        done = asyncio.get_running_loop().create_future()
+        cm.initialize(lambda: done.set_result(True))
+        await done
+        tlc = cm.thread_local().get("two")
+        assert [str(h.address) for h in tlc.hosts] == ["10.0.0.1:80", "10.0.0.2:81"]
+        del resolver.answers["a.local"]
+        resolver.answers["b.local"] = ["10.0.0.3"]
+        [timer] = [t for t in d.timers if t.enabled()]
+        timer.fire()
+        await cm.clusters["two"]._task
+        assert [str(h.address) for h in tlc.hosts] == ["10.0.0.1:80", "10.0.0.3:81"]
+        cm.shutdown()
+
+    run(scenario())

@@ -228,8 +228,10 @@ class Cluster:
         dispatcher: Any,
         on_hosts_changed: Callable[["Cluster"], None],
         resolver: Resolver | None = None,
+        store: Any = None,
     ) -> None:
         self.info = ClusterInfo(proto)
+        self._store = store  # the main thread's stats Store (discovery stats)
         self.hosts: tuple[Host, ...] = ()
         self.initialized = False
         self._dispatcher = dispatcher
@@ -240,6 +242,8 @@ class Cluster:
         self._init_waiters: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._shutdown = False
+        # STRICT_DNS: each endpoint's hosts from its last good lookup (a failed lookup keeps them).
+        self._resolved: list[list[Host]] = [[] for _ in self._endpoints]
         if self.info.type == "STATIC":
             for addr, port, *_ in self._endpoints:
                 try:
@@ -270,33 +274,44 @@ class Cluster:
     def _start_resolve(self) -> None:
         self._task = self._dispatcher.loop.create_task(self._resolve_all())
 
+    def _count(self, name: str, n: int = 1) -> None:
+        if self._store is not None:
+            self._store.counter(self.info.stat_prefix + name).inc(n)
+
     async def _resolve_all(self) -> None:
         family = self.info.dns_lookup_family
-        new: list[Host] = []
-        failed = False
-        for addr, port, hostname, weight, healthy, md in self._endpoints:
+        for i, (addr, port, hostname, weight, healthy, md) in enumerate(self._endpoints):
+            self._count("update_attempt")
             try:
                 answers = await self._resolver(addr, port, family)
             except (OSError, socket.gaierror):
-                failed = True
+                self._count("update_failure")
                 continue
+            self._count("update_success")
             if self.info.type == "LOGICAL_DNS":
                 answers = answers[:1]  # one host: the first answer of the latest lookup
-            for ip in answers:
-                new.append(Host(self.info.name, Address(ip, port), hostname=hostname or addr, weight=weight,
-                                healthy=healthy, metadata=md))
-        self._on_resolved(new, failed)
+            self._count("default.total_match_count", len(answers))
+            self._resolved[i] = [
+                Host(self.info.name, Address(ip, port), hostname=hostname or addr, weight=weight, healthy=healthy,
+                     metadata=md)
+                for ip in answers
+            ]
+        self._on_resolved([h for hosts in self._resolved for h in hosts])
 
-    def _on_resolved(self, new: list[Host], failed: bool) -> None:
+    def _on_resolved(self, new: list[Host]) -> None:
         if self._shutdown:
             return
-        if not failed or new:
-            # Keep existing Host objects (and their stats) for addresses that did not change.
-            old = {(h.address.host, h.address.port): h for h in self.hosts}
-            merged = tuple(old.get((h.address.host, h.address.port), h) for h in new)
-            if [id(h) for h in merged] != [id(h) for h in self.hosts]:
-                self.hosts = merged
-                self._on_hosts_changed(self)
+        # Keep existing Host objects (and their stats) for addresses that did not change.
+        old = {(h.address.host, h.address.port): h for h in self.hosts}
+        merged = tuple(old.get((h.address.host, h.address.port), h) for h in new)
+        if [id(h) for h in merged] != [id(h) for h in self.hosts]:
+            self.hosts = merged
+            if self._store is not None and self.info.type == "STRICT_DNS":
+                self._store.gauge(self.info.stat_prefix + "max_host_weight").set(
+                    max((h.weight for h in merged), default=0))
+            self._on_hosts_changed(self)
+        elif self.initialized:
+            self._count("update_no_rebuild")
         self.initialized = True
         waiters, self._init_waiters = self._init_waiters, []
         for cb in waiters:

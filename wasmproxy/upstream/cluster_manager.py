@@ -125,13 +125,15 @@ class ClusterManager:
                 raise ClusterConfigError(f"cluster manager: duplicate cluster '{proto.name}'")
             # One c-ares channel for all clusters unless a test passes its own resolver.
             resolver = resolver or CaresResolver()
-            self.clusters[proto.name] = Cluster(proto, main_dispatcher, self._on_hosts_changed, resolver)
+            self.clusters[proto.name] = Cluster(proto, main_dispatcher, self._on_hosts_changed, resolver, store)
         store.counter("cluster_manager.cluster_added").inc(len(self.clusters))
         store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
         for cluster in self.clusters.values():
             self._publish_membership(cluster)
             if cluster.hosts:
                 store.counter(cluster.info.stat_prefix + "membership_change").inc()
+                # Envoy matches each host's transport socket once when the host set is built.
+                store.counter(cluster.info.stat_prefix + "default.total_match_count").inc(len(cluster.hosts))
         snapshot = {name: (c.info, c.hosts) for name, c in self.clusters.items()}
         store_for = store_for or (lambda _d: store)
         self._slot = tls.allocate_slot()
