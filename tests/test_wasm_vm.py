@@ -204,3 +204,14 @@ def test_trap_on_one_worker_reloads_only_that_workers_clone(two_workers: tuple[A
     assert requests(workers.on(0, stream)) == "1"  # a fresh clone on worker 0
     assert requests(workers.on(1, stream)) == "2"  # worker 1 kept its VM
     assert context.main_store.counter("wasm.trap.vm_reload_success").value == 1
+
+
+def test_singleton_plugin_runs_once_on_the_main_thread(two_workers: tuple[Any, Workers]) -> None:
+    context, workers = two_workers
+    config = PluginConfig(plugin_config("headers", vm_id="singleton-vm", name="svc"), context, singleton=True)
+    workers.run_posted()
+    store = context.main_store
+    # base + canary + one main-thread clone: no worker clones
+    assert store.counter("wasm.envoy.wasm.runtime.v8.created").value == 3
+    wasm = config.wasm()
+    assert wasm is not None and not wasm.is_failed()

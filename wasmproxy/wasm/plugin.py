@@ -298,9 +298,12 @@ def _plugin(proto: Any, listener_direction: int) -> Plugin:
 
 
 class PluginConfig:
-    """A configured plugin and its per-thread handles. Built on main; create_context on workers."""
+    """A configured plugin and its per-thread handles. Built on main; create_context on workers.
 
-    def __init__(self, proto: Any, context: "FactoryContext") -> None:
+    ``singleton=True`` keeps one handle on the main thread instead (Envoy's singleton WasmService).
+    """
+
+    def __init__(self, proto: Any, context: "FactoryContext", *, singleton: bool = False) -> None:
         self.failure_policy = _failure_policy(proto)
         self.reload_base_ms = 1000
         if proto.HasField("reload_config") and proto.reload_config.backoff.HasField("base_interval"):
@@ -315,7 +318,6 @@ class PluginConfig:
         self._context = context
         self.base = base = self._create_base(proto, context, _environment_variables(proto))
         legacy_fail_open = bool(proto.fail_open)
-        self._slot = context.thread_local.allocate_slot()
         plugin, store_for = self.plugin, context.store_for
 
         # Captures neither the slot nor this config (ThreadLocal's rule): only what it builds from.
@@ -325,7 +327,11 @@ class PluginConfig:
             return PluginHandleHolder(handle, dispatcher.time_source.monotonic(), thread,
                                       PluginStats(store_for(dispatcher), plugin.name))
 
-        self._slot.set(init)
+        # A singleton (a WasmService with singleton: true) runs once, on the main thread.
+        self._singleton = init(context.main_dispatcher) if singleton else None
+        self._slot = None if singleton else context.thread_local.allocate_slot()
+        if self._slot is not None:
+            self._slot.set(init)
 
     def _create_base(self, proto: Any, context: "FactoryContext", envs: dict[str, str]) -> WasmHandle | None:
         """Main thread: the base VM (createWasm). Local code that does not load rejects the
@@ -363,6 +369,8 @@ class PluginConfig:
     # -- per stream (the owning thread) -----------------------------------------------------
 
     def _holder(self) -> PluginHandleHolder | None:
+        if self._slot is None:
+            return self._singleton
         if not self._slot.current_thread_registered():
             return None
         holder: PluginHandleHolder | None = self._slot.get()
