@@ -99,6 +99,11 @@ def test_expect_100_continue(echo: RawConnection) -> None:
     assert echo.read_response("POST").json()["body"] == "later"
 
 
+def test_interim_responses(echo: RawConnection) -> None:
+    resp = echo.request("GET", "/", [("x-echo-interim", "103,100")])
+    assert resp.status == 200 and [s for s, _ in resp.interim] == [103, 100]
+
+
 def test_close_is_detected(echo: RawConnection) -> None:
     resp = echo.request("GET", "/", [("x-echo-close", "1")])
     assert resp.header("connection") == "close"

@@ -13,6 +13,7 @@ response, which lets one upstream play every backend behaviour the tests need:
 ``x-echo-headers: a:1,b:2`` add these response headers, names as given (values cannot contain commas)
 ``x-echo-trailers: a:1``    send these trailers (implies chunked)
 ``x-echo-close: 1``         send ``connection: close`` and close after the response
+``x-echo-interim: 100,103`` send these 1xx interim responses before the final one
 ``x-echo-reset: before-headers | after-headers``
                             abort the connection before any response byte, or after the
                             headers and part of the body
@@ -41,7 +42,7 @@ WRITE_CHUNK = 64 * 1024
 _PATTERN = bytes(range(32, 127)) * (WRITE_CHUNK // 95 + 1)
 
 _REASONS = {
-    100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    100: "Continue", 102: "Processing", 103: "Early Hints", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
     206: "Partial Content", 301: "Moved Permanently", 302: "Found", 304: "Not Modified",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
@@ -244,6 +245,8 @@ class EchoProtocol(asyncio.Protocol):
         if reset == "before-headers":
             self.abort()
             return False
+        for code in filter(None, (req.header("x-echo-interim") or "").split(",")):
+            self._write(f"HTTP/1.1 {int(code)} {_REASONS.get(int(code), 'Unknown')}\r\n\r\n".encode())
 
         status = int(req.header("x-echo-status") or 200)
         extra = _parse_header_list(req.header("x-echo-headers") or "")
