@@ -229,3 +229,19 @@ def test_grpc_callouts_check_the_service_like_envoy_then_are_unimplemented() -> 
     service.envoy_grpc.cluster_name = "echo"
     assert env.grpc_call(ctx, 3, service.SerializeToString(), "svc", "M", HeaderMap(), b"",  # type: ignore[arg-type]
                          1000) == WasmResult.Unimplemented
+
+
+def test_stream_destroyed_while_paused_is_not_resumed(dispatcher: FakeDispatcher) -> None:
+    factory, _ = make_factory(dispatcher, "pause", vm_id="pause-destroyed")
+    s = Stream([factory])
+    s.request([("x-pause-request", "tick")])
+    s.manager.reset_stream()
+    s.finish()  # proxy_on_done / proxy_on_delete while the plugin still waits for its tick
+    for timer in dispatcher.armed_timers():
+        timer.fire()
+    assert s.upstream.headers is None
+    after = Stream([factory])  # the VM is fine
+    after.request([])
+    after.respond(200)
+    assert after.downstream.status == 200
+    after.finish()
