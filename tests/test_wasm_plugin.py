@@ -200,7 +200,7 @@ def test_plugin_that_cannot_start_rejects_the_config(case: str, wasm_log: LogTex
 def test_missing_code_file_is_a_config_error(tmp_path: Path) -> None:
     proto = plugin_config("trap")
     proto.vm_config.code.local.filename = str(tmp_path / "nope.wasm")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=f"^Invalid path: {tmp_path / 'nope.wasm'}$"):
         PluginConfig(proto, factory_context())
 
 

@@ -74,7 +74,7 @@ def read_code(vm_config: Any, cluster_hosts: Callable[[str], list[tuple[str, int
             with open(local.filename, "rb") as f:
                 return CodeSource(f.read(), local.filename)
         except OSError:
-            raise ConfigError(f"file {local.filename} does not exist") from None
+            raise ConfigError(f"Invalid path: {local.filename}") from None  # Envoy 1.40's words
     if which == "inline_bytes":
         return CodeSource(bytes(local.inline_bytes), "<inline>")
     if which == "inline_string":
