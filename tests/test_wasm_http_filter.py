@@ -245,3 +245,24 @@ def test_stream_destroyed_while_paused_is_not_resumed(dispatcher: FakeDispatcher
     after.respond(200)
     assert after.downstream.status == 200
     after.finish()
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_allow_on_headers_stop_iteration_lets_the_body_through(dispatcher: FakeDispatcher, allow: bool) -> None:
+    """Headers StopIteration is StopAllIterationAndWatermark unless allowed: only then does a body
+    chunk (which the plugin continues) resume the chain before the plugin does."""
+    from google.protobuf import wrappers_pb2
+
+    proto = plugin_config("pause", vm_id=f"pause-allow-{allow}")
+    if allow:
+        proto.allow_on_headers_stop_iteration.CopyFrom(wrappers_pb2.BoolValue(value=True))
+    factory = create_wasm_filter_factory(http_wasm(proto), factory_context(dispatcher))
+    s = Stream([factory])
+    s.request([("x-pause-request", "tick")], [b"body"])
+    if allow:
+        assert s.upstream.headers is not None and s.upstream.headers.get("x-resumed-by") is None
+    else:
+        assert s.upstream.headers is None
+    dispatcher.armed_timers()[0].fire()
+    assert s.upstream.headers is not None and bytes(s.upstream.body) == b"body"
+    s.finish()
