@@ -387,3 +387,29 @@ def test_envoy_against_itself_shows_no_difference(tmp_path: Path, echo_upstream:
                 env.run(case)
     finally:
         env.stop()
+
+
+@pytest.mark.envoy
+def test_template_with_extra_ports(tmp_path: Path, echo_upstream: int) -> None:
+    """`ports:` gives each target more free ports; readiness waits for every listener."""
+    template = tmp_path / "two.yaml"
+    doc = bootstrap(listener_port=0, admin_port=0, clusters={"echo": 0},
+                    virtual_hosts=[{"name": "v", "domains": ["*"],
+                                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]}])
+    listeners = doc["static_resources"]["listeners"]
+    listeners.append(yaml.safe_load(yaml.safe_dump(listeners[0])) | {"name": "second"})
+    listeners[0]["address"]["socket_address"]["port_value"] = "${listener_port}"
+    listeners[1]["address"]["socket_address"]["port_value"] = "${second_port}"
+    doc["admin"]["address"]["socket_address"]["port_value"] = "${admin_port}"
+    cluster = doc["static_resources"]["clusters"][0]
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"] = "${echo_port}"
+    write_yaml(yaml.safe_dump(doc).replace("'${", "${").replace("}'", "}"), template)
+    case_file = tmp_path / "cases.yaml"
+    case_file.write_text("config: {template: two.yaml, ports: [second_port]}\ncases: []\n")
+    with DiffEnvironment(CaseFile.load(case_file), tmp_path, echo_upstream, free_port(), ["envoy"]) as env:
+        target = env.targets["envoy"]
+        second = next(p for p, name in target.port_names.items() if name == "second_port")
+        for port in (target.port, second):
+            with RawConnection(LOOPBACK, port) as conn:
+                assert conn.request("GET", f"/on-{port}").json()["path"] == f"/on-{port}"

@@ -52,10 +52,6 @@ class Response:
                 return v
         return None
 
-    def header_values(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
-
     def json(self) -> Any:
         return json.loads(self.body)
 
