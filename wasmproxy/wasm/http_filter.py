@@ -160,8 +160,11 @@ class WasmFilter(StreamEnvironment):
             self.context.log(request_headers, response_headers, response_trailers, stream_info)
 
     def on_destroy(self) -> None:
-        if self.context is not None:
-            self.context.on_destroy()
+        context = self.context
+        if context is not None:
+            context.on_destroy()
+            # The stream is over: break the filter <-> context cycle so both go at once.
+            context.env = None
 
 
 def create_wasm_filter_factory(proto: Any, context: "FactoryContext") -> FilterFactoryCb:
