@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 from google.protobuf.json_format import MessageToDict
 
 from ..http.stream_info import Address
+from .health_checker import HealthCheckConfigError, HealthChecker
 from .host import Host
 
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
@@ -259,14 +260,27 @@ class Cluster:
             )
         elif self.info.type == "LOGICAL_DNS" and len(self._endpoints) != 1:
             raise ClusterConfigError("LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint")
+        self.health_checker: HealthChecker | None = None
+        if len(proto.health_checks):
+            try:
+                self.health_checker = HealthChecker(
+                    proto.health_checks[0], self.info.name, dispatcher, store, self.info.stat_prefix,
+                    lambda: on_hosts_changed(self),
+                    lambda: any(h.stats.cx_total for h in self.hosts),
+                )
+            except HealthCheckConfigError as e:
+                raise ClusterConfigError(str(e)) from None
 
     def initialize(self, on_done: Callable[[], None]) -> None:
-        """Start discovery; `on_done` runs (on main) once the first host set is known."""
-        if self.info.type == "STATIC" or self.initialized:
-            self.initialized = True
+        """Start discovery; `on_done` runs (on main) once the first host set is known and, with
+        health checks, once every host of it has been checked (Envoy's cluster warming)."""
+        if self.initialized:
             on_done()
             return
         self._init_waiters.append(on_done)
+        if self.info.type == "STATIC":
+            self._hosts_known()
+            return
         if self._timer is None:
             self._timer = self._dispatcher.create_timer(self._start_resolve)
             self._start_resolve()
@@ -312,16 +326,32 @@ class Cluster:
             self._on_hosts_changed(self)
         elif self.initialized:
             self._count("update_no_rebuild")
+        self._hosts_known()
+        if self._timer is not None:
+            self._timer.enable_timer(self.info.dns_refresh_rate_ms)
+
+    def _hosts_known(self) -> None:
+        if self.health_checker is None:
+            self._finish_init()
+            return
+        was = [h.healthy for h in self.hosts]
+        self.health_checker.set_hosts(self.hosts, None if self.initialized else self._finish_init)
+        if [h.healthy for h in self.hosts] != was:
+            self._on_hosts_changed(self)  # new hosts start failed until checked
+
+    def _finish_init(self) -> None:
+        if self.initialized:
+            return
         self.initialized = True
         waiters, self._init_waiters = self._init_waiters, []
         for cb in waiters:
             cb()
-        if self._timer is not None:
-            self._timer.enable_timer(self.info.dns_refresh_rate_ms)
 
     def shutdown(self) -> None:
         """Stop DNS refreshes (main thread)."""
         self._shutdown = True
+        if self.health_checker is not None:
+            self.health_checker.stop()
         if self._timer is not None:
             self._timer.disable_timer()
         if self._task is not None:
