@@ -39,9 +39,10 @@ def wasm_filter(plugin: str, configuration: str | None = None, *, name: str | No
                              "config": config}}
 
 
-def _config(tmp_path: Path, target: str, filters: list[dict[str, Any]], echo_port: int) -> Path:
+def _config(tmp_path: Path, target: str, filters: list[dict[str, Any]], echo_port: int,
+            clusters: dict[str, int] | None = None) -> Path:
     listener_port, admin_port = free_ports(2)
-    doc = bootstrap(listener_port=listener_port, admin_port=admin_port, clusters={"echo": echo_port},
+    doc = bootstrap(listener_port=listener_port, admin_port=admin_port, clusters={"echo": echo_port, **(clusters or {})},
                     virtual_hosts=[{"name": "all", "domains": ["*"],
                                     "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]}],
                     http_filters=filters)
@@ -73,8 +74,9 @@ def target(request: pytest.FixtureRequest) -> str:
 def run(tmp_path: Path, echo_upstream: int) -> Iterator[Any]:
     procs: list[ProxyProcess] = []
 
-    def start(target: str, filters: list[dict[str, Any]], *, wait: bool = True) -> ProxyProcess:
-        proc = TARGETS[target](_config(tmp_path, target, filters, echo_upstream))
+    def start(target: str, filters: list[dict[str, Any]], *, wait: bool = True,
+              clusters: dict[str, int] | None = None) -> ProxyProcess:
+        proc = TARGETS[target](_config(tmp_path, target, filters, echo_upstream, clusters))
         procs.append(proc)
         if wait:
             proc.start()
@@ -139,3 +141,65 @@ def test_fail_reload_rebuilds_the_vm(run: Any, target: str) -> None:
     assert after.status == 200 and after.header("x-trap-requests") == "1"
     stats = _admin_stats(proc, "wasm.reloading.")
     assert stats["wasm.reloading.vm_reload_success"] == 1 and stats["wasm.reloading.vm_reload_failure"] == 0
+
+
+class _CodeServer:
+    """Serves plugins/out over HTTP on loopback (remote code), counting requests."""
+
+    def __init__(self) -> None:
+        import functools
+        import threading
+        from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+        outer = self
+        self.hits = 0
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.hits += 1
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        directory = str(Path(_plugin("trap")).parent)
+        self.server = HTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=directory))
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def code_server() -> Iterator[_CodeServer]:
+    server = _CodeServer()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("good_sha", [True, False])
+def test_remote_code_with_sha256(run: Any, target: str, code_server: _CodeServer, good_sha: bool) -> None:
+    """Envoy 1.40: the right sha256 runs the plugin; a wrong one is fetched twice (one retry),
+    then the plugin runs with no VM and fails closed (503); the proxy still starts."""
+    import hashlib
+
+    sha = hashlib.sha256(Path(_plugin("trap")).read_bytes()).hexdigest() if good_sha else "00" * 32
+    remote = {"http_uri": {"uri": f"http://127.0.0.1:{code_server.port}/trap.wasm", "cluster": "code",
+                           "timeout": "2s"},
+              "sha256": sha, "retry_policy": {"num_retries": 1, "retry_back_off": {"base_interval": "0.05s"}}}
+    filter_ = wasm_filter("trap", name="remote")
+    filter_["typed_config"]["config"]["vm_config"]["code"] = {"remote": remote}
+    proc = run(target, [filter_], clusters={"code": code_server.port})
+    r = _get(proc)
+    stats = _admin_stats(proc, "wasm.remote_load")
+    if good_sha:
+        assert r.status == 200 and r.header("x-trap-plugin") == "alive"
+        assert code_server.hits == 1 and stats["wasm.remote_load_fetch_successes"] == 1
+    else:
+        assert r.status == 503
+        assert code_server.hits == 2 and stats["wasm.remote_load_fetch_failures"] == 1
+    assert stats["wasm.remote_load_cache_misses"] == 1 and stats["wasm.remote_load_cache_entries"] == 1
