@@ -79,6 +79,7 @@ def test_http_health_check_warms_and_excludes_failed_hosts() -> None:
         assert store.counter("cluster.c.health_check.attempt").value == 2
         assert store.counter("cluster.c.health_check.network_failure").value == 1
         assert store.gauge("cluster.c.membership_healthy").value == 1
+        assert store.counter("cluster.c.membership_change").value == 1  # health is not membership
         assert f"c::127.0.0.1:{dead}::health_flags::/failed_active_hc" in cm.clusters_text()
         # No traffic yet: the next checks wait no_traffic_interval.
         assert {t.ms for t in d.enabled_timers("start_check")} == {5000}

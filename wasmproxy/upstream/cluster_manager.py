@@ -120,6 +120,7 @@ class ClusterManager:
         self._dispatcher = main_dispatcher
         self._store = store
         self.clusters: dict[str, Cluster] = {}
+        self._members: dict[str, tuple[int, ...]] = {}  # cluster -> ids of its last published hosts
         for proto in cluster_protos:
             if proto.name in self.clusters:
                 raise ClusterConfigError(f"cluster manager: duplicate cluster '{proto.name}'")
@@ -130,6 +131,7 @@ class ClusterManager:
         store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
         for cluster in self.clusters.values():
             self._publish_membership(cluster)
+            self._members[cluster.info.name] = tuple(id(h) for h in cluster.hosts)
             if cluster.hosts:
                 store.counter(cluster.info.stat_prefix + "membership_change").inc()
                 # Envoy matches each host's transport socket once when the host set is built.
@@ -172,9 +174,13 @@ class ClusterManager:
         return self.thread_local().get(name)
 
     def _on_hosts_changed(self, cluster: Cluster) -> None:
+        """A cluster's hosts or their health changed: update gauges and every thread's copy."""
         self._publish_membership(cluster)
         name, hosts = cluster.info.name, cluster.hosts
-        self._store.counter(cluster.info.stat_prefix + "membership_change").inc()
+        members = tuple(id(h) for h in hosts)
+        if self._members.get(name) != members:  # health changes are not membership changes
+            self._members[name] = members
+            self._store.counter(cluster.info.stat_prefix + "membership_change").inc()
         self._slot.run_on_all_threads(lambda tlcm: tlcm.update_hosts(name, hosts), None)
 
     def _publish_membership(self, cluster: Cluster) -> None:
