@@ -396,3 +396,17 @@ def test_allow_precompiled_keeps_compiled_code_on_disk(tmp_path: Path, monkeypat
     other = code + b"\x00\x02\x01y"
     assert code_module.compile_code(other, "trap", allow_precompiled=True) is not None
     assert [p.suffix for p in tmp_path.iterdir()] == [".cwasm"]
+
+
+def test_nack_on_code_cache_miss_rejects_uncached_remote_code(code_server: _CodeServer, trap_code: bytes) -> None:
+    """Envoy 1.40 exits with "Unable to create Wasm plugin" before fetching anything."""
+    sha = hashlib.sha256(trap_code).hexdigest()
+    context = _remote_context(code_server.port)
+    proto = _remote_proto(code_server.port, sha)
+    proto.vm_config.nack_on_code_cache_miss = True
+    with pytest.raises(ConfigError, match="^Unable to create Wasm plugin remote$"):
+        PluginConfig(proto, context)
+    assert code_server.hits == 0
+    PluginConfig(_remote_proto(code_server.port, sha), context)  # fills the cache
+    assert PluginConfig(proto, context).wasm() is not None  # now cached: accepted
+    assert code_server.hits == 1

@@ -9,7 +9,8 @@ Envoy's createWasm reads ``vm_config.code``:
   for 10 s), with the wasm.remote_load_* stats. Envoy fetches asynchronously while the
   listener waits for its init manager; wasmproxy fetches on the main thread before the
   listener is built, which is the same order of events. A fetch that fails does not stop the
-  proxy: the plugin loads with no VM and its failure policy answers (as in Envoy).
+  proxy: the plugin loads with no VM and its failure policy answers (as in Envoy). With
+  ``nack_on_code_cache_miss`` code that is not cached rejects the config instead.
 
 ``allow_precompiled`` keeps compiled code on disk (runtime.compile_module's cache) under
 ``$WASMPROXY_CODE_CACHE`` (default ``~/.cache/wasmproxy/wasm``).
@@ -33,7 +34,7 @@ from ..log import get_logger
 from .runtime import WasmLoadError, WasmModule, compile_module
 from .stats import RemoteLoadStats
 
-__all__ = ["CodeSource", "compile_code", "fetch_remote", "precompiled_cache_dir", "read_code"]
+__all__ = ["CodeSource", "cached_remote_code", "compile_code", "fetch_remote", "precompiled_cache_dir", "read_code"]
 
 _log = get_logger("wasm")
 
@@ -51,6 +52,9 @@ class CodeSource:
     code: bytes
     source: str
     remote: bool = False
+    # nack_on_code_cache_miss and the code was not cached: the config is rejected (Envoy would
+    # fetch in the background for a later config; a rejected static config just exits).
+    nacked: bool = False
 
 
 def read_code(vm_config: Any, cluster_hosts: Callable[[str], list[tuple[str, int]]],
@@ -64,6 +68,9 @@ def read_code(vm_config: Any, cluster_hosts: Callable[[str], list[tuple[str, int
     if code.HasField("remote"):
         remote = code.remote
         uri = remote.http_uri.uri
+        _log.warning("Wasm remote code fetch is unstable and may cause a crash")  # Envoy 1.40 says so too
+        if vm_config.nack_on_code_cache_miss and cached_remote_code(remote, remote_stats) is None:
+            return CodeSource(b"", uri, remote=True, nacked=True)
         return CodeSource(fetch_remote(remote, cluster_hosts, remote_stats), uri, remote=True)
     if not code.HasField("local"):
         return CodeSource(b"", "")
@@ -101,11 +108,20 @@ _code_cache: dict[str, _CacheEntry] = {}
 _code_cache_lock = threading.Lock()
 
 
+def cached_remote_code(remote: Any, stats: RemoteLoadStats) -> bytes | None:
+    """The cached code for a RemoteDataSource, or None (counted as a cache miss)."""
+    with _code_cache_lock:
+        entry = _code_cache.get(remote.sha256.lower())
+    if entry is None or not entry.code:
+        stats.inc(stats.cache_misses)
+        return None
+    return entry.code
+
+
 def fetch_remote(remote: Any, cluster_hosts: Callable[[str], list[tuple[str, int]]],
                  stats: RemoteLoadStats, *, monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> bytes:
     """The code of a RemoteDataSource, from the process cache or fetched now (b"" on failure)."""
-    _log.warning("Wasm remote code fetch is unstable and may cause a crash")  # Envoy 1.40 says so too
     sha = remote.sha256.lower()
     now = monotonic()
     with _code_cache_lock:

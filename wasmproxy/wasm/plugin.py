@@ -348,7 +348,7 @@ class PluginConfig:
                                    envs=envs)
         if base is None:
             _log.critical("Plugin %s failed to load", self.name)
-            if not source.remote:
+            if not source.remote or source.nacked:
                 # Envoy publishes the (empty) handle first, which logs, then rejects the config.
                 get_or_create_thread_local_plugin(None, self.plugin, main_thread, legacy_fail_open=proto.fail_open)
                 raise ConfigError(f"Unable to create Wasm plugin {self.name}")
