@@ -413,3 +413,13 @@ def test_template_with_extra_ports(tmp_path: Path, echo_upstream: int) -> None:
         for port in (target.port, second):
             with RawConnection(LOOPBACK, port) as conn:
                 assert conn.request("GET", f"/on-{port}").json()["path"] == f"/on-{port}"
+
+
+@pytest.mark.envoy
+def test_show_prints_normalised_outcomes(capsys: pytest.CaptureFixture[str]) -> None:
+    from support import show
+
+    assert show.main([str(Path(__file__).parent / "diff_cases" / "front_proxy.yaml"), "--case", "no_route"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["no_route#1 envoy", "no_route#2 envoy"]
+    assert '"status": 404' in lines[0]
