@@ -66,7 +66,7 @@ def test_http_options(http_options_env: DiffEnvironment, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", case_params(FRONT_PROXY))
-def test_envoy_docs_front_proxy_config_runs_unchanged(front_proxy_env: DiffEnvironment, case: Case) -> None:
+def test_envoy_docs_front_proxy_config(front_proxy_env: DiffEnvironment, case: Case) -> None:
     front_proxy_env.run(case)
 
 
