@@ -423,3 +423,11 @@ virtual_hosts:
 def test_bad_regex_is_a_config_error() -> None:
     with pytest.raises(RouteConfigError):
         routes("{match: {safe_regex: {regex: '('}}, route: {cluster: c}}")
+
+
+def test_shadow_authority_goes_before_the_port() -> None:
+    from wasmproxy.router.config import shadow_authority
+
+    assert shadow_authority("127.0.0.1:19480") == "127.0.0.1-shadow:19480"  # as Envoy 1.40 sent it
+    assert shadow_authority("svc.local") == "svc.local-shadow"
+    assert shadow_authority("[::1]:80") == "[::1]-shadow:80"

@@ -509,3 +509,34 @@ def test_flow_control_both_ways() -> None:
         await up.stop()
 
     run(scenario())
+
+
+def test_request_mirror_sends_a_shadow_copy() -> None:
+    # Envoy 1.40 sent the mirror "POST /mirror?x=1" with host "127.0.0.1-shadow:19480", the
+    # finalized request headers, x-envoy-internal: true and x-forwarded-for: <local address>.
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        shadow = await Upstream(echo).start()
+        hx = Harness(up.port)
+        hx.cm = ClusterManager([static_cluster("up", up.port), static_cluster("shadow", shadow.port)],
+                               hx.d, FakeTls(hx.d), hx.store)
+        hx.config = RouterConfig(router_pb2.Router(), hx.cm.thread_local)
+        hx.routes = RouteConfig.from_proto(ParseDict(yaml.safe_load("""
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: {prefix: /mirror}
+    route: {cluster: up, request_mirror_policies: [{cluster: shadow}, {cluster: missing}]}
+"""), route_pb2.RouteConfiguration()))
+        s = await hx.request("/mirror?x=1", method="POST", body=b"hello", content_length="5")
+        assert bytes(s.body).endswith(b"hello")
+        await shadow.request_seen.wait()
+        head = shadow.requests[0].decode()
+        assert head.startswith("POST /mirror?x=1 HTTP/1.1\r\nhost: 127.0.0.1-shadow:18080\r\n")
+        assert "x-envoy-internal: true" in head and "x-forwarded-for: " in head
+        assert "x-envoy-expected-rq-timeout-ms: 15000" in head
+        await up.stop()
+        await shadow.stop()
+
+    run(scenario())

@@ -93,6 +93,8 @@ class Route:
         self.append_x_forwarded_host = False
         self.retry_policy: RetryPolicy | None = vhost.retry_policy
         self.hash_policy = HashPolicy(())
+        # (cluster, (numerator, denominator) or None for always, append the "-shadow" host suffix)
+        self.mirror_policies: list[tuple[str, tuple[int, int] | None, bool]] = []
         # direct_response
         self.direct_status = 0
         self.direct_body = b""
@@ -206,6 +208,7 @@ class Route:
         if a.HasField("retry_policy"):
             self.retry_policy = RetryPolicy.from_proto(a.retry_policy)
         self.hash_policy = HashPolicy(a.hash_policy)
+        self.mirror_policies = [_mirror_policy(m) for m in a.request_mirror_policies]
 
     def cluster_for(self, headers: HeaderMap, stream_id: int) -> str:
         """The target cluster: fixed, from a header, or weighted by stream_id as Envoy does."""
@@ -315,6 +318,22 @@ class Route:
             if r.strip_query:
                 path = _split_query(path)[0]
         return f"{scheme}://{host}{port}{path}"
+
+
+def _mirror_policy(m: Any) -> tuple[str, tuple[int, int] | None, bool]:
+    if m.cluster_header:
+        raise RouteConfigError("request_mirror_policies.cluster_header is not supported")
+    fraction = None
+    if m.HasField("runtime_fraction"):
+        dv = m.runtime_fraction.default_value
+        fraction = (dv.numerator, (100, 10_000, 1_000_000)[dv.denominator])
+    return m.cluster, fraction, not m.disable_shadow_host_suffix_append
+
+
+def shadow_authority(host: str) -> str:
+    """Envoy's shadow host: "-shadow" appended to the host name, before any port."""
+    name = strip_port(host)
+    return name + "-shadow" + host[len(name):]
 
 
 def update_authority(headers: HeaderMap, host: str, append_xfh: bool, keep_original: bool) -> None:

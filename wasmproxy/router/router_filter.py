@@ -32,7 +32,7 @@ from ..http.filter import (
 )
 from ..http.headers import HeaderMap
 from ..upstream.conn_pool import POOL_FAILURE_TO_RESET, PoolFailureReason, RequestEncoder, StreamResetReason
-from .config import update_authority
+from .config import shadow_authority, update_authority
 from .retry import RetryState
 
 if TYPE_CHECKING:
@@ -87,6 +87,19 @@ def remove_hop_by_hop(headers: HeaderMap) -> None:
 # Envoy's ALL_ROUTER_STATS that wasmproxy can reach, under http.<hcm stat_prefix>.
 ROUTER_STATS = ("no_route", "no_cluster", "rq_redirect", "rq_direct_response", "rq_total",
                 "rq_reset_after_downstream_response_started")
+
+
+class _IgnoreResponse:
+    """AsyncClient callbacks of a shadow request: its answer is dropped, as Envoy's shadow writer does."""
+
+    def on_success(self, headers: HeaderMap, body: bytes, trailers: HeaderMap | None) -> None:
+        pass
+
+    def on_failure(self, reason: str) -> None:
+        pass
+
+
+_IGNORE_RESPONSE = _IgnoreResponse()
 
 
 class RouterStats:
@@ -297,6 +310,9 @@ class Router:
         self._internal = False
         self._read_disabled = 0
         self._hash_key: int | None = None
+        # request_mirror_policies: the finalized request, sent to each mirror once it is complete.
+        self._shadow_headers: HeaderMap | None = None
+        self._shadow_body: bytearray | None = None
         self._stats: RouterStats | None = None
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
@@ -380,6 +396,9 @@ class Router:
         if route.auto_host_rewrite and host.hostname:
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
         remove_hop_by_hop(headers)
+        if route.mirror_policies:
+            self._shadow_headers = headers.copy()
+            self._shadow_body = bytearray()
         if end_stream:
             self._on_request_complete()
         self._start_attempt(host)
@@ -389,6 +408,8 @@ class Router:
         if self.cluster is None:
             return FilterDataStatus.StopIterationNoBuffer
         chunk = bytes(data)
+        if self._shadow_body is not None:
+            self._shadow_body += chunk
         if self._retry_body is not None:
             if len(self._retry_body) + len(chunk) > self.cluster.info.per_connection_buffer_limit:
                 # Envoy stops retrying a request whose body outgrew the retry buffer.
@@ -467,6 +488,22 @@ class Router:
                 upstream.accept_trailers(trailers)
         self._maybe_start_per_try_timer()
 
+    def _send_shadows(self) -> None:
+        """Mirror the request (ShadowWriterImpl): fire and forget through the AsyncClient."""
+        assert self.route is not None and self._shadow_headers is not None
+        tlcm = self.config.thread_local_cluster_manager()
+        for cluster, fraction, suffix in self.route.mirror_policies:
+            if fraction is not None and self.callbacks.stream_id % fraction[1] >= fraction[0]:
+                continue
+            if tlcm.get(cluster) is None:
+                continue
+            headers = self._shadow_headers.copy()
+            if suffix:
+                headers.set(":authority", shadow_authority(headers.get(":authority") or ""))
+            tlcm.http_async_client().send(cluster, headers, bytes(self._shadow_body or b""),
+                                          self._request_trailers, self._timeout_ms, _IGNORE_RESPONSE)
+        self._shadow_headers = self._shadow_body = None
+
     def _maybe_start_per_try_timer(self) -> None:
         """The per-try timeout runs from the end of the request for each attempt."""
         policy = self._retry.policy if self._retry is not None else None
@@ -530,6 +567,8 @@ class Router:
 
     def _on_request_complete(self) -> None:
         self._request_complete_at = self._now()
+        if self._shadow_headers is not None:
+            self._send_shadows()
         if self._timeout_ms > 0 and self._timer is None:
             self._timer = self.callbacks.dispatcher.create_timer(self._on_response_timeout)
             self._timer.enable_timer(self._timeout_ms)
