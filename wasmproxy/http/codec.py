@@ -146,6 +146,34 @@ def _error_from_parser(exc: Exception) -> CodecError:
     return CodecError(400, DETAILS_CODEC_ERROR, message)
 
 
+def _new_request_parser(sink: object) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(sink)
+    # What Envoy 1.40 (Balsa) accepts beyond strict llhttp: bare LF line ends and obs-fold
+    # (unfolded to one space), and any version (all but 1.1 are then HTTP/1.0: 426 unless
+    # accepted). Values are still checked for control characters by the codec.
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_lf_after_cr=True, lenient_optional_cr_before_lf=True,
+        lenient_version=True,
+    )
+    return parser
+
+
+class _Discard:
+    """A parser sink that ignores everything (for probing bytes)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None
+
+
+def _parses(data: bytes) -> bool:
+    """Whether `data`, as the start of a request, is free of errors so far."""
+    try:
+        _new_request_parser(_Discard()).feed_data(data)
+    except httptools.HttpParserError:
+        return False
+    return True
+
+
 def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[list[bytes], bool]:
     """Encode the regular headers of `headers`; also says whether content-length was seen."""
     lines: list[bytes] = []
@@ -309,8 +337,7 @@ class _CodecBase:
             self._on_upgrade()
         except httptools.HttpParserError as exc:
             if self._error is None:
-                self._error = _error_from_parser(exc)
-                self._events.append((self._deliver_error, (self._error,)))
+                self._on_parser_error(_error_from_parser(exc), data)
         else:
             if self._in_head and self._error is None and (head_at_start or not self._messages_completed):
                 # All of `data` belongs to the unfinished head (a lower bound when it began
@@ -324,6 +351,10 @@ class _CodecBase:
 
     def _on_upgrade(self) -> None:
         raise NotImplementedError
+
+    def _on_parser_error(self, error: CodecError, data: bytes) -> None:
+        self._error = error
+        self._events.append((self._deliver_error, (error,)))
 
 
 class ServerCodec(_CodecBase):
@@ -341,14 +372,7 @@ class ServerCodec(_CodecBase):
         super().__init__(max_request_headers_kb, max_headers_count, enable_trailers)
         self._callbacks = callbacks
         self._accept_http_10 = accept_http_10
-        self._parser = httptools.HttpRequestParser(_MessageParser(self))
-        # What Envoy 1.40 (Balsa) accepts beyond strict llhttp: bare LF line ends and obs-fold
-        # (unfolded to one space). Values are still checked for control characters above.
-        self._parser.set_dangerous_leniencies(
-            lenient_headers=True, lenient_optional_lf_after_cr=True, lenient_optional_cr_before_lf=True,
-            # Any version parses; all but 1.1 are then HTTP/1.0 to Envoy (426 unless accepted).
-            lenient_version=True,
-        )
+        self._parser = _new_request_parser(_MessageParser(self))
         self._paused = False
         # Set when a complete request was delivered; cleared when its response is encoded.
         self._awaiting_response = False
@@ -359,6 +383,8 @@ class ServerCodec(_CodecBase):
         self.is_head_request = False
         self._upgrade = False
         self._pending_headers: tuple[HeaderMap, str, bool, str] | None = None
+        self._deferred_error: CodecError | None = None
+        self._deferred_bytes = 0
         # Response encoding state.
         self._chunk_encoding = False
         self._response_body_allowed = True
@@ -369,9 +395,33 @@ class ServerCodec(_CodecBase):
 
     def feed(self, data: bytes) -> None:
         """Parse `data` and deliver the events it completes (unless paused)."""
-        if self._error is None and not self._upgrade:
+        if self._deferred_error is not None:
+            self._deferred_bytes += len(data)
+            if b"\n" in data or self._deferred_bytes > self._max_headers_bytes:
+                self._release_deferred_error()
+        elif self._error is None and not self._upgrade:
             self._parse(self._parser, data)
         self._dispatch()
+
+    def _on_parser_error(self, error: CodecError, data: bytes) -> None:
+        # Envoy's parser (Balsa) judges a line only once it is complete: junk with no line end
+        # yet (often stray bytes after a request) makes it wait, not answer 400. llhttp fails at
+        # the first bad byte, so when the bad bytes are all in the unterminated last line, hold
+        # the error until a line end arrives.
+        tail = data[data.rfind(b"\n") + 1 :]
+        if (self._in_head and tail and self._events and self._events[-1][0] == self._deliver_begin
+                and not _parses(tail)):
+            self._events.pop()  # this message's begin: delivered with the error, if ever
+            self._deferred_error = error
+            return
+        super()._on_parser_error(error, data)
+
+    def _release_deferred_error(self) -> None:
+        error, self._deferred_error = self._deferred_error, None
+        assert error is not None
+        self._error = error
+        self._events.append((self._deliver_begin, ()))
+        self._events.append((self._deliver_error, (error,)))
 
     def pause(self) -> None:
         """Stop delivering events (flow control); data fed meanwhile is parsed and queued."""
