@@ -189,6 +189,11 @@ def test_normaliser_hides_only_volatile_values() -> None:
                        "x-other": ["127.0.0.1:5555"]}
 
 
+def test_normaliser_ignore_lists() -> None:
+    headers = Normaliser(ignore_headers=["X-Skip"])(_resp([("x-skip", "1"), ("x-keep", "2")]))["headers"]
+    assert headers == {"x-keep": ["2"]}
+
+
 def test_normaliser_keeps_malformed_volatile_values() -> None:
     headers = Normaliser()(_resp([("date", "yesterday"), ("x-envoy-upstream-service-time", "3ms")]))["headers"]
     assert headers == {"date": ["yesterday"], "x-envoy-upstream-service-time": ["3ms"]}
