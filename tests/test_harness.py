@@ -428,3 +428,32 @@ def test_show_prints_normalised_outcomes(capsys: pytest.CaptureFixture[str]) -> 
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["no_route#1 envoy", "no_route#2 envoy"]
     assert '"status": 404' in lines[0]
+
+
+@pytest.mark.envoy
+def test_port_taken_before_bind_is_retried(tmp_path: Path, echo_upstream: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import support.cases
+
+    squatter = socket.socket()
+    squatter.bind((LOOPBACK, 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    calls: list[int] = []
+
+    def ports_with_a_taken_first(n: int) -> list[int]:
+        calls.append(n)
+        fresh = free_ports(n)
+        return [taken, *fresh[1:]] if len(calls) == 1 else fresh
+
+    monkeypatch.setattr(support.cases, "free_ports", ports_with_a_taken_first)
+    case_file = CaseFile.load(Path(__file__).parent / "diff_cases" / "front_proxy.yaml")
+    try:
+        with DiffEnvironment(case_file, tmp_path, echo_upstream, free_port(), ["envoy"]) as env:
+            assert len(calls) == 2 and env.targets["envoy"].port != taken
+            with RawConnection(LOOPBACK, env.targets["envoy"].port) as conn:
+                assert conn.request("GET", "/service/1").status == 200
+    finally:
+        squatter.close()

@@ -53,7 +53,7 @@ from .compare import first_difference, format_difference
 from .config import bootstrap, render_template, substitute, write_yaml
 from .normalize import Normaliser, Outcome
 from .ports import LOOPBACK, free_ports
-from .processes import REPO, EnvoyProcess, ProxyProcess, WasmproxyProcess
+from .processes import REPO, EnvoyProcess, ProcessError, ProxyProcess, WasmproxyProcess
 from .raw_http import Headers, PeerClosed, RawConnection, Response, build_request
 
 REFERENCE = "envoy"
@@ -67,6 +67,8 @@ PROCESS_CLASSES: dict[str, type[ProxyProcess]] = {REFERENCE: EnvoyProcess, CANDI
 CLOSE_CHECK_S = 3.0
 # Every request of a case must be answered within this (the slowest case waits 0.5 s on purpose).
 REQUEST_TIMEOUT_S = 5.0
+# Free ports are chosen, then bound by the proxy; on a shared machine another process may win.
+BIND_ATTEMPTS = 3
 
 
 def selected_targets() -> list[str]:
@@ -278,12 +280,23 @@ class DiffEnvironment:
         self.stop()
 
     def start(self) -> DiffEnvironment:
-        """Spawn every target, then wait for all of them (they start up side by side)."""
+        """Spawn every target, then wait for all of them (they start up side by side).
+
+        A port taken by someone else between choosing and binding it is retried with new ports.
+        """
         try:
             for name in self.names:
                 self.targets[name] = self._spawn(name)
-            for target in self.targets.values():
-                target.process.wait_ready()
+            for name in self.names:
+                for attempt in range(1, BIND_ATTEMPTS + 1):
+                    try:
+                        self.targets[name].process.wait_ready()
+                        break
+                    except ProcessError as e:
+                        if attempt == BIND_ATTEMPTS or "already in use" not in str(e):
+                            raise
+                        self.targets[name].process.stop()
+                        self.targets[name] = self._spawn(name)
         except BaseException:
             self.stop()
             raise
