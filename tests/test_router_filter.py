@@ -540,3 +540,37 @@ virtual_hosts:
         await shadow.stop()
 
     run(scenario())
+
+
+def test_previous_hosts_predicate_repicks_a_tried_host() -> None:
+    async def scenario() -> None:
+        async def unavailable(reader: Any, writer: Any, head: bytes) -> bool:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            return True
+
+        bad, good = await Upstream(unavailable).start(), await Upstream(echo).start()
+        for predicate, expected in (("[{name: envoy.retry_host_predicates.previous_hosts}]", "200"), ("[]", "503")):
+            hx = Harness(bad.port)
+            hx.cm = ClusterManager([static_cluster("two", bad.port, good.port)], hx.d, FakeTls(hx.d), hx.store)
+            hx.config = RouterConfig(router_pb2.Router(), hx.cm.thread_local)
+            hx.routes = RouteConfig.from_proto(ParseDict(yaml.safe_load(f"""
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: {{prefix: /}}
+    route: {{cluster: two, retry_policy: {{retry_on: 5xx, num_retries: 1, retry_host_predicate: {predicate}}}}}
+"""), route_pb2.RouteConfiguration()))
+            tlc = hx.cm.thread_local().get("two")
+            bad_host, good_host = tlc.hosts
+            picks = iter([bad_host, bad_host, good_host])
+            tlc.choose_host = lambda hash_key=None: next(picks)  # type: ignore[method-assign]
+            router, s, _ = hx.start("/")
+            await hx.d.fire_when_enabled("_do_retry")
+            await s.done
+            assert s.response_headers.get(":status") == expected
+        await bad.stop()
+        await good.stop()
+
+    run(scenario())

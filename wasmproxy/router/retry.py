@@ -42,6 +42,10 @@ class RetryPolicy:
     retriable_status_codes: frozenset[int] = frozenset()
     base_interval_ms: int = DEFAULT_BASE_INTERVAL_MS
     max_interval_ms: int = DEFAULT_BASE_INTERVAL_MS * 10
+    # envoy.retry_host_predicates.previous_hosts: a retry avoids the hosts already tried,
+    # re-picking up to host_selection_retry_max_attempts times.
+    avoid_previous_hosts: bool = False
+    host_selection_retry_max_attempts: int = 1
 
     @classmethod
     def from_proto(cls, p: Any) -> "RetryPolicy":
@@ -56,6 +60,12 @@ class RetryPolicy:
             retriable_status_codes=frozenset(p.retriable_status_codes),
             base_interval_ms=max(1, base),
             max_interval_ms=max(base, maximum),
+            avoid_previous_hosts=any(
+                pred.name == "envoy.retry_host_predicates.previous_hosts"
+                or pred.typed_config.type_url.endswith("PreviousHostsPredicate")
+                for pred in p.retry_host_predicate
+            ),
+            host_selection_retry_max_attempts=max(1, p.host_selection_retry_max_attempts or 1),
         )
 
 

@@ -310,6 +310,7 @@ class Router:
         self._internal = False
         self._read_disabled = 0
         self._hash_key: int | None = None
+        self._tried_hosts: list[Host] = []
         # request_mirror_policies: the finalized request, sent to each mirror once it is complete.
         self._shadow_headers: HeaderMap | None = None
         self._shadow_body: bytearray | None = None
@@ -470,6 +471,7 @@ class Router:
         vh = self.route.virtual_host if self.route is not None else None
         if vh is not None and vh.include_request_attempt_count:
             headers.set("x-envoy-attempt-count", str(self._attempts))
+        self._tried_hosts.append(host)
         upstream = UpstreamRequest(self, host)
         for _ in range(self._read_disabled):
             upstream.read_disable(True)
@@ -542,9 +544,15 @@ class Router:
         return True
 
     def _do_retry(self) -> None:
-        assert self.cluster is not None
+        assert self.cluster is not None and self._retry is not None
         self.cluster.info.resource_manager.retries.dec()
         host = self.cluster.choose_host(self._hash_key)
+        policy = self._retry.policy
+        if policy.avoid_previous_hosts:
+            for _ in range(policy.host_selection_retry_max_attempts):
+                if host is None or host not in self._tried_hosts:
+                    break
+                host = self.cluster.choose_host(self._hash_key)
         if host is None:
             self._no_healthy_upstream()
             return
