@@ -11,8 +11,7 @@ import pytest
 
 from support.cases import REFERENCE, Case, CaseFile, DiffEnvironment, RequestSpec, Target
 from support.compare import first_difference
-from support.ports import LOOPBACK, free_port
-from support.raw_http import RawConnection
+from support.ports import free_port
 
 pytestmark = pytest.mark.envoy
 
@@ -54,8 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterato
 
 
 def _counters(target: Target) -> dict[str, Any]:
-    with RawConnection(LOOPBACK, target.process.admin_port) as conn:
-        resp = conn.request("GET", "/stats?format=json", host="admin")
+    resp = target.process.admin("/stats?format=json")
     assert resp.status == 200, f"{target.name}: /stats?format=json answered {resp.status}"
     return {s["name"]: s["value"] for s in resp.json()["stats"]
             if "name" in s and s["value"] and s["name"].startswith(PREFIXES)}

@@ -377,6 +377,7 @@ def test_envoy_process_serves_and_stops(tmp_path: Path, echo_upstream: int) -> N
         with RawConnection(LOOPBACK, listener) as conn:
             assert conn.request("GET", "/via-envoy").json()["path"] == "/via-envoy"
         assert envoy.rss_kib() > 0
+        assert envoy.admin("/ready").body == b"LIVE\n"
     assert not envoy.running and envoy.proc is not None and envoy.proc.returncode == 0
 
 

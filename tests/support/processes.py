@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .ports import LOOPBACK, can_connect
-from .raw_http import PeerClosed, RawConnection
+from .raw_http import PeerClosed, RawConnection, Response
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_BIN = Path(os.environ.get("WASMPROXY_ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
@@ -127,10 +127,14 @@ class ProxyProcess:
                 continue
             raise ProcessError(f"{self.name} exited with {code} during startup\n{self.log_tail()}")
 
+    def admin(self, path: str, method: str = "GET", timeout: float = 10.0) -> Response:
+        """One request to the admin listener (e.g. admin("/stats?format=json").json())."""
+        with RawConnection(LOOPBACK, self.admin_port, timeout=timeout) as c:
+            return c.request(method, path, host="admin")
+
     def _admin_ready(self) -> bool:
         try:
-            with RawConnection(LOOPBACK, self.admin_port, timeout=2.0) as c:
-                return c.request("GET", "/ready", host="admin").status == 200
+            return self.admin("/ready", timeout=2.0).status == 200
         except (OSError, PeerClosed, TimeoutError, ValueError):
             return False
 
