@@ -431,3 +431,26 @@ def test_shadow_authority_goes_before_the_port() -> None:
     assert shadow_authority("127.0.0.1:19480") == "127.0.0.1-shadow:19480"  # as Envoy 1.40 sent it
     assert shadow_authority("svc.local") == "svc.local-shadow"
     assert shadow_authority("[::1]:80") == "[::1]-shadow:80"
+
+
+def test_host_rewrite_from_header_and_path_regex() -> None:
+    table = routes(
+        "{match: {prefix: /h}, route: {cluster: c, host_rewrite_header: x-host}}",
+        "{match: {prefix: /p/}, route: {cluster: c, host_rewrite_path_regex: {pattern: {regex: '^/p/([^/]+)/.*$'}, substitution: '\\1.svc'}}}",
+    )
+    h = req("/h", x_host="from-header")
+    table.route(h).finalize_request_headers(h, info())
+    assert h.get(":authority") == "from-header"
+    h = req("/p/orders/list?x=1")
+    table.route(h).finalize_request_headers(h, info())
+    assert h.get(":authority") == "orders.svc"
+
+
+def test_tls_context_matcher_on_a_plaintext_listener() -> None:
+    table = routes(
+        "{name: cert, match: {prefix: /, tls_context: {presented: true}}, route: {cluster: c}}",
+        "{name: nocert, match: {prefix: /, tls_context: {presented: false}}, route: {cluster: c}}",
+    )
+    assert matched(table, req("/")) == "nocert"
+    with pytest.raises(RouteConfigError):
+        routes("{match: {prefix: /, dynamic_metadata: [{filter: f, path: [{key: k}], value: {present_match: true}}]}, route: {cluster: c}}")

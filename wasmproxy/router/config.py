@@ -89,6 +89,7 @@ class Route:
         self.regex_rewrite: tuple[re.Pattern[str], str] | None = None
         self.host_rewrite_literal = ""
         self.host_rewrite_header = ""
+        self.host_rewrite_path_regex: tuple[re.Pattern[str], str] | None = None
         self.auto_host_rewrite = False
         self.append_x_forwarded_host = False
         self.retry_policy: RetryPolicy | None = vhost.retry_policy
@@ -134,6 +135,14 @@ class Route:
         self.header_matchers = [HeaderMatcher(h) for h in m.headers]
         self.query_matchers = [QueryParameterMatcher(q) for q in m.query_parameters]
         self.grpc_only = m.HasField("grpc")
+        if len(m.dynamic_metadata) or len(m.filter_state):
+            raise RouteConfigError("route match on dynamic_metadata / filter_state is not supported")
+        # wasmproxy listens in plaintext only: a route that requires a presented or validated
+        # client certificate never matches, one that requires none always does.
+        tls = m.tls_context
+        self.never_matches = m.HasField("tls_context") and (
+            (tls.HasField("presented") and tls.presented.value) or (tls.HasField("validated") and tls.validated.value)
+        )
         self.runtime_fraction: tuple[int, int] | None = None
         if m.HasField("runtime_fraction"):
             dv = m.runtime_fraction.default_value
@@ -159,7 +168,7 @@ class Route:
         else:
             assert self.match_regex is not None
             ok = self.match_regex.fullmatch(path) is not None
-        if not ok:
+        if not ok or self.never_matches:
             return False
         if self.runtime_fraction is not None:
             numerator, denominator = self.runtime_fraction
@@ -203,6 +212,12 @@ class Route:
             raise RouteConfigError("Cannot specify both prefix_rewrite and regex_rewrite")
         self.host_rewrite_literal = a.host_rewrite_literal
         self.host_rewrite_header = a.host_rewrite_header.lower()
+        self.host_rewrite_path_regex: tuple[re.Pattern[str], str] | None = None
+        if a.HasField("host_rewrite_path_regex"):
+            hp = a.host_rewrite_path_regex
+            self.host_rewrite_path_regex = (compile_regex(hp.pattern), hp.substitution)
+        if a.HasField("path_rewrite_policy"):
+            raise RouteConfigError("path_rewrite_policy (URI templates) is not supported")
         self.auto_host_rewrite = a.auto_host_rewrite.value if a.HasField("auto_host_rewrite") else False
         self.append_x_forwarded_host = a.append_x_forwarded_host
         if a.HasField("retry_policy"):
@@ -266,6 +281,9 @@ class Route:
         new_host = self.host_rewrite_literal
         if not new_host and self.host_rewrite_header:
             new_host = headers.get(self.host_rewrite_header) or ""
+        if not new_host and self.host_rewrite_path_regex is not None:
+            pattern, substitution = self.host_rewrite_path_regex
+            new_host = pattern.sub(substitution, _split_query(headers.get(":path") or "")[0])
         if new_host:
             update_authority(headers, new_host, self.append_x_forwarded_host, keep_original_host_or_path)
         path = headers.get(":path")
