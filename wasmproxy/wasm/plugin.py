@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -89,19 +90,11 @@ class PluginHandle:
         return self.wasm_handle.wasm if self.wasm_handle is not None else None
 
 
-class _LocalPlugins:
+class _LocalPlugins(threading.local):
     """Thread-local plugin handles, weakly held (cpp-host local_plugins)."""
 
     def __init__(self) -> None:
-        import threading
-
-        self._local = threading.local()
-
-    def cache(self) -> dict[str, "weakref.ref[PluginHandle]"]:
-        cache = getattr(self._local, "plugins", None)
-        if cache is None:
-            cache = self._local.plugins = {}
-        return cache
+        self.plugins: dict[str, weakref.ref[PluginHandle]] = {}
 
 
 _local_plugins = _LocalPlugins()
@@ -120,7 +113,7 @@ def get_or_create_thread_local_plugin(
             _log.critical("Plugin configured to fail closed failed to load")
         return PluginHandle(None, plugin)
     key = f"{base.wasm.vm_key}||{plugin.key}"
-    cache = _local_plugins.cache()
+    cache = _local_plugins.plugins
     ref = cache.get(key)
     if ref is not None:
         handle = ref()
