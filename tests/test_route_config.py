@@ -454,3 +454,44 @@ def test_tls_context_matcher_on_a_plaintext_listener() -> None:
     assert matched(table, req("/")) == "nocert"
     with pytest.raises(RouteConfigError):
         routes("{match: {prefix: /, dynamic_metadata: [{filter: f, path: [{key: k}], value: {present_match: true}}]}, route: {cluster: c}}")
+
+
+def test_require_tls_redirects_plaintext_requests() -> None:
+    # Envoy 1.40: "Host: tls.test:8443", GET /a/b?c=1 -> 301, location https://tls.test:8443/a/b?c=1,
+    # with none of the virtual host's or config's response headers.
+    table = rc("""
+response_headers_to_add: [{header: {key: x-rc, value: "1"}}]
+virtual_hosts:
+- name: all
+  domains: ["tls.test:8443"]
+  require_tls: ALL
+  response_headers_to_add: [{header: {key: x-vh, value: "1"}}]
+  routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]
+- name: external
+  domains: ["ext.test"]
+  require_tls: EXTERNAL_ONLY
+  routes: [{name: e, match: {prefix: /}, route: {cluster: c}}]
+""")
+    h = req("/a/b?c=1", host="tls.test:8443", x_forwarded_proto="http")
+    r = table.route(h)
+    assert (r.action, r.redirect_code, r.redirect_location(h)) == ("redirect", 301, "https://tls.test:8443/a/b?c=1")
+    resp = HeaderMap([(":status", "301")])
+    r.finalize_response_headers(resp, info())
+    assert resp.items() == [(":status", "301")]
+    assert table.route(req("/", host="tls.test:8443", x_forwarded_proto="https")).name == "r"
+    assert table.route(req("/", host="ext.test", x_forwarded_proto="http")).action == "redirect"
+    assert table.route(req("/", host="ext.test", x_forwarded_proto="http", x_envoy_internal="true")).name == "e"
+
+
+def test_virtual_host_mirror_policies_apply_unless_the_route_has_its_own() -> None:
+    table = rc("""
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  request_mirror_policies: [{cluster: vh-mirror}]
+  routes:
+  - {name: own, match: {prefix: /own}, route: {cluster: c, request_mirror_policies: [{cluster: route-mirror}]}}
+  - {name: inherit, match: {prefix: /}, route: {cluster: c}}
+""")
+    assert [m[0] for m in table.route(req("/own")).mirror_policies] == ["route-mirror"]
+    assert [m[0] for m in table.route(req("/x")).mirror_policies] == ["vh-mirror"]

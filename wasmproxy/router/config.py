@@ -223,7 +223,8 @@ class Route:
         if a.HasField("retry_policy"):
             self.retry_policy = RetryPolicy.from_proto(a.retry_policy)
         self.hash_policy = HashPolicy(a.hash_policy)
-        self.mirror_policies = [_mirror_policy(m) for m in a.request_mirror_policies]
+        # The route's mirror policies replace the virtual host's.
+        self.mirror_policies = [_mirror_policy(m) for m in a.request_mirror_policies] or self.virtual_host.mirror_policies
 
     def cluster_for(self, headers: HeaderMap, stream_id: int) -> str:
         """The target cluster: fixed, from a header, or weighted by stream_id as Envoy does."""
@@ -382,6 +383,29 @@ def _data_source(ds: Any) -> bytes:
     raise RouteConfigError(f"data source '{kind}' is not supported")
 
 
+class SslRedirectRoute:
+    """What a virtual host with require_tls answers a plaintext request: a 301 to https
+    (Envoy's SslRedirectRoute; no header mutations)."""
+
+    action = "redirect"
+    redirect_code = 301
+    name = ""
+    metadata: dict[str, Any] = {}
+
+    def __init__(self, vhost: "VirtualHost") -> None:
+        self.virtual_host = vhost
+
+    def redirect_location(self, headers: HeaderMap) -> str:
+        return f"https://{headers.get(':authority') or ''}{headers.get(':path') or ''}"
+
+    def finalize_response_headers(self, headers: HeaderMap, info: StreamInfo,
+                                  request_headers: HeaderMap | None = None) -> None:
+        pass
+
+    def per_filter_config(self, name: str) -> Any | None:
+        return None
+
+
 class VirtualHost:
     def __init__(self, proto: Any, config: "RouteConfig") -> None:
         self.route_config = config
@@ -394,11 +418,19 @@ class VirtualHost:
         if proto.HasField("matcher"):
             raise RouteConfigError("virtual_hosts.matcher is not supported")
         self.retry_policy = RetryPolicy.from_proto(proto.retry_policy) if proto.HasField("retry_policy") else None
+        # RequireTls: 1 EXTERNAL_ONLY, 2 ALL (judged by x-forwarded-proto, as Envoy does).
+        self.require_tls: int = proto.require_tls
+        self._ssl_redirect = SslRedirectRoute(self)
+        self.mirror_policies = [_mirror_policy(m) for m in proto.request_mirror_policies]
         self.include_request_attempt_count: bool = proto.include_request_attempt_count
         self.include_attempt_count_in_response: bool = proto.include_attempt_count_in_response
         self.routes = [Route(r, self) for r in proto.routes]
 
-    def route(self, headers: HeaderMap, stream_id: int) -> Route | None:
+    def route(self, headers: HeaderMap, stream_id: int) -> "Route | SslRedirectRoute | None":
+        if self.require_tls and headers.get("x-forwarded-proto") != "https" and (
+            self.require_tls == 2 or headers.get("x-envoy-internal") != "true"
+        ):
+            return self._ssl_redirect
         path_header = headers.get(":path")
         if path_header is None:
             return None  # every path matcher needs a :path (CONNECT has none)
@@ -515,6 +547,6 @@ class RouteConfig:
                     return vh
         return self._default
 
-    def route(self, headers: HeaderMap, stream_id: int = 0) -> Route | None:
+    def route(self, headers: HeaderMap, stream_id: int = 0) -> "Route | SslRedirectRoute | None":
         vh = self.virtual_host(headers)
         return vh.route(headers, stream_id) if vh is not None else None
