@@ -599,6 +599,8 @@ class Router:
         self.cluster.stats.inc("upstream_rq_timeout")
         if upstream is not None:
             upstream.host.stats.rq_timeout += 1
+            if self.cluster.info.outlier_detector is not None:
+                self.cluster.info.outlier_detector.put_response(upstream.host, 504)
             upstream.reset()
         self._cleanup()
         self._abort(upstream, 504, "UT", UPSTREAM_REQUEST_TIMEOUT, DETAILS_RESPONSE_TIMEOUT)
@@ -609,6 +611,8 @@ class Router:
             return
         self.cluster.stats.inc("upstream_rq_per_try_timeout")
         upstream.host.stats.rq_timeout += 1
+        if self.cluster.info.outlier_detector is not None:
+            self.cluster.info.outlier_detector.put_response(upstream.host, 504)
         self.upstream = None
         upstream.reset()
         if self._retry is not None and self._retry.would_retry_per_try_timeout() and self._schedule_retry():
@@ -664,6 +668,9 @@ class Router:
     def on_upstream_reset(self, upstream: UpstreamRequest, reason: StreamResetReason, transport_failure: str) -> None:
         if upstream is not self.upstream:
             return
+        detector = self.cluster.info.outlier_detector if self.cluster is not None else None
+        if detector is not None and reason is not StreamResetReason.Overflow:
+            detector.put_response(upstream.host, 503)  # a local-origin failure counts as 503
         if (
             not self._downstream_response_started
             and self._retry is not None
@@ -700,6 +707,9 @@ class Router:
             upstream.host.stats.rq_error += 1
         else:
             upstream.host.stats.rq_success += 1
+        detector = self.cluster.info.outlier_detector
+        if detector is not None:
+            detector.put_response(upstream.host, status)
         retry = self._retry
         if retry is not None:
             if retry.would_retry_headers(status, headers):

@@ -18,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from ..http.stream_info import Address
 from .health_checker import HealthCheckConfigError, HealthChecker
 from .host import Host
+from .outlier_detection import OutlierDetector
 
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
 DEFAULT_DNS_REFRESH_MS = 5000
@@ -155,6 +156,7 @@ class ClusterInfo:
         self.idle_timeout_ms: int = (
             _ms(common.idle_timeout) if common.HasField("idle_timeout") else DEFAULT_IDLE_TIMEOUT_MS
         )
+        self.outlier_detector: OutlierDetector | None = None
         default_thresholds = high_thresholds = None
         for t in proto.circuit_breakers.thresholds:
             if t.priority == 0:
@@ -260,6 +262,12 @@ class Cluster:
             )
         elif self.info.type == "LOGICAL_DNS" and len(self._endpoints) != 1:
             raise ClusterConfigError("LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint")
+        if proto.HasField("outlier_detection"):
+            # Shared with every worker through the (otherwise immutable) ClusterInfo.
+            self.info.outlier_detector = OutlierDetector(
+                proto.outlier_detection, dispatcher, store, self.info.stat_prefix,
+                lambda: self.hosts, lambda: on_hosts_changed(self),
+            )
         self.health_checker: HealthChecker | None = None
         if len(proto.health_checks):
             try:
@@ -352,6 +360,8 @@ class Cluster:
         self._shutdown = True
         if self.health_checker is not None:
             self.health_checker.stop()
+        if self.info.outlier_detector is not None:
+            self.info.outlier_detector.stop()
         if self._timer is not None:
             self._timer.disable_timer()
         if self._task is not None:

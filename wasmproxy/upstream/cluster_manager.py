@@ -186,7 +186,7 @@ class ClusterManager:
     def _publish_membership(self, cluster: Cluster) -> None:
         prefix = cluster.info.stat_prefix
         self._store.gauge(prefix + "membership_total").set(len(cluster.hosts))
-        self._store.gauge(prefix + "membership_healthy").set(sum(1 for h in cluster.hosts if h.healthy))
+        self._store.gauge(prefix + "membership_healthy").set(sum(1 for h in cluster.hosts if h.available))
         self._store.gauge(prefix + "membership_degraded").set(0)
 
     def shutdown(self) -> None:

@@ -43,6 +43,16 @@ class Host:
     healthy: bool = True
     metadata: dict = field(default_factory=dict)
     stats: HostStats = field(default_factory=HostStats)
+    # Outlier detection: consecutive counts kept by workers; ejection state set on main.
+    outlier_5xx: int = 0
+    outlier_gateway: int = 0
+    ejected_at: float | None = None
+    times_ejected: int = 0
+
+    @property
+    def available(self) -> bool:
+        """Healthy and not ejected: a load balancer's normal candidate."""
+        return self.healthy and self.ejected_at is None
 
     @property
     def address_string(self) -> str:
@@ -50,4 +60,6 @@ class Host:
 
     def health_flags(self) -> str:
         """Admin's health_flags column ("healthy" or Envoy's failure flag names)."""
-        return "healthy" if self.healthy else "/failed_active_hc"
+        if self.healthy and self.ejected_at is None:
+            return "healthy"
+        return ("" if self.healthy else "/failed_active_hc") + ("/failed_outlier_check" if self.ejected_at is not None else "")

@@ -23,7 +23,7 @@ class LoadBalancer:
 
     def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None) -> None:
         self.hosts = tuple(hosts)
-        healthy = tuple(h for h in self.hosts if h.healthy)
+        healthy = tuple(h for h in self.hosts if h.available)
         self.panic = bool(self.hosts) and len(healthy) < HEALTHY_PANIC_THRESHOLD * len(self.hosts)
         self._candidates = self.hosts if self.panic else healthy
         self._weighted = len({h.weight for h in self._candidates}) > 1
