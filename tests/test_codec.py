@@ -504,18 +504,18 @@ def test_fuzz_client_gives_events_or_a_codec_error_never_another_exception(metho
 
 def test_junk_without_a_line_end_waits_like_envoy_then_is_400_once_the_line_ends():
     codec, rec = server()
-    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nab")
-    assert rec.kinds() == ["begin", "headers"]
+    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     codec.encode_headers(response(200, ("content-length", "0")), True)
     codec.resume()
-    assert rec.kinds() == ["begin", "headers"]  # Envoy keeps waiting for the line
+    codec.feed(b"ab")
     codec.feed(b"c")
-    assert rec.kinds() == ["begin", "headers"]
+    assert rec.kinds() == ["begin", "headers"]  # Envoy keeps waiting for the line
     codec.feed(b"\r\n")
     assert rec.events[-2:] == [("begin",), ("error", 400, "http1.codec_error")]
 
 
-def test_a_complete_junk_line_is_400_at_once_even_with_a_valid_partial_request_after_it():
+@pytest.mark.parametrize("data", [b"ab\r\nGET / HT", b"GET / HTTP/1.1 x\r\n\r\nab"])
+def test_a_complete_bad_line_is_400_at_once(data):
     codec, rec = server()
-    codec.feed(b"ab\r\nGET / HT")
+    codec.feed(data)
     assert rec.events == [("begin",), ("error", 400, "http1.codec_error")]

@@ -158,22 +158,6 @@ def _new_request_parser(sink: object) -> httptools.HttpRequestParser:
     return parser
 
 
-class _Discard:
-    """A parser sink that ignores everything (for probing bytes)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args: None
-
-
-def _parses(data: bytes) -> bool:
-    """Whether `data`, as the start of a request, is free of errors so far."""
-    try:
-        _new_request_parser(_Discard()).feed_data(data)
-    except httptools.HttpParserError:
-        return False
-    return True
-
-
 def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[list[bytes], bool]:
     """Encode the regular headers of `headers`; also says whether content-length was seen."""
     lines: list[bytes] = []
@@ -405,12 +389,12 @@ class ServerCodec(_CodecBase):
 
     def _on_parser_error(self, error: CodecError, data: bytes) -> None:
         # Envoy's parser (Balsa) judges a line only once it is complete: junk with no line end
-        # yet (often stray bytes after a request) makes it wait, not answer 400. llhttp fails at
-        # the first bad byte, so when the bad bytes are all in the unterminated last line, hold
-        # the error until a line end arrives.
-        tail = data[data.rfind(b"\n") + 1 :]
-        if (self._in_head and tail and self._events and self._events[-1][0] == self._deliver_begin
-                and not _parses(tail)):
+        # yet makes it wait, not answer 400. llhttp fails at the first bad byte, so when a new
+        # message's first line failed before any line end, hold the error until one arrives.
+        # (Without llhttp's error offset this is only known when the junk came on its own: junk
+        # glued to the end of a request still gets its 400 at once.)
+        if (self._in_head and not self._messages_completed and not self._url and not self._pairs
+                and b"\n" not in data and self._events and self._events[-1][0] == self._deliver_begin):
             self._events.pop()  # this message's begin: delivered with the error, if ever
             self._deferred_error = error
             return
