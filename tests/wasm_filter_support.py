@@ -3,6 +3,7 @@ protos, and one HTTP stream driven through the real FilterManager with a scripte
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,6 @@ from wasmproxy.http.filter import FilterDataStatus, FilterHeadersStatus, FilterT
 from wasmproxy.http.filter_manager import FilterManager
 from wasmproxy.http.headers import HeaderMap
 from wasmproxy.http.stream_info import Address, ConnectionInfo, StreamInfo
-from wasmproxy.server_context import FactoryContext, LocalInfo
 from wasmproxy.stats.store import Store
 from wasmproxy.thread_local import ThreadLocalInstance
 
@@ -119,18 +119,35 @@ class FakeClusterManager:
         return self.tlcm
 
 
-def factory_context(dispatcher: FakeDispatcher | None = None, cluster_manager: Any = None) -> FactoryContext:
+@dataclass
+class FakeLocalInfo:
+    node: Any = None
+
+
+@dataclass
+class FakeFactoryContext:
+    """The parts of wasmproxy.server_context.FactoryContext the Wasm factories use."""
+
+    main_dispatcher: FakeDispatcher
+    thread_local: ThreadLocalInstance
+    cluster_manager: Any
+    store_for: Callable[[Any], Store]
+    local_info: FakeLocalInfo = field(default_factory=FakeLocalInfo)
+    bootstrap: Any = None
+    listener_name: str = ""
+    listener_direction: int = 0
+
+    @property
+    def main_store(self) -> Store:
+        return self.store_for(self.main_dispatcher)
+
+
+def factory_context(dispatcher: FakeDispatcher | None = None, cluster_manager: Any = None) -> Any:
+    """A FactoryContext for socket-free tests: one Store for every thread, fake callouts."""
     dispatcher = dispatcher or FakeDispatcher()
     store = Store("main_thread")
-    return FactoryContext(
-        main_dispatcher=dispatcher,  # type: ignore[arg-type]
-        thread_local=ThreadLocalInstance(dispatcher),
-        cluster_manager=cluster_manager or FakeClusterManager(),  # type: ignore[arg-type]
-        stats=None,  # type: ignore[arg-type]
-        store_for=lambda d: store,
-        local_info=LocalInfo(node_id="node-1", cluster="cluster-1"),
-        bootstrap=None,
-    )
+    return FakeFactoryContext(main_dispatcher=dispatcher, thread_local=ThreadLocalInstance(dispatcher),  # type: ignore[arg-type]
+                              cluster_manager=cluster_manager or FakeClusterManager(), store_for=lambda d: store)
 
 
 def plugin_config(
