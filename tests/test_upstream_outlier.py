@@ -46,6 +46,7 @@ def test_consecutive_5xx_ejects_then_the_interval_brings_the_host_back() -> None
         assert bad.ejected_at is not None
         assert {tlc.choose_host() for _ in range(4)} == {good}
         assert (c(store, "ejections_enforced_total"), c(store, "ejections_detected_consecutive_5xx")) == (1, 1)
+        assert (c(store, "ejections_total"), c(store, "ejections_consecutive_5xx")) == (1, 1)  # as Envoy 1.40
         assert store.gauge("cluster.c.outlier_detection.ejections_active").value == 1
         assert store.gauge("cluster.c.membership_healthy").value == 1
         assert "c::127.0.0.1:1000::health_flags::/failed_outlier_check" in cm.clusters_text()

@@ -95,6 +95,9 @@ class OutlierDetector:
         host.times_ejected += 1
         self._store.counter(self._prefix + "ejections_enforced_total").inc()
         self._store.counter(self._prefix + f"ejections_enforced_{kind}").inc()
+        # Envoy still counts its deprecated totals too.
+        self._store.counter(self._prefix + "ejections_total").inc()
+        self._store.counter(self._prefix + f"ejections_{kind}").inc()
         self._publish()
 
     def _on_interval(self) -> None:
