@@ -574,3 +574,20 @@ virtual_hosts:
         await good.stop()
 
     run(scenario())
+
+
+def test_header_value_the_upstream_codec_refuses_is_503() -> None:
+    # Envoy: a header value with CR/LF/NUL (e.g. set by a plugin) fails encodeHeaders upstream:
+    # 503 "invalid header value for: <name>".
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        s = await hx.request("/", x_bad="line1\nline2")
+        assert s.local_reply == (503, b"invalid header value for: x-bad",
+                                 "filter_removed_required_request_headers{invalid_header_value_for:_x-bad}")
+        assert s.stream_info.response_flags == ["DPE"]
+        assert up.requests == []
+        assert hx.store.gauge("cluster.up.upstream_rq_active").value == 0
+        await up.stop()
+
+    run(scenario())

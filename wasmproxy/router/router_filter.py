@@ -112,6 +112,20 @@ class RouterStats:
             setattr(self, name, store.counter(prefix + name))
 
 
+def check_request_headers(headers: HeaderMap) -> str:
+    """What Envoy's HTTP/1 request encoder refuses (checkRequiredRequestHeaders and
+    checkValidRequestHeaders), as its error message; "" when the request can be sent."""
+    method = headers.get(":method")
+    if method is None:
+        return "missing required header: :method"
+    if method != "CONNECT" and headers.get(":path") is None:
+        return "missing required header: :path"
+    for key, value in headers.items():
+        if "\r" in value or "\n" in value or "\x00" in value:
+            return f"invalid header value for: {key}"
+    return ""
+
+
 class RouterConfig:
     """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to.
 
@@ -237,9 +251,14 @@ class UpstreamRequest:
 
     def on_pool_ready(self, encoder: RequestEncoder, host: "Host") -> None:
         self._pending = None
+        assert self._headers is not None
+        error = check_request_headers(self._headers)
+        if error:
+            encoder.reset_stream()  # nothing was written: the codec refused the request
+            self.router.on_encode_headers_error(self, error)
+            return
         self.encoder = encoder
         self.router.on_upstream_connected(self, encoder)
-        assert self._headers is not None
         encoder.encode_headers(self._headers, self._end_stream)
         buffered, self._buffer = self._buffer, []
         for kind, payload, end in buffered:
@@ -664,6 +683,16 @@ class Router:
             info.first_upstream_tx = self._now()
         info.upstream_local_address = encoder.local_address
         self._maybe_start_per_try_timer()
+
+    def on_encode_headers_error(self, upstream: UpstreamRequest, message: str) -> None:
+        """The upstream codec refused the request headers: 503 with its message, flag DPE."""
+        if upstream is not self.upstream:
+            return
+        self.upstream = None
+        self._cleanup()
+        self.callbacks.stream_info.add_response_flag("DPE")
+        details = "filter_removed_required_request_headers{" + message.replace(" ", "_") + "}"
+        self.callbacks.send_local_reply(503, message, self._finalize_local_reply, None, details)
 
     def on_upstream_reset(self, upstream: UpstreamRequest, reason: StreamResetReason, transport_failure: str) -> None:
         if upstream is not self.upstream:
