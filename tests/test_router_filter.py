@@ -128,6 +128,7 @@ def test_proxies_request_and_response_with_envoy_headers() -> None:
         info = s.stream_info
         assert info.upstream_cluster == "up" and str(info.upstream_host) == f"127.0.0.1:{up.port}"
         assert info.response_code_details == "via_upstream" and info.response_flags == []
+        assert info.response_code == 200
         assert info.upstream_local_address is not None
         assert hx.counter("cluster.up.upstream_rq_200") == 1
         assert hx.counter("cluster.up.upstream_rq_2xx") == 1

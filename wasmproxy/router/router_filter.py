@@ -755,6 +755,7 @@ class Router:
         if self._per_try_timer is not None:
             self._per_try_timer.disable_timer()
         info.first_upstream_rx = now
+        info.response_code = status  # before the encoder filters see the headers, as Envoy's router
         remove_hop_by_hop(headers)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)
