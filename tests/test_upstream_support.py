@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 - registers the Any type
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (registers the Any type for ParseDict)
 from google.protobuf.json_format import ParseDict
 
 from wasmproxy.http.headers import HeaderMap

@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from ..http.headers import HeaderMap
 from ..http.stream_info import Address, ConnectionInfo, StreamInfo
 
+from envoy.config.route.v3 import route_pb2
+
+from ..router.config import Route, RouteConfig
+from ..router.router_filter import Router, RouterConfig
+
 if TYPE_CHECKING:
-    from ..router.config import Route
-    from ..router.router_filter import Router, RouterConfig
     from .cluster_manager import ThreadLocalClusterManager
 
 
@@ -78,8 +81,6 @@ class AsyncRequest:
         self._body = bytearray()
         self._trailers: HeaderMap | None = None
         self.complete = False
-        from ..router.router_filter import Router
-
         self._router: Router = Router(client.router_config)
         self._router.set_decoder_filter_callbacks(self)  # type: ignore[arg-type]
 
@@ -87,7 +88,7 @@ class AsyncRequest:
     def dispatcher(self) -> Any:
         return self._client.dispatcher
 
-    def route(self) -> "Route":
+    def route(self) -> Route:
         return self._route
 
     def clear_route_cache(self) -> None:
@@ -179,8 +180,6 @@ class AsyncClient:
     """Per-thread outbound HTTP client over the thread's clusters."""
 
     def __init__(self, cluster_manager: "ThreadLocalClusterManager") -> None:
-        from ..router.router_filter import RouterConfig
-
         self._cm = cluster_manager
         self.dispatcher = cluster_manager.dispatcher
         self.router_config: RouterConfig = RouterConfig(None, lambda: cluster_manager)
@@ -202,14 +201,10 @@ class AsyncClient:
         request._start(headers, body, trailers)
         return None if request.complete else request
 
-    def _route(self, cluster: str, timeout_ms: int) -> "Route":
+    def _route(self, cluster: str, timeout_ms: int) -> Route:
         key = (cluster, timeout_ms)
         route = self._routes.get(key)
         if route is None:
-            from envoy.config.route.v3 import route_pb2
-
-            from ..router.config import RouteConfig
-
             proto = route_pb2.RouteConfiguration()
             vh = proto.virtual_hosts.add(name="async_client", domains=["*"])
             r = vh.routes.add()
