@@ -199,6 +199,12 @@ def test_timeout_header_overrides_route_timeout_only_when_internal() -> None:
         assert headers.get("x-envoy-expected-rq-timeout-ms") == "1234"
         assert [t.ms for t in hx.d.enabled_timers("_on_response_timeout")] == [1234]
         await s.done
+        # A per-try header not below the global timeout is ignored.
+        router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="500",
+                                      x_envoy_upstream_rq_per_try_timeout_ms="200", x_envoy_internal="true")
+        assert headers.get("x-envoy-expected-rq-timeout-ms") == "200"
+        assert "x-envoy-upstream-rq-per-try-timeout-ms" not in headers
+        await s.done
         # From an external client Envoy strips it first (cleanInternalHeaders): the route timeout holds.
         router, s, headers = hx.start("/", x_envoy_upstream_rq_timeout_ms="20", x_envoy_max_retries="3")
         assert headers.get("x-envoy-expected-rq-timeout-ms") == "15000"
@@ -475,6 +481,8 @@ def test_per_try_timeout_retries_then_504() -> None:
         assert s.local_reply[:2] == (504, b"upstream request timeout")
         assert hx.counter("cluster.up.upstream_rq_per_try_timeout") == 2
         assert len(up.requests) == 2 and all(b"content-length: 8" in r for r in up.requests)
+        # The upstream is told the per-try timeout (Envoy's FilterUtility::finalTimeout).
+        assert all(b"x-envoy-expected-rq-timeout-ms: 1000" in r for r in up.requests)
         await up.stop()
 
     run(scenario())

@@ -175,24 +175,37 @@ def create_router_filter_factory(proto: Any, factory_context: Any) -> FilterFact
     return factory
 
 
-def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig) -> int:
-    """FilterUtility::finalTimeout: the route timeout, or x-envoy-upstream-rq-timeout-ms when valid.
+def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig) -> tuple[int, int]:
+    """FilterUtility::finalTimeout: (global, per-try) timeouts in ms, 0 meaning none.
 
-    Removes the x-envoy timeout headers and, unless suppressed, sets x-envoy-expected-rq-timeout-ms.
+    The route's timeout and retry_policy.per_try_timeout, overridden by valid
+    x-envoy-upstream-rq-timeout-ms / x-envoy-upstream-rq-per-try-timeout-ms headers (removed
+    here); a per-try timeout not below the global one is dropped. Unless suppressed, sets
+    x-envoy-expected-rq-timeout-ms to the per-try timeout, else the global one.
     """
     timeout = route.timeout_ms
-    header = headers.get("x-envoy-upstream-rq-timeout-ms")
     expected = headers.get("x-envoy-expected-rq-timeout-ms") if config.respect_expected_rq_timeout else None
-    chosen = expected if expected is not None else header
-    if chosen is not None and chosen.isdigit():
-        timeout = int(chosen)
-    if header is not None:
-        headers.remove("x-envoy-upstream-rq-timeout-ms")
-    if headers.get("x-envoy-upstream-rq-per-try-timeout-ms") is not None:
+    if expected is not None:
+        if expected.isdigit():
+            timeout = int(expected)
+    else:
+        header = headers.get("x-envoy-upstream-rq-timeout-ms")
+        if header is not None:
+            if header.isdigit():
+                timeout = int(header)
+            headers.remove("x-envoy-upstream-rq-timeout-ms")
+    per_try = route.retry_policy.per_try_timeout_ms if route.retry_policy is not None else 0
+    per_try_header = headers.get("x-envoy-upstream-rq-per-try-timeout-ms")
+    if per_try_header is not None:
+        if per_try_header.isdigit():
+            per_try = int(per_try_header)
         headers.remove("x-envoy-upstream-rq-per-try-timeout-ms")
-    if not config.suppress_envoy_headers and timeout > 0:
-        headers.set("x-envoy-expected-rq-timeout-ms", str(timeout))
-    return timeout
+    if timeout and per_try >= timeout:
+        per_try = 0
+    expected_ms = per_try or timeout
+    if not config.suppress_envoy_headers and expected_ms > 0:
+        headers.set("x-envoy-expected-rq-timeout-ms", str(expected_ms))
+    return timeout, per_try
 
 
 class UpstreamRequest:
@@ -313,6 +326,7 @@ class Router:
         self.upstream: UpstreamRequest | None = None
         self._request_headers: HeaderMap | None = None
         self._timeout_ms = 0
+        self._per_try_timeout_ms = 0
         self._timer: Any = None
         self._per_try_timer: Any = None
         self._retry_timer: Any = None
@@ -407,7 +421,7 @@ class Router:
             self._no_healthy_upstream()
             return FilterHeadersStatus.StopIteration
 
-        self._timeout_ms = final_timeout_ms(route, headers, self.config)
+        self._timeout_ms, self._per_try_timeout_ms = final_timeout_ms(route, headers, self.config)
         self._retry = RetryState.create(route.retry_policy, headers)
         if self._retry is not None:
             self._retry_body = bytearray()
@@ -527,14 +541,13 @@ class Router:
 
     def _maybe_start_per_try_timer(self) -> None:
         """The per-try timeout runs from the end of the request for each attempt."""
-        policy = self._retry.policy if self._retry is not None else None
-        if policy is None or policy.per_try_timeout_ms <= 0 or not self._downstream_end_stream:
+        if self._per_try_timeout_ms <= 0 or not self._downstream_end_stream:
             return
         if self.upstream is None or self.upstream.encoder is None:
             return  # started again once the pool hands us a connection
         if self._per_try_timer is None:
             self._per_try_timer = self.callbacks.dispatcher.create_timer(self._on_per_try_timeout)
-        self._per_try_timer.enable_timer(policy.per_try_timeout_ms)
+        self._per_try_timer.enable_timer(self._per_try_timeout_ms)
 
     def _schedule_retry(self) -> bool:
         """Back off and retry if the policy and the retry circuit breaker allow it."""
