@@ -495,3 +495,26 @@ virtual_hosts:
 """)
     assert [m[0] for m in table.route(req("/own")).mirror_policies] == ["route-mirror"]
     assert [m[0] for m in table.route(req("/x")).mirror_policies] == ["vh-mirror"]
+
+
+def test_time_and_duration_formatters() -> None:
+    from wasmproxy.router.header_parser import format_time
+
+    assert format_time(1795767715.795, "%Y-%m-%dT%H:%M:%E3SZ") == "2026-11-27T08:21:55.795Z"  # START_TIME's default
+    assert format_time(1795767715.795, "%s|%3f|%Y") == "1795767715|795|2026"
+    table = rc("""
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: {prefix: /}
+    route: {cluster: c}
+    request_headers_to_add:
+    - header: {key: x-year, value: "%START_TIME(%Y)%"}
+    - header: {key: x-duration, value: "%DURATION%"}
+""")
+    h = req("/")
+    i = info()
+    i.start_time = 1795767715.0
+    table.route(h).finalize_request_headers(h, i)
+    assert h.get("x-year") == "2026" and h.get("x-duration").isdigit()

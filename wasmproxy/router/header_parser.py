@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from typing import Any, Callable, Iterable
 
 from ..http.headers import HeaderMap
@@ -65,10 +66,36 @@ def _command(name: str, arg: str | None) -> Formatter:
     }
     if name in fixed:
         return fixed[name]
+    if name == "START_TIME":
+        fmt = arg or "%Y-%m-%dT%H:%M:%E3SZ"
+        return lambda i, h: format_time(i.start_time, fmt)
+    if name == "DURATION":
+        return lambda i, h: str(int(i.duration() * 1000))
     if name == "REQ" and arg:
         key = arg.split("?")[0].lower()
         return lambda i, h: (h.get(key) or "") if h is not None else ""
     return lambda i, h: ""
+
+
+_TIME_SPECIFIER = re.compile(r"%(E(\d)S|(\d)?f|s)")
+
+
+def format_time(epoch: float, fmt: str) -> str:
+    """strftime in UTC plus Envoy's extra specifiers: %s (epoch seconds), %f / %<n>f
+    (fractional seconds, 9 or n digits) and %E<n>S (seconds with n fractional digits)."""
+    seconds = int(epoch)
+    nanos = f"{int(round((epoch - seconds) * 1e9)):09d}"[:9]
+
+    def extra(m: re.Match[str]) -> str:
+        if m.group(1) == "s":
+            return str(seconds)
+        if m.group(2) is not None:  # %E<n>S
+            digits = int(m.group(2))
+            secs = time.strftime("%S", time.gmtime(seconds))
+            return secs + ("." + nanos[:digits] if digits else "")
+        return nanos[: int(m.group(3))] if m.group(3) else nanos
+
+    return time.strftime(_TIME_SPECIFIER.sub(lambda m: extra(m).replace("%", "%%"), fmt), time.gmtime(seconds))
 
 
 def compile_format(value: str) -> list[str | Formatter]:
