@@ -518,3 +518,21 @@ virtual_hosts:
     i.start_time = 1795767715.0
     table.route(h).finalize_request_headers(h, i)
     assert h.get("x-year") == "2026" and h.get("x-duration").isdigit()
+
+
+def test_req_and_resp_formatters_in_response_headers() -> None:
+    table = rc("""
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: {prefix: /}
+    route: {cluster: c}
+    response_headers_to_add:
+    - header: {key: x-echo-ua, value: "%REQ(user-agent)%"}
+    - header: {key: x-copy, value: "len=%RESP(content-length)%"}
+""")
+    request = req("/", user_agent="curl")
+    resp = HeaderMap([(":status", "200"), ("content-length", "5")])
+    table.route(request).finalize_response_headers(resp, info(), request)
+    assert resp.get("x-echo-ua") == "curl" and resp.get("x-copy") == "len=5"

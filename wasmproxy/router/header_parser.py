@@ -23,7 +23,7 @@ OVERWRITE_IF_EXISTS = 3
 
 _COMMAND = re.compile(r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%")
 
-Formatter = Callable[[StreamInfo, HeaderMap | None], str]
+Formatter = Callable[[StreamInfo, HeaderMap | None, HeaderMap | None], str]  # (info, request, response)
 
 
 def _address(addr: Address | None, part: str) -> str:
@@ -44,37 +44,39 @@ def _remote(info: StreamInfo) -> Address:
 def _command(name: str, arg: str | None) -> Formatter:
     """One %COMMAND%; commands wasmproxy has no data for (metadata, TLS) format as empty."""
     fixed: dict[str, Formatter] = {
-        "DOWNSTREAM_REMOTE_ADDRESS": lambda i, h: _address(_remote(i), "all"),
-        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h: _address(_remote(i), "host"),
-        "DOWNSTREAM_REMOTE_PORT": lambda i, h: _address(_remote(i), "port"),
-        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": lambda i, h: _address(i.connection.remote_address, "all"),
-        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h: _address(i.connection.remote_address, "host"),
-        "DOWNSTREAM_DIRECT_REMOTE_PORT": lambda i, h: _address(i.connection.remote_address, "port"),
-        "DOWNSTREAM_LOCAL_ADDRESS": lambda i, h: _address(i.connection.local_address, "all"),
-        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda i, h: _address(i.connection.local_address, "host"),
-        "DOWNSTREAM_LOCAL_PORT": lambda i, h: _address(i.connection.local_address, "port"),
-        "UPSTREAM_REMOTE_ADDRESS": lambda i, h: _address(i.upstream_host, "all"),
-        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h: _address(i.upstream_host, "host"),
-        "UPSTREAM_REMOTE_PORT": lambda i, h: _address(i.upstream_host, "port"),
-        "UPSTREAM_CLUSTER": lambda i, h: i.upstream_cluster,
-        "PROTOCOL": lambda i, h: i.protocol,
-        "REQUESTED_SERVER_NAME": lambda i, h: i.connection.requested_server_name,
-        "ROUTE_NAME": lambda i, h: i.route_name,
-        "STREAM_ID": lambda i, h: i.request_id,
-        "CONNECTION_ID": lambda i, h: str(i.connection.id),
-        "HOSTNAME": lambda i, h: socket.gethostname(),
+        "DOWNSTREAM_REMOTE_ADDRESS": lambda i, h, r: _address(_remote(i), "all"),
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h, r: _address(_remote(i), "host"),
+        "DOWNSTREAM_REMOTE_PORT": lambda i, h, r: _address(_remote(i), "port"),
+        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": lambda i, h, r: _address(i.connection.remote_address, "all"),
+        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h, r: _address(i.connection.remote_address, "host"),
+        "DOWNSTREAM_DIRECT_REMOTE_PORT": lambda i, h, r: _address(i.connection.remote_address, "port"),
+        "DOWNSTREAM_LOCAL_ADDRESS": lambda i, h, r: _address(i.connection.local_address, "all"),
+        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda i, h, r: _address(i.connection.local_address, "host"),
+        "DOWNSTREAM_LOCAL_PORT": lambda i, h, r: _address(i.connection.local_address, "port"),
+        "UPSTREAM_REMOTE_ADDRESS": lambda i, h, r: _address(i.upstream_host, "all"),
+        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda i, h, r: _address(i.upstream_host, "host"),
+        "UPSTREAM_REMOTE_PORT": lambda i, h, r: _address(i.upstream_host, "port"),
+        "UPSTREAM_CLUSTER": lambda i, h, r: i.upstream_cluster,
+        "PROTOCOL": lambda i, h, r: i.protocol,
+        "REQUESTED_SERVER_NAME": lambda i, h, r: i.connection.requested_server_name,
+        "ROUTE_NAME": lambda i, h, r: i.route_name,
+        "STREAM_ID": lambda i, h, r: i.request_id,
+        "CONNECTION_ID": lambda i, h, r: str(i.connection.id),
+        "HOSTNAME": lambda i, h, r: socket.gethostname(),
     }
     if name in fixed:
         return fixed[name]
     if name == "START_TIME":
         fmt = arg or "%Y-%m-%dT%H:%M:%E3SZ"
-        return lambda i, h: format_time(i.start_time, fmt)
+        return lambda i, h, r: format_time(i.start_time, fmt)
     if name == "DURATION":
-        return lambda i, h: str(int(i.duration() * 1000))
-    if name == "REQ" and arg:
+        return lambda i, h, r: str(int(i.duration() * 1000))
+    if name in ("REQ", "RESP") and arg:
         key = arg.split("?")[0].lower()
-        return lambda i, h: (h.get(key) or "") if h is not None else ""
-    return lambda i, h: ""
+        if name == "RESP":
+            return lambda i, h, r: (r.get(key) or "") if r is not None else ""
+        return lambda i, h, r: (h.get(key) or "") if h is not None else ""
+    return lambda i, h, r: ""
 
 
 _TIME_SPECIFIER = re.compile(r"%(E(\d)S|(\d)?f|s)")
@@ -151,14 +153,18 @@ class HeaderParser:
         return bool(self._add or self._remove)
 
     def evaluate(self, headers: HeaderMap, info: StreamInfo, request_headers: HeaderMap | None = None) -> None:
-        """Apply to `headers`; %REQ(...)% reads `request_headers` (defaults to `headers`)."""
+        """Apply to `headers`. For request headers leave `request_headers` None; for response
+        headers pass the request's, so %REQ(...)% reads them and %RESP(...)% reads `headers`."""
         for key in self._remove:
             headers.remove(key)
-        req = headers if request_headers is None else request_headers
+        if request_headers is None:
+            req, resp = headers, None
+        else:
+            req, resp = request_headers, headers
         overwrite: list[tuple[str, str]] = []
         append: list[tuple[str, str]] = []
         for key, parts, action, keep_empty in self._add:
-            value = "".join(p if isinstance(p, str) else p(info, req) for p in parts)
+            value = "".join(p if isinstance(p, str) else p(info, req, resp) for p in parts)
             if not value and not keep_empty:
                 continue
             if action == APPEND_IF_EXISTS_OR_ADD:
