@@ -86,10 +86,6 @@ class WasmHandle:
         """Destroy the Wasm now (the canary), instead of when the handle is collected."""
         self._finalizer()
 
-    @property
-    def alive(self) -> bool:
-        return self._finalizer.alive
-
 
 def _destroy(wasm: Wasm, lifecycle: LifecycleStats, owner_thread: int) -> None:
     """Close the Wasm on its own thread (a VM is only ever entered there)."""
