@@ -514,8 +514,26 @@ def test_junk_without_a_line_end_waits_like_envoy_then_is_400_once_the_line_ends
     assert rec.events[-2:] == [("begin",), ("error", 400, "http1.codec_error")]
 
 
-@pytest.mark.parametrize("data", [b"ab\r\nGET / HT", b"GET / HTTP/1.1 x\r\n\r\nab"])
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+])
+def test_junk_glued_to_a_request_also_waits_for_its_line_end(request_bytes):
+    codec, rec = server()
+    codec.feed(request_bytes + b"junk")
+    codec.encode_headers(response(200, ("content-length", "0")), True)
+    codec.resume()
+    assert "error" not in rec.kinds()
+    codec.feed(b"\n")
+    assert rec.events[-1] == ("error", 400, "http1.codec_error")
+
+
+@pytest.mark.parametrize("data", [b"ab\r\nGET / HT", b"GET / HTTP/1.1 x\r\n\r\nab",
+                                  b"GET / HTTP/1.1\r\nHost: a\r\n\r\nabcHEAD / HTTP/1.1\r\n\r\nabc"])
 def test_a_complete_bad_line_is_400_at_once(data):
     codec, rec = server()
     codec.feed(data)
-    assert rec.events == [("begin",), ("error", 400, "http1.codec_error")]
+    if codec.paused:  # answer the good request first
+        codec.encode_headers(response(200, ("content-length", "0")), True)
+        codec.resume()
+    assert rec.events[-2:] == [("begin",), ("error", 400, "http1.codec_error")]

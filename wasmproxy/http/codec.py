@@ -88,6 +88,7 @@ _STATUS_LINES: dict[int, bytes] = {
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 5.5: field values carry no control characters but HTAB (obs-fold arrives unfolded).
 _INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 # An authority is RFC 3986 unreserved / sub-delims / ":" "@" "[" "]" and pct-encoding; Envoy
 # answers anything else with 400.
 _INVALID_AUTHORITY_CHARS = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]")
@@ -369,6 +370,11 @@ class ServerCodec(_CodecBase):
         self._pending_headers: tuple[HeaderMap, str, bool, str] | None = None
         self._deferred_error: CodecError | None = None
         self._deferred_bytes = 0
+        # For telling where a failed message began (see _failed_message_offset).
+        self._in_message = False
+        self._idle_at_feed_start = True
+        self._content_length: int | None = None
+        self._completed_body_length: int | None = None
         # Response encoding state.
         self._chunk_encoding = False
         self._response_body_allowed = True
@@ -384,6 +390,7 @@ class ServerCodec(_CodecBase):
             if b"\n" in data or self._deferred_bytes > self._max_headers_bytes:
                 self._release_deferred_error()
         elif self._error is None and not self._upgrade:
+            self._idle_at_feed_start = not self._in_message
             self._parse(self._parser, data)
         self._dispatch()
 
@@ -391,14 +398,30 @@ class ServerCodec(_CodecBase):
         # Envoy's parser (Balsa) judges a line only once it is complete: junk with no line end
         # yet makes it wait, not answer 400. llhttp fails at the first bad byte, so when a new
         # message's first line failed before any line end, hold the error until one arrives.
-        # (Without llhttp's error offset this is only known when the junk came on its own: junk
-        # glued to the end of a request still gets its 400 at once.)
-        if (self._in_head and not self._messages_completed and not self._url and not self._pairs
-                and b"\n" not in data and self._events and self._events[-1][0] == self._deliver_begin):
-            self._events.pop()  # this message's begin: delivered with the error, if ever
-            self._deferred_error = error
-            return
+        first_line_failed = self._in_head and not self._url and not self._pairs
+        if first_line_failed and self._events and self._events[-1][0] == self._deliver_begin:
+            start = self._failed_message_offset(data)
+            if start is not None:
+                junk = data[start:].lstrip(b"\r\n")
+                if junk and b"\n" not in junk:
+                    self._events.pop()  # this message's begin: delivered with the error, if ever
+                    self._deferred_error = error
+                    return
         super()._on_parser_error(error, data)
+
+    def _failed_message_offset(self, data: bytes) -> int | None:
+        """Where in `data` the failed message began, when it can be told without llhttp's offset:
+        at the start, or right after one bodiless or content-length request that began there."""
+        if not self._idle_at_feed_start:
+            return None
+        if self._messages_completed == 0:
+            return 0
+        if self._messages_completed == 1 and self._completed_body_length is not None:
+            skipped = len(data) - len(data.lstrip(b"\r\n"))
+            end_of_head = _EMPTY_LINE.search(data, skipped)
+            if end_of_head is not None:
+                return end_of_head.end() + self._completed_body_length
+        return None
 
     def _release_deferred_error(self) -> None:
         error, self._deferred_error = self._deferred_error, None
@@ -498,6 +521,7 @@ class ServerCodec(_CodecBase):
 
     def _on_message_begin(self) -> None:
         super()._on_message_begin()
+        self._in_message = True
         self._events.append((self._deliver_begin, ()))
 
     def _on_headers_complete(self) -> None:
@@ -521,6 +545,9 @@ class ServerCodec(_CodecBase):
             # Envoy implements no transfer-coding but chunked (RFC 9112 6.1: 501).
             self._fail(CodecError(501, DETAILS_INVALID_TRANSFER_ENCODING, "unsupported transfer encoding"))
         self._has_body = chunked or (content_length is not None and content_length.strip() not in ("", "0"))
+        # The body's length when framed by content-length (None when chunked).
+        length_framed = not chunked and content_length is not None and content_length.strip().isdigit()
+        self._content_length = int(content_length) if length_framed else None  # type: ignore[arg-type]
         keep_alive = parser.should_keep_alive()
         if self._has_body:
             self._events.append((self._deliver_headers, (headers, False, protocol, keep_alive, method)))
@@ -537,7 +564,8 @@ class ServerCodec(_CodecBase):
             # Utility::sanitizeConnectionHeader: no pseudo-headers, and only a few nominations.
             tokens = [t.strip() for t in connection.split(",") if t.strip()]
             if len(tokens) >= _MAX_CONNECTION_TOKENS or any(t.startswith(":") for t in tokens):
-                self._fail(CodecError(400, DETAILS_CONNECTION_HEADER_REJECTED, "Invalid nominated headers in Connection."))
+                self._fail(CodecError(400, DETAILS_CONNECTION_HEADER_REJECTED,
+                                      "Invalid nominated headers in Connection."))
 
     def _request_headers(self, method: str) -> HeaderMap:
         url = self._url.decode("latin-1")
@@ -574,6 +602,8 @@ class ServerCodec(_CodecBase):
 
     def _on_message_complete(self) -> None:
         self._messages_completed += 1
+        self._in_message = False
+        self._completed_body_length = self._content_length if self._has_body else 0
         if self._has_body:
             self._events.append(self._end_message_event())
         else:
@@ -610,7 +640,9 @@ class ServerCodec(_CodecBase):
         self._chunk_encoding = False
         self._callbacks.on_message_begin()
 
-    def _deliver_headers(self, headers: HeaderMap, end_stream: bool, protocol: str, keep_alive: bool, method: str) -> None:
+    def _deliver_headers(
+        self, headers: HeaderMap, end_stream: bool, protocol: str, keep_alive: bool, method: str
+    ) -> None:
         self.protocol = protocol
         self.keep_alive = keep_alive
         self.is_head_request = method == "HEAD"

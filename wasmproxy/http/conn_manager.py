@@ -221,7 +221,9 @@ def _ms(duration: Any) -> int:
     return int(duration.seconds * 1000 + duration.nanos // 1_000_000)
 
 
-def _http_filter_factories(proto: Any, factory_context: Any, registry: Any, config_error: type) -> list[FilterFactoryCb]:
+def _http_filter_factories(
+    proto: Any, factory_context: Any, registry: Any, config_error: type
+) -> list[FilterFactoryCb]:
     """Resolve http_filters through the registry, with Envoy's terminal-filter checks."""
     filters = [f for f in proto.http_filters if not f.disabled]
     if not proto.http_filters:
@@ -237,8 +239,8 @@ def _http_filter_factories(proto: Any, factory_context: Any, registry: Any, conf
         if ext is None:
             if f.is_optional:
                 continue
-            registry.find(registry.Category.HTTP_FILTERS, f.name, f.typed_config if f.HasField("typed_config") else None,
-                          f"{path}.typed_config")
+            typed_config = f.typed_config if f.HasField("typed_config") else None
+            registry.find(registry.Category.HTTP_FILTERS, f.name, typed_config, f"{path}.typed_config")
         last = i == len(filters) - 1
         if ext.terminal and not last:
             raise config_error(f"Error: terminal filter named {f.name} of type {ext.name} must be the last filter "
@@ -659,7 +661,8 @@ def _address(sockaddr: Any) -> Address:
 
 
 _INTERNAL_NETWORKS = tuple(
-    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "fc00::/7", "::1/128")
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "fc00::/7", "::1/128")
 )
 
 

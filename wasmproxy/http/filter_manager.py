@@ -451,6 +451,7 @@ _ENCODE_DATA = 0x10
 _ENCODE_TRAILERS = 0x20
 _IS_DECODING = _DECODE_HEADERS | _DECODE_DATA | _DECODE_TRAILERS
 _IS_ENCODING = _ENCODE_HEADERS | _ENCODE_DATA | _ENCODE_TRAILERS
+_BUFFERING_DATA_STATUSES = (FilterDataStatus.StopIterationAndBuffer, FilterDataStatus.StopIterationAndWatermark)
 
 
 class FilterManager:
@@ -554,7 +555,9 @@ class FilterManager:
         i = self.decoder_filters.index(filter)
         return i if start_from_current and filter.iterate_from_current_filter else i + 1
 
-    def decode_headers_from(self, filter: ActiveStreamDecoderFilter | None, headers: HeaderMap, end_stream: bool) -> None:
+    def decode_headers_from(
+        self, filter: ActiveStreamDecoderFilter | None, headers: HeaderMap, end_stream: bool
+    ) -> None:
         filters = self.decoder_filters
         i = self._decode_start(filter, False)
         continue_data_entry: ActiveStreamDecoderFilter | None = None
@@ -620,7 +623,7 @@ class FilterManager:
             if not trailers_existed and self.request_trailers is not None and trailers_added_entry is None:
                 trailers_added_entry = entry
             last = i + 1 == len(filters)
-            if last and status not in (FilterDataStatus.StopIterationAndBuffer, FilterDataStatus.StopIterationAndWatermark):
+            if last and status not in _BUFFERING_DATA_STATUSES:
                 # The terminal filter consumed the data (Envoy's router drains what it forwards),
                 # so a later continue cannot hand the same bytes over twice.
                 data.clear()
@@ -696,7 +699,9 @@ class FilterManager:
                 return  # Envoy: 1xx continue from a stopped filter is not supported; it is dropped
         self.callbacks.encode_1xx_headers(headers)
 
-    def encode_headers_from(self, filter: ActiveStreamEncoderFilter | None, headers: HeaderMap, end_stream: bool) -> None:
+    def encode_headers_from(
+        self, filter: ActiveStreamEncoderFilter | None, headers: HeaderMap, end_stream: bool
+    ) -> None:
         self.callbacks.disarm_request_timeout()
         filters = self.encoder_filters
         i = self._encode_start(filter, False)
