@@ -449,6 +449,7 @@ def test_5xx_is_retried_and_the_good_response_forwarded() -> None:
 
         router, s, _ = hx.start("/retry-5xx/always")
         for _ in range(2):
+            hx.d.time_source.now += 0.04  # the back-off, as the upstream is told on each retry
             await hx.d.fire_when_enabled("_do_retry")
         await s.done
         assert s.response_headers.get(":status") == "503" and bytes(s.body) == b"bad 5"
@@ -456,6 +457,9 @@ def test_5xx_is_retried_and_the_good_response_forwarded() -> None:
         assert s.response_headers.get("x-envoy-attempt-count") == "3"
         assert hx.counter("cluster.up.retry.upstream_rq_503") == 3
         assert hx.counter("cluster.up.upstream_rq_retry_limit_exceeded") == 1
+        # Each retry carries the time left of the global timeout (Envoy's setTimeoutHeaders).
+        assert [r.split(b"x-envoy-expected-rq-timeout-ms: ")[1].split(b"\r\n")[0] for r in up.requests[-3:]] == [
+            b"15000", b"14960", b"14920"]
         await up.stop()
 
     run(scenario())

@@ -501,6 +501,8 @@ class Router:
         info.attempt_count = info.upstream_request_attempt_count = self._attempts
         info.upstream_host = host.address
         headers = self._request_headers
+        if self._attempts > 1 and not self.config.suppress_envoy_headers:
+            self._set_remaining_timeout_header(headers)
         vh = self.route.virtual_host if self.route is not None else None
         if vh is not None and vh.include_request_attempt_count:
             headers.set("x-envoy-attempt-count", str(self._attempts))
@@ -538,6 +540,16 @@ class Router:
             tlcm.http_async_client().send(cluster, headers, bytes(self._shadow_body or b""),
                                           self._request_trailers, self._timeout_ms, _IGNORE_RESPONSE)
         self._shadow_headers = self._shadow_body = None
+
+    def _set_remaining_timeout_header(self, headers: HeaderMap) -> None:
+        """FilterUtility::setTimeoutHeaders on a retry: tell the upstream the time left."""
+        expected = self._per_try_timeout_ms or self._timeout_ms
+        if expected <= 0:
+            return
+        if self._timeout_ms > 0:
+            elapsed = int((self._now() - self._request_complete_at) * 1000 + 1e-6) if self._request_complete_at else 0
+            expected = 1 if elapsed >= self._timeout_ms else min(expected, self._timeout_ms - elapsed)
+        headers.set("x-envoy-expected-rq-timeout-ms", str(expected))
 
     def _maybe_start_per_try_timer(self) -> None:
         """The per-try timeout runs from the end of the request for each attempt."""
