@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cases import CANDIDATE, Case, CaseFile, DiffEnvironment, selected_targets
+from support.cases import Case, CaseFile, DiffEnvironment, case_params
 from support.ports import free_port
 
 pytestmark = pytest.mark.envoy
@@ -31,13 +31,6 @@ def _environment(case_file: CaseFile, tmp_path_factory: pytest.TempPathFactory,
         yield env
 
 
-def _params(case_file: CaseFile) -> list[object]:
-    candidate_runs = CANDIDATE in selected_targets()
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(reason=c.xfail, strict=True)]
-                         if c.xfail and candidate_runs else [])
-            for c in case_file.cases]
-
-
 @pytest.fixture(scope="module")
 def plugins_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
     yield from _environment(PLUGINS, tmp_path_factory, echo_upstream)
@@ -53,17 +46,17 @@ def fail_open_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) 
     yield from _environment(FAIL_OPEN, tmp_path_factory, echo_upstream)
 
 
-@pytest.mark.parametrize("case", _params(PLUGINS))
+@pytest.mark.parametrize("case", case_params(PLUGINS))
 def test_wasm_plugins(plugins_env: DiffEnvironment, case: Case) -> None:
     plugins_env.run(case)
 
 
-@pytest.mark.parametrize("case", _params(FAIL_CLOSED))
+@pytest.mark.parametrize("case", case_params(FAIL_CLOSED))
 def test_wasm_fail_closed(fail_closed_env: DiffEnvironment, case: Case) -> None:
     fail_closed_env.run(case)
 
 
-@pytest.mark.parametrize("case", _params(FAIL_OPEN))
+@pytest.mark.parametrize("case", case_params(FAIL_OPEN))
 def test_wasm_fail_open(fail_open_env: DiffEnvironment, case: Case) -> None:
     fail_open_env.run(case)
 
@@ -73,6 +66,6 @@ def callouts_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -
     yield from _environment(CALLOUTS, tmp_path_factory, echo_upstream)
 
 
-@pytest.mark.parametrize("case", _params(CALLOUTS))
+@pytest.mark.parametrize("case", case_params(CALLOUTS))
 def test_wasm_callouts(callouts_env: DiffEnvironment, case: Case) -> None:
     callouts_env.run(case)
