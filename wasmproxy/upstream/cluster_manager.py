@@ -16,7 +16,7 @@ from .cluster import CaresResolver, Cluster, ClusterConfigError, ClusterInfo, Re
 from .cluster_stats import ClusterStats
 from .conn_pool import Http1ConnPool
 from .host import Host, HostStats
-from .load_balancer import LoadBalancer, create_load_balancer
+from .load_balancer import LoadBalancer, create_load_balancer, ring_points
 
 if TYPE_CHECKING:
     from .async_client import AsyncClient
@@ -188,6 +188,13 @@ class ClusterManager:
         self._store.gauge(prefix + "membership_total").set(len(cluster.hosts))
         self._store.gauge(prefix + "membership_healthy").set(sum(1 for h in cluster.hosts if h.available))
         self._store.gauge(prefix + "membership_degraded").set(0)
+        if cluster.info.lb_policy == "RING_HASH":
+            # Envoy's ring_hash_lb gauges (each worker builds the same ring; main reports it once).
+            candidates = [h for h in cluster.hosts if h.available] or list(cluster.hosts)
+            points = ring_points(candidates, cluster.info.minimum_ring_size) if candidates else [0]
+            self._store.gauge(prefix + "ring_hash_lb.size").set(sum(points))
+            self._store.gauge(prefix + "ring_hash_lb.min_hashes_per_host").set(min(points))
+            self._store.gauge(prefix + "ring_hash_lb.max_hashes_per_host").set(max(points))
 
     def shutdown(self) -> None:
         """Stop discovery (main thread). Workers close their pools when their loops stop."""

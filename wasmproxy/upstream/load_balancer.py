@@ -89,6 +89,13 @@ class LeastRequestLoadBalancer(LoadBalancer):
         return best
 
 
+def ring_points(hosts: Sequence[Host], min_ring_size: int) -> list[int]:
+    """How many ring entries each host gets: its weighted share of the ring (at least one)."""
+    total = sum(h.weight for h in hosts) or 1
+    size = max(min_ring_size, len(hosts))
+    return [max(1, round(size * h.weight / total)) for h in hosts]
+
+
 class RingHashLoadBalancer(LoadBalancer):
     """Consistent hashing on a ring of weighted host points (RING_HASH, and MAGLEV with the same
     stickiness). Points hash "<address>_<i>" with 64-bit BLAKE2b, not Envoy's xxHash64, so a key
@@ -96,10 +103,8 @@ class RingHashLoadBalancer(LoadBalancer):
 
     def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, min_ring_size: int = 1024) -> None:
         super().__init__(hosts, rng)
-        total = sum(h.weight for h in self._candidates) or 1
         ring: list[tuple[int, int]] = []
-        for index, host in enumerate(self._candidates):
-            points = max(1, round(max(min_ring_size, len(self._candidates)) * host.weight / total))
+        for index, (host, points) in enumerate(zip(self._candidates, ring_points(self._candidates, min_ring_size))):
             for i in range(points):
                 digest = hashlib.blake2b(f"{host.address}_{i}".encode(), digest_size=8).digest()
                 ring.append((int.from_bytes(digest, "big"), index))
