@@ -7,63 +7,13 @@ from typing import Any
 
 import uvloop
 
-from test_upstream_support import FakeDispatcher, Upstream, closed_port, ok_response, static_cluster
-from wasmproxy.http.headers import HeaderMap
+from test_upstream_support import FakeDispatcher, Recorder, Upstream, closed_port, ok_response, static_cluster
 from wasmproxy.stats.store import Store
 from wasmproxy.upstream.cluster import ClusterInfo
 from wasmproxy.upstream.cluster_stats import ClusterStats
 from wasmproxy.upstream.conn_pool import Http1ConnPool, PoolFailureReason, StreamResetReason
 from wasmproxy.upstream.host import Host
 from wasmproxy.http.stream_info import Address
-
-
-class Recorder:
-    """PoolCallbacks + ResponseDecoder that sends a GET when the pool is ready."""
-
-    def __init__(self, path: str = "/", end_stream: bool = True) -> None:
-        self.path = path
-        self.end_stream = end_stream
-        self.encoder: Any = None
-        self.headers: HeaderMap | None = None
-        self.body = b""
-        self.failure: tuple[PoolFailureReason, str] | None = None
-        self.reset: StreamResetReason | None = None
-        self.done = asyncio.get_running_loop().create_future()
-
-    def on_pool_ready(self, encoder: Any, host: Host) -> None:
-        self.encoder = encoder
-        encoder.encode_headers(HeaderMap([(":method", "GET"), (":path", self.path), (":authority", "up")]),
-                               self.end_stream)
-
-    def on_pool_failure(self, reason: PoolFailureReason, tfr: str, host: Host) -> None:
-        self.failure = (reason, tfr)
-        self.done.set_result(None)
-
-    def decode_1xx_headers(self, headers: HeaderMap) -> None:
-        pass
-
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        self.headers = headers
-        if end_stream:
-            self.done.set_result(None)
-
-    def decode_data(self, data: bytes, end_stream: bool) -> None:
-        self.body += data
-        if end_stream:
-            self.done.set_result(None)
-
-    def decode_trailers(self, trailers: HeaderMap) -> None:
-        self.done.set_result(None)
-
-    def on_reset_stream(self, reason: StreamResetReason, details: str) -> None:
-        self.reset = reason
-        self.done.set_result(None)
-
-    def on_above_write_buffer_high_watermark(self) -> None:
-        pass
-
-    def on_below_write_buffer_low_watermark(self) -> None:
-        pass
 
 
 def make_pool(port: int, extra: str = "") -> tuple[Http1ConnPool, Store, FakeDispatcher]:

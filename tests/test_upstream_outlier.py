@@ -7,7 +7,7 @@ from typing import Any
 
 import uvloop
 
-from test_upstream_support import FakeDispatcher, FakeTls, static_cluster
+from test_upstream_support import FakeDispatcher, FakeTls, Recorder, Upstream, keep_alive_handler_for_tests, static_cluster
 from wasmproxy.stats.store import Store
 from wasmproxy.upstream.cluster_manager import ClusterManager
 
@@ -106,5 +106,34 @@ def test_gateway_failures_need_enforcing_and_ejection_time_grows() -> None:
             assert host.ejected_at is None
         assert c(store, "ejections_enforced_consecutive_gateway_failure") == 2
         cm.shutdown()
+
+    uvloop.run(scenario())
+
+
+def test_ejection_drains_the_hosts_existing_connections() -> None:
+    async def scenario() -> None:
+        up = await Upstream(keep_alive_handler_for_tests).start()
+        d = FakeDispatcher(asyncio.get_running_loop())
+        store = Store()
+        cm = ClusterManager([static_cluster("c", up.port, 1, extra="outlier_detection: {consecutive_5xx: 1, "
+                                                                    "max_ejection_percent: 100}")],
+                            d, FakeTls(d), store)
+        tlc = cm.thread_local().get("c")
+        host = tlc.hosts[0]
+        r = Recorder()
+        tlc.conn_pool(host).new_stream(r, r)
+        await r.done
+        assert store.gauge("cluster.c.upstream_cx_active").value == 1  # idle keep-alive connection
+        cm.clusters["c"].info.outlier_detector.put_response(host, 500)
+        await drain_posts(d)
+        assert host.ejected_at is not None
+        # As Envoy's onHostHealthFailure: the idle connection is closed, new ones may still open.
+        assert store.counter("cluster.c.upstream_cx_destroy_local").value == 1
+        r2 = Recorder()
+        tlc.conn_pool(host).new_stream(r2, r2)
+        await r2.done
+        assert r2.headers.get(":status") == "200"
+        cm.shutdown()
+        await up.stop()
 
     uvloop.run(scenario())

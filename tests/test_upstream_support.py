@@ -15,6 +15,8 @@ from google.protobuf.json_format import ParseDict
 
 from wasmproxy.http.headers import HeaderMap
 from wasmproxy.http.stream_info import Address, ConnectionInfo, StreamInfo
+from wasmproxy.upstream.conn_pool import PoolFailureReason, StreamResetReason
+from wasmproxy.upstream.host import Host
 
 
 class FakeTimer:
@@ -212,6 +214,13 @@ def ok_response(body: bytes = b"ok", extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+async def keep_alive_handler_for_tests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
+    """200 "ok" on a kept-alive connection."""
+    writer.write(ok_response())
+    await writer.drain()
+    return True
+
+
 class FakeStream:
     """Decoder-filter callbacks as the connection manager provides them to the router."""
 
@@ -276,3 +285,52 @@ class FakeStream:
     def _finish(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
+
+
+class Recorder:
+    """PoolCallbacks + ResponseDecoder that sends a GET when the pool is ready."""
+
+    def __init__(self, path: str = "/", end_stream: bool = True) -> None:
+        self.path = path
+        self.end_stream = end_stream
+        self.encoder: Any = None
+        self.headers: HeaderMap | None = None
+        self.body = b""
+        self.failure: tuple[PoolFailureReason, str] | None = None
+        self.reset: StreamResetReason | None = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    def on_pool_ready(self, encoder: Any, host: Host) -> None:
+        self.encoder = encoder
+        encoder.encode_headers(HeaderMap([(":method", "GET"), (":path", self.path), (":authority", "up")]),
+                               self.end_stream)
+
+    def on_pool_failure(self, reason: PoolFailureReason, tfr: str, host: Host) -> None:
+        self.failure = (reason, tfr)
+        self.done.set_result(None)
+
+    def decode_1xx_headers(self, headers: HeaderMap) -> None:
+        pass
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        self.headers = headers
+        if end_stream:
+            self.done.set_result(None)
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        self.body += data
+        if end_stream:
+            self.done.set_result(None)
+
+    def decode_trailers(self, trailers: HeaderMap) -> None:
+        self.done.set_result(None)
+
+    def on_reset_stream(self, reason: StreamResetReason, details: str) -> None:
+        self.reset = reason
+        self.done.set_result(None)
+
+    def on_above_write_buffer_high_watermark(self) -> None:
+        pass
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        pass

@@ -30,14 +30,24 @@ class ThreadLocalCluster:
         self.dispatcher = dispatcher
         self.stats = ClusterStats(store, info.stat_prefix)
         self._pools: dict[int, Http1ConnPool] = {}
+        self._available: set[int] = set()  # ids of the hosts available at the last update
         self.hosts: tuple[Host, ...] = ()
         self.load_balancer: LoadBalancer = create_load_balancer(info.lb_policy, ())
         self.update_hosts(hosts)
 
     def update_hosts(self, hosts: tuple[Host, ...]) -> None:
+        """A new host set or new health from main: rebuild the LB, drop pools of removed hosts,
+        and drain the existing connections of hosts that just failed a health check or were
+        ejected (Envoy's onHostHealthFailure)."""
         keep = {id(h) for h in hosts}
         for key in [k for k in self._pools if k not in keep]:
             self._pools.pop(key).drain_connections()
+        available = {id(h) for h in hosts if h.available}
+        for key in self._available - available:
+            pool = self._pools.get(key)
+            if pool is not None:
+                pool.drain_existing_connections()
+        self._available = available
         self.hosts = hosts
         self.load_balancer = create_load_balancer(
             self.info.lb_policy, hosts, self.info.least_request_choice_count, self.info.minimum_ring_size

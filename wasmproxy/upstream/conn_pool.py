@@ -162,6 +162,7 @@ class ActiveClient(asyncio.Protocol):
         self.state = "connecting"  # connecting -> ready/busy -> closed
         self.remaining_requests = pool.info.max_requests_per_connection or -1
         self.requests = 0
+        self.drain_after_stream = False
         self._eof = False
         # Response bytes received for the current stream: a close after some is a protocol
         # error (an incomplete message), a close before any is a connection termination.
@@ -442,6 +443,13 @@ class Http1ConnPool:
         for client in list(self._ready):
             client.close(local=True)
 
+    def drain_existing_connections(self) -> None:
+        """Close idle connections now and busy ones after their stream; new ones may still open."""
+        for client in list(self._ready):
+            client.close(local=True)
+        for client in self._busy:
+            client.drain_after_stream = True
+
     def has_active_connections(self) -> bool:
         return bool(self._busy or self._connecting or self._pending)
 
@@ -508,7 +516,7 @@ class Http1ConnPool:
         if client in self._connecting:
             self._connecting.remove(client)
         self._busy.discard(client)
-        if self._draining:
+        if self._draining or client.drain_after_stream:
             client.close(local=True)
             return
         if attach and self._pending:
