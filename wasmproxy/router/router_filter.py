@@ -812,5 +812,7 @@ class Router:
         info.last_upstream_rx = now
         self._cleanup()
         if self.cluster is not None and self._request_complete_at:
-            self.cluster.stats.record_ms("upstream_rq_time", (now - self._request_complete_at) * 1000)
+            elapsed_ms = (now - self._request_complete_at) * 1000
+            self.cluster.stats.record_ms("upstream_rq_time", elapsed_ms)
+            self.cluster.stats.record_ms(("internal." if self._internal else "external.") + "upstream_rq_time", elapsed_ms)
         self.upstream = None
