@@ -37,6 +37,7 @@ class Options:
     service_node: str = ""
     service_zone: str = ""
     log_path: str | None = None
+    admin_address_path: str | None = None
     demo: bool = False
 
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-node", default="")
     p.add_argument("--service-zone", default="")
     p.add_argument("--log-path", default=None)
+    p.add_argument("--admin-address-path", default=None, help="write the admin address to this file once bound")
     # Accepted for command-line compatibility with Envoy; they configure hot restart, which we do not have.
     for flag in ("--base-id", "--restart-epoch", "--parent-shutdown-time-s", "--drain-strategy", "--log-format"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -89,6 +91,7 @@ def parse_options(argv: list[str] | None = None) -> Options | int:
         service_node=args.service_node,
         service_zone=args.service_zone,
         log_path=args.log_path,
+        admin_address_path=args.admin_address_path,
         demo=args.config_path is None and args.config_yaml is None,
     )
     if args.concurrency is not None:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parsed
     from . import log
 
-    log.configure(opts.log_level, opts.component_log_level, opts.log_path)
+    log.configure(opts.log_level, component_levels=opts.component_log_level)
     if opts.mode == "validate":
         return _validate(opts)
     from .server import run_server
@@ -113,18 +116,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(opts: Options) -> int:
     """--mode validate: print what is wrong (or Envoy's OK line) and return 0 / 1."""
-    from .config import validate_config
+    from .config import validate_config, validate_ok_message
 
     if opts.demo:
         from .demo import demo_config_text
 
-        opts.config_yaml = demo_config_text(upstream_port=0)
+        opts.config_yaml = demo_config_text(upstream_port=1)
     messages = validate_config(opts.config_path, config_yaml=opts.config_yaml)
     if messages:
         for m in messages:
             print(m, file=sys.stderr)
         return 1
-    print(f"configuration '{opts.config_path or '<config-yaml>'}' OK")
+    print(validate_ok_message(opts.config_path or "<config-yaml>"))
     return 0
 
 
