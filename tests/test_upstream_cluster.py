@@ -108,6 +108,17 @@ def test_unhealthy_hosts_are_skipped_until_panic() -> None:
     assert panic.panic and len({panic.choose_host() for _ in range(6)}) == 3
 
 
+def test_panic_threshold_is_configurable() -> None:
+    hs = hosts(4, healthy=[True, False, False, False])
+    assert RoundRobinLoadBalancer(hs).panic  # 25% < 50%
+    strict = RoundRobinLoadBalancer(hs, panic_threshold=0.0)  # healthy_panic_threshold: 0 disables panic
+    assert not strict.panic and {strict.choose_host() for _ in range(4)} == {hs[0]}
+    info = ClusterInfo(static_cluster("c", 1, extra="common_lb_config: {healthy_panic_threshold: {value: 0}}"))
+    assert info.healthy_panic_threshold == 0.0
+    with pytest.raises(ClusterConfigError, match="lb_subset_config"):
+        ClusterInfo(static_cluster("c", 1, extra="lb_subset_config: {subset_selectors: [{keys: [v]}]}"))
+
+
 def test_empty_host_set_gives_no_host() -> None:
     assert RoundRobinLoadBalancer([]).choose_host() is None
 

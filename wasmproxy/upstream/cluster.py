@@ -110,6 +110,13 @@ class ClusterInfo:
             proto.least_request_lb_config.choice_count.value
             if proto.least_request_lb_config.HasField("choice_count") else 2
         )
+        if proto.HasField("lb_subset_config") and len(proto.lb_subset_config.subset_selectors):
+            raise ClusterConfigError(f"cluster '{self.name}': lb_subset_config is not supported")
+        # common_lb_config.healthy_panic_threshold: below this share of healthy hosts, use all.
+        panic = proto.common_lb_config.healthy_panic_threshold
+        self.healthy_panic_threshold = (
+            panic.value / 100.0 if proto.common_lb_config.HasField("healthy_panic_threshold") else 0.5
+        )
         self.minimum_ring_size = (
             proto.ring_hash_lb_config.minimum_ring_size.value
             if proto.ring_hash_lb_config.HasField("minimum_ring_size") else DEFAULT_MIN_RING_SIZE

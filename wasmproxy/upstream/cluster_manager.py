@@ -50,7 +50,8 @@ class ThreadLocalCluster:
         self._available = available
         self.hosts = hosts
         self.load_balancer = create_load_balancer(
-            self.info.lb_policy, hosts, self.info.least_request_choice_count, self.info.minimum_ring_size
+            self.info.lb_policy, hosts, self.info.least_request_choice_count, self.info.minimum_ring_size,
+            self.info.healthy_panic_threshold,
         )
 
     @property

@@ -2,8 +2,8 @@
 
 Each worker builds its own balancer from the host set the main thread published,
 so picking a host takes no lock (Envoy: one LB per ThreadLocalCluster). Hosts are
-chosen among healthy ones unless fewer than Envoy's default healthy panic
-threshold (50%) are healthy, in which case all hosts are used.
+chosen among healthy ones unless fewer than the cluster's healthy panic threshold
+(common_lb_config, 50% by default) are healthy, in which case all hosts are used.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ HEALTHY_PANIC_THRESHOLD = 0.5
 class LoadBalancer:
     """Base: keeps the candidate list and applies the healthy-panic rule."""
 
-    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None) -> None:
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None,
+                 panic_threshold: float = HEALTHY_PANIC_THRESHOLD) -> None:
         self.hosts = tuple(hosts)
         healthy = tuple(h for h in self.hosts if h.available)
-        self.panic = bool(self.hosts) and len(healthy) < HEALTHY_PANIC_THRESHOLD * len(self.hosts)
+        self.panic = bool(self.hosts) and len(healthy) < panic_threshold * len(self.hosts)
         self._candidates = self.hosts if self.panic else healthy
         self._weighted = len({h.weight for h in self._candidates}) > 1
         self._rng = rng or random.Random()
@@ -42,8 +43,9 @@ class LoadBalancer:
 class RoundRobinLoadBalancer(LoadBalancer):
     """Plain rotation; with unequal weights, smooth weighted round robin (same long-run shares as Envoy's EDF)."""
 
-    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None) -> None:
-        super().__init__(hosts, rng)
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None,
+                 panic_threshold: float = HEALTHY_PANIC_THRESHOLD) -> None:
+        super().__init__(hosts, rng, panic_threshold)
         self._index = 0
         self._current = [0] * len(self._candidates)
 
@@ -73,8 +75,9 @@ class RandomLoadBalancer(LoadBalancer):
 class LeastRequestLoadBalancer(LoadBalancer):
     """Power of `choice_count` random choices on active requests (Envoy's default for equal weights)."""
 
-    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, choice_count: int = 2) -> None:
-        super().__init__(hosts, rng)
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, choice_count: int = 2,
+                 panic_threshold: float = HEALTHY_PANIC_THRESHOLD) -> None:
+        super().__init__(hosts, rng, panic_threshold)
         self._choice_count = max(1, choice_count)
 
     def _pick(self, hosts: tuple[Host, ...]) -> Host:
@@ -101,8 +104,9 @@ class RingHashLoadBalancer(LoadBalancer):
     stickiness). Points hash "<address>_<i>" with 64-bit BLAKE2b, not Envoy's xxHash64, so a key
     maps to a stable host that may differ from Envoy's choice. No request hash: a random host."""
 
-    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, min_ring_size: int = 1024) -> None:
-        super().__init__(hosts, rng)
+    def __init__(self, hosts: Sequence[Host], rng: random.Random | None = None, min_ring_size: int = 1024,
+                 panic_threshold: float = HEALTHY_PANIC_THRESHOLD) -> None:
+        super().__init__(hosts, rng, panic_threshold)
         ring: list[tuple[int, int]] = []
         for index, (host, points) in enumerate(zip(self._candidates, ring_points(self._candidates, min_ring_size))):
             for i in range(points):
@@ -122,12 +126,13 @@ class RingHashLoadBalancer(LoadBalancer):
 
 
 def create_load_balancer(
-    policy: str, hosts: Sequence[Host], choice_count: int = 2, min_ring_size: int = 1024
+    policy: str, hosts: Sequence[Host], choice_count: int = 2, min_ring_size: int = 1024,
+    panic_threshold: float = HEALTHY_PANIC_THRESHOLD,
 ) -> LoadBalancer:
     if policy in ("RING_HASH", "MAGLEV"):
-        return RingHashLoadBalancer(hosts, min_ring_size=min_ring_size)
+        return RingHashLoadBalancer(hosts, min_ring_size=min_ring_size, panic_threshold=panic_threshold)
     if policy == "RANDOM":
-        return RandomLoadBalancer(hosts)
+        return RandomLoadBalancer(hosts, panic_threshold=panic_threshold)
     if policy == "LEAST_REQUEST":
-        return LeastRequestLoadBalancer(hosts, choice_count=choice_count)
-    return RoundRobinLoadBalancer(hosts)
+        return LeastRequestLoadBalancer(hosts, choice_count=choice_count, panic_threshold=panic_threshold)
+    return RoundRobinLoadBalancer(hosts, panic_threshold=panic_threshold)
