@@ -121,11 +121,13 @@ class ClusterInfo:
             proto.ring_hash_lb_config.minimum_ring_size.value
             if proto.ring_hash_lb_config.HasField("minimum_ring_size") else DEFAULT_MIN_RING_SIZE
         )
-        socket = proto.transport_socket
-        if proto.HasField("transport_socket") and socket.HasField("typed_config") and not (
-            socket.typed_config.type_url.endswith("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer")
-        ):
-            raise ClusterConfigError(f"cluster '{self.name}': transport_socket is not supported (plain TCP only)")
+        sockets = [proto.transport_socket] if proto.HasField("transport_socket") else []
+        sockets += [m.transport_socket for m in proto.transport_socket_matches]
+        for socket_proto in sockets:
+            if socket_proto.HasField("typed_config") and not socket_proto.typed_config.type_url.endswith(
+                "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+            ):
+                raise ClusterConfigError(f"cluster '{self.name}': transport_socket is not supported (plain TCP only)")
         self.connect_timeout_ms = _ms(proto.connect_timeout) if proto.HasField("connect_timeout") else (
             DEFAULT_CONNECT_TIMEOUT_MS
         )
