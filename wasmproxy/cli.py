@@ -39,6 +39,9 @@ class Options:
     log_path: str | None = None
     admin_address_path: str | None = None
     demo: bool = False
+    # wasmproxy's own sandbox limits (Envoy has no CPU deadline; its memory cap is 1 GiB).
+    wasm_callback_deadline_ms: int = 100
+    wasm_memory_limit_mb: int = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-zone", default="")
     p.add_argument("--log-path", default=None)
     p.add_argument("--admin-address-path", default=None, help="write the admin address to this file once bound")
+    p.add_argument("--wasm-callback-deadline-ms", type=int, default=100,
+                   help="interrupt a Wasm plugin callback running longer than this (0: never)")
+    p.add_argument("--wasm-memory-limit-mb", type=int, default=1024,
+                   help="linear memory cap of each Wasm VM, in MiB (default 1024, as Envoy)")
     # Accepted for command-line compatibility with Envoy; they configure hot restart, which we do not have.
     for flag in ("--base-id", "--restart-epoch", "--parent-shutdown-time-s", "--drain-strategy", "--log-format"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -75,6 +82,10 @@ def parse_options(argv: list[str] | None = None) -> Options | int:
     if args.version:
         print(f"wasmproxy  version: {__version__}/envoy-1.40-compatible/Python-{sys.version.split()[0]}")
         return 0
+    if args.wasm_callback_deadline_ms < 0:
+        build_parser().error("--wasm-callback-deadline-ms must be >= 0")
+    if args.wasm_memory_limit_mb < 1:
+        build_parser().error("--wasm-memory-limit-mb must be >= 1")
     if args.concurrency is not None and args.concurrency < 1:
         # Envoy treats 0 as 1 worker; a negative count is a usage error.
         if args.concurrency < 0:
@@ -93,6 +104,8 @@ def parse_options(argv: list[str] | None = None) -> Options | int:
         log_path=args.log_path,
         admin_address_path=args.admin_address_path,
         demo=args.config_path is None and args.config_yaml is None,
+        wasm_callback_deadline_ms=args.wasm_callback_deadline_ms,
+        wasm_memory_limit_mb=args.wasm_memory_limit_mb,
     )
     if args.concurrency is not None:
         opts.concurrency = args.concurrency

@@ -184,6 +184,7 @@ class Server:
 
     def _build(self) -> None:
         from .upstream.cluster_manager import ClusterManager
+        from .wasm.sandbox import DEFAULT_CALLBACK_DEADLINE_MS, FACTORY_CONTEXT_KEY, SandboxLimits
 
         node = self.bootstrap.node
         local_info = LocalInfo(
@@ -204,6 +205,9 @@ class Server:
             local_info=local_info,
             bootstrap=self.bootstrap,
             shutdown=self.shutdown,
+            extras={FACTORY_CONTEXT_KEY: SandboxLimits(
+                callback_deadline_ms=getattr(self.opts, "wasm_callback_deadline_ms", DEFAULT_CALLBACK_DEADLINE_MS),
+                memory_limit_bytes=getattr(self.opts, "wasm_memory_limit_mb", 1024) << 20)},
         )
         self.listeners = [Listener(p, self.context) for p in self.bootstrap.static_resources.listeners]
         for listener in self.listeners:

@@ -36,6 +36,7 @@ from ..log import get_logger
 from .abi import FailState, WasmResult
 from .code import compile_code, read_code
 from .context import ContextBase, FailurePolicy, Plugin, StreamEnvironment, WasmEnvironment
+from .sandbox import limits_for
 from .stats import DEFAULT_RUNTIME, LifecycleStats, PluginStats, RemoteLoadStats
 from .vm import WasmHandle, WasmThread, create_wasm, get_or_create_thread_local_wasm, make_vm_key
 from .wasm import Wasm
@@ -338,7 +339,9 @@ class PluginConfig:
             if module is not None:
                 vm_key = make_vm_key(vm_config.vm_id, self.plugin.vm_configuration, source.code)
                 base = create_wasm(vm_key, module, self.plugin, thread=main_thread, lifecycle=self.lifecycle,
-                                   envs=envs)
+                                   envs=envs, limits=limits_for(context),
+                                   allowed_capabilities=frozenset(
+                                       proto.capability_restriction_config.allowed_capabilities))
         if base is None:
             _log.critical("Plugin %s failed to load", self.name)
             if not source.remote or source.nacked:

@@ -31,6 +31,7 @@ from ..log import get_logger
 from .abi import FailState
 from .context import Plugin, WasmEnvironment
 from .runtime import WasmModule
+from .sandbox import SandboxLimits
 from .stats import LifecycleStats
 from .wasm import Timer, Wasm
 
@@ -113,6 +114,8 @@ def create_wasm(
     thread: WasmThread,
     lifecycle: LifecycleStats,
     envs: Mapping[str, str] | None = None,
+    limits: SandboxLimits | None = None,
+    allowed_capabilities: frozenset[str] = frozenset(),
 ) -> WasmHandle | None:
     """Main thread: the base VM for `vm_key` (shared or new), after a canary run of `plugin`.
 
@@ -127,7 +130,8 @@ def create_wasm(
             wasm = Wasm(
                 module, post=thread.post, vm_id=plugin.vm_id, vm_configuration=plugin.vm_configuration,
                 vm_key=vm_key, envs=envs, timer_factory=thread.timer_factory, stats_store=thread.stats_store,
-                environment=thread.environment, time_source=thread.time_source)
+                environment=thread.environment, time_source=thread.time_source, limits=limits,
+                allowed_capabilities=allowed_capabilities)
             handle = WasmHandle(wasm, lifecycle)
             if not wasm.initialize():
                 wasm.fail(FailState.UnableToInitializeCode, "Failed to initialize Wasm code")

@@ -29,6 +29,7 @@ from . import hostcalls
 from .abi import AbiVersion, AbiVersionError, FailState, MetricType, WasmResult, detect_abi_version
 from .context import ContextBase, Plugin, WasmEnvironment
 from .runtime import HostFunction, WasmLoadError, WasmMemory, WasmModule, WasmTrap, WasmVm
+from .sandbox import SandboxLimits, capability_allowed, ensure_epoch_ticker, restrict_host_functions
 from .shared_data import VmIdHandle, get_vm_id_handle
 from .wasi import env_runtime_host_functions, wasi_host_functions
 
@@ -143,8 +144,13 @@ class Wasm:
         time_source: TimeSource | None = None,
         extra_host_functions: Mapping[tuple[str, str], HostFunction] | None = None,
         base: "Wasm | None" = None,
+        limits: SandboxLimits | None = None,
+        allowed_capabilities: frozenset[str] = frozenset(),
     ) -> None:
         self.module = module
+        # CPU deadline and memory cap of the VM, and cpp-host's allowed_capabilities (sandbox.py).
+        self.limits = limits if limits is not None else SandboxLimits()
+        self.allowed_capabilities = allowed_capabilities
         self.vm_id = vm_id
         self.vm_key = vm_key
         self.vm_configuration = vm_configuration
@@ -212,11 +218,16 @@ class Wasm:
         functions.update(env_runtime_host_functions())
         functions.update(hostcalls.host_functions(self))
         functions.update(self.extra_host_functions)
+        functions = restrict_host_functions(functions, self.allowed_capabilities)
+        ticks = self.limits.epoch_deadline_ticks
+        if ticks is not None:
+            ensure_epoch_ticker()
         try:
             if self.base is not None and self.base.vm is not None:
                 self.vm = self.base.vm.clone(functions)
             else:
-                self.vm = WasmVm(self.module, functions, name=self.vm_id)
+                self.vm = WasmVm(self.module, functions, name=self.vm_id,
+                                 memory_limit_bytes=self.limits.memory_limit_bytes, epoch_deadline_ticks=ticks)
         except WasmLoadError as e:
             self.fail(FailState.UnableToInitializeCode, str(e))
             return False
@@ -241,13 +252,17 @@ class Wasm:
         vm = self.vm
         assert vm is not None
         found = {}
+        allowed = self.allowed_capabilities
         for name in _MODULE_FUNCTIONS:
+            # A callback outside allowed_capabilities is not called (cpp-host _GET_PROXY).
+            if name.startswith("proxy_") and not capability_allowed(allowed, name):
+                continue
             fn = vm.get_function(name)
             if fn is not None:
                 found[name] = fn
         if self.abi_version == AbiVersion.ProxyWasm_0_2_0 or self.abi_version == AbiVersion.ProxyWasm_0_2_1:
             fn = vm.get_function("proxy_on_foreign_function")
-            if fn is not None:
+            if fn is not None and capability_allowed(allowed, "proxy_on_foreign_function"):
                 found["proxy_on_foreign_function"] = fn
         self.module_functions = found
         for name in ("malloc", "proxy_on_memory_allocate"):
@@ -288,7 +303,8 @@ class Wasm:
             vm_key=self.vm_key, envs=self.envs, timer_factory=timer_factory,
             stats_store=stats_store,
             environment=environment, time_source=time_source or self.time_source,
-            extra_host_functions=self.extra_host_functions, base=self)
+            extra_host_functions=self.extra_host_functions, base=self, limits=self.limits,
+            allowed_capabilities=self.allowed_capabilities)
 
     def start(self, plugin: Plugin) -> ContextBase | None:
         """The plugin's root context, created and started; None if proxy_on_vm_start said no."""
