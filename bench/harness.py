@@ -78,7 +78,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("as_header", "as_header", "bench", root_id="as_header", expect_header="x-as-header"),
     Scenario("body_1k", "body", "response upper", path="/body/1k", expect_body_upper=True),
     Scenario("body_64k", "body", "response upper", path="/body/64k", expect_body_upper=True),
-    Scenario("http_call", "pause", "cluster echo", headers=(("x-pause-request", "http_call"),)),
+    Scenario("http_call", "pause", "cluster echo", headers=(("x-pause-request", "http_call"),),
+             expect_header="x-resumed-by"),  # nginx echoes it from the request the plugin resumed
 )}
 QUICK_SCENARIOS = ("none", "headers")
 
