@@ -537,3 +537,10 @@ def test_a_complete_bad_line_is_400_at_once(data):
         codec.encode_headers(response(200, ("content-length", "0")), True)
         codec.resume()
     assert rec.events[-2:] == [("begin",), ("error", 400, "http1.codec_error")]
+
+
+@pytest.mark.parametrize("method,length", [("GET", False), ("DELETE", False), ("TRACE", False), ("POST", True),
+                                           ("PUT", True), ("PATCH", True), ("OPTIONS", True)])
+def test_bodiless_request_content_length_zero_as_envoy_sends_it(method, length):
+    codec, _ = client()
+    assert (b"content-length: 0\r\n" in codec.encode_request_headers(request(method), True)) is length

@@ -663,8 +663,9 @@ class ServerCodec(_CodecBase):
         self._callbacks.on_codec_error(error)
 
 
-# Requests whose empty body needs no "content-length: 0" (RFC 9110 8.6: no body semantics).
-_BODILESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"))
+# Requests whose empty body gets no "content-length: 0" upstream (measured on Envoy 1.40:
+# POST, PUT, PATCH, OPTIONS do get one).
+_BODILESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "TRACE", "CONNECT"))
 _CLIENT_SKIP = frozenset(("host",))
 
 
