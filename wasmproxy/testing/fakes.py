@@ -336,6 +336,8 @@ class TestEnvironment(ProxyWasmEnvironment):
         self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
         initial_metadata: HeaderMap, request: bytes, timeout_ms: int,
     ) -> WasmResult:
+        if self._grpc_service_status(service) == WasmResult.ParseFailure:
+            return WasmResult.ParseFailure  # no GrpcService and no such cluster (Envoy)
         call = GrpcCall(bytes(service), service_name, method_name, list(initial_metadata.items()), bytes(request),
                         timeout_ms, token, context, self._recorder.dispatcher.run_posted)
         self._recorder._grpc_call(call)

@@ -36,7 +36,9 @@ __all__ = ["Callback", "HttpStream", "LocalReply", "LogLine", "Request", "Respon
 Headers = Union[Mapping[str, str], Iterable[tuple[str, str]]]
 Configuration = Union[str, bytes, message.Message, None]
 
-_FAILURE_POLICIES = {"FAIL_CLOSED": 1, "FAIL_RELOAD": 2, "FAIL_OPEN": 3}
+_FAILURE_POLICIES = ("FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN")
+_REQUEST_DEFAULTS = ((":method", "GET"), (":path", "/"), (":authority", "example.com"), (":scheme", "http"))
+_REQUEST_PSEUDO = frozenset(k for k, _ in _REQUEST_DEFAULTS)
 _SPDLOG_NAMES = ("trace", "debug", "info", "warn", "error", "critical")
 
 
@@ -267,10 +269,10 @@ class HttpStream:
         """Request headers; :method (GET), :path (/), :authority (example.com), :scheme (http)
         are added unless given."""
         pairs = _pairs(headers)
-        given = {k for k, _ in pairs}
-        defaults = [(k, v) for k, v in ((":method", "GET"), (":path", "/"), (":authority", "example.com"),
-                                        (":scheme", "http")) if k not in given]
-        self._manager.decode_headers(HeaderMap(defaults + pairs), end_stream)
+        given = dict(pairs)
+        pseudo = [(k, given.get(k, default)) for k, default in _REQUEST_DEFAULTS]
+        rest = [(k, v) for k, v in pairs if k not in _REQUEST_PSEUDO]
+        self._manager.decode_headers(HeaderMap(pseudo + rest), end_stream)
         self._done()
         return self
 
@@ -432,7 +434,7 @@ class WasmPlugin:
         log_level: str = "info",
     ) -> None:
         if failure_policy not in _FAILURE_POLICIES:
-            raise ValueError(f"failure_policy must be one of {sorted(_FAILURE_POLICIES)}")
+            raise ValueError(f"failure_policy must be one of {', '.join(_FAILURE_POLICIES)}")
         self.vm_id = vm_id
         self.dispatcher = ManualDispatcher()
         self.callouts = CalloutRecorder(self.dispatcher, tuple(clusters) if clusters is not None else None)
@@ -468,7 +470,7 @@ class WasmPlugin:
         else:
             default_name = Path(wasm).stem
         proto = wasm_pb2.PluginConfig(name=name or default_name, root_id=root_id)
-        proto.failure_policy = _FAILURE_POLICIES[failure_policy]  # type: ignore[assignment]
+        proto.failure_policy = wasm_pb2.FailurePolicy.Value(failure_policy)
         vm = proto.vm_config
         vm.vm_id = vm_id
         vm.runtime = "envoy.wasm.runtime.v8"
