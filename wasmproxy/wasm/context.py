@@ -218,13 +218,10 @@ class Buffer:
         if not isinstance(data, bytearray):
             return WasmResult.BadArgument
         if start == 0:
-            if length == 0:
-                data[0:0] = value  # prepend
-                return WasmResult.Ok
-            if length >= len(data):
-                data[:] = value  # replace all
-                return WasmResult.Ok
-            return WasmResult.BadArgument
+            # Envoy's Buffer::copyFrom: drain `length` bytes from the front, then prepend (so
+            # 0/0 prepends, 0/size replaces all, 0/n replaces the first n bytes).
+            data[:length] = value
+            return WasmResult.Ok
         if start >= len(data):
             data += value  # append
             return WasmResult.Ok
@@ -1003,7 +1000,9 @@ class ContextBase:
 
     def resolve_shared_queue(self, vm_id: bytes, name: bytes) -> tuple[WasmResult, int]:
         assert self.wasm is not None
-        token = global_shared_queue.resolve_queue(vm_id.decode() if vm_id else self.wasm.vm_id, name)
+        # A vm_id that is not UTF-8 names no VM (configured ids are strings): NotFound, not a crash.
+        token = global_shared_queue.resolve_queue(
+            vm_id.decode("utf-8", "surrogateescape") if vm_id else self.wasm.vm_id, name)
         if self.is_failed() or token == 0:
             return WasmResult.NotFound, 0
         return WasmResult.Ok, token
