@@ -113,6 +113,11 @@ def parse_options(argv: list[str] | None = None) -> Options | int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["inspect"]:  # `wasmproxy inspect plugin.wasm`; everything else is Envoy's flags
+        from .inspect import main as inspect_main
+
+        return inspect_main(args[1:])
     parsed = parse_options(argv)
     if isinstance(parsed, int):
         return parsed
