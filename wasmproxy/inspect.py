@@ -12,6 +12,7 @@ plugin a bootstrap references (for ``--mode validate``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import sys
@@ -219,18 +220,17 @@ def inspect_file(path: str | Path) -> Inspection:
 
 # -- configs (for --mode validate) --------------------------------------------------------------
 
+_TYPE_MODULES = ("envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
+                 "envoy.extensions.filters.http.wasm.v3.wasm_pb2", "envoy.extensions.filters.network.wasm.v3.wasm_pb2",
+                 "envoy.extensions.wasm.v3.wasm_pb2")
 _PLUGIN_TYPES = ("envoy.extensions.filters.http.wasm.v3.Wasm", "envoy.extensions.filters.network.wasm.v3.Wasm",
                  "envoy.extensions.wasm.v3.WasmService")
 
 
 def _plugin_configs(message: Any) -> Iterator[Any]:
     """Every envoy.extensions.wasm.v3.PluginConfig inside `message`, through typed Anys."""
-    from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as _http  # noqa: F401  (registers the types
-    from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401  GetSymbol looks up)
-        http_connection_manager_pb2 as _hcm,
-    )
-    from envoy.extensions.filters.network.wasm.v3 import wasm_pb2 as _network  # noqa: F401
-    from envoy.extensions.wasm.v3 import wasm_pb2 as _service  # noqa: F401
+    for module in _TYPE_MODULES:  # GetSymbol finds only the message types that were imported
+        importlib.import_module(module)
     from google.protobuf import any_pb2, symbol_database
 
     if isinstance(message, any_pb2.Any):

@@ -14,9 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
-from envoy.extensions.wasm.v3 import wasm_pb2
-from google.protobuf import any_pb2, message, wrappers_pb2
-
 from ..http.filter import FilterDataStatus, FilterHeadersStatus, FilterTrailersStatus, PassThroughFilter
 from ..http.filter_manager import FilterManager
 from ..http.headers import HeaderMap
@@ -29,14 +26,13 @@ from ..wasm.http_filter import WasmFilter
 from ..wasm.plugin import PluginConfig
 from ..wasm.shared_data import global_shared_data, global_shared_queue
 from ..wasm.wasm import Wasm
+from .config import Configuration, plugin_config
 from .fakes import CalloutRecorder, GrpcCall, GrpcResponder, HttpCall, HttpResponder, ManualDispatcher, TestEnvironment
 
 __all__ = ["Callback", "HttpStream", "LocalReply", "LogLine", "Request", "Response", "WasmPlugin"]
 
 Headers = Union[Mapping[str, str], Iterable[tuple[str, str]]]
-Configuration = Union[str, bytes, message.Message, None]
 
-_FAILURE_POLICIES = ("FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN")
 _REQUEST_DEFAULTS = ((":method", "GET"), (":path", "/"), (":authority", "example.com"), (":scheme", "http"))
 _REQUEST_PSEUDO = frozenset(k for k, _ in _REQUEST_DEFAULTS)
 _SPDLOG_NAMES = ("trace", "debug", "info", "warn", "error", "critical")
@@ -47,20 +43,6 @@ def _pairs(headers: Headers | None) -> list[tuple[str, str]]:
         return []
     items = headers.items() if isinstance(headers, Mapping) else headers
     return [(str(k).lower(), str(v)) for k, v in items]
-
-
-def _pack(value: Configuration) -> any_pb2.Any | None:
-    """A configuration as Envoy gets it: text as StringValue, bytes as BytesValue, a proto as is."""
-    if value is None:
-        return None
-    packed = any_pb2.Any()
-    if isinstance(value, str):
-        packed.Pack(wrappers_pb2.StringValue(value=value))
-    elif isinstance(value, (bytes, bytearray)):
-        packed.Pack(wrappers_pb2.BytesValue(value=bytes(value)))
-    else:
-        packed.Pack(value)
-    return packed
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -433,8 +415,6 @@ class WasmPlugin:
         shared_data: Mapping[str | bytes, str | bytes] | None = None,
         log_level: str = "info",
     ) -> None:
-        if failure_policy not in _FAILURE_POLICIES:
-            raise ValueError(f"failure_policy must be one of {', '.join(_FAILURE_POLICIES)}")
         self.vm_id = vm_id
         self.dispatcher = ManualDispatcher()
         self.callouts = CalloutRecorder(self.dispatcher, tuple(clusters) if clusters is not None else None)
@@ -446,8 +426,10 @@ class WasmPlugin:
         self._logger.addHandler(self._logs)
         self._next_stream_id = 1
         self._environment = TestEnvironment(self.callouts)
-        self.proto = self._proto(wasm, configuration, vm_configuration, name, root_id, vm_id, failure_policy,
-                                 reload_backoff_ms, allow_on_headers_stop_iteration, environment_variables)
+        self.proto = plugin_config(wasm, configuration, vm_configuration=vm_configuration, name=name, root_id=root_id,
+                                   vm_id=vm_id, failure_policy=failure_policy, reload_backoff_ms=reload_backoff_ms,
+                                   allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
+                                   environment_variables=environment_variables)
         for key, value in (shared_data or {}).items():
             self.set_shared_data(key, value)
         self._context = _FactoryContext(self.dispatcher, ThreadLocalInstance(self.dispatcher),  # type: ignore[arg-type]
@@ -459,38 +441,6 @@ class WasmPlugin:
             raise
         self.dispatcher.run_posted()
         self._use_test_environment()
-
-    @staticmethod
-    def _proto(wasm: str | Path | bytes, configuration: Configuration, vm_configuration: Configuration,
-               name: str | None, root_id: str, vm_id: str, failure_policy: str, reload_backoff_ms: int | None,
-               allow_on_headers_stop_iteration: bool | None,
-               environment_variables: Mapping[str, str] | None) -> wasm_pb2.PluginConfig:
-        if isinstance(wasm, (bytes, bytearray)):
-            default_name = "plugin"
-        else:
-            default_name = Path(wasm).stem
-        proto = wasm_pb2.PluginConfig(name=name or default_name, root_id=root_id)
-        proto.failure_policy = wasm_pb2.FailurePolicy.Value(failure_policy)
-        vm = proto.vm_config
-        vm.vm_id = vm_id
-        vm.runtime = "envoy.wasm.runtime.v8"
-        if isinstance(wasm, (bytes, bytearray)):
-            vm.code.local.inline_bytes = bytes(wasm)
-        else:
-            vm.code.local.filename = str(wasm)
-        packed = _pack(configuration)
-        if packed is not None:
-            proto.configuration.CopyFrom(packed)
-        packed = _pack(vm_configuration)
-        if packed is not None:
-            vm.configuration.CopyFrom(packed)
-        if reload_backoff_ms is not None:
-            proto.reload_config.backoff.base_interval.FromMilliseconds(reload_backoff_ms)
-        if allow_on_headers_stop_iteration is not None:
-            proto.allow_on_headers_stop_iteration.value = allow_on_headers_stop_iteration
-        if environment_variables:
-            vm.environment_variables.key_values.update(environment_variables)
-        return proto
 
     def _use_test_environment(self) -> None:
         """grpc_call goes to the CalloutRecorder (the proxy's environment has no gRPC client)."""
