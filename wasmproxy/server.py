@@ -27,6 +27,7 @@ from .config import ConfigError, load_bootstrap, load_bootstrap_text
 from .config import registry
 from .event.dispatcher import Dispatcher
 from .event.watchdog import GuardDog
+from .network.listener import DEFAULT_BUFFER_LIMIT, worker_handler_factory
 from .server_context import FactoryContext, LocalInfo
 from .stats.registry import StatsRegistry
 from .stats.store import Store
@@ -112,6 +113,10 @@ class Listener:
             factory = registry.resolve(registry.Category.NETWORK_FILTERS, f.typed_config if f.HasField("typed_config") else f.name)
             typed = registry.unpack(f.typed_config, f"filter_chains[0].filters[{i}].typed_config")
             self.filter_factories.append(factory(typed, context))
+        buffer_limit = proto.per_connection_buffer_limit_bytes.value if proto.HasField(
+            "per_connection_buffer_limit_bytes") else DEFAULT_BUFFER_LIMIT
+        # HCM alone keeps its own protocol factory; other chains run through the network filter manager.
+        self._for_worker = worker_handler_factory(self.filter_factories, self.name, buffer_limit)
 
     def bind(self) -> None:
         """Main thread: bind once so a port-0 listener gets a port every worker then shares."""
@@ -123,8 +128,7 @@ class Listener:
     def start_on_worker(self, worker: Worker) -> None:
         """Worker thread: bind this worker's own SO_REUSEPORT socket and serve it."""
         sock = _reuse_port_socket(self.host, self.port)
-        handler = self.filter_factories[-1]
-        protocol_factory = handler.for_worker(worker.dispatcher, worker.store)
+        protocol_factory = self._for_worker(worker.dispatcher, worker.store)
         server = worker.dispatcher.loop.create_server(protocol_factory, sock=sock, backlog=1024)
         worker.dispatcher.loop.create_task(server)
 

@@ -1,0 +1,67 @@
+"""The per-worker connection handler a listener serves with, chosen from its network filters.
+
+Envoy runs every listener through the network filter manager. Here a listener whose only
+filter is the HTTP connection manager keeps the HCM's own asyncio protocol factory (its fast
+path, no per-byte filter walk); any other chain is served by `ConnectionHandler`, which makes
+one `Connection` per accepted socket and installs the filters on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config.errors import ConfigError
+from .connection import Connection
+from .filter import ConnectionCloseType, NetworkFilterFactoryCb
+
+if TYPE_CHECKING:
+    from ..event.dispatcher import Dispatcher
+    from ..stats.store import Store
+
+__all__ = ["ConnectionHandler", "DEFAULT_BUFFER_LIMIT", "worker_handler_factory"]
+
+# Envoy's default per_connection_buffer_limit_bytes (1 MiB).
+DEFAULT_BUFFER_LIMIT = 1024 * 1024
+
+
+class ConnectionHandler:
+    """One worker's connections of one listener; calling it makes a Connection (a protocol factory)."""
+
+    def __init__(self, filter_factories: list[NetworkFilterFactoryCb], dispatcher: "Dispatcher",
+                 listener_name: str, buffer_limit: int) -> None:
+        self.filter_factories = filter_factories
+        self.dispatcher = dispatcher
+        self.listener_name = listener_name
+        self.buffer_limit = buffer_limit
+        self.connections: set[Connection] = set()
+
+    def __call__(self) -> Connection:
+        return Connection(self)
+
+    def drain(self) -> None:
+        """L4 connections have no graceful end; they run until a side closes (as in Envoy)."""
+
+    def close_all(self) -> None:
+        for connection in list(self.connections):
+            connection.close(ConnectionCloseType.NoFlush)
+
+
+def worker_handler_factory(
+    factories: list[Any], listener_name: str, buffer_limit: int = DEFAULT_BUFFER_LIMIT
+) -> Callable[["Dispatcher", "Store"], Any]:
+    """Main thread: ``(dispatcher, store) -> protocol factory`` for a listener's network filters.
+
+    A chain that is the HCM alone uses its ``for_worker``; a terminal HCM after other network
+    filters is refused (not supported yet); anything else gets a ConnectionHandler.
+    """
+    if len(factories) == 1 and hasattr(factories[0], "for_worker"):
+        for_worker: Callable[["Dispatcher", "Store"], Any] = factories[0].for_worker
+        return for_worker
+    if any(hasattr(f, "for_worker") for f in factories):
+        raise ConfigError("the http_connection_manager must be the only network filter of its chain "
+                          "(other network filters before it are not supported yet)")
+
+    def for_worker(dispatcher: "Dispatcher", store: "Store") -> ConnectionHandler:
+        return ConnectionHandler(factories, dispatcher, listener_name, buffer_limit)
+
+    return for_worker
