@@ -95,6 +95,7 @@ class Result:
     p50_ms: float | None = None
     p99_ms: float | None = None
     rss_mib: float | None = None
+    cpu_us_per_request: float | None = None  # the system's own CPU time: robust on a shared machine
     requests: int | None = None
     errors: int = 0  # socket errors plus non-2xx/3xx responses
     note: str = ""
@@ -152,6 +153,18 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _CLK_TCK
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -164,8 +177,11 @@ class Upstream:
     port: int
     pid: int
 
+    def pids(self) -> list[int]:
+        return [self.pid, *_children(self.pid)]
+
     def rss_kib(self) -> int:
-        return _rss_kib(self.pid) + sum(_rss_kib(c) for c in _children(self.pid))
+        return sum(_rss_kib(p) for p in self.pids())
 
 
 @contextmanager
@@ -231,7 +247,7 @@ def check_once(port: int, scenario: Scenario) -> str:
 
 
 def measure(system: str, port: int, scenario: Scenario, concurrency: int, args: argparse.Namespace,
-            rss: Any) -> Result:
+            pids: list[int], rss: Any) -> Result:
     result = Result(system, scenario.name, concurrency, args.connections, args.duration)
     problem = check_once(port, scenario)
     if problem:
@@ -239,9 +255,13 @@ def measure(system: str, port: int, scenario: Scenario, concurrency: int, args: 
         return result
     if args.warmup > 0:
         run_wrk(port, scenario, args.connections, args.warmup, latency=False)
+    cpu_before = cpu_seconds(pids)
     out = run_wrk(port, scenario, args.connections, args.duration, latency=True)
+    cpu = cpu_seconds(pids) - cpu_before
     for k, v in parse_wrk(out).items():
         setattr(result, k, v)
+    if result.requests:
+        result.cpu_us_per_request = round(cpu / result.requests * 1e6, 1)
     result.rss_mib = round(rss() / 1024, 1)
     result.wrk_output = out
     return result
@@ -254,7 +274,7 @@ def run_proxy(system: str, scenario: Scenario, upstream: Upstream, concurrency: 
     proc = cls(config, concurrency=concurrency, log_level="error")
     try:
         proc.start()
-        return measure(system, port, scenario, concurrency, args, proc.rss_kib)
+        return measure(system, port, scenario, concurrency, args, [proc.pid], proc.rss_kib)
     except ProcessError as e:
         return Result(system, scenario.name, concurrency, args.connections, args.duration,
                       note=str(e).splitlines()[0])
@@ -274,7 +294,8 @@ def run_all(args: argparse.Namespace) -> list[Result]:
                         if system == "nginx":
                             if scenario.plugin:
                                 continue  # nginx runs no Proxy-Wasm filters: it is the ceiling
-                            r = measure("nginx", upstream.port, scenario, concurrency, args, upstream.rss_kib)
+                            r = measure("nginx", upstream.port, scenario, concurrency, args,
+                                        upstream.pids(), upstream.rss_kib)
                         else:
                             r = run_proxy(system, scenario, upstream, concurrency, args, Path(tmp))
                         results.append(r)
@@ -290,7 +311,8 @@ def _f(v: float | None, fmt: str) -> str:
 
 def format_row(r: Result) -> str:
     return (f"{r.scenario:10} {r.concurrency:>2} {r.system:10} {_f(r.requests_per_s, '9.0f')} "
-            f"{_f(r.p50_ms, '8.2f')} {_f(r.p99_ms, '8.2f')} {_f(r.rss_mib, '8.1f')} {r.errors:>6} {r.note}")
+            f"{_f(r.p50_ms, '8.2f')} {_f(r.p99_ms, '8.2f')} {_f(r.rss_mib, '8.1f')} "
+            f"{_f(r.cpu_us_per_request, '8.1f')} {r.errors:>6} {r.note}")
 
 
 def ratio(results: Sequence[Result], r: Result, attr: str) -> float | None:
@@ -304,14 +326,16 @@ def ratio(results: Sequence[Result], r: Result, attr: str) -> float | None:
 
 def table(results: Sequence[Result]) -> str:
     """A Markdown table (it goes into README.md's Performance section as is)."""
-    lines = ["| scenario | conc | system | req/s | p50 ms | p99 ms | RSS MiB | errors | req/s vs Envoy | p99 vs Envoy |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scenario | conc | system | req/s | p50 ms | p99 ms | RSS MiB | CPU us/req | errors "
+             "| req/s vs Envoy | p99 vs Envoy |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rr = ratio(results, r, "requests_per_s") if r.system == "wasmproxy" else None
         pr = ratio(results, r, "p99_ms") if r.system == "wasmproxy" else None
         note = f" ({r.note})" if r.note else ""
         lines.append(f"| {r.scenario} | {r.concurrency} | {r.system}{note} | {_f(r.requests_per_s, '.0f')} | "
-                     f"{_f(r.p50_ms, '.2f')} | {_f(r.p99_ms, '.2f')} | {_f(r.rss_mib, '.1f')} | {r.errors} | "
+                     f"{_f(r.p50_ms, '.2f')} | {_f(r.p99_ms, '.2f')} | {_f(r.rss_mib, '.1f')} | "
+                     f"{_f(r.cpu_us_per_request, '.0f')} | {r.errors} | "
                      f"{_f(rr, '.3f')} | {_f(pr, '.1f')} |")
     return "\n".join(lines)
 
@@ -384,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     load_before = os.getloadavg()
     print(f"{'scenario':10} {'c':>2} {'system':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'RSS MiB':>8} "
-          f"{'errors':>6}", file=sys.stderr)
+          f"{'CPU us/r':>8} {'errors':>6}", file=sys.stderr)
     results = run_all(args)
     path = write_json(results, args, load_before)
     print(table(results))
