@@ -10,7 +10,7 @@ import pytest
 
 from tests.wasm_filter_support import plugin_path
 from wasmproxy.config.errors import ConfigError
-from wasmproxy.testing import HttpCall, HttpResponse, Response, WasmPlugin
+from wasmproxy.testing import GrpcResponse, HttpCall, HttpResponse, Response, WasmPlugin
 from wasmproxy.testing.pytest_plugin import wasm_plugin  # noqa: F401  (the fixture, as the entry point provides it)
 
 Load = Callable[..., WasmPlugin]
@@ -273,3 +273,25 @@ def test_abi_table_subset_as_envoy(wasm_plugin: Load) -> None:  # noqa: F811
                 "get_shared_data-missing": "1", "enqueue_shared_queue-unknown": "1"}
     assert {name: response.header(f"x-abi-{name}") for name in expected} == expected
     assert plugin.grpc_calls == []
+
+
+def test_grpc_call_answered_canned_by_callable_and_failed(wasm_plugin: Load) -> None:  # noqa: F811
+    plugin = wasm_plugin(plugin_path("grpc_callout"), "upstream name", vm_id="harness-grpc", clusters=["grpc"])
+    plugin.on_grpc_call(lambda call: GrpcResponse(call.request[::-1]), method="test.Echo/Unary")
+    stream = plugin.http_request({"x-grpc-mode": "call", "x-grpc-message": "hello"})
+    assert stream.response.body == b"call rc=0\nreceive size=5 olleh\n"
+    [call] = plugin.grpc_calls
+    assert (call.service, call.service_name, call.method_name, call.request) == (b"grpc", "test.Echo", "Unary", b"hello")
+    # An unknown cluster named by bytes that are no GrpcService: ParseFailure (Envoy 1.40, abi_all).
+    assert plugin.http_request({"x-grpc-mode": "call", "x-grpc-cluster": "nope"}).response.body == b"call rc=4\n"
+    plugin.on_grpc_call(GrpcResponse(status=7, status_message="denied"))
+    denied = plugin.http_request({"x-grpc-mode": "call"})
+    assert denied.response.body == b"call rc=0\ngrpc_close status=7 get_status=7 message=denied\n"
+
+
+def test_grpc_call_left_pending_is_answered_by_hand(wasm_plugin: Load) -> None:  # noqa: F811
+    plugin = wasm_plugin(plugin_path("grpc_callout"), "upstream name", vm_id="harness-grpc-pending")
+    stream = plugin.http_request({"x-grpc-mode": "call", "x-grpc-message": "m"})
+    assert stream.response.headers is None and stream.statuses() == ["StopAllIterationAndWatermark"]
+    plugin.grpc_calls[0].respond(b"answer")
+    assert stream.response.body == b"call rc=0\nreceive size=6 answer\n"

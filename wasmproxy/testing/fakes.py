@@ -329,19 +329,31 @@ class TestEnvironment(ProxyWasmEnvironment):
     __test__ = False  # not a pytest class
 
     def __init__(self, recorder: CalloutRecorder) -> None:
-        super().__init__(recorder.thread_local, None)
+        super().__init__(recorder.thread_local, None, post=recorder.dispatcher.post,
+                         timer_factory=recorder.dispatcher.create_timer)
         self._recorder = recorder
 
     def grpc_call(
         self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
         initial_metadata: HeaderMap, request: bytes, timeout_ms: int,
     ) -> WasmResult:
-        if self._grpc_service_status(service) == WasmResult.ParseFailure:
+        if not self._known_grpc_service(service):
             return WasmResult.ParseFailure  # no GrpcService and no such cluster (Envoy)
         call = GrpcCall(bytes(service), service_name, method_name, list(initial_metadata.items()), bytes(request),
                         timeout_ms, token, context, self._recorder.dispatcher.run_posted)
         self._recorder._grpc_call(call)
         return WasmResult.Ok
+
+    def _known_grpc_service(self, service: bytes) -> bool:
+        """Envoy's grpcCall: a serialized GrpcService, else the name of a known cluster."""
+        from envoy.config.core.v3 import grpc_service_pb2
+        from google.protobuf.message import DecodeError
+
+        try:
+            grpc_service_pb2.GrpcService().ParseFromString(service)
+            return True
+        except DecodeError:
+            return self._recorder.thread_local().get(service.decode("utf-8", "replace")) is not None
 
     def grpc_cancel(self, token: int) -> None:
         for call in self._recorder.grpc_calls:
