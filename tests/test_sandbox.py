@@ -29,6 +29,7 @@ from wasmproxy.wasm.sandbox import (
     SandboxLimits,
     limits_for,
 )
+from wasmproxy.wasm.stats import CONTEXTS_ACTIVE
 from wasmproxy.wasm.wasm import Wasm
 
 DEADLINE_MS = 30
@@ -261,3 +262,29 @@ def test_unlisted_wasi_function_returns_enotcapable(wasm_log: _Records, allowed:
         assert "Attempted call to restricted WASI capability: proc_exit" in restricted
     else:
         assert restricted == []
+
+
+# -- introspection: wasmproxy.wasm.contexts_active --------------------------------------------
+
+
+def test_contexts_active_gauge_returns_to_its_baseline_after_streams_and_traps() -> None:
+    dispatcher = FakeDispatcher()
+    factory, context = _factory(dispatcher, "trap", name="counted")
+    gauge = context.main_store.gauge(CONTEXTS_ACTIVE)
+    baseline = gauge.value
+    assert baseline >= 2  # the base VM and this thread's clone: a VM context and a root context each
+    s = Stream([factory])
+    s.request([])
+    assert gauge.value == baseline + 1
+    s.respond(200)
+    s.finish()
+    assert gauge.value == baseline
+    trapped = Stream([factory])
+    trapped.request([("x-trap-phase", "request_headers")])
+    assert trapped.downstream.status == 503
+    trapped.finish()
+    assert gauge.value == baseline
+    failed = Stream([factory])  # FAIL_CLOSED: a context with no VM is not counted
+    failed.request([])
+    failed.finish()
+    assert gauge.value == baseline

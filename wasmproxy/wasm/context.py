@@ -300,8 +300,11 @@ class ContextBase:
         self.grpc_receive_initial_metadata: HeaderMap | None = None
         self.grpc_receive_trailing_metadata: HeaderMap | None = None
         self.grpc_receive_buffer: bytes | None = None
+        # Counted in the Wasm's contexts_active gauge until released (stream end or VM close).
+        self.released = wasm is None
         if wasm is not None:
             wasm.contexts[context_id] = self
+            wasm.context_opened()
 
     # -- construction ----------------------------------------------------------------------
 
@@ -675,8 +678,16 @@ class ContextBase:
             self.access_log_response_trailers = None
             self.access_log_stream_info = None
 
+    def release(self) -> None:
+        """The stream this context served has ended: count it out of contexts_active (once)."""
+        if not self.released:
+            self.released = True
+            if self.wasm is not None:
+                self.wasm.context_closed()
+
     def on_destroy(self) -> None:
         """The stream is gone: proxy_on_done then proxy_on_delete (once)."""
+        self.release()
         if self.destroyed or not self.in_vm_context_created:
             return
         self.destroyed = True
@@ -726,6 +737,7 @@ class ContextBase:
             self._on_close_tcp()
 
     def _on_close_tcp(self) -> None:
+        self.release()
         if self.tcp_connection_closed or not self.in_vm_context_created:
             return
         self.tcp_connection_closed = True

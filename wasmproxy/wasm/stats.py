@@ -6,6 +6,7 @@
   name (``envoy.wasm.runtime.v8``), so dashboards built on Envoy keep working.
 * ``wasm.remote_load_cache_*`` (CreateStatsHandler): the remote-code cache.
 * ``wasm.<plugin name>.vm_reload{,_backoff,_success,_failure}`` (StatsHandler): FAIL_RELOAD.
+* ``wasmproxy.wasm.contexts_active`` (ours): contexts of live VMs, for leak checks.
 
 Plugin-defined metrics are not here: the host core stores them as ``wasmcustom.<name>``.
 
@@ -21,9 +22,11 @@ from typing import Any
 
 from ..stats.store import ImportMode
 
-__all__ = ["DEFAULT_RUNTIME", "LifecycleStats", "PluginStats", "RemoteLoadStats"]
+__all__ = ["CONTEXTS_ACTIVE", "DEFAULT_RUNTIME", "ContextsActive", "LifecycleStats", "PluginStats",
+           "RemoteLoadStats"]
 
 DEFAULT_RUNTIME = "envoy.wasm.runtime.v8"
+CONTEXTS_ACTIVE = "wasmproxy.wasm.contexts_active"
 
 _lock = threading.Lock()
 
@@ -36,6 +39,7 @@ class LifecycleStats:
         self.created = store.counter(prefix + "created")
         self.active = store.gauge(prefix + "active", ImportMode.NEVER_IMPORT)
         self.vm_count = store.gauge("wasm.wasm_vm_count", ImportMode.NEVER_IMPORT)
+        self.contexts = ContextsActive(store)
 
     def on_vm_created(self) -> None:
         with _lock:
@@ -47,6 +51,23 @@ class LifecycleStats:
         with _lock:
             self.active.dec()
             self.vm_count.dec()
+
+
+class ContextsActive:
+    """``wasmproxy.wasm.contexts_active``: contexts of live VMs not yet released (VM, root and
+    stream contexts). Not an Envoy stat, hence not under ``wasm.``; the soak test's leak check.
+    Any thread."""
+
+    def __init__(self, store: Any) -> None:
+        self.gauge = store.gauge(CONTEXTS_ACTIVE, ImportMode.NEVER_IMPORT)
+
+    def inc(self, n: int) -> None:
+        with _lock:
+            self.gauge.inc(n)
+
+    def dec(self, n: int) -> None:
+        with _lock:
+            self.gauge.dec(n)
 
 
 class RemoteLoadStats:

@@ -79,6 +79,7 @@ class WasmHandle:
         self.base = base
         self.lifecycle = lifecycle
         lifecycle.on_vm_created()
+        wasm.attach_contexts_gauge(lifecycle.contexts)
         self._finalizer = weakref.finalize(self, _destroy, wasm, lifecycle, threading.get_ident())
         # At interpreter exit the process is going: no calls into plugins from whatever thread is left.
         self._finalizer.atexit = False

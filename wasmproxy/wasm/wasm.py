@@ -162,6 +162,11 @@ class Wasm:
         self.time_source = time_source or _RealTime()
         self.extra_host_functions = dict(extra_host_functions or {})
         self.base = base
+        # wasmproxy's own leak check: this VM's contexts (VM and root contexts included) not yet
+        # released, reported to `contexts_gauge` (vm.py attaches the process-wide one).
+        self.contexts_gauge: Any = None
+        self._open_contexts = 0
+        self._closed = False
         self.vm: WasmVm | None = None
         self.abi_version = AbiVersion.Unknown
         self.fail_state = FailState.Ok
@@ -367,6 +372,11 @@ class Wasm:
         closes, that vm_id's SharedData and queues go at once (cpp-host ~WasmBase).
         """
         self.start_shutdown()
+        if not self._closed:
+            self._closed = True
+            if self.contexts_gauge is not None:
+                self.contexts_gauge.dec(self._open_contexts)
+            self._open_contexts = 0
         self.pending_done.clear()
         self.pending_delete.clear()
         for timer in self._timers.values():
@@ -374,6 +384,26 @@ class Wasm:
         self._timers.clear()
         self.vm = None
         self._vm_id_handle = None
+
+    def attach_contexts_gauge(self, gauge: Any) -> None:
+        """Report this VM's open contexts (so far and from now on) to `gauge` (inc/dec(n))."""
+        self.contexts_gauge = gauge
+        if not self._closed:
+            gauge.inc(self._open_contexts)
+
+    def context_opened(self) -> None:
+        """A context of this VM was created (owner thread)."""
+        if not self._closed:
+            self._open_contexts += 1
+            if self.contexts_gauge is not None:
+                self.contexts_gauge.inc(1)
+
+    def context_closed(self) -> None:
+        """A stream context of this VM was released (owner thread)."""
+        if not self._closed:
+            self._open_contexts -= 1
+            if self.contexts_gauge is not None:
+                self.contexts_gauge.dec(1)
 
     # -- failure ---------------------------------------------------------------------------
 
