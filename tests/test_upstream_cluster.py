@@ -66,13 +66,25 @@ typed_extension_protocol_options:
     [
         ("lb_policy: CLUSTER_PROVIDED", "CLUSTER_PROVIDED is not supported"),
         ("type: EDS", "EDS is not supported"),
-        ("http2_protocol_options: {}", "HTTP/2 is not supported"),
     ],
 )
 def test_unsupported_cluster_features_are_rejected(extra: str, message: str) -> None:
     proto = static_cluster("c", 1, extra=extra)
     with pytest.raises(ClusterConfigError, match=message):
         ClusterInfo(proto)
+
+
+@pytest.mark.parametrize("extra", [
+    "http2_protocol_options: {}",
+    """typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    explicit_http_config: {http2_protocol_options: {}}""",
+])
+def test_http2_cluster_is_accepted_and_flagged(extra: str) -> None:
+    """gRPC callouts (wasm/grpc.py) need HTTP/2 clusters; Envoy configs name them this way."""
+    assert ClusterInfo(static_cluster("c", 1, extra=extra)).http2
+    assert not ClusterInfo(static_cluster("c", 1)).http2
 
 
 def test_static_cluster_rejects_a_hostname() -> None:

@@ -145,6 +145,9 @@ class ClusterInfo:
         )
         common = proto.common_http_protocol_options
         max_rq = proto.max_requests_per_connection.value if proto.HasField("max_requests_per_connection") else 0
+        # HTTP/2 upstreams: only the Wasm gRPC callouts (grpcio) speak it; the router's pool is
+        # HTTP/1, so it still sends HTTP/1.1 to such a cluster.
+        self.http2: bool = proto.HasField("http2_protocol_options")
         for any_msg in proto.typed_extension_protocol_options.values():
             if any_msg.type_url.endswith("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"):
                 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -156,9 +159,7 @@ class ClusterInfo:
                 if opts.HasField("explicit_http_config") and opts.explicit_http_config.HasField(
                     "http2_protocol_options"
                 ):
-                    raise ClusterConfigError(f"cluster '{self.name}': upstream HTTP/2 is not supported")
-        if proto.HasField("http2_protocol_options"):
-            raise ClusterConfigError(f"cluster '{self.name}': upstream HTTP/2 is not supported")
+                    self.http2 = True
         if common.HasField("max_requests_per_connection"):
             max_rq = common.max_requests_per_connection.value
         self.max_requests_per_connection: int = max_rq
