@@ -213,24 +213,6 @@ def test_plugin_that_fails_to_configure_rejects_the_config(dispatcher: FakeDispa
         make_factory(dispatcher, "trap", "fail_configure")
 
 
-def test_grpc_callouts_check_the_service_like_envoy_then_are_unimplemented() -> None:
-    from envoy.config.core.v3 import grpc_service_pb2
-
-    from tests.wasm_filter_support import FakeThreadLocalClusterManager
-    from wasmproxy.wasm.abi import WasmResult
-    from wasmproxy.wasm.plugin import ProxyWasmEnvironment
-
-    env = ProxyWasmEnvironment(lambda: FakeThreadLocalClusterManager(("echo",)), None)
-    ctx = None
-    # Bytes that are no GrpcService proto name a cluster: an unknown one is ParseFailure (Envoy 1.40).
-    assert env.grpc_call(ctx, 1, b"nope", "svc", "M", HeaderMap(), b"", 1000) == WasmResult.ParseFailure  # type: ignore[arg-type]
-    assert env.grpc_stream(ctx, 2, b"nope", "svc", "M", HeaderMap()) == WasmResult.ParseFailure  # type: ignore[arg-type]
-    service = grpc_service_pb2.GrpcService()
-    service.envoy_grpc.cluster_name = "echo"
-    assert env.grpc_call(ctx, 3, service.SerializeToString(), "svc", "M", HeaderMap(), b"",  # type: ignore[arg-type]
-                         1000) == WasmResult.Unimplemented
-
-
 def test_stream_destroyed_while_paused_is_not_resumed(dispatcher: FakeDispatcher) -> None:
     factory, _ = make_factory(dispatcher, "pause", vm_id="pause-destroyed")
     s = Stream([factory])

@@ -171,17 +171,84 @@ class _HttpCallCallbacks:
             context.on_http_call_failure(self.token)
 
 
-class ProxyWasmEnvironment(WasmEnvironment):
-    """Callouts of the Wasms of one thread: http_call through that thread's AsyncClient.
+class _GrpcCallbacks:
+    """GrpcClient callbacks for one gRPC callout: events go to the calling root context
+    (Envoy's GrpcCallClientHandler / GrpcStreamClientHandler)."""
 
-    gRPC callouts are not supported yet: they answer ParseFailure for a service that is
-    neither a GrpcService proto nor a known cluster (as Envoy), else Unimplemented. DNS
-    answers Unimplemented.
+    __slots__ = ("context", "token", "environment")
+
+    def __init__(self, context: ContextBase, token: int, environment: "ProxyWasmEnvironment") -> None:
+        self.context = weakref.ref(context)
+        self.token = token
+        self.environment = environment
+
+    def _live(self) -> ContextBase | None:
+        context = self.context()
+        if context is None or context.wasm is None or context.wasm.is_failed():
+            return None
+        return context
+
+    # unary (RawAsyncRequestCallbacks)
+    def on_success(self, message: bytes) -> None:
+        self.environment.grpc_callouts.pop(self.token, None)
+        if (context := self._live()) is not None:
+            context.on_grpc_receive(self.token, message)
+
+    def on_failure(self, status: int, message: str) -> None:
+        self.on_remote_close(status, message)
+
+    # stream (RawAsyncStreamCallbacks)
+    def on_receive_initial_metadata(self, metadata: HeaderMap) -> None:
+        if (context := self._live()) is not None:
+            _after_vm_call(context, lambda: context.on_grpc_receive_initial_metadata(self.token, metadata))
+
+    def on_receive_message(self, message: bytes) -> None:
+        if (context := self._live()) is not None:
+            context.on_grpc_receive(self.token, message)
+
+    def on_receive_trailing_metadata(self, metadata: HeaderMap) -> None:
+        if (context := self._live()) is not None:
+            _after_vm_call(context, lambda: context.on_grpc_receive_trailing_metadata(self.token, metadata))
+
+    def on_remote_close(self, status: int, message: str) -> None:
+        self.environment.grpc_callouts.pop(self.token, None)
+        if (context := self._live()) is not None:
+            context.on_grpc_close(self.token, status, message.encode("utf-8", "replace"))
+
+
+def _after_vm_call(context: ContextBase, event: Callable[[], None]) -> None:
+    """Run event now, or after the current VM call when inside one (a callout that failed
+    while being started reports to the plugin once its host call has returned)."""
+    wasm = context.wasm
+    if wasm is not None and wasm.current_context is not None:
+        wasm.add_after_vm_call_action(event)
+    else:
+        event()
+
+
+_CLUSTER_NOT_AVAILABLE = "Cluster not available"
+_NO_HEALTHY_UPSTREAM = "no healthy upstream"
+
+
+class ProxyWasmEnvironment(WasmEnvironment):
+    """Callouts of the Wasms of one thread: http_call through that thread's AsyncClient, gRPC
+    through a grpcio `GrpcClient` whose results are posted to this thread (wasm/grpc.py).
+
+    The gRPC ``service`` argument is what Envoy's grpcCall/grpcStream take: a serialized
+    GrpcService (envoy_grpc cluster_name/authority, or google_grpc target_uri; its
+    initial_metadata is sent), else bytes naming a cluster. DNS answers Unimplemented.
     """
 
-    def __init__(self, thread_local_cluster_manager: Callable[[], Any], node: object | None) -> None:
+    def __init__(self, thread_local_cluster_manager: Callable[[], Any], node: object | None,
+                 post: Callable[[Callable[[], None]], None] | None = None,
+                 timer_factory: Callable[[Callable[[], None]], Any] | None = None) -> None:
         self._tlcm = thread_local_cluster_manager
         self.node = node
+        self._post = post
+        self._timer_factory = timer_factory
+        self._grpc_client: Any = None
+        #: In-flight gRPC callouts by token (GrpcRequest or GrpcStream).
+        self.grpc_callouts: dict[int, Any] = {}
 
     def http_call(
         self, context: ContextBase, token: int, cluster: str, headers: HeaderMap, body: bytes,
@@ -195,30 +262,111 @@ class ProxyWasmEnvironment(WasmEnvironment):
         # Envoy: a request that completed inline returns no handle, and the call fails.
         return WasmResult.Ok if request is not None else WasmResult.InternalFailure
 
-    def _grpc_service_status(self, service: bytes) -> WasmResult:
-        """Envoy's grpcCall/grpcStream: bytes that are no GrpcService name a cluster."""
+    # -- gRPC ------------------------------------------------------------------------------
+
+    def _grpc_service(self, service: bytes) -> Any:
+        """The GrpcService for the ``service`` argument, or the WasmResult that refuses it."""
         from envoy.config.core.v3 import grpc_service_pb2
         from google.protobuf.message import DecodeError
 
+        proto = grpc_service_pb2.GrpcService()
         try:
-            grpc_service_pb2.GrpcService().ParseFromString(service)
+            proto.ParseFromString(service)
         except DecodeError:
+            name = service.decode("utf-8", "replace")
             tlcm = self._tlcm()
-            if tlcm is None or tlcm.get(service.decode("utf-8", "replace")) is None:
+            if tlcm is None or tlcm.get(name) is None:
+                # Envoy keeps ParseFailure here for plugins written against ABI 0.1.x.
                 return WasmResult.ParseFailure
-        return WasmResult.Unimplemented
+            proto = grpc_service_pb2.GrpcService()
+            proto.envoy_grpc.cluster_name = name
+        kind = proto.WhichOneof("target_specifier")
+        if kind is None or self._post is None or self._timer_factory is None:
+            return WasmResult.BadArgument  # (Envoy 1.40 aborts on an empty GrpcService)
+        return proto
+
+    def _grpc_start(self, context: ContextBase, token: int, service: bytes, start: Callable[..., Any],
+                    stream: bool) -> WasmResult:
+        from .grpc import GrpcClient, GrpcTarget
+
+        proto = self._grpc_service(service)
+        if isinstance(proto, WasmResult):
+            return proto
+        callbacks = _GrpcCallbacks(context, token, self)
+        metadata = tuple((m.key, m.value) for m in proto.initial_metadata)
+        if proto.WhichOneof("target_specifier") == "google_grpc":
+            target = GrpcTarget(proto.google_grpc.target_uri, "", metadata)
+        else:
+            cluster_name = proto.envoy_grpc.cluster_name
+            tlcm = self._tlcm()
+            cluster = tlcm.get(cluster_name) if tlcm is not None else None
+            if cluster is None:
+                # Envoy's async stream fails while starting: the call returns InternalFailure,
+                # and the plugin still hears the close of the token it never got.
+                callbacks.on_remote_close(14, _CLUSTER_NOT_AVAILABLE)
+                return WasmResult.InternalFailure
+            host = cluster.choose_host()
+            if host is None:
+                # The router's local reply, inline: InternalFailure, then the events.
+                if stream:
+                    callbacks.on_receive_initial_metadata(HeaderMap())
+                    callbacks.on_receive_trailing_metadata(HeaderMap([
+                        (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14"),
+                        ("grpc-message", _NO_HEALTHY_UPSTREAM)]))
+                callbacks.on_remote_close(14, f"{_NO_HEALTHY_UPSTREAM}{{no_healthy_upstream}}")
+                return WasmResult.InternalFailure
+            target = GrpcTarget(host.address_string, proto.envoy_grpc.authority or cluster_name, metadata)
+        if self._grpc_client is None:
+            assert self._post is not None and self._timer_factory is not None
+            self._grpc_client = GrpcClient(self._post, self._timer_factory)
+        stale = self.grpc_callouts.pop(token, None)  # a reloaded VM reuses tokens
+        if stale is not None:
+            _cancel(stale)
+        self.grpc_callouts[token] = start(self._grpc_client, target, callbacks)
+        return WasmResult.Ok
 
     def grpc_call(
         self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
         initial_metadata: HeaderMap, request: bytes, timeout_ms: int,
     ) -> WasmResult:
-        return self._grpc_service_status(service)
+        return self._grpc_start(context, token, service, lambda client, target, callbacks: client.send(
+            target, service_name, method_name, initial_metadata, request, timeout_ms, callbacks), stream=False)
 
     def grpc_stream(
         self, context: ContextBase, token: int, service: bytes, service_name: str, method_name: str,
         initial_metadata: HeaderMap,
     ) -> WasmResult:
-        return self._grpc_service_status(service)
+        return self._grpc_start(context, token, service, lambda client, target, callbacks: client.start(
+            target, service_name, method_name, initial_metadata, callbacks), stream=True)
+
+    def grpc_send(self, token: int, message: bytes, end_stream: bool) -> None:
+        callout = self.grpc_callouts.get(token)
+        if callout is not None and hasattr(callout, "send_message"):
+            callout.send_message(message, end_stream)
+
+    def grpc_close(self, token: int) -> None:
+        """A call is cancelled; a stream is half-closed (its close still comes)."""
+        callout = self.grpc_callouts.get(token)
+        if callout is None:
+            return
+        if hasattr(callout, "close_stream"):
+            callout.close_stream()
+        else:
+            del self.grpc_callouts[token]
+            callout.cancel()
+
+    def grpc_cancel(self, token: int) -> None:
+        callout = self.grpc_callouts.pop(token, None)
+        if callout is not None:
+            _cancel(callout)
+
+
+def _cancel(callout: Any) -> None:
+    """Cancel a GrpcRequest or reset a GrpcStream: no further callbacks."""
+    if hasattr(callout, "reset"):
+        callout.reset()
+    else:
+        callout.cancel()
 
 
 def _jittered_backoff_ms(base_ms: int) -> int:
@@ -268,7 +416,8 @@ def wasm_thread_for(context: "FactoryContext", dispatcher: Any) -> WasmThread:
 
     return WasmThread(
         post=dispatcher.post, timer_factory=dispatcher.create_timer, stats_store=context.store_for(dispatcher),
-        environment=ProxyWasmEnvironment(thread_local_cluster_manager, context.local_info.node),
+        environment=ProxyWasmEnvironment(thread_local_cluster_manager, context.local_info.node,
+                                         post=dispatcher.post, timer_factory=dispatcher.create_timer),
         time_source=dispatcher.time_source)
 
 
