@@ -295,3 +295,27 @@ def test_grpc_call_left_pending_is_answered_by_hand(wasm_plugin: Load) -> None: 
     assert stream.response.headers is None and stream.statuses() == ["StopAllIterationAndWatermark"]
     plugin.grpc_calls[0].respond(b"answer")
     assert stream.response.body == b"call rc=0\nreceive size=6 answer\n"
+
+
+def test_manual_clock_fires_each_timer_at_its_own_time() -> None:
+    from wasmproxy.testing import ManualDispatcher
+
+    dispatcher = ManualDispatcher()
+    fired: list[float] = []
+    start = dispatcher.time_source.monotonic()
+
+    def tick() -> None:
+        fired.append(round((dispatcher.time_source.monotonic() - start) * 1000))
+        periodic.enable_timer(100)
+
+    periodic = dispatcher.create_timer(tick)
+    periodic.enable_timer(100)
+    once = dispatcher.create_timer(lambda: fired.append(-1))
+    once.enable_timer(150)
+    once.enable_timer(250)  # re-armed: fires once, at 250
+    cancelled = dispatcher.create_timer(lambda: fired.append(-2))
+    cancelled.enable_timer(50)
+    cancelled.disable_timer()
+    assert dispatcher.advance(300) == 4
+    assert fired == [100, 200, -1, 300]
+    assert round((dispatcher.time_source.monotonic() - start) * 1000) == 300

@@ -31,6 +31,7 @@ __all__ = [
 
 _MAX_POSTED_ROUNDS = 1000  # callbacks may post more; a plugin that loops forever must not hang a test
 _MAX_TIMER_FIRES = 100_000
+_EPSILON_S = 1e-9  # float seconds: 100 ms added three times is a hair past 300 ms
 
 
 class _ManualTimer:
@@ -116,7 +117,7 @@ class ManualDispatcher:
         fired = 0
         for _ in range(_MAX_TIMER_FIRES):
             self.run_posted()
-            if not self._heap or self._heap[0][0] > target:
+            if not self._heap or self._heap[0][0] > target + _EPSILON_S:
                 break
             deadline, seq, timer = heapq.heappop(self._heap)
             now = self.time_source.monotonic()
