@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import wasmtime
 from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (registers the Router type)
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from google.protobuf import json_format
 
 from tests.wasm_filter_support import plugin_path
@@ -73,6 +72,9 @@ def test_cli_exit_codes_and_json(capsys: pytest.CaptureFixture[str], tmp_path: P
 
 
 def _bootstrap(*plugins: str) -> bootstrap_pb2.Bootstrap:
+    for module in ("envoy.extensions.filters.http.router.v3.router_pb2",  # ParseDict resolves typed_config
+                   "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2"):
+        importlib.import_module(module)
     filters = [{"name": "envoy.filters.http.wasm", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {"name": name, "vm_config": {"runtime": "envoy.wasm.runtime.v8",

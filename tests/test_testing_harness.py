@@ -11,12 +11,13 @@ import pytest
 from tests.wasm_filter_support import plugin_path
 from wasmproxy.config.errors import ConfigError
 from wasmproxy.testing import GrpcResponse, HttpCall, HttpResponse, Response, WasmPlugin
-from wasmproxy.testing.pytest_plugin import wasm_plugin  # noqa: F401  (the fixture, as the entry point provides it)
+from wasmproxy.testing import pytest_plugin
 
 Load = Callable[..., WasmPlugin]
+wasm_plugin = pytest_plugin.wasm_plugin  # the fixture, as the pytest11 entry point provides it
 
 
-def test_headers_plugin_edits_both_directions(wasm_plugin: Load) -> None:  # noqa: F811
+def test_headers_plugin_edits_both_directions(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml headers_plugin_edits_both_directions
     plugin = wasm_plugin(plugin_path("headers"), "response_headers add response_headers x-from-config c",
                          vm_id="harness-headers")
@@ -33,7 +34,7 @@ def test_headers_plugin_edits_both_directions(wasm_plugin: Load) -> None:  # noq
     assert stream.finished
 
 
-def test_headers_plugin_sees_request_trailers(wasm_plugin: Load) -> None:  # noqa: F811
+def test_headers_plugin_sees_request_trailers(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml headers_plugin_sees_request_trailers, plus trailer edits
     plugin = wasm_plugin(plugin_path("headers"), vm_id="harness-headers-trailers")
     stream = plugin.stream().send_request(
@@ -45,7 +46,7 @@ def test_headers_plugin_sees_request_trailers(wasm_plugin: Load) -> None:  # noq
     assert stream.statuses("request_body") == ["Continue", "Continue"]
 
 
-def test_body_plugin_buffers_and_appends(wasm_plugin: Load) -> None:  # noqa: F811
+def test_body_plugin_buffers_and_appends(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml body_plugin_buffers_and_appends: the upstream got 7 bytes
     plugin = wasm_plugin(plugin_path("body"), vm_id="harness-body")
     stream = plugin.http_request([("x-body-ops", "request buffer;request append !")], [b"abc", b"def"])
@@ -56,7 +57,7 @@ def test_body_plugin_buffers_and_appends(wasm_plugin: Load) -> None:  # noqa: F8
     assert stream.statuses("request_body") == ["StopIterationAndBuffer", "Continue"]
 
 
-def test_body_plugin_upper_cases_the_buffered_response(wasm_plugin: Load) -> None:  # noqa: F811
+def test_body_plugin_upper_cases_the_buffered_response(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("body"), vm_id="harness-body")
     stream = plugin.stream().send_request({"x-body-ops": "response buffer;response upper"})
     stream.send_response(200, body=[b"hello ", b"world"])
@@ -68,7 +69,7 @@ def test_body_plugin_upper_cases_the_buffered_response(wasm_plugin: Load) -> Non
     ("request_body", "418", "", "headers"),  # local_reply_from_the_request_body
     ("response_headers", "401", "nope", "complete"),  # local_reply_from_response_headers
 ])
-def test_local_replies(wasm_plugin: Load, phase: str, status: str, body: str,  # noqa: F811
+def test_local_replies(wasm_plugin: Load, phase: str, status: str, body: str,
                        upstream: str) -> None:
     plugin = wasm_plugin(plugin_path("local_reply"), vm_id="harness-local-reply")
     headers = [("x-local-reply-phase", phase), ("x-local-reply-status", status), ("x-local-reply-headers", "x-a=1,x-b=2")]
@@ -84,7 +85,7 @@ def test_local_replies(wasm_plugin: Load, phase: str, status: str, body: str,  #
     assert stream.local_reply.details == "wasm_local_reply"
 
 
-def test_local_reply_with_grpc_status_on_a_grpc_request(wasm_plugin: Load) -> None:  # noqa: F811
+def test_local_reply_with_grpc_status_on_a_grpc_request(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml local_reply_with_grpc_status_on_a_grpc_request: Envoy answers 200 + grpc-status
     plugin = wasm_plugin(plugin_path("local_reply"), vm_id="harness-local-reply")
     stream = plugin.http_request([(":method", "POST"), (":path", "/svc/Method"), ("content-type", "application/grpc"),
@@ -97,7 +98,7 @@ def test_local_reply_with_grpc_status_on_a_grpc_request(wasm_plugin: Load) -> No
 
 
 @pytest.mark.parametrize("direction", ["request", "response"])
-def test_pause_until_a_tick(wasm_plugin: Load, direction: str) -> None:  # noqa: F811
+def test_pause_until_a_tick(wasm_plugin: Load, direction: str) -> None:
     # wasm_plugins.yaml pause_request_until_a_tick / pause_response_until_a_tick
     plugin = wasm_plugin(plugin_path("pause"), "tick_ms 100", vm_id="harness-pause")
     stream = plugin.http_request({f"x-pause-{direction}": "tick"})
@@ -117,7 +118,7 @@ def test_pause_until_a_tick(wasm_plugin: Load, direction: str) -> None:  # noqa:
     assert plugin.metric("pause_waiting") == 0
 
 
-def test_pause_response_until_a_canned_http_call_answer(wasm_plugin: Load) -> None:  # noqa: F811
+def test_pause_response_until_a_canned_http_call_answer(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml pause_response_until_an_http_call_answers
     plugin = wasm_plugin(plugin_path("pause"), vm_id="harness-pause", clusters=["echo"])
     plugin.on_http_call(HttpResponse(200, [("content-type", "application/json")], b"{}"), cluster="echo")
@@ -129,7 +130,7 @@ def test_pause_response_until_a_canned_http_call_answer(wasm_plugin: Load) -> No
         ("echo", "/callout", "callout-body", True)
 
 
-def test_http_call_answered_by_a_callable_and_by_hand(wasm_plugin: Load) -> None:  # noqa: F811
+def test_http_call_answered_by_a_callable_and_by_hand(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("pause"), vm_id="harness-pause", clusters=["echo"])
     plugin.on_http_call(lambda call: HttpResponse(201, body=(call.header("x-echo-body") or "").upper().encode()))
     stream = plugin.http_request({"x-pause-request": "http_call"})
@@ -146,14 +147,14 @@ def test_http_call_answered_by_a_callable_and_by_hand(wasm_plugin: Load) -> None
         call.respond(200)
 
 
-def test_http_call_to_an_unknown_cluster_is_bad_argument(wasm_plugin: Load) -> None:  # noqa: F811
+def test_http_call_to_an_unknown_cluster_is_bad_argument(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("pause"), "cluster nowhere", vm_id="harness-pause-nowhere", clusters=["echo"])
     stream = plugin.http_request({"x-pause-request": "http_call"})
     assert stream.request.header("x-http-call-status") == "2"  # BAD_ARGUMENT, not paused
     assert plugin.http_calls == []
 
 
-def test_shared_data_preset_read_and_cas(wasm_plugin: Load) -> None:  # noqa: F811
+def test_shared_data_preset_read_and_cas(wasm_plugin: Load) -> None:
     # envoy_plugins/test_envoy_shared.py: counter, get/set/CAS, namespacing by vm_id
     plugin = wasm_plugin(plugin_path("shared"), vm_id="harness-shared", shared_data={"preset": "p"})
     first = plugin.http_request({"x-shared-get": "preset"})
@@ -168,7 +169,7 @@ def test_shared_data_preset_read_and_cas(wasm_plugin: Load) -> None:  # noqa: F8
     assert plugin.get_shared_data("k", vm_id="harness-other") is None
 
 
-def test_queue_enqueued_by_the_test_reaches_on_queue_ready(wasm_plugin: Load) -> None:  # noqa: F811
+def test_queue_enqueued_by_the_test_reaches_on_queue_ready(wasm_plugin: Load) -> None:
     # envoy_plugins/test_envoy_shared.py: on_queue_ready of the registering VM logs the items
     plugin = wasm_plugin(plugin_path("shared"), vm_id="harness-queue")
     plugin.enqueue("shared_queue", "a")
@@ -180,7 +181,7 @@ def test_queue_enqueued_by_the_test_reaches_on_queue_ready(wasm_plugin: Load) ->
         plugin.enqueue("no_such_queue", "x")
 
 
-def test_pause_resumes_on_a_queue_item(wasm_plugin: Load) -> None:  # noqa: F811
+def test_pause_resumes_on_a_queue_item(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("pause"), vm_id="harness-pause-queue")
     stream = plugin.http_request({"x-pause-request": "queue"})
     assert stream.request.headers is None
@@ -188,7 +189,7 @@ def test_pause_resumes_on_a_queue_item(wasm_plugin: Load) -> None:  # noqa: F811
     assert stream.request.header("x-queue-item") == "item-1"
 
 
-def test_metrics(wasm_plugin: Load) -> None:  # noqa: F811
+def test_metrics(wasm_plugin: Load) -> None:
     # envoy_plugins/test_envoy_metrics.py test_counter_gauge_and_histogram
     plugin = wasm_plugin(plugin_path("metrics"), vm_id="harness-metrics", vm_configuration="h_")
     r = plugin.http_request()
@@ -199,7 +200,7 @@ def test_metrics(wasm_plugin: Load) -> None:  # noqa: F811
     assert plugin.metric("h_requests") == 3 and plugin.metrics()["wasmcustom.h_gauge"] == 3
 
 
-def test_logs_are_captured_at_the_configured_level(wasm_plugin: Load) -> None:  # noqa: F811
+def test_logs_are_captured_at_the_configured_level(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("logging"), "cfg", vm_id="harness-logging", log_level="debug")
     plugin.http_request({"x-log-message": "hi"})
     assert "logging: configured: cfg" in plugin.log_messages("info")
@@ -209,13 +210,13 @@ def test_logs_are_captured_at_the_configured_level(wasm_plugin: Load) -> None:  
     assert "logging: stderr: hi" in plugin.log_messages("error")  # WASI fd 2
 
 
-def _trap(wasm_plugin: Load, policy: str, config: str = "", **options: object) -> WasmPlugin:  # noqa: F811
+def _trap(wasm_plugin: Load, policy: str, config: str = "", **options: object) -> WasmPlugin:
     return wasm_plugin(plugin_path("trap"), config, vm_id=f"harness-trap-{policy}-{config}", name=f"trap-{policy}",
                        failure_policy=policy, **options)
 
 
 @pytest.mark.parametrize("policy", ["FAIL_CLOSED", "FAIL_OPEN", "FAIL_RELOAD"])
-def test_trap_before_the_response_gives_503_then_the_policy(wasm_plugin: Load, policy: str) -> None:  # noqa: F811
+def test_trap_before_the_response_gives_503_then_the_policy(wasm_plugin: Load, policy: str) -> None:
     # envoy_plugins/test_envoy_failures.py test_trap_before_the_response_starts_gives_503, wasm_fail_closed.yaml
     plugin = _trap(wasm_plugin, policy, reload_backoff_ms=100)
     assert plugin.http_request(body=b"x").response.header("x-trap-plugin") == "alive"
@@ -235,7 +236,7 @@ def test_trap_before_the_response_gives_503_then_the_policy(wasm_plugin: Load, p
         assert plugin.metric("wasm.trap-FAIL_RELOAD.vm_reload_success") == 1
 
 
-def test_trap_in_the_response_body_resets_the_started_response(wasm_plugin: Load) -> None:  # noqa: F811
+def test_trap_in_the_response_body_resets_the_started_response(wasm_plugin: Load) -> None:
     # wasm_fail_open.yaml trap_in_response_body_resets_then_streams_skip_the_plugin
     plugin = _trap(wasm_plugin, "FAIL_OPEN")
     stream = plugin.stream().send_request({"x-trap-phase": "response_body"}, b"x")
@@ -245,7 +246,7 @@ def test_trap_in_the_response_body_resets_the_started_response(wasm_plugin: Load
     assert plugin.http_request().has_plugin is False
 
 
-def test_trap_on_tick_kills_the_vm(wasm_plugin: Load) -> None:  # noqa: F811
+def test_trap_on_tick_kills_the_vm(wasm_plugin: Load) -> None:
     # envoy_plugins/test_envoy_failures.py test_trap_in_on_tick_kills_the_vm (FAIL_CLOSED)
     plugin = _trap(wasm_plugin, "FAIL_CLOSED", "tick 10\ntrap tick")
     assert plugin.http_request().response.status == 200
@@ -258,13 +259,13 @@ def test_plugin_that_fails_to_configure_is_rejected() -> None:
         WasmPlugin(plugin_path("trap"), "fail_configure", vm_id="harness-fail-configure")
 
 
-def test_assemblyscript_plugin_gets_its_configuration(wasm_plugin: Load) -> None:  # noqa: F811
+def test_assemblyscript_plugin_gets_its_configuration(wasm_plugin: Load) -> None:
     # wasm_plugins.yaml: x-as-header: from-as
     plugin = wasm_plugin(plugin_path("as_header"), "from-as", root_id="as_header", vm_id="harness-as")
     assert plugin.http_request().response.header("x-as-header") == "from-as"
 
 
-def test_abi_table_subset_as_envoy(wasm_plugin: Load) -> None:  # noqa: F811
+def test_abi_table_subset_as_envoy(wasm_plugin: Load) -> None:
     # envoy_plugins/test_envoy_abi_all.py EXPECTED_REQUEST_PHASE (a subset); grpc to an unknown cluster
     plugin = wasm_plugin(plugin_path("abi_all"), vm_id="harness-abi-all", clusters=["echo"])
     response = plugin.http_request().response
@@ -275,7 +276,7 @@ def test_abi_table_subset_as_envoy(wasm_plugin: Load) -> None:  # noqa: F811
     assert plugin.grpc_calls == []
 
 
-def test_grpc_call_answered_canned_by_callable_and_failed(wasm_plugin: Load) -> None:  # noqa: F811
+def test_grpc_call_answered_canned_by_callable_and_failed(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("grpc_callout"), "upstream name", vm_id="harness-grpc", clusters=["grpc"])
     plugin.on_grpc_call(lambda call: GrpcResponse(call.request[::-1]), method="test.Echo/Unary")
     stream = plugin.http_request({"x-grpc-mode": "call", "x-grpc-message": "hello"})
@@ -289,7 +290,7 @@ def test_grpc_call_answered_canned_by_callable_and_failed(wasm_plugin: Load) -> 
     assert denied.response.body == b"call rc=0\ngrpc_close status=7 get_status=7 message=denied\n"
 
 
-def test_grpc_call_left_pending_is_answered_by_hand(wasm_plugin: Load) -> None:  # noqa: F811
+def test_grpc_call_left_pending_is_answered_by_hand(wasm_plugin: Load) -> None:
     plugin = wasm_plugin(plugin_path("grpc_callout"), "upstream name", vm_id="harness-grpc-pending")
     stream = plugin.http_request({"x-grpc-mode": "call", "x-grpc-message": "m"})
     assert stream.response.headers is None and stream.statuses() == ["StopAllIterationAndWatermark"]
