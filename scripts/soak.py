@@ -108,9 +108,13 @@ class _Closed(Exception):
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        return await _read_response_or_raise(reader)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise _Closed from e
+        raise _Closed(str(e)) from e
+
+
+async def _read_response_or_raise(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     headers: dict[str, str] = {}
@@ -190,8 +194,8 @@ class _Load:
                 writer.transport.abort()
                 reader = writer = None
                 continue
-            except _Closed:
-                self.results.record(kind, "mismatch", f"request {n}: connection closed without a response")
+            except _Closed as e:
+                self.results.record(kind, "mismatch", f"request {n}: connection closed mid-response ({e})")
                 writer.transport.abort()
                 reader = writer = None
                 continue
