@@ -26,6 +26,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_BIN = Path(os.environ.get("WASMPROXY_ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
+# The proxies every assertion here pins: the same flags, config and requests for both.
+PROXY_COMMANDS: dict[str, list[str]] = {
+    "envoy": [str(ENVOY_BIN)],
+    "wasmproxy": [sys.executable, "-m", "wasmproxy"],
+}
+
+
+def selected_proxies() -> list[str]:
+    """Proxies to run the plugin tests on: WASMPROXY_PLUGIN_PROXIES (default "envoy,wasmproxy")."""
+    names = [n.strip() for n in os.environ.get("WASMPROXY_PLUGIN_PROXIES", "envoy,wasmproxy").split(",") if n.strip()]
+    unknown = set(names) - set(PROXY_COMMANDS)
+    if unknown:
+        raise ValueError(f"WASMPROXY_PLUGIN_PROXIES: unknown proxies {sorted(unknown)}")
+    return names
 LOOPBACK = "127.0.0.1"
 READY_DEADLINE_S = 30.0
 _base_ids = itertools.count(1)
@@ -315,10 +329,12 @@ def bootstrap(listeners: list[Listener], echo_port: int) -> dict[str, Any]:
 
 
 class EnvoyRun:
-    """One Envoy process serving `listeners`, plus the echo upstream. Use as a context manager."""
+    """One proxy process (`proxy`: a PROXY_COMMANDS name, real Envoy by default) serving
+    `listeners`, plus the echo upstream. Use as a context manager."""
 
     def __init__(self, listeners: list[Listener], log_level: str = "warning", extra_args: tuple[str, ...] = (),
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, proxy: str = "envoy") -> None:
+        self.proxy = proxy
         self.listeners = listeners
         self.concurrency = concurrency
         self.log_level = log_level
@@ -347,10 +363,13 @@ class EnvoyRun:
         config = self.dir / "envoy.json"
         config.write_text(json.dumps(bootstrap(self.listeners, self.echo.port), indent=1))
         base_id = (os.getpid() * 89 + next(_base_ids)) % 4_000_000 + 1000
-        argv = [str(ENVOY_BIN), "-c", str(config), "--concurrency", str(self.concurrency), "--base-id", str(base_id),
+        argv = [*PROXY_COMMANDS[self.proxy], "-c", str(config), "--concurrency", str(self.concurrency), "--base-id", str(base_id),
                 "--disable-hot-restart", "-l", self.log_level, "--admin-address-path", str(self.dir / "admin"), *self.extra_args]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=REPO)
         if wait_ready:
             self.wait_ready()
 
@@ -361,7 +380,7 @@ class EnvoyRun:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(f"{self.proxy} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             if admin_file.exists() and admin_file.read_text().strip():
                 self.admin_port = int(admin_file.read_text().strip().rsplit(":", 1)[1])
                 try:
@@ -371,7 +390,7 @@ class EnvoyRun:
                     pass
             time.sleep(0.05)  # readiness poll of an external process (bounded by the deadline)
         else:
-            raise RuntimeError(f"envoy not ready within {READY_DEADLINE_S}s:\n{self.log_text()[-4000:]}")
+            raise RuntimeError(f"{self.proxy} not ready within {READY_DEADLINE_S}s:\n{self.log_text()[-4000:]}")
         statuses = json.loads(self.admin("/listeners?format=json"))["listener_statuses"]
         for status in statuses:
             self.ports[status["name"]] = status["local_address"]["socket_address"]["port_value"]

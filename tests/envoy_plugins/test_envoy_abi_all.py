@@ -44,8 +44,8 @@ EXPECTED_RESPONSE_PHASE = {
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
-    with EnvoyRun([Listener("abi_all", [wasm_filter(plugin("abi_all"), "cfg", vm_id="abi")])]) as run:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
+    with EnvoyRun([Listener("abi_all", [wasm_filter(plugin("abi_all"), "cfg", vm_id="abi")])], proxy=proxy) as run:
         yield run
 
 

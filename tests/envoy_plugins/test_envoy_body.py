@@ -11,12 +11,12 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     listeners = [
         Listener("body", [wasm_filter(plugin("body"))]),
         Listener("configured", [wasm_filter(plugin("body"), "request buffer\nrequest append !\nresponse buffer\nresponse upper")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, proxy=proxy) as run:
         yield run
 
 

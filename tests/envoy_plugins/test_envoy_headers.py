@@ -34,7 +34,7 @@ OPS = ";".join([
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     listeners = [Listener(name, [wasm_filter(plugin(name), "", vm_id=name)]) for name in HEADERS_PLUGINS]
     listeners += [
         Listener("configured", [wasm_filter(
@@ -52,7 +52,7 @@ def envoy() -> Iterator[EnvoyRun]:
         Listener("as_header", [wasm_filter(plugin("as_header"), "from-as-config", root_id="as_header")]),
         Listener("as_header_empty", [wasm_filter(plugin("as_header"), vm_id="as2", root_id="as_header")]),
     ]
-    with EnvoyRun(listeners, extra_args=("--component-log-level", "wasm:info")) as run:
+    with EnvoyRun(listeners, proxy=proxy, extra_args=("--component-log-level", "wasm:info")) as run:
         yield run
 
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     configured = "phase request_headers\nstatus 418\nbody teapot\nheader x-cfg one\ndetails cfg_details"
     listeners = [
         Listener("by_header", [wasm_filter(plugin("local_reply"), "")]),
@@ -21,7 +21,7 @@ def envoy() -> Iterator[EnvoyRun]:
         Listener("details", [wasm_filter(plugin("props"), vm_id="props"),
                              wasm_filter(plugin("local_reply"), "phase request_headers\nstatus 418", vm_id="lr")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, proxy=proxy) as run:
         yield run
 
 

@@ -12,9 +12,9 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     wasm = wasm_filter(plugin("logging"), "my-config", vm_id="logvm", root_id="logroot", name="logplugin")
-    with EnvoyRun([Listener("logging", [wasm])], extra_args=("--component-log-level", "wasm:debug")) as run:
+    with EnvoyRun([Listener("logging", [wasm])], proxy=proxy, extra_args=("--component-log-level", "wasm:debug")) as run:
         yield run
 
 
@@ -22,7 +22,7 @@ def _wasm_lines(log: str, needle: str) -> list[tuple[str, str]]:
     """(level, message) of Envoy's wasm log lines containing needle."""
     found = []
     for line in log.splitlines():
-        m = re.match(r"\[[^]]*\]\[\d+\]\[(\w+)\]\[wasm\] \[[^]]*\] (wasm log .*)$", line)
+        m = re.match(r"\[[^]]*\]\[\d+\]\[(\w+)\]\[wasm\] (?:\[[^]]*\] )?(wasm log .*)$", line)
         if m and needle in m.group(2):
             found.append((m.group(1), m.group(2)))
     return found

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     listeners = [
         Listener("metrics", [wasm_filter(plugin("metrics"), vm_id="m")]),
         Listener("other", [wasm_filter(plugin("metrics"), vm_id="m2", vm_configuration="other_")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, proxy=proxy) as run:
         yield run
 
 

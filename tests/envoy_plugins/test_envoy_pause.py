@@ -14,12 +14,12 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     listeners = [
         Listener("pause", [wasm_filter(plugin("pause"), vm_id="pause")]),
         Listener("no_cluster", [wasm_filter(plugin("pause"), "cluster nope\nqueue other", vm_id="pause2")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, proxy=proxy) as run:
         yield run
 
 

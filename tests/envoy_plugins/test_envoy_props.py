@@ -13,9 +13,9 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     wasm = wasm_filter(plugin("props"), "cfg", vm_id="props_vm", root_id="props_root", name="props_plugin")
-    with EnvoyRun([Listener("props", [wasm])]) as run:
+    with EnvoyRun([Listener("props", [wasm])], proxy=proxy) as run:
         yield run
 
 

@@ -13,14 +13,14 @@ pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[EnvoyRun]:
+def envoy(proxy: str) -> Iterator[EnvoyRun]:
     listeners = [
         Listener("vm1", [wasm_filter(plugin("shared"), vm_id="vm1")]),
         Listener("vm2", [wasm_filter(plugin("shared"), vm_id="vm2")]),
         Listener("to_vm1", [wasm_filter(plugin("shared"), "vm_id vm1", vm_id="vm3")]),
         Listener("counter", [wasm_filter(plugin("shared"), vm_id="counter")]),
     ]
-    with EnvoyRun(listeners) as run:
+    with EnvoyRun(listeners, proxy=proxy) as run:
         yield run
 
 
@@ -70,9 +70,9 @@ def test_resolve_shared_queue(envoy: EnvoyRun) -> None:
     assert resolve("vm9/shared_queue") == "1"
 
 
-def test_counter_is_shared_by_every_worker() -> None:
+def test_counter_is_shared_by_every_worker(proxy: str) -> None:
     """Two workers, each with its own VM clone: one SharedData, no lost or repeated increments."""
-    with EnvoyRun([Listener("counter", [wasm_filter(plugin("shared"), vm_id="workers")])], concurrency=2) as run:
+    with EnvoyRun([Listener("counter", [wasm_filter(plugin("shared"), vm_id="workers")])], concurrency=2, proxy=proxy) as run:
         with ThreadPoolExecutor(max_workers=8) as pool:
             responses = list(pool.map(lambda _: run.request("counter"), range(40)))
     assert sorted(int(r.header("x-shared-counter") or 0) for r in responses) == list(range(1, 41))
