@@ -158,12 +158,19 @@ class _CalloutClient:
 
 
 @dataclass
+class _LocalInfo:
+    """No envoy.config.core.v3.Node: the xds.node property is empty."""
+
+    node: Any = None
+
+
+@dataclass
 class _FactoryContext:
     main_dispatcher: _LoopDispatcher
     thread_local: ThreadLocalInstance
     cluster_manager: _CalloutClient
     store: Store
-    local_info: Any = field(default_factory=lambda: type("LocalInfo", (), {"node": None})())
+    local_info: _LocalInfo = field(default_factory=_LocalInfo)
     bootstrap: Any = None
     listener_name: str = ""
     listener_direction: int = 0

@@ -9,6 +9,7 @@ queues are the process-wide ones the proxy uses, keyed by the plugin's vm_id.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,13 @@ def _level_name(levelno: int) -> str:
 
 
 @dataclass
+class _LocalInfo:
+    """No envoy.config.core.v3.Node: the xds.node property is empty."""
+
+    node: Any = None
+
+
+@dataclass
 class _FactoryContext:
     """The parts of the server's FactoryContext the Wasm factories use."""
 
@@ -377,7 +385,7 @@ class _FactoryContext:
     thread_local: ThreadLocalInstance
     cluster_manager: CalloutRecorder
     store: Store
-    local_info: Any = field(default_factory=lambda: type("LocalInfo", (), {"node": None})())
+    local_info: _LocalInfo = field(default_factory=_LocalInfo)
     bootstrap: Any = None
     listener_name: str = ""
     listener_direction: int = 0
@@ -579,8 +587,6 @@ class WasmPlugin:
         """Release the VMs (proxy_on_done/delete of the root contexts) and the log capture."""
         self.config = None
         self._context = None  # type: ignore[assignment]
-        import gc
-
         gc.collect()  # PluginConfig <-> slot cycles: free the VMs now, not at some later collection
         self.dispatcher.run_posted()
         self._logger.removeHandler(self._logs)
