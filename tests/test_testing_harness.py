@@ -223,6 +223,8 @@ def test_trap_before_the_response_gives_503_then_the_policy(wasm_plugin: Load, p
     first = plugin.http_request({"x-trap-phase": "request_headers"}, b"x")
     assert (first.response.status, first.response.body) == (503, b"")
     assert first.request.headers is None and plugin.failed
+    assert any("Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in line.message
+               for line in plugin.host_logs)  # Envoy 1.40's log line
     after = plugin.http_request(body=b"x")
     if policy == "FAIL_CLOSED":
         assert after.response.status == 503
@@ -320,3 +322,15 @@ def test_manual_clock_fires_each_timer_at_its_own_time() -> None:
     assert dispatcher.advance(300) == 4
     assert fired == [100, 200, -1, 300]
     assert round((dispatcher.time_source.monotonic() - start) * 1000) == 300
+
+
+def test_client_reset_while_paused_is_never_resumed(wasm_plugin: Load) -> None:
+    plugin = wasm_plugin(plugin_path("pause"), "tick_ms 100", vm_id="harness-pause-reset")
+    stream = plugin.http_request({"x-pause-request": "tick"})
+    assert plugin.metric("pause_waiting") == 1
+    stream.reset()
+    assert stream.response.reset and not stream.finished
+    stream.finish()  # proxy_on_done / proxy_on_delete while the plugin still waits
+    assert plugin.metric("pause_waiting") == 0
+    assert plugin.advance(100) == 1 and stream.request.headers is None
+    assert plugin.http_request().response.status == 200  # the VM is fine

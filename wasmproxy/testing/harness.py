@@ -352,15 +352,20 @@ class HttpStream:
 
 
 class _LogCapture(logging.Handler):
-    """Collects the plugin's proxy_log lines (and WASI stdout/stderr) from the "wasm" logger."""
+    """Collects the "wasm" logger's records: the plugin's proxy_log lines (and WASI
+    stdout/stderr), and the host's own messages about it (traps, failed loads)."""
 
     def __init__(self) -> None:
         super().__init__(level=1)
         self.lines: list[LogLine] = []
+        self.host_lines: list[LogLine] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        level = _level_name(record.levelno)
         if record.msg == "wasm log%s: %s" and isinstance(record.args, tuple) and len(record.args) == 2:
-            self.lines.append(LogLine(_level_name(record.levelno), str(record.args[1])))
+            self.lines.append(LogLine(level, str(record.args[1])))
+        else:
+            self.host_lines.append(LogLine(level, record.getMessage()))
 
 
 def _level_name(levelno: int) -> str:
@@ -568,6 +573,12 @@ class WasmPlugin:
     @property
     def logs(self) -> list[LogLine]:
         return self._logs.lines
+
+    @property
+    def host_logs(self) -> list[LogLine]:
+        """What the host logged about the plugin (Envoy's wording), e.g. a trap's
+        "Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable"."""
+        return self._logs.host_lines
 
     def log_messages(self, level: str | None = None) -> list[str]:
         return [line.message for line in self._logs.lines if level is None or line.level == level]
