@@ -89,6 +89,8 @@ TARGETS: tuple[Target, ...] = (
     _c("logging", "logging.c"),
     _c("abi_all", "abi_all.c"),
     _c("trap", "trap.c"),
+    _c("tcp_filter", "tcp_filter.c"),
+    _c("tcp_service", "tcp_service.c"),
     _c("grpc_callout", "grpc_callout.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),

@@ -213,12 +213,23 @@ class Server:
                 callback_deadline_ms=getattr(self.opts, "wasm_callback_deadline_ms", DEFAULT_CALLBACK_DEADLINE_MS),
                 memory_limit_bytes=getattr(self.opts, "wasm_memory_limit_mb", 1024) << 20)},
         )
+        self.bootstrap_extensions = self._create_bootstrap_extensions()
         self.listeners = [Listener(p, self.context) for p in self.bootstrap.static_resources.listeners]
         for listener in self.listeners:
             listener.bind()
         self._start_guard_dog()
         self._start_admin()
         self.cluster_manager.initialize(self._start_workers)
+
+    def _create_bootstrap_extensions(self) -> list[Any]:
+        """Main thread: bootstrap_extensions (envoy.bootstrap.wasm: WasmService), kept for the
+        server's lifetime; a singleton's plugin runs on the main dispatcher."""
+        extensions = []
+        for i, ext in enumerate(self.bootstrap.bootstrap_extensions):
+            factory = registry.resolve(registry.Category.BOOTSTRAP_EXTENSIONS, ext.typed_config)
+            typed = registry.unpack(ext.typed_config, f"bootstrap_extensions[{i}].typed_config")
+            extensions.append(factory(typed, self.context))
+        return extensions
 
     def _start_workers(self) -> None:
         for w in self.workers:

@@ -1,0 +1,288 @@
+"""Differential tests of L4 proxying and the WasmService pattern: the same bootstrap through real
+Envoy 1.40 and through wasmproxy must behave the same on the wire and in the stats compared.
+
+One bootstrap, four listeners: tcp_proxy alone to a TCP echo upstream; the tcp_filter Wasm
+network filter before tcp_proxy; tcp_proxy to a port nobody listens on; and an HTTP listener
+whose Wasm filter (root_id "reader") reads what a singleton WasmService (root_id "service",
+same vm_id) put in SharedData from its timer, its http_call and its shared queue.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.ports import LOOPBACK, free_ports
+from support.processes import EnvoyProcess, ProxyProcess, WasmproxyProcess
+from support.raw_http import RawConnection
+
+pytestmark = pytest.mark.envoy
+
+POLL_DEADLINE_S = 10.0
+
+
+class TcpEcho:
+    """A TCP echo server on loopback: echoes bytes, answers a FIN with a FIN."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+class TokenServer:
+    """An HTTP/1.1 upstream answering every request with body "abc" (the service's http_call)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            try:
+                while data := conn.recv(65536):
+                    buf += data
+                    while b"\r\n\r\n" in buf:
+                        _, buf = buf.split(b"\r\n\r\n", 1)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc")
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def _cluster(name: str, port: int, http: bool = False) -> dict[str, Any]:
+    return {"name": name, "connect_timeout": "1s", "load_assignment": {"cluster_name": name, "endpoints": [
+        {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}]}]}}
+
+
+def _tcp_proxy(prefix: str, cluster: str) -> dict[str, Any]:
+    return {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": prefix, "cluster": cluster}}
+
+
+def _plugin(name: str, wasm: str, root_id: str, config: str, vm_id: str) -> dict[str, Any]:
+    return {"name": name, "root_id": root_id,
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config},
+            "vm_config": {"vm_id": vm_id, "runtime": "envoy.wasm.runtime.v8",
+                          "code": {"local": {"filename": wasm}}}}
+
+
+def _listener(name: str, port: int, filters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
+            "filter_chains": [{"filters": filters}]}
+
+
+def bootstrap(ports: dict[str, int], echo: int, token: int, http_echo: int, dead: int) -> dict[str, Any]:
+    from plugins.build import plugin_path
+
+    tcp_filter, service = plugin_path("tcp_filter"), plugin_path("tcp_service")
+    wasm_filter = {"name": "envoy.filters.network.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
+        "config": _plugin("tcpf", tcp_filter, "", "prefix [p]\nmagic QUIT\nhold HOLD\nupper", "tcpvm")}}
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "svc",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "http_echo"}}]}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.wasm", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": _plugin("reader", service, "reader", "vm_id svc", "svc")}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
+    return {
+        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": ports["admin"]}}},
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.wasm", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService", "singleton": True,
+            "config": _plugin("service", service, "service", "period 10\ntoken tok\ncluster token", "svc")}}],
+        "static_resources": {
+            "listeners": [
+                _listener("plain", ports["plain"], [_tcp_proxy("plain", "echo")]),
+                _listener("wasm", ports["wasm"], [wasm_filter, _tcp_proxy("wasm", "echo")]),
+                _listener("dead", ports["dead"], [_tcp_proxy("dead", "dead")]),
+                _listener("http", ports["http"], [hcm]),
+            ],
+            "clusters": [_cluster("echo", echo), _cluster("dead", dead), _cluster("token", token),
+                         _cluster("http_echo", http_echo)],
+        },
+    }
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _recv_end(sock: socket.socket) -> str:
+    """How the peer ended: 'eof' (FIN) or 'reset'; bytes before it are returned too."""
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        return f"reset:{got!r}"
+    return f"eof:{got!r}"
+
+
+def exercise_tcp(ports: dict[str, int]) -> list[Any]:
+    """The client side of the L4 cases; returns what it saw, in order."""
+    seen: list[Any] = []
+    with socket.create_connection((LOOPBACK, ports["plain"]), timeout=5) as s:
+        s.sendall(b"hello")
+        seen.append(_recv_exactly(s, 5))
+        s.shutdown(socket.SHUT_WR)
+        seen.append(_recv_end(s))
+    with socket.create_connection((LOOPBACK, ports["wasm"]), timeout=5) as s:
+        s.sendall(b"hello")
+        seen.append(_recv_exactly(s, 8))  # prefixed upstream-bound, upper-cased on the way back
+        s.sendall(b"HOLD1")
+        s.sendall(b"release")
+        seen.append(_recv_exactly(s, 12))  # held, then released together
+        s.sendall(b"QUIT")
+        seen.append(_recv_end(s))
+    with socket.create_connection((LOOPBACK, ports["dead"]), timeout=5) as s:
+        seen.append(_recv_end(s))
+    return seen
+
+
+def _poll(fetch: Any, ok: Any) -> Any:
+    """Calls fetch() until ok(value) or the deadline (state inside another process)."""
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    value = fetch()
+    while not ok(value) and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+        value = fetch()
+    return value
+
+
+def exercise_service(port: int) -> list[Any]:
+    def get(headers: list[tuple[str, str]] | None = None) -> tuple[str | None, str | None]:
+        with RawConnection(LOOPBACK, port) as c:
+            r = c.request("GET", "/", headers=[("host", "x")] + (headers or []))
+            return r.header("x-service-token"), r.header("x-service-last-item")
+
+    seen: list[Any] = [_poll(get, lambda v: v[0] == "tok-abc")[0]]
+    get([("x-enqueue", "item1")])
+    seen.append(_poll(get, lambda v: v[1] == "item1")[1])
+    return seen
+
+
+STAT_NAMES = [
+    *(f"tcp.{p}.{n}" for p in ("plain", "wasm", "dead") for n in (
+        "downstream_cx_total", "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "idle_timeout",
+        "downstream_cx_no_route", "upstream_flush_total")),
+    *(f"cluster.echo.{n}" for n in (
+        "upstream_cx_total", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total", "upstream_rq_total",
+        "upstream_cx_destroy", "upstream_cx_active", "upstream_rq_active")),
+    *(f"cluster.dead.{n}" for n in (
+        "upstream_cx_total", "upstream_cx_connect_fail", "upstream_cx_connect_attempts_exceeded",
+        "upstream_rq_pending_failure_eject", "upstream_cx_active")),
+    *(f"wasmcustom.{n}" for n in (
+        "tcp_filter.connections", "tcp_filter.downstream_close", "tcp_filter.upstream_close", "tcp_filter.logs",
+        "tcp_filter.downstream_bytes", "tcp_filter.upstream_bytes", "service.configured")),
+]
+
+
+def stats_of(proc: ProxyProcess) -> dict[str, str]:
+    lines = proc.admin("/stats").body.decode().splitlines()
+    values = dict(line.split(": ", 1) for line in lines if ": " in line)
+    return {name: values.get(name, "absent") for name in STAT_NAMES}
+
+
+def run_all(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, int]) -> dict[str, Any]:
+    import yaml
+
+    names = ("admin", "plain", "wasm", "dead", "http")
+    ports = dict(zip(names, free_ports(len(names))))
+    path = workdir / f"{proc_cls.__name__}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(ports, **upstreams)))
+    with proc_cls(path) as proc:
+        tcp = exercise_tcp(ports)
+        service = exercise_service(ports["http"])
+        # Closes are counted when each side has noticed them: wait for the last one.
+        stats = _poll(lambda: stats_of(proc), lambda s: s["wasmcustom.tcp_filter.logs"] not in ("absent", "0")
+                      and s["cluster.echo.upstream_cx_active"] == "0")
+        return {"tcp": tcp, "service": service, "stats": stats}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[dict[str, dict[str, Any]]]:
+    from plugins.build import build
+
+    build(["tcp_filter", "tcp_service"])
+    echo, token = TcpEcho(), TokenServer()
+    upstreams = {"echo": echo.port, "token": token.port, "http_echo": echo_upstream, "dead": free_ports(1)[0]}
+    workdir = tmp_path_factory.mktemp("tcp_diff")
+    try:
+        yield {"envoy": run_all(EnvoyProcess, workdir, upstreams),
+               "wasmproxy": run_all(WasmproxyProcess, workdir, upstreams)}
+    finally:
+        echo.stop()
+        token.stop()
+
+
+def test_tcp_wire_behaviour_matches_envoy(results: dict[str, dict[str, Any]]) -> None:
+    expected = [b"hello", "eof:b''", b"[P]HELLO", b"HOLD1RELEASE", "eof:b''", "eof:b''"]
+    assert results["envoy"]["tcp"] == expected  # the scenario means what it says
+    assert results["wasmproxy"]["tcp"] == expected
+
+
+def test_wasm_service_pattern_matches_envoy(results: dict[str, dict[str, Any]]) -> None:
+    assert results["envoy"]["service"] == ["tok-abc", "item1"]
+    assert results["wasmproxy"]["service"] == ["tok-abc", "item1"]
+
+
+def test_tcp_and_plugin_stats_match_envoy(results: dict[str, dict[str, Any]]) -> None:
+    assert results["wasmproxy"]["stats"] == results["envoy"]["stats"]
+    envoy = results["envoy"]["stats"]
+    assert envoy["wasmcustom.tcp_filter.upstream_bytes"] not in ("absent", "0")
+    assert envoy["wasmcustom.service.configured"] not in ("absent", "0")
