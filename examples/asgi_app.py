@@ -10,11 +10,11 @@ to every response; `make_app` takes any other plugins instead.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from wasmproxy.asgi import AsgiPlugin, WasmMiddleware
@@ -33,11 +33,23 @@ async def text(request: Request) -> Response:
     return PlainTextResponse(request.query_params.get("text", "hello from starlette"))
 
 
+async def stream(request: Request) -> Response:
+    """The words of ?text=, one response chunk each."""
+    words = request.query_params.get("text", "one two three").split()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for word in words:
+            yield word.encode() + b" "
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
 async def fail(request: Request) -> Response:
     raise RuntimeError("the app failed")
 
 
-routes = [Route("/echo", echo, methods=["GET", "POST", "PUT"]), Route("/text", text), Route("/fail", fail)]
+routes = [Route("/echo", echo, methods=["GET", "POST", "PUT"]), Route("/text", text), Route("/stream", stream),
+          Route("/fail", fail)]
 
 
 def make_app(plugins: Iterable[AsgiPlugin] | None = None, **options: Any) -> WasmMiddleware:

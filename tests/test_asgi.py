@@ -154,3 +154,23 @@ def test_http_call_without_a_callout_is_bad_argument_and_app_errors_are_500() ->
 
 def test_demo_plugin_path_exists() -> None:
     assert DEMO_PLUGIN.exists()
+
+
+def test_streamed_bodies_and_a_paused_response() -> None:
+    app = make_app([AsgiPlugin(plugin_path("body"), vm_id="asgi-body-stream"),
+                    AsgiPlugin(plugin_path("pause"), "tick_ms 5", vm_id="asgi-pause-response")])
+
+    async def upload() -> Any:
+        for part in (b"ab", b"cd", b"ef"):
+            yield part
+
+    async def steps(client: Any) -> None:
+        r = await client.post("/echo", content=upload(), headers={"x-body-ops": "request buffer;request append !"})
+        assert r.json()["body"] == "abcdef!"
+        # Streaming mode: the plugin upper-cases each chunk as it passes.
+        r = await client.get("/stream", params={"text": "a b c"}, headers={"x-body-ops": "response upper"})
+        assert r.text == "A B C "
+        r = await client.get("/text", headers={"x-pause-response": "tick"})
+        assert (r.status_code, r.headers["x-resumed-by"], r.text) == (200, "tick", "hello from starlette")
+
+    serve(app, steps)
