@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wasmproxy",
         description="Envoy-compatible HTTP proxy with Proxy-Wasm plugins. "
         "Without -c/--config-yaml it runs the embedded demo.",
+        epilog="wasmproxy inspect PLUGIN.wasm [--json]: what a plugin exports and needs.",
     )
     p.add_argument("-c", "--config-path", help="Envoy v3 bootstrap config (YAML or JSON)")
     p.add_argument("--config-yaml", help="bootstrap YAML, merged over the file as Envoy does")
