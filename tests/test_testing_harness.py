@@ -334,3 +334,14 @@ def test_client_reset_while_paused_is_never_resumed(wasm_plugin: Load) -> None:
     assert plugin.metric("pause_waiting") == 0
     assert plugin.advance(100) == 1 and stream.request.headers is None
     assert plugin.http_request().response.status == 200  # the VM is fine
+
+
+def test_properties_of_the_request_plugin_and_response(wasm_plugin: Load) -> None:
+    # wasm_plugins.yaml properties_of_the_request_and_plugin, response_code_property_in_response_headers
+    plugin = wasm_plugin(plugin_path("props"), vm_id="harness-props")
+    stream = plugin.http_request({":path": "/props/x?q=1", "x-props-get": "request.path,request.url_path,plugin_name",
+                                  "x-props-get-response": "response.code"})
+    assert stream.response.header("x-prop-request.path") == "0:/props/x?q=1"
+    assert stream.response.header("x-prop-request.url_path") == "0:/props/x"
+    assert stream.response.header("x-prop-plugin_name") == "0:props"
+    assert stream.response.header("x-prop-response.code") == "0:hex:c800000000000000"

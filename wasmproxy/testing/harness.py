@@ -282,6 +282,7 @@ class HttpStream:
                               end_stream: bool = False) -> "HttpStream":
         callbacks = self._upstream_callbacks()
         if self._open():
+            self.stream_info.response_code = status  # as the router does, before the encoder filters
             callbacks.encode_headers(HeaderMap([(":status", str(status))] + _pairs(headers)), end_stream)
             self._done()
         return self
