@@ -731,3 +731,21 @@ def test_two_local_replies_in_one_decoder_callback_send_the_first():
     fm, owner = make(Scripted("a", log, dh=twice), Router(log))
     fm.decode_headers(req(), True)
     assert owner.out == [("headers", "401", False), ("data", b"first", True)]
+
+
+def test_a_wasm_style_filter_adding_its_chunk_then_buffering_keeps_it_once():
+    # Envoy's Wasm filter does addDecodedData(data) in decodeData (so the plugin sees the whole
+    # body) and returns StopIterationAndBuffer: the chunk must end up in the buffer once.
+    log: list = []
+
+    def gather(self, data, end_stream):
+        self.decoder_callbacks.add_decoded_data(data, False)
+        assert data == b""
+        return D.Continue if end_stream else D.StopIterationAndBuffer
+
+    router = Router(log)
+    fm, _ = make(Scripted("a", log, dd=gather), router)
+    fm.decode_headers(req("POST"), False)
+    fm.decode_data(b"ab", False)
+    fm.decode_data(b"cd", True)
+    assert router.body == b"abcd"

@@ -327,7 +327,7 @@ class ActiveStreamDecoderFilter(_ActiveFilter):
     def decoding_buffer(self) -> bytearray | None:
         return self.parent.buffered_request_data
 
-    def add_decoded_data(self, data: bytes, streaming: bool) -> None:
+    def add_decoded_data(self, data: bytes | bytearray, streaming: bool) -> None:
         self.parent.add_decoded_data(self, data, streaming)
 
     def add_decoded_trailers(self) -> HeaderMap:
@@ -427,7 +427,7 @@ class ActiveStreamEncoderFilter(_ActiveFilter):
     def encoding_buffer(self) -> bytearray | None:
         return self.parent.buffered_response_data
 
-    def add_encoded_data(self, data: bytes, streaming: bool) -> None:
+    def add_encoded_data(self, data: bytes | bytearray, streaming: bool) -> None:
         self.parent.add_encoded_data(self, data, streaming)
 
     def add_encoded_trailers(self) -> HeaderMap:
@@ -664,13 +664,13 @@ class FilterManager:
             i += 1
         self.callbacks.disarm_request_timeout()
 
-    def add_decoded_data(self, filter: ActiveStreamDecoderFilter, data: bytes, streaming: bool) -> None:
+    def add_decoded_data(self, filter: ActiveStreamDecoderFilter, data: bytes | bytearray, streaming: bool) -> None:
         state = self._filter_call_state
         if state == 0 or state & (_DECODE_HEADERS | _DECODE_DATA) or (
             state & _DECODE_TRAILERS and not filter.can_iterate()
         ):
             self.decoder_filters_streaming = streaming
-            filter.buffer_data(bytearray(data))
+            filter.buffer_data(_movable(data))
         elif state & _DECODE_TRAILERS:
             self.decode_data_from(filter, bytearray(data), False, start_from_current=False)
         else:
@@ -810,13 +810,13 @@ class FilterManager:
             return
         self._maybe_end_encode(True)
 
-    def add_encoded_data(self, filter: ActiveStreamEncoderFilter, data: bytes, streaming: bool) -> None:
+    def add_encoded_data(self, filter: ActiveStreamEncoderFilter, data: bytes | bytearray, streaming: bool) -> None:
         state = self._filter_call_state
         if state == 0 or state & (_ENCODE_HEADERS | _ENCODE_DATA) or (
             state & _ENCODE_TRAILERS and not filter.can_iterate()
         ):
             self.encoder_filters_streaming = streaming
-            filter.buffer_data(bytearray(data))
+            filter.buffer_data(_movable(data))
         elif state & _ENCODE_TRAILERS:
             self.encode_data_from(filter, bytearray(data), False, start_from_current=False)
         else:
@@ -955,6 +955,13 @@ class FilterManager:
         self.destroyed = True
         for f in self._destroy_order:
             f.on_destroy()
+
+
+def _movable(data: bytes | bytearray) -> bytearray:
+    """add_*_data moves the bytes, as Envoy's Buffer::move: a bytearray given (e.g. the chunk a
+    filter is looking at in decode_data) is emptied, so returning Stop*AndBuffer after adding it
+    does not buffer it twice."""
+    return data if isinstance(data, bytearray) else bytearray(data)
 
 
 def _percent_encode_grpc_message(message: bytes) -> str:
