@@ -174,3 +174,18 @@ def test_streamed_bodies_and_a_paused_response() -> None:
         assert (r.status_code, r.headers["x-resumed-by"], r.text) == (200, "tick", "hello from starlette")
 
     serve(app, steps)
+
+
+def test_concurrent_requests_each_paused_on_its_own_tick() -> None:
+    app = make_app([AsgiPlugin(plugin_path("pause"), "tick_ms 5", vm_id="asgi-pause-concurrent")])
+
+    async def steps(client: Any) -> None:
+        async def one(i: int) -> tuple[int, str, str]:
+            r = await client.get("/echo", params={"i": str(i)}, headers={"x-pause-request": "tick"})
+            return r.status_code, r.json()["query"], r.json()["headers"]["x-resumed-by"]
+
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        assert results == [(200, f"i={i}", "tick") for i in range(20)]
+
+    serve(app, steps)
+    assert app.metric("pause_waiting") == 0
