@@ -345,3 +345,11 @@ def test_properties_of_the_request_plugin_and_response(wasm_plugin: Load) -> Non
     assert stream.response.header("x-prop-request.url_path") == "0:/props/x"
     assert stream.response.header("x-prop-plugin_name") == "0:props"
     assert stream.response.header("x-prop-response.code") == "0:hex:c800000000000000"
+
+
+def test_a_plugin_that_never_returns_fails_the_stream_instead_of_hanging_the_test(wasm_plugin: Load) -> None:
+    # The proxy's default per-callback CPU deadline (100 ms) applies in the harness too.
+    plugin = wasm_plugin(plugin_path("wat_infinite_loop"), vm_id="harness-loop")
+    stream = plugin.http_request()
+    assert stream.response.status == 503 and plugin.failed
+    assert any("exceeded its CPU deadline" in line.message for line in plugin.host_logs)
