@@ -26,6 +26,7 @@ from wasmproxy.wasm.sandbox import (
     DEFAULT_CALLBACK_DEADLINE_MS,
     EPOCH_TICK_MS,
     FACTORY_CONTEXT_KEY,
+    STARTUP_DEADLINE_MS,
     SandboxLimits,
     limits_for,
 )
@@ -288,3 +289,28 @@ def test_contexts_active_gauge_returns_to_its_baseline_after_streams_and_traps()
     failed.request([])
     failed.finish()
     assert gauge.value == baseline
+
+
+def test_start_up_calls_get_the_longer_start_up_deadline() -> None:
+    limits = SandboxLimits(DEADLINE_MS)
+    g = Guest(limits=limits, start=False)
+    seen: dict[str, Any] = {}
+
+    def record(name: str) -> Any:
+        def handler(*_: int) -> int:
+            seen[name] = g.wasm.vm._deadline_ticks  # type: ignore[union-attr]
+            return 1
+        return handler
+
+    g.handlers["proxy_on_vm_start"] = record("vm_start")
+    g.handlers["proxy_on_configure"] = record("configure")
+    g.handlers["proxy_on_request_headers"] = record("request_headers")
+    assert g.wasm.initialize()
+    root = g.wasm.start(g.plugin)
+    assert root is not None and g.wasm.configure(root, g.plugin)
+    ctx = g.wasm.create_stream_context(g.plugin)
+    ctx.on_create()
+    ctx.on_request_headers(0, True)
+    assert limits.startup_deadline_ticks == STARTUP_DEADLINE_MS // EPOCH_TICK_MS + 1
+    assert seen == {"vm_start": limits.startup_deadline_ticks, "configure": limits.startup_deadline_ticks,
+                    "request_headers": limits.epoch_deadline_ticks}

@@ -5,7 +5,8 @@ process); wasmproxy interrupts a callback that runs longer than ``--wasm-callbac
 (wasmtime epoch interruption: a trap "interrupted"), so the looping plugin fails only the
 request it is in, per its failure policy, and the worker keeps serving. Memory is capped per VM
 like cpp-host's PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES (1 GiB; ``--wasm-memory-limit-mb``):
-``memory.grow`` past it returns -1 to the guest.
+``memory.grow`` past it returns -1 to the guest. Start-up calls (start functions,
+proxy_on_vm_start, proxy_on_configure) get a longer deadline, STARTUP_DEADLINE_MS.
 
 Capabilities are cpp-host's capability restriction (WasmBase::registerCallbacks /
 getFunctions, include/proxy-wasm/exports.h): with a non-empty
@@ -19,6 +20,7 @@ Public API::
 
     SandboxLimits(callback_deadline_ms=100, memory_limit_bytes=1 GiB)
         .epoch_deadline_ticks -> int | None        # None: no CPU deadline
+        .startup_deadline_ticks -> int | None      # start functions, on_vm_start, on_configure
     limits_for(factory_context) -> SandboxLimits    # extras["wasm_sandbox"], else the defaults
     ensure_epoch_ticker() -> None                   # any thread: the process-wide 10 ms ticker
     capability_allowed(allowed, name) -> bool
@@ -41,6 +43,7 @@ __all__ = [
     "DEFAULT_CALLBACK_DEADLINE_MS",
     "EPOCH_TICK_MS",
     "FACTORY_CONTEXT_KEY",
+    "STARTUP_DEADLINE_MS",
     "SandboxLimits",
     "capability_allowed",
     "ensure_epoch_ticker",
@@ -51,6 +54,10 @@ __all__ = [
 _log = get_logger("wasm")
 
 DEFAULT_CALLBACK_DEADLINE_MS = 100
+# Start-up (``_initialize``/``_start``/``main``, proxy_on_vm_start, proxy_on_configure) may
+# legitimately take longer (language runtimes initialize there; a loaded machine is slow), but
+# must not hang the main thread either: it gets this deadline instead, when deadlines are on.
+STARTUP_DEADLINE_MS = 10_000
 # The epoch ticker's period: a deadline of N ms is ceil(N / EPOCH_TICK_MS) + 1 ticks, so a
 # callback always gets at least its deadline and at most one tick more.
 EPOCH_TICK_MS = 10
@@ -74,6 +81,12 @@ class SandboxLimits:
         if self.callback_deadline_ms <= 0:
             return None
         return math.ceil(self.callback_deadline_ms / EPOCH_TICK_MS) + 1
+
+    @property
+    def startup_deadline_ticks(self) -> int | None:
+        if self.callback_deadline_ms <= 0:
+            return None
+        return math.ceil(max(STARTUP_DEADLINE_MS, self.callback_deadline_ms) / EPOCH_TICK_MS) + 1
 
 
 def limits_for(factory_context: Any) -> SandboxLimits:

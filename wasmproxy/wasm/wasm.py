@@ -18,11 +18,12 @@ compiled module, initialized anew). The base-VM cache, TLS clones and canary liv
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 import zlib
 from collections import deque
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from ..log import get_logger
 from . import hostcalls
@@ -242,8 +243,22 @@ class Wasm:
         self._get_functions()
         if self.is_failed():
             return False
-        self._start_vm()
+        with self._startup_deadline():
+            self._start_vm()
         return not self.is_failed()
+
+    @contextlib.contextmanager
+    def _startup_deadline(self) -> Iterator[None]:
+        """Start-up calls get the (longer) start-up CPU deadline, then callbacks get theirs."""
+        vm = self.vm
+        if vm is None or self.limits.epoch_deadline_ticks is None:
+            yield
+            return
+        vm.set_epoch_deadline_ticks(self.limits.startup_deadline_ticks)
+        try:
+            yield
+        finally:
+            vm.set_epoch_deadline_ticks(self.limits.epoch_deadline_ticks)
 
     def _memory(self) -> WasmMemory:
         assert self.vm is not None
@@ -319,12 +334,13 @@ class Wasm:
             return existing
         root = ContextBase(self, self.alloc_context_id(), None, plugin, root_id=plugin.root_id)
         self.root_contexts[plugin.key] = root
-        if not root.on_start(plugin):
-            return None
-        return root
+        with self._startup_deadline():
+            started = root.on_start(plugin)
+        return root if started else None
 
     def configure(self, root_context: ContextBase, plugin: Plugin) -> bool:
-        return root_context.on_configure(plugin)
+        with self._startup_deadline():
+            return root_context.on_configure(plugin)
 
     def get_root_context(self, plugin: Plugin, allow_closed: bool = False) -> ContextBase | None:
         root = self.root_contexts.get(plugin.key)
