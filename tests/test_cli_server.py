@@ -127,3 +127,25 @@ def test_clean_shutdown_exits_0_after_serving_on_every_worker(tmp_path: Path, ec
         else:
             proc.proc.send_signal(getattr(signal, how))
         assert proc.proc.wait(timeout=10) == 0, proc.log_tail()
+
+
+def _wasm_config(tmp_path: Path, plugin: Path) -> Path:
+    listener_port, admin_port = free_ports(2)
+    wasm = {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "p", "vm_config": {"runtime": "envoy.wasm.runtime.v8",
+                                               "code": {"local": {"filename": str(plugin)}}}}}}
+    doc = bootstrap(listener_port=listener_port, admin_port=admin_port, http_filters=[wasm],
+                    virtual_hosts=[{"name": "v", "domains": ["*"], "routes": [
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}])
+    return write_yaml(doc, tmp_path / "wasm.yaml")
+
+
+def test_validate_inspects_the_plugins_a_config_references(tmp_path: Path) -> None:
+    from plugins.build import plugin_path
+
+    good = _wasmproxy("--mode", "validate", "-c", str(_wasm_config(tmp_path, Path(plugin_path("headers")))))
+    assert good.returncode == 0, good.stderr
+    bad = _wasmproxy("--mode", "validate", "-c", str(_wasm_config(tmp_path, Path(plugin_path("wat_unknown_import")))))
+    assert bad.returncode == 1
+    assert "Wasm plugin p" in bad.stderr

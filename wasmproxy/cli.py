@@ -134,14 +134,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(opts: Options) -> int:
-    """--mode validate: print what is wrong (or Envoy's OK line) and return 0 / 1."""
-    from .config import validate_config, validate_ok_message
+    """--mode validate: print what is wrong (or Envoy's OK line) and return 0 / 1.
+
+    Beyond Envoy's checks, every Wasm plugin the config references is inspected
+    (ABI marker, imports this build provides), so a plugin that would fail to
+    load fails validation instead of the first start.
+    """
+    from .config import load_bootstrap, validate_config, validate_ok_message
+    from .inspect import check_config_plugins
 
     if opts.demo:
         from .demo import demo_config_text
 
         opts.config_yaml = demo_config_text(upstream_port=1)
     messages = validate_config(opts.config_path, config_yaml=opts.config_yaml)
+    if not messages:
+        messages = check_config_plugins(load_bootstrap(opts.config_path, config_yaml=opts.config_yaml))
     if messages:
         for m in messages:
             print(m, file=sys.stderr)
