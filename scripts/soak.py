@@ -16,6 +16,8 @@ sends the requests over ``--connections`` keep-alive connections, each one of:
 
 A request that lands on a worker whose VM failed and is inside the reload backoff gets the
 policy's 503 (FAIL_RELOAD acts as FAIL_CLOSED until the reload): counted as ``policy_503``.
+A response whose headers went through the plugin and whose VM then failed (another stream on
+the same worker trapped) before its body is reset, as Envoy's CHECK_FAIL does: ``policy_reset``.
 Anything else is a ``mismatch``; no answer within ``--timeout-s`` is ``hung``.
 
 Reported: counts per kind and outcome, requests/s, the proxy's RSS after warm-up and at the
@@ -103,14 +105,18 @@ def _config(listener_port: int, admin_port: int, upstream_port: int, plugin: str
 
 
 class _Closed(Exception):
-    pass
+    """The connection closed before a whole response; `headers` if they had arrived."""
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     try:
         return await _read_response_or_raise(reader)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise _Closed(str(e)) from e
+        raise _Closed(f"closed before the response headers: {e}") from e
 
 
 async def _read_response_or_raise(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -122,6 +128,13 @@ async def _read_response_or_raise(reader: asyncio.StreamReader) -> tuple[int, di
         if line:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+    try:
+        return status, headers, await _read_body(reader, headers)
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise _Closed(f"{status} then closed mid-body: {e}", headers) from e
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
     body = b""
     if "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
@@ -132,7 +145,7 @@ async def _read_response_or_raise(reader: asyncio.StreamReader) -> tuple[int, di
             if size == 0:
                 break
             body += chunk[:-2]
-    return status, headers, body
+    return body
 
 
 def _request_bytes(kind: str, n: int) -> bytes:
@@ -195,7 +208,13 @@ class _Load:
                 reader = writer = None
                 continue
             except _Closed as e:
-                self.results.record(kind, "mismatch", f"request {n}: connection closed mid-response ({e})")
+                if e.headers is not None and "x-trap-plugin" in e.headers:
+                    # The plugin saw the response headers, then its VM failed (another stream's
+                    # trap) before the body: Envoy's CHECK_FAIL fails this stream too, and a
+                    # response already started can only be reset.
+                    self.results.record(kind, "policy_reset")
+                else:
+                    self.results.record(kind, "mismatch", f"request {n}: {e}")
                 writer.transport.abort()
                 reader = writer = None
                 continue
@@ -285,7 +304,7 @@ def soak(requests: int, concurrency: int, connections: int, timeout_s: float, se
             cfg.write_text(json.dumps(_config(listener_port, admin_port, upstream_port, plugin)))
             log = open(Path(tmp) / "proxy.log", "wb")
             proxy = subprocess.Popen([sys.executable, "-m", "wasmproxy", "-c", str(cfg), "--concurrency",
-                                      str(concurrency), "-l", "critical"], stdout=log, stderr=subprocess.STDOUT,
+                                      str(concurrency), "-l", "error"], stdout=log, stderr=subprocess.STDOUT,
                                      cwd=REPO)
             _wait_until(lambda: _ready(admin_port, listener_port), 60, "the proxy to be ready")
             baseline = _gauges(admin_port)
@@ -310,6 +329,10 @@ def soak(requests: int, concurrency: int, connections: int, timeout_s: float, se
             except RuntimeError:
                 pass
             proxy_alive = proxy.poll() is None
+            log.close()
+            # Errors other than the plugin's own traps, for a failed run.
+            log_tail = [line for line in (Path(tmp) / "proxy.log").read_text(errors="replace").splitlines()
+                        if line.startswith("[") and "][wasm]" not in line][-15:]
         finally:
             for p in (proxy, upstream):
                 if p is not None and p.poll() is None:
@@ -336,6 +359,8 @@ def soak(requests: int, concurrency: int, connections: int, timeout_s: float, se
         "proxy_alive": proxy_alive,
         "examples": results.examples,
     }
+    if results.examples or not proxy_alive:
+        report["proxy_log_tail"] = log_tail
     report["ok"] = bool(
         proxy_alive and results.done == requests and report["mismatch"] == 0 and report["hung"] == 0
         and report["gauges_end"] == report["gauges_baseline"] and rss_end - rss_warm < max_rss_growth_mib)

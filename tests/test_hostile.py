@@ -178,3 +178,27 @@ def test_misbehaving_plugin_fails_its_stream_per_policy(case: str) -> None:
     else:
         assert s.downstream.status == status and not s.upstream.complete
     s.finish()
+
+
+def test_a_trap_fails_the_other_in_flight_streams_of_the_vm_too() -> None:
+    """cpp-host CHECK_FAIL: once the VM failed, every stream context on it fails at its next
+    callback (503 if the response has not started, else a reset), not only the trapping one."""
+    context = factory_context(FakeDispatcher())
+    factory = create_wasm_filter_factory(http_wasm(plugin_config("trap", name="shared_vm")), context)
+    started = Stream([factory])
+    started.request([])
+    started.respond(200, [("content-length", "4")], [])
+    waiting = Stream([factory])
+    waiting.request([])
+    trapping = Stream([factory])
+    trapping.request([("x-trap-phase", "request_headers")])
+    assert trapping.downstream.status == 503
+    # The response that had started cannot become a 503: its body never reaches the client (Envoy
+    # resets the stream; an HTTP/1 client sees the connection close before the body).
+    started.upstream.decoder_callbacks.encode_data(b"body", True)
+    assert started.downstream.status == 200 and bytes(started.downstream.body) == b""
+    # The one still waiting for its response gets the 503.
+    waiting.respond(200, [("content-length", "0")])
+    assert waiting.downstream.status == 503
+    for s in (started, waiting, trapping):
+        s.finish()
