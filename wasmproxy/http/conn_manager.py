@@ -414,6 +414,9 @@ class ConnectionManager(asyncio.Protocol):
         self.stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
         self._read_disable_count = 0
+        self._out: list[bytes] = []
+        self._flush_posted = False
+        self._reading = False
         self._requests = 0
         self._pipelining_disabled = False
         self._write_paused = False
@@ -421,6 +424,7 @@ class ConnectionManager(asyncio.Protocol):
         self._idle_timer: Timer | None = None
         self._delayed_close_timer: Timer | None = None
         self._connected_at = 0.0
+        self._idle_since = 0.0
         self.listener_stats: ListenerHttpStats | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -436,7 +440,7 @@ class ConnectionManager(asyncio.Protocol):
         )
         self.connection_info.direct_remote_address = self.connection_info.remote_address
         self.listener_stats = self.handler.listener_stats(self.connection_info.local_address)
-        self._connected_at = self.dispatcher.time_source.monotonic()
+        self._connected_at = self._idle_since = self.dispatcher.time_source.monotonic()
         self.handler.connections.add(self)
         stats = self.stats
         stats.downstream_cx_total.inc()
@@ -451,6 +455,7 @@ class ConnectionManager(asyncio.Protocol):
         self.stats.downstream_cx_rx_bytes_total.inc(len(data))
         if self._closed:
             return
+        self._reading = True
         try:
             self.codec.feed(data)
         except Exception:
@@ -458,6 +463,9 @@ class ConnectionManager(asyncio.Protocol):
             _log.exception("[C%s] unhandled error while decoding; closing", self._conn_id())
             self.close()
             return
+        finally:
+            self._reading = False
+            self._flush()
         self._apply_pipelining_backpressure()
 
     @property
@@ -494,8 +502,6 @@ class ConnectionManager(asyncio.Protocol):
     # -- ServerCodec callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.disable_timer()
         self._requests += 1
         limit = self.config.max_requests_per_connection
         if limit and self._requests >= limit and self.drain_state == _NOT_DRAINING:
@@ -557,8 +563,24 @@ class ConnectionManager(asyncio.Protocol):
     # -- writing and closing --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """Queue bytes for the socket. They go out in one write when the current event is done
+        (like Envoy's connection write buffer), so a response's headers and body share a syscall."""
         if data and self.transport is not None and not self._closed:
             self.stats.downstream_cx_tx_bytes_total.inc(len(data))
+            self._out.append(data)
+            if not self._flush_posted and not self._reading:
+                self._flush_posted = True
+                try:
+                    self.dispatcher.post(self._flush)
+                except RuntimeError:  # the dispatcher has exited: write now
+                    self._flush()
+
+    def _flush(self) -> None:
+        self._flush_posted = False
+        out = self._out
+        if out and self.transport is not None:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             self.transport.write(data)
 
     def start_drain(self) -> None:
@@ -579,6 +601,7 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is not None:
             self.stats.downstream_cx_destroy_local_active_rq.inc()
         self._teardown()
+        self._flush()
         transport = self.transport
         if transport is None:
             return
@@ -622,6 +645,18 @@ class ConnectionManager(asyncio.Protocol):
         self.handler.connections.discard(self)
 
     def _on_idle_timeout(self) -> None:
+        # Armed once and checked when it fires (cheaper than re-arming per request): the
+        # connection is idle only without a stream, for idle_timeout since the last one ended.
+        timeout_ms = self.config.idle_timeout_ms
+        if self.stream is not None:
+            remaining_ms = float(timeout_ms)
+        else:
+            idle_ms = (self.dispatcher.time_source.monotonic() - self._idle_since) * 1000
+            remaining_ms = timeout_ms - idle_ms
+        if remaining_ms > 0:
+            assert self._idle_timer is not None
+            self._idle_timer.enable_timer(remaining_ms)
+            return
         self.stats.downstream_cx_idle_timeout.inc()
         self.close()
 
@@ -638,8 +673,7 @@ class ConnectionManager(asyncio.Protocol):
             # An HTTP/1.0 body without a length ends at close: no delay then (Envoy's http_10_sans_cl).
             self.close(flush_and_delay=not stream.framed_by_close)
             return
-        if self._idle_timer is not None:
-            self._idle_timer.enable_timer(self.config.idle_timeout_ms)
+        self._idle_since = self.dispatcher.time_source.monotonic()
         # The next pipelined request starts from a fresh event, never inside this response's
         # call stack (Envoy redispatches from the read path too).
         try:
@@ -719,6 +753,7 @@ class ActiveStream:
         self.stats.downstream_rq_http1_total.inc()
         self.stats.downstream_rq_active.inc()
         self._idle_timer: Timer | None = None
+        self._last_activity = time_source.monotonic()
         if self.config.stream_idle_timeout_ms > 0:
             self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
             self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
@@ -1002,14 +1037,21 @@ class ActiveStream:
     # -- timers --------------------------------------------------------------------------
 
     def _reset_idle_timer(self) -> None:
-        if self._idle_timer is not None and not self._destroyed:
-            self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
+        # Only the activity time is noted; the timer, armed once, re-arms itself when it fires
+        # early (cheaper than re-arming on every event).
+        self._last_activity = self.dispatcher.time_source.monotonic()
 
     def _timeout_code(self) -> int:
         """Utility::maybeRequestTimeoutCode: 504 once the request is in (we were waiting), else 408."""
         return 504 if self.filter_manager.remote_decode_complete else 408
 
     def _on_idle_timeout(self) -> None:
+        idle_ms = (self.dispatcher.time_source.monotonic() - self._last_activity) * 1000
+        remaining_ms = self.config.stream_idle_timeout_ms - idle_ms
+        if remaining_ms > 0:
+            assert self._idle_timer is not None
+            self._idle_timer.enable_timer(remaining_ms)
+            return
         self.stats.downstream_rq_idle_timeout.inc()
         self.stream_info.add_response_flag("SI")
         # A local reply, or a reset when response headers already went out.
