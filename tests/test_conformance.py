@@ -276,7 +276,11 @@ def test_admin_stats_list_zero_request_counters(filters_env: ConformanceEnvironm
 # source location is Envoy's alone.
 _WASM_LOG = re.compile(r"^\[[^\]]*\]\[\d+\]\[(\w+)\]\[wasm\] (?:\[\S+\] )?wasm log (.*)$")
 LOG_MARKER = "conformance-log-marker"
-LOG_LINES_PER_REQUEST = 8  # levels 0-5, stdout, stderr (plugins/c/logging.c)
+# The logging plugin writes levels 0-5, stdout and stderr (plugins/c/logging.c); both headers
+# plugins log what their on_log phase read (plugins/c/headers.c).
+LOG_HEADERS = [("x-log-message", LOG_MARKER), ("x-probe", LOG_MARKER),
+               ("x-headers-ops", "log get request_headers x-probe")]
+LOG_LINES_PER_REQUEST = 8 + 2
 
 
 def _plugin_log(target: Target, marker: str) -> list[tuple[str, str]]:
@@ -299,12 +303,13 @@ def test_plugin_log_lines_match(filters_env: ConformanceEnvironment) -> None:
     """Same level and text for every line the logging plugin writes, configure lines included."""
     for target in filters_env.targets.values():
         with target.connect() as conn:
-            assert conn.request("GET", "/log", [("x-log-message", LOG_MARKER)]).status == 200
+            assert conn.request("GET", "/log", LOG_HEADERS).status == 200
     logs = {n: _wait_for_log(t, LOG_MARKER, LOG_LINES_PER_REQUEST) for n, t in filters_env.targets.items()}
     configured = {n: sorted(set(_plugin_log(t, "configured: conformance-logging")))
                   for n, t in filters_env.targets.items()}
     for name in logs:
         assert ("critical", f"logging logging: logging: level 5: {LOG_MARKER}") in logs[name], logs[name]
+        assert ("info", f"headers headers_root headers: headers: x-get-x-probe: 0:{LOG_MARKER}") in logs[name], logs[name]
         assert configured[name] == [("info", "logging: logging: configured: conformance-logging")], configured[name]
     if REFERENCE in logs:
         for name in logs:
