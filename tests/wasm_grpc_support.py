@@ -6,12 +6,13 @@ Service ``test.Echo`` (no codegen: messages are the bytes the plugin sends):
   ``x-md``), with initial metadata ``x-initial: yes`` and trailing metadata ``x-trailing: yes``;
 * ``Fail``    the request is ``<code>:<details>``: the call ends with that status;
 * ``Empty``   answers an empty message;
-* ``Slow``    answers nothing until the client goes away (deadline or cancel), then records
-  the RPC in `GrpcTestServer.ended` (tests wait on it with `wait_ended`);
+* ``Slow``    answers nothing until the client goes away (deadline or cancel);
 * ``Stream``  bidirectional: initial metadata first (with ``x-md-echo: <v>`` for call metadata
   ``x-md: <v>``), then ``echo:<m>`` for each message, then
   trailing metadata when the client half-closes; a message ``fail`` ends it with ABORTED.
-  A client that cancels is recorded in `ended` as ``Stream``.
+
+`GrpcTestServer.started` / `.ended` list the Slow and Stream RPCs that reached their handler /
+terminated (tests wait with `wait_all_ended`).
 
 Any other method is unknown to grpcio, which answers UNIMPLEMENTED.
 """
@@ -56,25 +57,24 @@ class _Handler(grpc.GenericRpcHandler):
         return b""
 
     def _slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._server.record_start("Slow")
         left = threading.Event()
-        context.add_callback(left.set)
+        if not context.add_callback(left.set):  # already over
+            left.set()
         left.wait(RPC_WAIT_S)
         self._server.record_end("Slow")
         return b"late"
 
     def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        finished = threading.Event()  # set when the stream ends on the server's side
-        context.add_callback(lambda: None if finished.is_set() else self._server.record_end("Stream"))
+        self._server.record_start("Stream")
+        if not context.add_callback(lambda: self._server.record_end("Stream")):
+            self._server.record_end("Stream")
         md = dict(context.invocation_metadata()).get("x-md")
         context.send_initial_metadata((("x-initial", "yes"),) + ((("x-md-echo", md),) if md is not None else ()))
         for message in requests:
             if message == b"fail":
-                finished.set()
                 context.abort(grpc.StatusCode.ABORTED, "asked to fail")
             yield b"echo:" + message
-        if not context.is_active():  # the client cancelled: the callback records it
-            return
-        finished.set()
         context.set_trailing_metadata((("x-trailing", "yes"),))
 
 
@@ -82,6 +82,7 @@ class GrpcTestServer:
     """The server on a kernel-chosen loopback port; a context manager that stops it."""
 
     def __init__(self) -> None:
+        self.started: list[str] = []  # Slow and Stream RPCs that reached their handler
         self.ended: list[str] = []
         self._ended_cv = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-test"))
@@ -98,12 +99,69 @@ class GrpcTestServer:
     def stop(self) -> None:
         self._server.stop(grace=None).wait(5)
 
+    def record_start(self, method: str) -> None:
+        with self._ended_cv:
+            self.started.append(method)
+            self._ended_cv.notify_all()
+
     def record_end(self, method: str) -> None:
         with self._ended_cv:
             self.ended.append(method)
             self._ended_cv.notify_all()
 
-    def wait_ended(self, method: str, count: int, timeout: float = 5.0) -> bool:
-        """Whether `count` RPCs of `method` ended because the client left, within `timeout`."""
+    def wait_all_ended(self, method: str, timeout: float = 5.0) -> bool:
+        """Whether every `method` RPC that reached its handler has ended, within `timeout`."""
         with self._ended_cv:
-            return self._ended_cv.wait_for(lambda: self.ended.count(method) >= count, timeout)
+            return self._ended_cv.wait_for(lambda: self.ended.count(method) == self.started.count(method), timeout)
+
+
+def _http2_cluster(name: str, port: int | None) -> str:
+    endpoints = (f", endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: "
+                 f"{{address: {LOOPBACK}, port_value: {port}}}}}}}}}]}}]" if port is not None else "")
+    return f"""  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: {name}{endpoints}}}
+"""
+
+
+def bootstrap_yaml(*, listener_port: int, admin_port: int, grpc_port: int, closed_port: int, plugin: str,
+                   configuration: str = "") -> str:
+    """One listener whose Wasm filter runs `plugin` (grpc_callout) and answers every request;
+    HTTP/2 clusters ``grpc`` (the test server), ``grpc_down`` (nothing listens) and
+    ``grpc_empty`` (no endpoints). The same text serves Envoy and wasmproxy."""
+    return f"""admin:
+  address: {{socket_address: {{address: {LOOPBACK}, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: {LOOPBACK}, port_value: {listener_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: main
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: grpc}}}}]
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: grpc_callout
+                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: "{configuration}"}}
+                vm_config:
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {plugin}}}}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+{_http2_cluster("grpc", grpc_port)}{_http2_cluster("grpc_down", closed_port)}{_http2_cluster("grpc_empty", None)}"""

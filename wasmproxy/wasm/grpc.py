@@ -10,6 +10,8 @@ What a callout sees is shaped like Envoy 1.40's async client (checked live):
 
 * a status from the server closes with its message followed by ``{via_upstream}`` (just
   ``via_upstream`` when the server sent none);
+* a unary call starts once the VM call that made it has returned (one cancelled in that same
+  VM call never reaches the server); a stream starts at once (its cancel reaches the server);
 * a call whose ``timeout_ms`` passes ends with 14 ``upstream request timeout{response_timeout}``
   (the router's timeout beats the server's deadline); the server still gets the deadline;
 * a refused connection ends with Envoy's local reply: 14 and ``upstream connect error or
@@ -18,7 +20,8 @@ What a callout sees is shaped like Envoy 1.40's async client (checked live):
   server's metadata, and ``x-envoy-upstream-service-time`` when the request had ended before
   the headers came; trailing metadata starts with ``grpc-status`` / ``grpc-message``. A
   stream that ends without messages and with an error status is shown as Envoy shows a
-  trailers-only response: empty initial metadata, then everything in the trailers.
+  trailers-only response: empty initial metadata, then everything in the trailers. Headers
+  without metadata are therefore delivered with the first message (or the end).
 
 grpcio hides the transport headers it consumes, so ``grpc-accept-encoding`` (which
 grpc-core servers send) is absent from the initial metadata; Envoy shows it.
@@ -265,9 +268,9 @@ class GrpcStream:
     def reset(self) -> None:
         """Cancel: no further callbacks; the server sees the stream cancelled."""
         self._done = True
-        self._requests.put(_END)
         if self._call is not None:
             self._call.cancel()
+        self._requests.put(_END)  # after the cancel: the server must not see a half-close
 
     # -- the reader thread ------------------------------------------------------------------
 
@@ -287,7 +290,9 @@ class GrpcStream:
         metadata = _metadata_pairs(call.initial_metadata())
         headers_at = time.monotonic()
         headers_sent = False
-        if not call.done() or metadata:
+        # grpcio does not say whether headers came: with no metadata, wait for a message (headers
+        # came) or the end (without messages and with an error: a trailers-only response).
+        if metadata:
             self._deliver_initial([(":status", "200"), ("content-type", "application/grpc"), *metadata], headers_at)
             headers_sent = True
         received = 0
@@ -378,18 +383,25 @@ class GrpcClient:
              timeout_ms: int | None, callbacks: GrpcCallCallbacks) -> GrpcRequest:
         """Start a unary call; ``timeout_ms`` None: no timeout, 0: an already expired deadline."""
         call = GrpcRequest(self, callbacks, timeout_ms)
+        # Envoy sends nothing before the VM call returns, and a call cancelled by then never
+        # reaches the server (checked live): start it from the worker's next drain.
+        self.post(lambda: self._send(call, target, service, method, metadata, request, timeout_ms))
+        return call
+
+    def _send(self, call: GrpcRequest, target: GrpcTarget, service: str, method: str, metadata: HeaderMap,
+              request: bytes, timeout_ms: int | None) -> None:
+        if call._done:
+            return
         multicallable = self._channel(target).unary_unary(f"/{service}/{method}")
         try:
             future = multicallable.future(request, timeout=None if timeout_ms is None else timeout_ms / 1000.0,
                                           metadata=_metadata(target, metadata))
         except (ValueError, TypeError) as e:  # metadata grpcio refuses
             _log.debug("gRPC callout %s/%s not started: %s", service, method, e)
-            failed = _FailedFuture(13, str(e))
-            self.post(lambda: call._on_done(failed))
-            return call
+            call._on_done(_FailedFuture(13, str(e)))
+            return
         call._future = future
         future.add_done_callback(lambda f: self.post(lambda: call._on_done(f)))
-        return call
 
     def start(self, target: GrpcTarget, service: str, method: str, metadata: HeaderMap,
               callbacks: GrpcStreamCallbacks) -> GrpcStream:
