@@ -34,7 +34,7 @@ FILTERS = CaseFile.load(CASES_DIR / "conformance_filters.yaml")
 SHARED = CaseFile.load(CASES_DIR / "conformance_shared.yaml")
 FAIL_RELOAD = CaseFile.load(CASES_DIR / "conformance_fail_reload.yaml")
 FAIL_OPEN_LOG = CaseFile.load(CASES_DIR / "conformance_fail_open_log.yaml")
-PLUGINS = ("headers", "headers_abi020", "as_header", "body", "local_reply", "pause", "props", "metrics",
+PLUGINS = ("headers", "headers_abi020", "as_header", "nowasi", "body", "local_reply", "pause", "props", "metrics",
            "logging", "shared", "trap", "wat_no_abi", "corrupt_garbage")
 # The plugins' own log lines (not the proxies' ones) at every level, including trace.
 LOG_ARGS = ("--component-log-level", "wasm:trace")
