@@ -9,6 +9,7 @@ same vm_id) put in SharedData from its timer, its http_call and its shared queue
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -245,13 +246,14 @@ def run_all(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, in
     ports = dict(zip(names, free_ports(len(names))))
     path = workdir / f"{proc_cls.__name__}.yaml"
     path.write_text(yaml.safe_dump(bootstrap(ports, **upstreams)))
-    with proc_cls(path) as proc:
+    with proc_cls(path, log_level="info") as proc:
         tcp = exercise_tcp(ports)
         service = exercise_service(ports["http"])
         # Closes are counted when each side has noticed them: wait for the last one.
-        stats = _poll(lambda: stats_of(proc), lambda s: s["wasmcustom.tcp_filter.logs"] not in ("absent", "0")
+        stats = _poll(lambda: stats_of(proc), lambda s: s["wasmcustom.tcp_filter.logs"] == "2"
                       and s["cluster.echo.upstream_cx_active"] == "0")
-        return {"tcp": tcp, "service": service, "stats": stats}
+        plugin_log = [line.split("tcp_filter ", 1)[1] for line in proc.log_text().splitlines() if "tcp_filter " in line]
+        return {"tcp": tcp, "service": service, "stats": stats, "plugin_log": plugin_log}
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +288,156 @@ def test_tcp_and_plugin_stats_match_envoy(results: dict[str, dict[str, Any]]) ->
     envoy = results["envoy"]["stats"]
     assert envoy["wasmcustom.tcp_filter.upstream_bytes"] not in ("absent", "0")
     assert envoy["wasmcustom.service.configured"] not in ("absent", "0")
+
+
+def test_wasm_network_callback_sequence_matches_envoy(results: dict[str, dict[str, Any]]) -> None:
+    """The plugin logs every callback with its arguments (sizes, end_of_stream, close types)."""
+    envoy = results["envoy"]["plugin_log"]
+    assert "downstream_data 12 0" in envoy  # HOLD1 held, then released with what followed
+    assert results["wasmproxy"]["plugin_log"] == envoy
+
+
+class Sink:
+    """An upstream that accepts and never reads (its peer's writes back up)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted sockets inherit it
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def limits_bootstrap(ports: dict[str, int], echo: int, sink: int, dead: int) -> dict[str, Any]:
+    def proxy(prefix: str, **extra: Any) -> dict[str, Any]:
+        f = _tcp_proxy(prefix, extra.pop("cluster", "echo"))
+        f["typed_config"].update(extra)
+        return f
+
+    weighted = proxy("weighted")
+    del weighted["typed_config"]["cluster"]
+    weighted["typed_config"]["weighted_clusters"] = {"clusters": [{"name": "echo", "weight": 1},
+                                                                  {"name": "echo2", "weight": 1}]}
+    flow = _listener("flow", ports["flow"], [proxy("flow", cluster="sink")])
+    flow["per_connection_buffer_limit_bytes"] = 16384
+    sink_cluster = _cluster("sink", sink)
+    sink_cluster["per_connection_buffer_limit_bytes"] = 16384
+    return {
+        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": ports["admin"]}}},
+        "static_resources": {
+            "listeners": [
+                _listener("idle", ports["idle"], [proxy("idle", idle_timeout="0.3s")]),
+                _listener("noroute", ports["noroute"], [proxy("noroute", cluster="missing")]),
+                _listener("retry", ports["retry"], [proxy("retry", cluster="dead", max_connect_attempts=3)]),
+                _listener("weighted", ports["weighted"], [weighted]),
+                flow,
+            ],
+            "clusters": [_cluster("echo", echo), _cluster("echo2", echo), _cluster("dead", dead), sink_cluster],
+        },
+    }
+
+
+def exercise_limits(ports: dict[str, int]) -> list[Any]:
+    seen: list[Any] = []
+    with socket.create_connection((LOOPBACK, ports["idle"]), timeout=5) as s:
+        s.sendall(b"a")
+        seen.append(_recv_exactly(s, 1))
+        seen.append(_recv_end(s))  # closed by the idle timeout
+    for name in ("noroute", "retry"):
+        with socket.create_connection((LOOPBACK, ports[name]), timeout=5) as s:
+            seen.append(_recv_end(s))
+    for _ in range(4):
+        with socket.create_connection((LOOPBACK, ports["weighted"]), timeout=5) as s:
+            s.sendall(b"w")
+            seen.append(_recv_exactly(s, 1))
+    return seen
+
+
+def fill_until_paused(port: int, paused: Any) -> bool:
+    """Writes to a proxy whose upstream never reads until paused() (the proxy stopped reading
+    from us); False if it never paused."""
+    s = socket.create_connection((LOOPBACK, port), timeout=5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    s.setblocking(False)
+    chunk = b"x" * 65536
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    ok = False
+    while time.monotonic() < deadline:
+        try:
+            s.send(chunk)
+            continue
+        except BlockingIOError:
+            pass
+        if paused():
+            ok = True
+            break
+        select.select([], [s], [], 0.05)
+    s.close()
+    return ok
+
+
+LIMIT_STATS = [
+    "tcp.idle.idle_timeout", "tcp.noroute.downstream_cx_no_route", "cluster.dead.upstream_cx_connect_fail",
+    "cluster.dead.upstream_cx_connect_attempts_exceeded", "tcp.weighted.downstream_cx_total",
+    # A downstream that closes while the proxy is not reading from it goes unnoticed (Envoy too).
+    "tcp.flow.upstream_flush_total",
+]
+
+
+def run_limits(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, int]) -> dict[str, Any]:
+    import yaml
+
+    names = ("admin", "idle", "noroute", "retry", "weighted", "flow")
+    ports = dict(zip(names, free_ports(len(names))))
+    path = workdir / f"limits_{proc_cls.__name__}.yaml"
+    path.write_text(yaml.safe_dump(limits_bootstrap(ports, **upstreams)))
+    with proc_cls(path) as proc:
+        seen = exercise_limits(ports)
+
+        def fetch() -> dict[str, str]:
+            lines = proc.admin("/stats").body.decode().splitlines()
+            return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+        seen.append(fill_until_paused(ports["flow"], lambda: fetch().get(
+            "tcp.flow.downstream_flow_control_paused_reading_total", "0") != "0"))
+
+        stats = fetch()  # every connection above has ended as the client saw it
+        picked = {name: stats.get(name, "absent") for name in LIMIT_STATS}
+        weighted = int(stats.get("cluster.echo.upstream_cx_total", 0)) + int(stats.get("cluster.echo2.upstream_cx_total", 0))
+        return {"seen": seen, "stats": picked, "weighted_upstreams": weighted}
+
+
+@pytest.fixture(scope="module")
+def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    echo, sink = TcpEcho(), Sink()
+    upstreams = {"echo": echo.port, "sink": sink.port, "dead": free_ports(1)[0]}
+    workdir = tmp_path_factory.mktemp("tcp_limits")
+    try:
+        yield {"envoy": run_limits(EnvoyProcess, workdir, upstreams),
+               "wasmproxy": run_limits(WasmproxyProcess, workdir, upstreams)}
+    finally:
+        echo.stop()
+        sink.stop()
+
+
+def test_tcp_proxy_limits_match_envoy(limits: dict[str, dict[str, Any]]) -> None:
+    """idle_timeout, no route, max_connect_attempts, weighted_clusters, flow control (reading paused)."""
+    envoy = limits["envoy"]
+    assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", True]
+    assert envoy["stats"]["tcp.idle.idle_timeout"] == "1"
+    assert limits["wasmproxy"] == envoy

@@ -229,6 +229,7 @@ class TcpProxyFilter:
         for timer in (self._idle_timer, self._duration_timer):
             if timer is not None:
                 timer.disable_timer()
+        self._idle_timer = self._duration_timer = None
         upstream = self.upstream
         if upstream is not None:
             if upstream.state == 0:  # connecting
