@@ -315,3 +315,27 @@ def test_start_up_calls_get_the_longer_start_up_deadline() -> None:
     assert limits.startup_deadline_ticks == STARTUP_DEADLINE_MS // EPOCH_TICK_MS + 1
     assert seen == {"vm_start": limits.startup_deadline_ticks, "configure": limits.startup_deadline_ticks,
                     "request_headers": limits.epoch_deadline_ticks}
+
+
+def test_contexts_active_gauge_counts_a_tcp_connection_until_it_closes() -> None:
+    from envoy.extensions.filters.network.wasm.v3 import wasm_pb2 as network_wasm_pb2
+
+    from tests.test_wasm_network_filter import FakeConnection, Terminal
+    from wasmproxy.network.filter import ConnectionCloseType
+    from wasmproxy.network.filter_manager import FilterManager
+    from wasmproxy.wasm.network_filter import create_wasm_network_filter_factory
+
+    context = factory_context()
+    factory = create_wasm_network_filter_factory(
+        network_wasm_pb2.Wasm(config=plugin_config("tcp_filter", "upper")), context)
+    gauge = context.main_store.gauge(CONTEXTS_ACTIVE)
+    baseline = gauge.value
+    conn = FakeConnection()
+    fm = FilterManager(conn)  # type: ignore[arg-type]
+    factory(fm)
+    fm.add_read_filter(Terminal())
+    conn.read_buffer += b"hello"
+    fm.on_read()
+    assert gauge.value == baseline + 1
+    conn.close(ConnectionCloseType.NoFlush)
+    assert gauge.value == baseline

@@ -724,6 +724,7 @@ class ContextBase:
         return result
 
     def downstream_connection_closed(self, close_type: CloseType) -> None:
+        self.release()  # the network filter lets go of its context here, whatever follows
         if not self.in_vm_context_created:
             return
         self.on_downstream_connection_close(close_type)
