@@ -4,8 +4,9 @@
  *
  * Plugin configuration lines (all optional):
  *   cluster <name>        target cluster (default "grpc")
- *   upstream proto|name   pass a serialized GrpcService{envoy_grpc{cluster_name}} (default)
- *                         or the bare cluster name as the upstream argument
+ *   upstream proto|name|google   the upstream argument: a serialized
+ *                         GrpcService{envoy_grpc{cluster_name}} (default), the bare cluster name,
+ *                         or GrpcService{google_grpc{target_uri: <cluster>, stat_prefix}}
  *   timeout_ms <n>        unary call timeout (default 5000)
  * Request headers:
  *   x-grpc-mode: call | stream          absent: the request passes untouched
@@ -46,7 +47,7 @@ typedef struct call_state {
 typedef struct {
   int is_root;
   char cluster[128];
-  int upstream_name; /* 1: bare cluster name, 0: serialized GrpcService */
+  char upstream[8]; /* "proto", "name" or "google" */
   uint32_t timeout_ms;
   call_state *calls;
 } root_state;
@@ -83,6 +84,7 @@ PW_EXPORT(proxy_on_context_create) void on_context_create(uint32_t context_id, u
 PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t size) {
   root_state *r = pw_ctx_get(root_id);
   strcpy(r->cluster, "grpc");
+  strcpy(r->upstream, "proto");
   r->timeout_ms = 5000;
   pw_bytes config = pw_get_plugin_config(size);
   char *cursor = config.data, *line;
@@ -91,7 +93,7 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
     if (!strcmp(key, "cluster"))
       snprintf(r->cluster, sizeof r->cluster, "%s", line);
     else if (!strcmp(key, "upstream"))
-      r->upstream_name = !strcmp(line, "name");
+      snprintf(r->upstream, sizeof r->upstream, "%s", line);
     else if (!strcmp(key, "timeout_ms"))
       r->timeout_ms = (uint32_t)atoi(line);
   }
@@ -99,12 +101,26 @@ PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t s
   return 1;
 }
 
-/* The upstream argument: GrpcService{envoy_grpc: {cluster_name}} by hand, or the name. */
-static size_t upstream_bytes(const char *cluster, int as_name, char *out, size_t cap) {
+/* The upstream argument: a GrpcService built by hand (envoy_grpc{cluster_name} or
+ * google_grpc{target_uri, stat_prefix}), or the bare name. */
+static size_t upstream_bytes(const char *cluster, const char *kind, char *out, size_t cap) {
   size_t n = strlen(cluster);
-  if (as_name || n > 120 || n + 4 > cap) {
+  if (!strcmp(kind, "name") || n > 100 || n + 20 > cap) {
     memcpy(out, cluster, n);
     return n;
+  }
+  if (!strcmp(kind, "google")) {
+    static const char prefix[] = "grpc_callout";
+    size_t p = sizeof prefix - 1;
+    out[0] = 0x12; /* field 2 (google_grpc), length-delimited */
+    out[1] = (char)(n + 2 + p + 2);
+    out[2] = 0x0a; /* GoogleGrpc field 1 (target_uri) */
+    out[3] = (char)n;
+    memcpy(out + 4, cluster, n);
+    out[4 + n] = 0x22; /* GoogleGrpc field 4 (stat_prefix) */
+    out[5 + n] = (char)p;
+    memcpy(out + 6 + n, prefix, p);
+    return n + 6 + p;
   }
   out[0] = 0x0a; /* field 1 (envoy_grpc), length-delimited */
   out[1] = (char)(n + 2);
@@ -159,7 +175,7 @@ PW_EXPORT(proxy_on_request_headers) uint32_t on_request_headers(PW_ON_HEADERS_AR
   int is_stream = !strcmp(mode, "stream");
   if (!is_stream && strcmp(mode, "call")) return PW_HEADERS_CONTINUE;
   header_or("x-grpc-cluster", r->cluster, cluster, sizeof cluster);
-  header_or("x-grpc-upstream", r->upstream_name ? "name" : "proto", upstream_kind, sizeof upstream_kind);
+  header_or("x-grpc-upstream", r->upstream, upstream_kind, sizeof upstream_kind);
   header_or("x-grpc-service", "test.Echo", service, sizeof service);
   header_or("x-grpc-method", is_stream ? "Stream" : "Unary", method, sizeof method);
   header_or("x-grpc-message", "", message, sizeof message);
@@ -169,7 +185,7 @@ PW_EXPORT(proxy_on_request_headers) uint32_t on_request_headers(PW_ON_HEADERS_AR
   header_or("x-grpc-cancel-on-receive", "", cancel_rx, sizeof cancel_rx);
 
   char upstream[256];
-  size_t ulen = upstream_bytes(cluster, !strcmp(upstream_kind, "name"), upstream, sizeof upstream);
+  size_t ulen = upstream_bytes(cluster, upstream_kind, upstream, sizeof upstream);
   /* Initial metadata pairs point into md (split in place). */
   pw_pairs pairs = {0};
   for (char *item = md; *item;) {

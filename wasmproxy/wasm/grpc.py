@@ -23,6 +23,10 @@ What a callout sees is shaped like Envoy 1.40's async client (checked live):
   trailers-only response: empty initial metadata, then everything in the trailers. Headers
   without metadata are therefore delivered with the first message (or the end).
 
+A ``google_grpc`` service is shown as Envoy's Google gRPC client shows it (checked live): the
+server's metadata only, messages without ``{via_upstream}``, and INTERNAL with no message for
+an unreachable target or a timeout.
+
 grpcio hides the transport headers it consumes, so ``grpc-accept-encoding`` (which
 grpc-core servers send) is absent from the initial metadata; Envoy shows it.
 
@@ -59,6 +63,7 @@ _log = get_logger("wasm")
 
 OK = 0
 DEADLINE_EXCEEDED = 4
+INTERNAL = 13
 UNAVAILABLE = 14
 
 # Envoy's local replies as its gRPC async client reports them (grpc-message, then the details).
@@ -87,6 +92,11 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+
+
+def _message(details: str, google: bool) -> str:
+    """A server's status message as the plugin sees it (the Google client passes it as is)."""
+    return details if google else remote_close_message(details)
 
 
 def remote_close_message(message: str, details: str = _VIA_UPSTREAM) -> str:
@@ -121,6 +131,9 @@ class GrpcTarget:
     address: str
     authority: str
     metadata: tuple[tuple[str, str], ...] = ()
+    #: google_grpc (Envoy's Google gRPC client, grpc-core like grpcio) instead of envoy_grpc
+    #: (Envoy's own client over its router): results are shown as that client shows them.
+    google: bool = False
 
 
 def _status_code(code: grpc.StatusCode | None) -> int:
@@ -128,8 +141,9 @@ def _status_code(code: grpc.StatusCode | None) -> int:
 
 
 def _is_connect_failure(code: int, details: str) -> bool:
-    """grpcio's own UNAVAILABLE for a host it could not reach (never a server's status)."""
-    return code == UNAVAILABLE and "failed to connect" in details.lower()
+    """grpcio's own failure for a host it could not reach or name (never a server's status)."""
+    lowered = details.lower()
+    return (code == UNAVAILABLE and "failed to connect" in lowered) or "failed to create channel" in lowered
 
 
 def _connect_failure_details(details: str) -> str:
@@ -175,8 +189,10 @@ class _Poster:
 class GrpcRequest:
     """An in-flight unary call (Envoy's Grpc::AsyncRequest); worker thread."""
 
-    def __init__(self, client: GrpcClient, callbacks: GrpcCallCallbacks, timeout_ms: int | None) -> None:
+    def __init__(self, client: GrpcClient, callbacks: GrpcCallCallbacks, timeout_ms: int | None,
+                 google: bool = False) -> None:
         self._callbacks = callbacks
+        self._google = google
         self._done = False
         self._future: Any = None
         self._timer: Any = None
@@ -206,6 +222,12 @@ class GrpcRequest:
         if self._finish():
             if self._future is not None:
                 self._future.cancel()
+            self._timed_out()
+
+    def _timed_out(self) -> None:
+        if self._google:  # Envoy's Google client reports its own cancel as INTERNAL
+            self._callbacks.on_failure(INTERNAL, "")
+        else:
             self._callbacks.on_failure(UNAVAILABLE, remote_close_message(TIMEOUT_MESSAGE, _TIMEOUT_DETAILS))
 
     def _on_done(self, future: Any) -> None:
@@ -218,17 +240,20 @@ class GrpcRequest:
         details = future.details() or ""
         if code == DEADLINE_EXCEEDED and self._deadline is not None and time.monotonic() >= self._deadline:
             # grpcio's own deadline (the same instant as the timer) lost the race in Envoy.
-            self._callbacks.on_failure(UNAVAILABLE, remote_close_message(TIMEOUT_MESSAGE, _TIMEOUT_DETAILS))
+            self._timed_out()
         elif code == DEADLINE_EXCEEDED and self._expired:
             # Envoy sends grpc-timeout 0m and the server answers at once; grpcio fails locally.
-            self._callbacks.on_failure(DEADLINE_EXCEEDED, remote_close_message("Deadline Exceeded"))
+            self._callbacks.on_failure(DEADLINE_EXCEEDED, _message("Deadline Exceeded", self._google))
         elif code == OK:
             self._callbacks.on_success(future.result())
         elif _is_connect_failure(code, details):
-            self._callbacks.on_failure(UNAVAILABLE, remote_close_message(CONNECT_FAILURE_MESSAGE,
-                                                                         _connect_failure_details(details)))
+            if self._google:
+                self._callbacks.on_failure(INTERNAL, "")
+            else:
+                self._callbacks.on_failure(UNAVAILABLE, remote_close_message(CONNECT_FAILURE_MESSAGE,
+                                                                             _connect_failure_details(details)))
         else:
-            self._callbacks.on_failure(code, remote_close_message(details))
+            self._callbacks.on_failure(code, _message(details, self._google))
 
 
 _END = object()  # the request iterator's end: half-close
@@ -237,8 +262,9 @@ _END = object()  # the request iterator's end: half-close
 class GrpcStream:
     """An in-flight stream (Envoy's Grpc::RawAsyncStream); worker thread."""
 
-    def __init__(self, client: GrpcClient, callbacks: GrpcStreamCallbacks) -> None:
+    def __init__(self, client: GrpcClient, callbacks: GrpcStreamCallbacks, google: bool = False) -> None:
         self._callbacks = callbacks
+        self._google = google
         self._post = client.post
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local_closed = False
@@ -253,7 +279,8 @@ class GrpcStream:
     def send_message(self, message: bytes, end_stream: bool) -> None:
         if self._local_closed or self._done:
             return
-        self._requests.put(message)
+        if message or not self._google:  # Envoy's Google client sends no empty message (checked live)
+            self._requests.put(message)
         if end_stream:
             self.close_stream()
 
@@ -289,17 +316,19 @@ class GrpcStream:
         call = self._call
         metadata = _metadata_pairs(call.initial_metadata())
         headers_at = time.monotonic()
+        # Envoy's own client shows the response headers; the Google client only the metadata.
+        head = [] if self._google else [(":status", "200"), ("content-type", "application/grpc")]
         headers_sent = False
         # grpcio does not say whether headers came: with no metadata, wait for a message (headers
         # came) or the end (without messages and with an error: a trailers-only response).
         if metadata:
-            self._deliver_initial([(":status", "200"), ("content-type", "application/grpc"), *metadata], headers_at)
+            self._deliver_initial([*head, *metadata], headers_at)
             headers_sent = True
         received = 0
         try:
             for message in call:
                 if not headers_sent:
-                    self._deliver_initial([(":status", "200"), ("content-type", "application/grpc")], headers_at)
+                    self._deliver_initial(head, headers_at)
                     headers_sent = True
                 received += 1
                 self._post(lambda m=message: self._deliver(lambda: self._callbacks.on_receive_message(m)))
@@ -309,22 +338,28 @@ class GrpcStream:
         details = call.details() or ""
         trailing = _metadata_pairs(call.trailing_metadata())
         if not headers_sent and code == OK and not received:
-            self._deliver_initial([(":status", "200"), ("content-type", "application/grpc")], headers_at)
+            self._deliver_initial(head, headers_at)
             headers_sent = True
         service_time_at: float | None = None  # set for a trailers-only response
-        if headers_sent:
+        connect_failure = not headers_sent and _is_connect_failure(code, details)
+        if self._google:
+            if connect_failure:  # no metadata at all, INTERNAL without a message
+                trailers, code, close_message = [], INTERNAL, ""
+            else:
+                if not headers_sent:
+                    self._deliver_initial([], None)
+                trailers, close_message = trailing, details
+        elif headers_sent:
             trailers = [("grpc-status", str(code)), ("grpc-message", details), *trailing]
             close_message = remote_close_message(details)
         else:  # a trailers-only response (or Envoy's local reply for a connect failure)
             self._deliver_initial([], None)
-            if _is_connect_failure(code, details):
-                trailers = [(":status", "200"), ("content-type", "application/grpc"),
-                            ("grpc-status", str(UNAVAILABLE)), ("grpc-message", CONNECT_FAILURE_MESSAGE)]
+            if connect_failure:
+                trailers = [*head, ("grpc-status", str(UNAVAILABLE)), ("grpc-message", CONNECT_FAILURE_MESSAGE)]
                 close_message = remote_close_message(CONNECT_FAILURE_MESSAGE, _connect_failure_details(details))
                 code = UNAVAILABLE
             else:
-                trailers = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", str(code)),
-                            ("grpc-message", details), *trailing]
+                trailers = [*head, ("grpc-status", str(code)), ("grpc-message", details), *trailing]
                 service_time_at = time.monotonic()
                 close_message = remote_close_message(details)
 
@@ -348,7 +383,7 @@ class GrpcStream:
 
     def _deliver_initial(self, pairs: list[tuple[str, str]], headers_at: float | None) -> None:
         def event() -> None:
-            extra = self._service_time(headers_at) if headers_at is not None else []
+            extra = self._service_time(headers_at) if headers_at is not None and not self._google else []
             self._callbacks.on_receive_initial_metadata(HeaderMap([*pairs, *extra]))
 
         self._post(lambda: self._deliver(event))
@@ -382,7 +417,7 @@ class GrpcClient:
     def send(self, target: GrpcTarget, service: str, method: str, metadata: HeaderMap, request: bytes,
              timeout_ms: int | None, callbacks: GrpcCallCallbacks) -> GrpcRequest:
         """Start a unary call; ``timeout_ms`` None: no timeout, 0: an already expired deadline."""
-        call = GrpcRequest(self, callbacks, timeout_ms)
+        call = GrpcRequest(self, callbacks, timeout_ms, target.google)
         # Envoy sends nothing before the VM call returns, and a call cancelled by then never
         # reaches the server (checked live): start it from the worker's next drain.
         self.post(lambda: self._send(call, target, service, method, metadata, request, timeout_ms))
@@ -392,10 +427,16 @@ class GrpcClient:
               request: bytes, timeout_ms: int | None) -> None:
         if call._done:
             return
-        multicallable = self._channel(target).unary_unary(f"/{service}/{method}")
+        path = f"/{service}/{method}"
+        timeout = None if timeout_ms is None else timeout_ms / 1000.0
         try:
-            future = multicallable.future(request, timeout=None if timeout_ms is None else timeout_ms / 1000.0,
-                                          metadata=_metadata(target, metadata))
+            if target.google and not request:
+                # Envoy's Google client sends no message for an empty request (checked live).
+                future = self._channel(target).stream_unary(path).future(
+                    iter(()), timeout=timeout, metadata=_metadata(target, metadata))
+            else:
+                future = self._channel(target).unary_unary(path).future(
+                    request, timeout=timeout, metadata=_metadata(target, metadata))
         except (ValueError, TypeError) as e:  # metadata grpcio refuses
             _log.debug("gRPC callout %s/%s not started: %s", service, method, e)
             call._on_done(_FailedFuture(13, str(e)))
@@ -406,7 +447,7 @@ class GrpcClient:
     def start(self, target: GrpcTarget, service: str, method: str, metadata: HeaderMap,
               callbacks: GrpcStreamCallbacks) -> GrpcStream:
         """Open a bidirectional stream; messages go with send_message, the end with close_stream."""
-        stream = GrpcStream(self, callbacks)
+        stream = GrpcStream(self, callbacks, target.google)
         multicallable = self._channel(target).stream_stream(f"/{service}/{method}")
         try:
             stream._call = multicallable(stream._request_iterator(), metadata=_metadata(target, metadata))

@@ -295,7 +295,7 @@ class ProxyWasmEnvironment(WasmEnvironment):
         callbacks = _GrpcCallbacks(context, token, self)
         metadata = tuple((m.key, m.value) for m in proto.initial_metadata)
         if proto.WhichOneof("target_specifier") == "google_grpc":
-            target = GrpcTarget(proto.google_grpc.target_uri, "", metadata)
+            target = GrpcTarget(proto.google_grpc.target_uri, "", metadata, google=True)
         else:
             cluster_name = proto.envoy_grpc.cluster_name
             tlcm = self._tlcm()
