@@ -116,7 +116,18 @@ def _listener(name: str, port: int, filters: list[dict[str, Any]]) -> dict[str, 
             "filter_chains": [{"filters": filters}]}
 
 
-def bootstrap(ports: dict[str, int], echo: int, token: int, http_echo: int, dead: int) -> dict[str, Any]:
+ACCESS_LOG_FORMAT = "%UPSTREAM_CLUSTER% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_HOST%\n"
+
+
+def _with_access_log(tcp_proxy: dict[str, Any], path: str) -> dict[str, Any]:
+    tcp_proxy["typed_config"]["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}]
+    return tcp_proxy
+
+
+def bootstrap(ports: dict[str, int], echo: int, token: int, http_echo: int, dead: int,
+              access_log: str = "/dev/null") -> dict[str, Any]:
     from plugins.build import plugin_path
 
     tcp_filter, service = plugin_path("tcp_filter"), plugin_path("tcp_service")
@@ -142,9 +153,9 @@ def bootstrap(ports: dict[str, int], echo: int, token: int, http_echo: int, dead
             "config": _plugin("service", service, "service", "period 10\ntoken tok\ncluster token", "svc")}}],
         "static_resources": {
             "listeners": [
-                _listener("plain", ports["plain"], [_tcp_proxy("plain", "echo")]),
-                _listener("wasm", ports["wasm"], [wasm_filter, _tcp_proxy("wasm", "echo")]),
-                _listener("dead", ports["dead"], [_tcp_proxy("dead", "dead")]),
+                _listener("plain", ports["plain"], [_with_access_log(_tcp_proxy("plain", "echo"), access_log)]),
+                _listener("wasm", ports["wasm"], [wasm_filter, _with_access_log(_tcp_proxy("wasm", "echo"), access_log)]),
+                _listener("dead", ports["dead"], [_with_access_log(_tcp_proxy("dead", "dead"), access_log)]),
                 _listener("http", ports["http"], [hcm]),
             ],
             "clusters": [_cluster("echo", echo), _cluster("dead", dead), _cluster("token", token),
@@ -245,7 +256,8 @@ def run_all(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, in
     names = ("admin", "plain", "wasm", "dead", "http")
     ports = dict(zip(names, free_ports(len(names))))
     path = workdir / f"{proc_cls.__name__}.yaml"
-    path.write_text(yaml.safe_dump(bootstrap(ports, **upstreams)))
+    access_log = workdir / f"{proc_cls.__name__}.access.log"
+    path.write_text(yaml.safe_dump(bootstrap(ports, **upstreams, access_log=str(access_log))))
     with proc_cls(path, log_level="info") as proc:
         tcp = exercise_tcp(ports)
         service = exercise_service(ports["http"])
@@ -253,7 +265,9 @@ def run_all(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, in
         stats = _poll(lambda: stats_of(proc), lambda s: s["wasmcustom.tcp_filter.logs"] == "2"
                       and s["cluster.echo.upstream_cx_active"] == "0")
         plugin_log = [line.split("tcp_filter ", 1)[1] for line in proc.log_text().splitlines() if "tcp_filter " in line]
-        return {"tcp": tcp, "service": service, "stats": stats, "plugin_log": plugin_log}
+    # Sorted: the readiness probe's connections end in no fixed order relative to ours.
+    log_lines = sorted(access_log.read_text().splitlines())
+    return {"tcp": tcp, "service": service, "stats": stats, "plugin_log": plugin_log, "access_log": log_lines}
 
 
 @pytest.fixture(scope="module")
@@ -441,3 +455,9 @@ def test_tcp_proxy_limits_match_envoy(limits: dict[str, dict[str, Any]]) -> None
     assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", True]
     assert envoy["stats"]["tcp.idle.idle_timeout"] == "1"
     assert limits["wasmproxy"] == envoy
+
+
+def test_tcp_proxy_access_log_matches_envoy(results: dict[str, dict[str, Any]]) -> None:
+    envoy = results["envoy"]["access_log"]
+    assert any(line.startswith("dead UF,URX 0 0 ") for line in envoy)
+    assert results["wasmproxy"]["access_log"] == envoy

@@ -90,6 +90,7 @@ class Connection(asyncio.Protocol):
         if data:
             if self.stats is not None:
                 self.stats.tx_bytes_total.inc(len(data))
+            self.stream_info.bytes_sent += len(data)  # type: ignore[union-attr]
             self.transport.write(bytes(data))
             data.clear()
         if end_stream:
@@ -194,6 +195,8 @@ class Connection(asyncio.Protocol):
         if self.stats is not None:
             self.stats.rx_bytes_total.inc(len(data))
         self.read_buffer += data
+        # Envoy adds the read buffer's length per read: bytes a filter held are counted again.
+        self.stream_info.bytes_received += len(self.read_buffer)  # type: ignore[union-attr]
         self._on_read()
 
     def eof_received(self) -> bool:

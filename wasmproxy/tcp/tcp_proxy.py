@@ -177,7 +177,8 @@ class TcpProxyFilter:
             self._connect()
             return
         self._cluster.stats.inc("upstream_cx_connect_attempts_exceeded")
-        self._init_failure("UF")
+        self.connection.stream_info.response_flags.append("UF")
+        self._init_failure("URX")
 
     def on_upstream_connected(self) -> None:
         connection = self.connection
