@@ -42,6 +42,7 @@ class Options:
     # wasmproxy's own sandbox limits (Envoy has no CPU deadline; its memory cap is 1 GiB).
     wasm_callback_deadline_ms: int = 100
     wasm_memory_limit_mb: int = 1024
+    watch_config: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="serve", choices=("serve", "validate"))
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--drain-time-s", type=int, default=600)
+    p.add_argument("--watch-config", action="store_true",
+                   help="reload the config file when it changes (SIGHUP always reloads it)")
     p.add_argument("--service-cluster", default="")
     p.add_argument("--service-node", default="")
     p.add_argument("--service-zone", default="")
@@ -107,6 +110,7 @@ def parse_options(argv: list[str] | None = None) -> Options | int:
         demo=args.config_path is None and args.config_yaml is None,
         wasm_callback_deadline_ms=args.wasm_callback_deadline_ms,
         wasm_memory_limit_mb=args.wasm_memory_limit_mb,
+        watch_config=args.watch_config,
     )
     if args.concurrency is not None:
         opts.concurrency = args.concurrency

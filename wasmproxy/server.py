@@ -28,6 +28,7 @@ from .config import registry
 from .event.dispatcher import Dispatcher
 from .event.watchdog import GuardDog
 from .network.listener import DEFAULT_BUFFER_LIMIT, worker_handler_factory
+from .reload import ActiveListener, ConfigReloader
 from .server_context import FactoryContext, LocalInfo
 from .stats.registry import StatsRegistry
 from .stats.store import Store
@@ -55,6 +56,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._on_start: list[Callable[[], None]] = []
         self.started = threading.Event()
+        # This worker's listeners by name (reload.ActiveListener); touched on its thread only.
+        self.listeners: dict[str, ActiveListener] = {}
 
     def add_on_start(self, cb: Callable[[], None]) -> None:
         """Main thread, before start(): cb runs on the worker's thread before it serves."""
@@ -130,7 +133,7 @@ class Listener:
         sock = _reuse_port_socket(self.host, self.port)
         protocol_factory = self._for_worker(worker.dispatcher, worker.store)
         server = worker.dispatcher.loop.create_server(protocol_factory, sock=sock, backlog=1024)
-        worker.dispatcher.loop.create_task(server)
+        worker.listeners[self.name] = ActiveListener(protocol_factory, worker.dispatcher.loop.create_task(server))
 
     def release_probe(self) -> None:
         probe = getattr(self, "_probe", None)
@@ -170,6 +173,7 @@ class Server:
         self.main_dispatcher.post(self._initialize)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.main_dispatcher.loop.add_signal_handler(sig, self.shutdown)
+        ConfigReloader(self).install()  # SIGHUP, --watch-config
         try:
             self.main_dispatcher.run()
         finally:

@@ -94,6 +94,19 @@ class ThreadLocalClusterManager:
     def get(self, name: str) -> ThreadLocalCluster | None:
         return self._clusters.get(name)
 
+    def add_cluster(self, info: ClusterInfo, hosts: tuple[Host, ...]) -> None:
+        """A new or replaced cluster from main (a config reload): the old one's pools drain;
+        requests already routed keep the ThreadLocalCluster they hold."""
+        old = self._clusters.get(info.name)
+        self._clusters[info.name] = ThreadLocalCluster(info, hosts, self.dispatcher, self.store)
+        if old is not None:
+            old.drain_connections()
+
+    def remove_cluster(self, name: str) -> None:
+        old = self._clusters.pop(name, None)
+        if old is not None:
+            old.drain_connections()
+
     def update_hosts(self, name: str, hosts: tuple[Host, ...]) -> None:
         cluster = self._clusters.get(name)
         if cluster is not None:
@@ -132,12 +145,12 @@ class ClusterManager:
         self._store = store
         self.clusters: dict[str, Cluster] = {}
         self._members: dict[str, tuple[int, ...]] = {}  # cluster -> ids of its last published hosts
+        self._warming: dict[str, Cluster] = {}  # added or changed by a reload, not yet active
+        self._resolver = resolver
         for proto in cluster_protos:
             if proto.name in self.clusters:
                 raise ClusterConfigError(f"cluster manager: duplicate cluster '{proto.name}'")
-            # One c-ares channel for all clusters unless a test passes its own resolver.
-            resolver = resolver or CaresResolver()
-            self.clusters[proto.name] = Cluster(proto, main_dispatcher, self._on_hosts_changed, resolver, store)
+            self.clusters[proto.name] = self.build_cluster(proto)
         store.counter("cluster_manager.cluster_added").inc(len(self.clusters))
         store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
         for cluster in self.clusters.values():
@@ -175,6 +188,58 @@ class ClusterManager:
     def has_cluster(self, name: str) -> bool:
         return name in self.clusters
 
+    # -- config reload (wasmproxy.reload): add, replace and remove clusters at run time ----------
+
+    def build_cluster(self, proto: Any) -> Cluster:
+        """Main thread: a Cluster for `proto`, validated but neither started nor published
+        (ClusterConfigError if wasmproxy cannot run it). Call `shutdown()` on one not used."""
+        # One c-ares channel for all clusters unless a test passes its own resolver.
+        self._resolver = self._resolver or CaresResolver()
+        return Cluster(proto, self._dispatcher, self._on_hosts_changed, self._resolver, self._store)
+
+    def add_or_update_cluster(self, cluster: Cluster, on_active: Callable[[], None] | None = None) -> None:
+        """Main thread: warm `cluster` (its first DNS answer / health-check pass) while any cluster
+        of that name keeps serving, then make it active on every thread; `on_active` after that.
+        Envoy's cluster_manager.cluster_added / cluster_modified count it."""
+        name = cluster.info.name
+        previous = self._warming.pop(name, None)
+        if previous is not None:
+            previous.shutdown()
+        self._warming[name] = cluster
+        self._store.gauge("cluster_manager.warming_clusters").set(len(self._warming))
+
+        def warmed() -> None:
+            if self._warming.get(name) is not cluster:
+                return  # superseded by a later update while warming
+            del self._warming[name]
+            self._store.gauge("cluster_manager.warming_clusters").set(len(self._warming))
+            old = self.clusters.get(name)
+            self.clusters[name] = cluster
+            if old is not None:
+                old.shutdown()
+            self._store.counter("cluster_manager.cluster_modified" if old else "cluster_manager.cluster_added").inc()
+            self._store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
+            self._publish_membership(cluster)
+            self._members[name] = tuple(id(h) for h in cluster.hosts)
+            info, hosts = cluster.info, cluster.hosts
+            self._slot.run_on_all_threads(lambda tlcm: tlcm.add_cluster(info, hosts), on_active)
+
+        cluster.initialize(warmed)
+
+    def remove_cluster(self, name: str) -> None:
+        """Main thread: stop discovery for `name` and drop it from every thread (its pools drain)."""
+        warming = self._warming.pop(name, None)
+        if warming is not None:
+            warming.shutdown()
+        cluster = self.clusters.pop(name, None)
+        if cluster is None:
+            return
+        cluster.shutdown()
+        self._members.pop(name, None)
+        self._store.counter("cluster_manager.cluster_removed").inc()
+        self._store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
+        self._slot.run_on_all_threads(lambda tlcm: tlcm.remove_cluster(name), None)
+
     def thread_local(self) -> ThreadLocalClusterManager:
         """The calling thread's ThreadLocalClusterManager (a registered worker, or main)."""
         tlcm = self._slot.get()
@@ -186,6 +251,8 @@ class ClusterManager:
 
     def _on_hosts_changed(self, cluster: Cluster) -> None:
         """A cluster's hosts or their health changed: update gauges and every thread's copy."""
+        if self.clusters.get(cluster.info.name) is not cluster:
+            return  # still warming (published whole when active) or already replaced
         self._publish_membership(cluster)
         name, hosts = cluster.info.name, cluster.hosts
         members = tuple(id(h) for h in hosts)
@@ -209,7 +276,7 @@ class ClusterManager:
 
     def shutdown(self) -> None:
         """Stop discovery (main thread). Workers close their pools when their loops stop."""
-        for cluster in self.clusters.values():
+        for cluster in [*self.clusters.values(), *self._warming.values()]:
             cluster.shutdown()
 
     # -- admin ---------------------------------------------------------------------------
