@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=4, help="seconds of load and sampling")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--native", action="store_true",
+                    help="also sample C frames (wasmtime, uvloop); pauses the process per sample")
     ap.add_argument("--keep", help="also copy py-spy's collapsed stacks here (for a flame graph tool)")
     args = ap.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -74,7 +76,8 @@ def main() -> int:
             run_wrk(port, scenario, args.connections, 1, latency=False)  # warm-up
             raw = Path(tmp) / "profile.txt"
             record = [py_spy, "record", "--pid", str(proxy.pid), "--duration", str(args.duration),
-                      "--rate", "250", "--nonblocking", "--format", "raw", "-o", str(raw)]
+                      "--rate", "250",
+                      *(["--native"] if args.native else ["--nonblocking"]), "--format", "raw", "-o", str(raw)]
             load = threading.Thread(target=run_wrk, args=(port, scenario, args.connections, args.duration + 1, True))
             load.start()
             subprocess.run(record, check=True, capture_output=True)
