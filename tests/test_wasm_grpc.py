@@ -284,3 +284,41 @@ def test_a_callout_that_fails_to_start_still_reports_to_the_root_context(targets
         "close token <t> status 14 message no healthy upstream{no_healthy_upstream}",
     ]
     assert seen["wasmproxy"] == seen["envoy"]
+
+
+_CONNECTION_STATS = ("http2.", "upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_http2",
+                     "upstream_rq_pending_total", "bytes", "membership", "match_count")
+
+
+def _cluster_counters(process: ProxyProcess) -> dict[str, int]:
+    """cluster.grpc* counters, without the connection-level ones grpcio keeps to itself."""
+    out = {}
+    for line in process.admin("/stats").body.decode().splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("cluster.grpc") and value.isdigit() and not any(s in name for s in _CONNECTION_STATS):
+            out[name] = int(value)
+    return out
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-grpc-message": "x"},
+    {"x-grpc-method": "Nope"},
+    {"x-grpc-cluster": "grpc_down"},
+    {"x-grpc-cluster": "grpc_empty"},
+    {"x-grpc-method": "Slow", "x-grpc-then": "cancel"},
+    {"x-grpc-mode": "stream", "x-grpc-message": "a", "x-grpc-then": "end"},
+    {"x-grpc-mode": "stream", "x-grpc-message": "a", "x-grpc-then": "cancel"},
+    {"x-grpc-mode": "stream", "x-grpc-cluster": "grpc_down", "x-grpc-then": "close"},
+], ids=["answered", "trailers_only", "connect_failure", "no_healthy_upstream", "call_reset", "stream",
+        "stream_reset", "stream_connect_failure"])
+def test_cluster_request_stats_are_the_routers(targets: dict[str, Target], headers: dict[str, str]) -> None:
+    """upstream_rq_total / _<code> / _completed (and internal.*), _tx_reset, _cx_connect_fail,
+    _pending_failure_eject, upstream_cx_none_healthy, lb_healthy_panic: as Envoy's router."""
+    before = {name: _cluster_counters(t.process) for name, t in targets.items()}
+    _ask(targets, {"x-grpc-mode": "call", **headers})
+    deltas = {}
+    for name, t in targets.items():
+        after = _cluster_counters(t.process)
+        deltas[name] = {k: v - before[name].get(k, 0) for k, v in after.items() if v != before[name].get(k, 0)}
+    assert deltas["envoy"], "Envoy charged nothing"
+    assert deltas["wasmproxy"] == deltas["envoy"]

@@ -40,7 +40,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import grpc
@@ -134,6 +134,52 @@ class GrpcTarget:
     #: google_grpc (Envoy's Google gRPC client, grpc-core like grpcio) instead of envoy_grpc
     #: (Envoy's own client over its router): results are shown as that client shows them.
     google: bool = False
+    #: envoy_grpc: the cluster's ClusterStats on this worker, charged as Envoy's router does.
+    stats: Any = field(default=None, compare=False)
+
+
+class _RouterStats:
+    """The cluster stats Envoy's router charges for an envoy_grpc callout (checked live); the
+    connection stats are grpcio's business and not kept. ``upstream_rq_total`` counts a request
+    that reached a connection: here once the server answered or the request was reset or timed
+    out (Envoy counts it when the request starts, so an unanswered call shows up later)."""
+
+    __slots__ = ("stats", "_counted")
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+        self._counted = False
+
+    def started(self) -> None:
+        if self.stats is not None and not self._counted:
+            self._counted = True
+            self.stats.inc("upstream_rq_total")
+
+    def answered(self) -> None:
+        """The server answered (any gRPC status): HTTP 200."""
+        if self.stats is not None:
+            self.started()
+            self.stats.charge_response_code(200, True)
+
+    def reset(self) -> None:
+        """Cancelled by the plugin."""
+        if self.stats is not None:
+            self.started()
+            self.stats.inc("upstream_rq_tx_reset")
+
+    def timed_out(self) -> None:
+        if self.stats is not None:
+            self.started()
+            self.stats.inc("upstream_rq_timeout")
+            self.stats.inc("upstream_rq_tx_reset")
+            self.stats.charge_response_code(504, True)
+
+    def connect_failed(self) -> None:
+        """No connection: the router's 503 (the request never counted as started)."""
+        if self.stats is not None:
+            self.stats.inc("upstream_cx_connect_fail")
+            self.stats.inc("upstream_rq_pending_failure_eject")
+            self.stats.charge_response_code(503, True)
 
 
 def _status_code(code: grpc.StatusCode | None) -> int:
@@ -190,9 +236,10 @@ class GrpcRequest:
     """An in-flight unary call (Envoy's Grpc::AsyncRequest); worker thread."""
 
     def __init__(self, client: GrpcClient, callbacks: GrpcCallCallbacks, timeout_ms: int | None,
-                 google: bool = False) -> None:
+                 target: GrpcTarget) -> None:
         self._callbacks = callbacks
-        self._google = google
+        self._google = target.google
+        self._stats = _RouterStats(target.stats)
         self._done = False
         self._future: Any = None
         self._timer: Any = None
@@ -205,7 +252,8 @@ class GrpcRequest:
 
     def cancel(self) -> None:
         """No further callbacks; the server sees the call cancelled."""
-        self._finish()
+        if self._finish():
+            self._stats.reset()
         if self._future is not None:
             self._future.cancel()
 
@@ -225,6 +273,7 @@ class GrpcRequest:
             self._timed_out()
 
     def _timed_out(self) -> None:
+        self._stats.timed_out()
         if self._google:  # Envoy's Google client reports its own cancel as INTERNAL
             self._callbacks.on_failure(INTERNAL, "")
         else:
@@ -243,16 +292,20 @@ class GrpcRequest:
             self._timed_out()
         elif code == DEADLINE_EXCEEDED and self._expired:
             # Envoy sends grpc-timeout 0m and the server answers at once; grpcio fails locally.
+            self._stats.answered()
             self._callbacks.on_failure(DEADLINE_EXCEEDED, _message("Deadline Exceeded", self._google))
         elif code == OK:
+            self._stats.answered()
             self._callbacks.on_success(future.result())
         elif _is_connect_failure(code, details):
+            self._stats.connect_failed()
             if self._google:
                 self._callbacks.on_failure(INTERNAL, "")
             else:
                 self._callbacks.on_failure(UNAVAILABLE, remote_close_message(CONNECT_FAILURE_MESSAGE,
                                                                              _connect_failure_details(details)))
         else:
+            self._stats.answered()
             self._callbacks.on_failure(code, _message(details, self._google))
 
 
@@ -262,9 +315,10 @@ _END = object()  # the request iterator's end: half-close
 class GrpcStream:
     """An in-flight stream (Envoy's Grpc::RawAsyncStream); worker thread."""
 
-    def __init__(self, client: GrpcClient, callbacks: GrpcStreamCallbacks, google: bool = False) -> None:
+    def __init__(self, client: GrpcClient, callbacks: GrpcStreamCallbacks, target: GrpcTarget) -> None:
         self._callbacks = callbacks
-        self._google = google
+        self._google = target.google
+        self._stats = _RouterStats(target.stats)
         self._post = client.post
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local_closed = False
@@ -294,6 +348,8 @@ class GrpcStream:
 
     def reset(self) -> None:
         """Cancel: no further callbacks; the server sees the stream cancelled."""
+        if not self._done:
+            self._stats.reset()
         self._done = True
         if self._call is not None:
             self._call.cancel()
@@ -364,6 +420,10 @@ class GrpcStream:
                 close_message = remote_close_message(details)
 
         def close(code: int = code) -> None:
+            if connect_failure:
+                self._stats.connect_failed()
+            else:
+                self._stats.answered()
             extra = self._service_time(service_time_at) if service_time_at is not None else []
             self._callbacks.on_receive_trailing_metadata(HeaderMap([*trailers, *extra]))
             if not self._done:
@@ -383,6 +443,8 @@ class GrpcStream:
 
     def _deliver_initial(self, pairs: list[tuple[str, str]], headers_at: float | None) -> None:
         def event() -> None:
+            if pairs:  # response headers came: the request had a connection
+                self._stats.started()
             extra = self._service_time(headers_at) if headers_at is not None and not self._google else []
             self._callbacks.on_receive_initial_metadata(HeaderMap([*pairs, *extra]))
 
@@ -417,7 +479,7 @@ class GrpcClient:
     def send(self, target: GrpcTarget, service: str, method: str, metadata: HeaderMap, request: bytes,
              timeout_ms: int | None, callbacks: GrpcCallCallbacks) -> GrpcRequest:
         """Start a unary call; ``timeout_ms`` None: no timeout, 0: an already expired deadline."""
-        call = GrpcRequest(self, callbacks, timeout_ms, target.google)
+        call = GrpcRequest(self, callbacks, timeout_ms, target)
         # Envoy sends nothing before the VM call returns, and a call cancelled by then never
         # reaches the server (checked live): start it from the worker's next drain.
         self.post(lambda: self._send(call, target, service, method, metadata, request, timeout_ms))
@@ -447,7 +509,7 @@ class GrpcClient:
     def start(self, target: GrpcTarget, service: str, method: str, metadata: HeaderMap,
               callbacks: GrpcStreamCallbacks) -> GrpcStream:
         """Open a bidirectional stream; messages go with send_message, the end with close_stream."""
-        stream = GrpcStream(self, callbacks, target.google)
+        stream = GrpcStream(self, callbacks, target)
         multicallable = self._channel(target).stream_stream(f"/{service}/{method}")
         try:
             stream._call = multicallable(stream._request_iterator(), metadata=_metadata(target, metadata))

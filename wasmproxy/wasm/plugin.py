@@ -307,7 +307,9 @@ class ProxyWasmEnvironment(WasmEnvironment):
                 return WasmResult.InternalFailure
             host = cluster.choose_host()
             if host is None:
-                # The router's local reply, inline: InternalFailure, then the events.
+                # The router's local reply (503), inline: InternalFailure, then the events.
+                if getattr(cluster, "stats", None) is not None:
+                    cluster.stats.charge_response_code(503, True)
                 if stream:
                     callbacks.on_receive_initial_metadata(HeaderMap())
                     callbacks.on_receive_trailing_metadata(HeaderMap([
@@ -315,7 +317,8 @@ class ProxyWasmEnvironment(WasmEnvironment):
                         ("grpc-message", _NO_HEALTHY_UPSTREAM)]))
                 callbacks.on_remote_close(14, f"{_NO_HEALTHY_UPSTREAM}{{no_healthy_upstream}}")
                 return WasmResult.InternalFailure
-            target = GrpcTarget(host.address_string, proto.envoy_grpc.authority or cluster_name, metadata)
+            target = GrpcTarget(host.address_string, proto.envoy_grpc.authority or cluster_name, metadata,
+                                stats=getattr(cluster, "stats", None))
         if self._grpc_client is None:
             assert self._post is not None and self._timer_factory is not None
             self._grpc_client = GrpcClient(self._post, self._timer_factory)
