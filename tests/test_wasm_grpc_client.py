@@ -169,6 +169,31 @@ def test_unary_timeout_is_the_routers_and_cancels_the_call(server: GrpcTestServe
     assert len(rec.events) == 1  # grpcio's cancelled result is dropped
 
 
+class FakeClusterStats:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def charge_response_code(self, code: int, internal: bool) -> None:
+        assert internal
+        self.inc(f"upstream_rq_{code}")
+
+
+def test_unary_timeout_charges_the_routers_timeout_stats(server: GrpcTestServer, worker: Worker,
+                                                         client: GrpcClient) -> None:
+    stats = FakeClusterStats()
+    rec = Recorder()
+    client.send(GrpcTarget(f"127.0.0.1:{server.port}", "grpc", stats=stats), "test.Echo", "Slow", HeaderMap(), b"",
+                60_000, rec)
+    worker.drain_ready()
+    worker.timers[0].fire()
+    assert stats.counts == {"upstream_rq_total": 1, "upstream_rq_timeout": 1, "upstream_rq_tx_reset": 1,
+                            "upstream_rq_504": 1}
+    assert server.wait_all_ended("Slow")
+
+
 def test_unary_cancelled_before_the_worker_drains_never_starts(server: GrpcTestServer, worker: Worker,
                                                                client: GrpcClient) -> None:
     rec = Recorder()

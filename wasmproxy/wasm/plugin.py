@@ -343,18 +343,20 @@ class ProxyWasmEnvironment(WasmEnvironment):
             target, service_name, method_name, initial_metadata, callbacks), stream=True)
 
     def grpc_send(self, token: int, message: bytes, end_stream: bool) -> None:
+        from .grpc import GrpcStream
+
         callout = self.grpc_callouts.get(token)
-        if callout is not None and hasattr(callout, "send_message"):
+        if isinstance(callout, GrpcStream):
             callout.send_message(message, end_stream)
 
     def grpc_close(self, token: int) -> None:
         """A call is cancelled; a stream is half-closed (its close still comes)."""
+        from .grpc import GrpcStream
+
         callout = self.grpc_callouts.get(token)
-        if callout is None:
-            return
-        if hasattr(callout, "close_stream"):
+        if isinstance(callout, GrpcStream):
             callout.close_stream()
-        else:
+        elif callout is not None:
             del self.grpc_callouts[token]
             callout.cancel()
 
@@ -366,7 +368,9 @@ class ProxyWasmEnvironment(WasmEnvironment):
 
 def _cancel(callout: Any) -> None:
     """Cancel a GrpcRequest or reset a GrpcStream: no further callbacks."""
-    if hasattr(callout, "reset"):
+    from .grpc import GrpcStream
+
+    if isinstance(callout, GrpcStream):
         callout.reset()
     else:
         callout.cancel()
