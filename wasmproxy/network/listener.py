@@ -3,7 +3,8 @@
 Envoy runs every listener through the network filter manager. Here a listener whose only
 filter is the HTTP connection manager keeps the HCM's own asyncio protocol factory (its fast
 path, no per-byte filter walk); any other chain is served by `ConnectionHandler`, which makes
-one `Connection` per accepted socket and installs the filters on it.
+one `Connection` per accepted socket and installs the filters on it (an HCM after other
+filters becomes a terminal read filter, `hcm_filter.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..config.errors import ConfigError
 from .connection import Connection
 from .filter import ConnectionCloseType, NetworkFilterFactoryCb
+from .hcm_filter import hcm_filter_factory
 
 if TYPE_CHECKING:
     from ..event.dispatcher import Dispatcher
@@ -28,8 +30,10 @@ class ConnectionHandler:
     """One worker's connections of one listener; calling it makes a Connection (a protocol factory)."""
 
     def __init__(self, filter_factories: list[NetworkFilterFactoryCb], dispatcher: "Dispatcher",
-                 listener_name: str, buffer_limit: int) -> None:
+                 listener_name: str, buffer_limit: int, hcm_handlers: list[Any] | None = None) -> None:
         self.filter_factories = filter_factories
+        # The per-worker HCM handlers behind HCM filters of this chain (drain and close reach them).
+        self.hcm_handlers = hcm_handlers or []
         self.dispatcher = dispatcher
         self.listener_name = listener_name
         self.buffer_limit = buffer_limit
@@ -39,7 +43,10 @@ class ConnectionHandler:
         return Connection(self)
 
     def drain(self) -> None:
-        """L4 connections have no graceful end; they run until a side closes (as in Envoy)."""
+        """L4 connections have no graceful end; they run until a side closes (as in Envoy).
+        HTTP connections behind an HCM filter close after their current response."""
+        for handler in self.hcm_handlers:
+            handler.drain()
 
     def close_all(self) -> None:
         for connection in list(self.connections):
@@ -51,17 +58,26 @@ def worker_handler_factory(
 ) -> Callable[["Dispatcher", "Store"], Any]:
     """Main thread: ``(dispatcher, store) -> protocol factory`` for a listener's network filters.
 
-    A chain that is the HCM alone uses its ``for_worker``; a terminal HCM after other network
-    filters is refused (not supported yet); anything else gets a ConnectionHandler.
+    A chain that is the HCM alone uses its ``for_worker``; anything else gets a
+    ConnectionHandler, with an HCM (which must be last: it is terminal) as a read filter.
     """
     if len(factories) == 1 and hasattr(factories[0], "for_worker"):
         for_worker: Callable[["Dispatcher", "Store"], Any] = factories[0].for_worker
         return for_worker
-    if any(hasattr(f, "for_worker") for f in factories):
-        raise ConfigError("the http_connection_manager must be the only network filter of its chain "
-                          "(other network filters before it are not supported yet)")
+    if any(hasattr(f, "for_worker") for f in factories[:-1]):
+        raise ConfigError("the http_connection_manager is a terminal filter: it must be the last in "
+                          "its filter chain")
 
     def for_worker(dispatcher: "Dispatcher", store: "Store") -> ConnectionHandler:
-        return ConnectionHandler(factories, dispatcher, listener_name, buffer_limit)
+        chain: list[NetworkFilterFactoryCb] = []
+        hcm_handlers = []
+        for factory in factories:
+            if hasattr(factory, "for_worker"):
+                handler = factory.for_worker(dispatcher, store)
+                hcm_handlers.append(handler)
+                chain.append(hcm_filter_factory(handler))
+            else:
+                chain.append(factory)
+        return ConnectionHandler(chain, dispatcher, listener_name, buffer_limit, hcm_handlers)
 
     return for_worker
