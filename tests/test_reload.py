@@ -311,3 +311,42 @@ def test_watch_config_reloads_when_the_file_changes(tmp_path: Path, ports: dict[
         _write(path, _doc(ports, 1))
         _wait_for(proc, "reload on file change", _stat_is(proc, "server.reload_success", 1))
         assert _get(ports["listener"])[1]["x-config-version"] == "1"
+
+
+def test_a_moved_listener_drains_its_connections_on_the_old_address(tmp_path: Path, ports: dict[str, int]) -> None:
+    path = tmp_path / "envoy.yaml"
+    _write(path, _doc(ports, 0))
+    with WasmproxyProcess(path, concurrency=2) as proc:
+        assert proc.proc is not None
+        result: dict[str, Any] = {}
+        reloaded = threading.Event()
+
+        def slow_request() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", ports["listener"], timeout=30)
+            conn.request("GET", "/", headers={"x-echo-delay-ms": "2000"})
+            r = conn.getresponse()
+            result.update(status=r.status, connection=r.getheader("connection"), body=r.read(),
+                          version=r.getheader("x-config-version"),
+                          after_reload=reloaded.is_set())
+            conn.close()
+
+        client = threading.Thread(target=slow_request, daemon=True)
+        client.start()
+        _wait_for(proc, "the request in flight", _stat_is(proc, "http.ingress_http.downstream_rq_active", 1))
+        doc = _doc(ports, 1)
+        doc["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = ports["listener2"]
+        _write(path, doc)
+        proc.proc.send_signal(signal.SIGHUP)
+        _wait_for(proc, "reload", _stat_is(proc, "server.reload_success", 1))
+        reloaded.set()
+        assert not can_connect(ports["listener"])  # the old address stopped accepting on every worker
+        assert _get(ports["listener2"])[1]["x-config-version"] == "1"
+        client.join(30)
+        # The request in flight finished on the old listener and its old config, then the
+        # connection closed (drain).
+        assert result["status"] == 200 and result["after_reload"], result
+        assert result["version"] == "0"
+        assert result["connection"] == "close"
+        stats = _stats(proc)
+        assert stats["listener_manager.listener_modified"] == 1
+        assert stats["http.ingress_http.downstream_cx_drain_close"] >= 1
