@@ -160,6 +160,7 @@ class ConfigReloader:
         """Main thread: SIGHUP reloads; with opts.watch_config, so does a change of the file."""
         loop = self._server.main_dispatcher.loop
         loop.add_signal_handler(signal.SIGHUP, self.request)
+        self._server.main_dispatcher.post(self._count_static_listeners)
         if getattr(self._server.opts, "watch_config", False) and self._server.opts.config_path:
             self._file_state = self._stat()
             self._server.main_dispatcher.post(self._start_watch)  # timers are made on the running loop
@@ -167,6 +168,10 @@ class ConfigReloader:
     def _start_watch(self) -> None:
         self._watch_timer = self._server.main_dispatcher.create_timer(self._on_watch_timer)
         self._watch_timer.enable_timer(WATCH_INTERVAL_MS)
+
+    def _count_static_listeners(self) -> None:
+        """Runs after start-up built the listeners: Envoy counts them in listener_added too."""
+        self._listener_added.inc(len(getattr(self._server, "listeners", [])))
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

@@ -153,6 +153,10 @@ class ClusterManager:
             self.clusters[proto.name] = self.build_cluster(proto)
         store.counter("cluster_manager.cluster_added").inc(len(self.clusters))
         store.gauge("cluster_manager.active_clusters").set(len(self.clusters))
+        # Envoy shows these from the start (a config reload moves them).
+        store.counter("cluster_manager.cluster_modified")
+        store.counter("cluster_manager.cluster_removed")
+        store.gauge("cluster_manager.warming_clusters").set(0)
         for cluster in self.clusters.values():
             self._publish_membership(cluster)
             self._members[cluster.info.name] = tuple(id(h) for h in cluster.hosts)
