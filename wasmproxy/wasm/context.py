@@ -1166,6 +1166,8 @@ class ContextBase:
             method_name.decode("utf-8", "replace"), _pairs_to_header_map(initial_metadata), bytes(request),
             timeout_ms)
         if result != WasmResult.Ok:
+            if result == WasmResult.ParseFailure:
+                wasm.release_grpc_id(token)
             return result, 0
         self.grpc_calls.add(token)
         return WasmResult.Ok, token
@@ -1180,6 +1182,8 @@ class ContextBase:
             self, token, bytes(service), service_name.decode("utf-8", "replace"),
             method_name.decode("utf-8", "replace"), _pairs_to_header_map(initial_metadata))
         if result != WasmResult.Ok:
+            if result == WasmResult.ParseFailure:
+                wasm.release_grpc_id(token)
             return result, 0
         self.grpc_streams[token] = [False, False]
         return WasmResult.Ok, token

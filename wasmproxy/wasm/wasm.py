@@ -603,6 +603,14 @@ class Wasm:
         self._next_grpc_stream_id += 4
         return self._next_grpc_stream_id
 
+    def release_grpc_id(self, token: int) -> None:
+        """Give back the gRPC token just taken: Envoy refuses a service that is neither a
+        GrpcService nor a known cluster before it takes one."""
+        if token == self._next_grpc_call_id:
+            self._next_grpc_call_id -= 4
+        elif token == self._next_grpc_stream_id:
+            self._next_grpc_stream_id -= 4
+
     def next_dns_token(self) -> int:
         token = self._next_dns_token
         self._next_dns_token += 1
