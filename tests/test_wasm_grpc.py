@@ -322,3 +322,24 @@ def test_cluster_request_stats_are_the_routers(targets: dict[str, Target], heade
         deltas[name] = {k: v - before[name].get(k, 0) for k, v in after.items() if v != before[name].get(k, 0)}
     assert deltas["envoy"], "Envoy charged nothing"
     assert deltas["wasmproxy"] == deltas["envoy"]
+
+
+def _tokens(targets: dict[str, Target], headers: dict[str, str]) -> dict[str, int]:
+    def one(t: Target) -> int:
+        return int(http_request(t.port, headers=headers, timeout=10).header("x-grpc-token") or -1)
+
+    return {name: one(t) for name, t in targets.items()}
+
+
+@pytest.mark.parametrize("mode", ["call", "stream"])
+def test_tokens_step_by_four_and_only_a_started_callout_takes_one(targets: dict[str, Target], mode: str) -> None:
+    """Envoy refuses a service that is neither a GrpcService nor a known cluster (ParseFailure)
+    before taking a token; every other outcome, failures to start included, uses one."""
+    ok = {"x-grpc-mode": mode, "x-grpc-message": "a", "x-grpc-then": "end" if mode == "stream" else ""}
+    first = _tokens(targets, ok)
+    _tokens(targets, {"x-grpc-mode": mode, "x-grpc-cluster": "nope", "x-grpc-upstream": "name"})  # ParseFailure
+    second = _tokens(targets, ok)
+    _tokens(targets, {"x-grpc-mode": mode, "x-grpc-cluster": "nope"})  # InternalFailure
+    third = _tokens(targets, ok)
+    for name in targets:
+        assert (second[name] - first[name], third[name] - second[name]) == (4, 8), name

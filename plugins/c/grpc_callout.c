@@ -25,7 +25,8 @@
  *   initial_metadata n=<elements> <k>=<v>;...     trailing_metadata n=<elements> <k>=<v>;...
  *   receive size=<n> <message>
  *   grpc_close status=<code> get_status=<code> message=<proxy_get_status message>
- * and the header x-grpc-token-kind: odd | even (call tokens are odd, stream tokens even).
+ * and the headers x-grpc-token-kind: odd | even | none (call tokens are odd, stream tokens even;
+ * none: the callout did not start) and x-grpc-token: <token> (0 when it did not start).
  * The stream ends (the reply is sent) when the callout is over: a unary receive or close, a
  * stream's close, or a cancel / failed start. Events for a token nobody waits for are logged
  * ("grpc_callout: late <event> token <t>").
@@ -149,7 +150,10 @@ static void finish(root_state *r, call_state *c) {
   if (s) s->call = NULL;
   pw_pairs hdrs = {0};
   const char *kind = c->token == 0 ? "none" : (c->token & 1) ? "odd" : "even";
+  char token[16];
+  snprintf(token, sizeof token, "%u", c->token);
   pw_pairs_add(&hdrs, "x-grpc-token-kind", 17, kind, strlen(kind));
+  pw_pairs_add(&hdrs, "x-grpc-token", 12, token, strlen(token));
   pw_bytes wire = pw_pairs_serialize(&hdrs);
   proxy_send_local_response(200, "grpc_callout", 12, c->log, c->log_len, wire.data, wire.len, -1);
   pw_bytes_free(&wire);
