@@ -289,10 +289,22 @@ def test_changed_plugin_config_builds_a_new_vm(tmp_path: Path, ports: dict[str, 
     with WasmproxyProcess(path, concurrency=2) as proc:
         assert _get(ports["listener"])[1]["x-plugin"] == "p1"
         created = _stats(proc)[PLUGIN_CREATED]
-        _write(path, _doc(ports, 1, plugin=plugin, plugin_value="p2"))
         assert proc.proc is not None
+        # An HCM field other than routes changes; the filter chain does not: the plugin is kept.
+        doc = _doc(ports, 1, plugin=plugin)
+        doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "server_name"] = "reloaded"
+        _write(path, doc)
         proc.proc.send_signal(signal.SIGHUP)
-        _wait_for(proc, "reload", _stat_is(proc, "server.reload_success", 1))
+        _wait_for(proc, "first reload", _stat_is(proc, "server.reload_success", 1))
+        for _ in range(4):
+            _, headers, _ = _get(ports["listener"])
+            assert (headers["server"], headers["x-plugin"]) == ("reloaded", "p1")
+        assert _stats(proc)[PLUGIN_CREATED] == created
+        # The plugin's configuration changes.
+        _write(path, _doc(ports, 2, plugin=plugin, plugin_value="p2"))
+        proc.proc.send_signal(signal.SIGHUP)
+        _wait_for(proc, "second reload", _stat_is(proc, "server.reload_success", 2))
         for _ in range(4):
             assert _get(ports["listener"])[1]["x-plugin"] == "p2"
         # A new vm_key (the configuration is part of it): a new base VM, its canary and clones.

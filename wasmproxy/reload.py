@@ -14,8 +14,11 @@ the whole config, logs why, and the running config keeps serving. Then:
 2. listeners: a listener whose HTTP connection manager config changed but whose address and
    stat_prefix did not is updated in place: each worker swaps the config of its connection
    handler and of its open connections, between two events of its loop; a stream already
-   running keeps the config object it started with. When only the route table changed, the
-   HTTP filters (Wasm plugins included) are reused as they are, so no VM is created. Any other
+   running keeps the config object it started with. When the HTTP filter chain is unchanged
+   (e.g. only routes or timeouts changed), its filter factories (Wasm plugins included) are
+   kept as they are, so no VM is created; a changed chain is built anew (an unchanged plugin
+   in it reuses its base VM and per-worker clones through the vm_key caches; only its
+   canary is new). Any other
    change replaces the listener: the old one stops accepting on every worker and drains (its
    connections finish, and are closed after --drain-time-s), the new one starts on every
    worker. Removed listeners drain the same way; added ones start;
@@ -293,7 +296,7 @@ class ConfigReloader:
         path = f"listener '{proto.name}' filter_chains[0].filters[0].typed_config"
         context.listener_name = proto.name
         context.listener_direction = int(proto.traffic_direction)
-        if _route_only_change(old_hcm_proto, new_hcm):
+        if _differs_only_in(old_hcm_proto, new_hcm, "route_config"):
             from .router.config import RouteConfig, RouteConfigError
 
             config = copy.copy(old_hcm.config)
@@ -302,10 +305,16 @@ class ConfigReloader:
             except RouteConfigError as e:
                 raise ConfigError(str(e), f"{path}.route_config") from None
         else:
+            same_filters = _same_filters(old_hcm_proto, new_hcm)
+            build = copy.deepcopy(new_hcm)
+            if same_filters:
+                del build.http_filters[:]  # built with a default router, replaced by the old filters below
             try:
-                config = HttpConnectionManagerConfig.from_proto(new_hcm, context)
+                config = HttpConnectionManagerConfig.from_proto(build, context)
             except ConfigError as e:
                 raise ConfigError(e.message, f"{path}.{e.path}" if e.path else path) from None
+            if same_filters:
+                config.filter_factories = old_hcm.config.filter_factories
         plan.in_place[proto.name] = config
         return True
 
@@ -385,12 +394,19 @@ def _field_changed(old: Any, new: Any, name: str) -> bool:
     return bool(old.HasField(name) and not _same(getattr(old, name), getattr(new, name)))
 
 
-def _route_only_change(old_hcm: Any, new_hcm: Any) -> bool:
-    """Whether two HttpConnectionManager messages differ in their inline route_config alone."""
-    a, b = copy.deepcopy(old_hcm), copy.deepcopy(new_hcm)
-    a.ClearField("route_config")
-    b.ClearField("route_config")
+def _differs_only_in(old: Any, new: Any, name: str) -> bool:
+    """Whether two messages are equal once field `name` is cleared in both."""
+    a, b = copy.deepcopy(old), copy.deepcopy(new)
+    a.ClearField(name)
+    b.ClearField(name)
     return _same(a, b)
+
+
+def _same_filters(old_hcm: Any, new_hcm: Any) -> bool:
+    """Whether the HTTP filter chains are identical (their factories, Wasm plugins included, can be
+    kept: the router's depends only on the stat_prefix, which an in-place update keeps)."""
+    return len(old_hcm.http_filters) == len(new_hcm.http_filters) and all(
+        _same(a, b) for a, b in zip(old_hcm.http_filters, new_hcm.http_filters))
 
 
 def _swap_hcm_config(handler: Any, config: Any) -> None:
