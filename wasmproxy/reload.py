@@ -39,7 +39,7 @@ import dataclasses
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import log
 from .config import ConfigError, load_bootstrap
@@ -161,8 +161,13 @@ class ConfigReloader:
 
     def install(self) -> None:
         """Main thread: SIGHUP reloads; with opts.watch_config, so does a change of the file."""
-        loop = self._server.main_dispatcher.loop
-        loop.add_signal_handler(signal.SIGHUP, self.request)
+        server = self._server
+        # Each thread's slot object is its Worker (None on main): reload work reaches workers
+        # through run_on_all_threads, like every other state change.
+        workers = {id(w.dispatcher): w for w in server.workers}
+        self._workers_slot = server.tls.allocate_slot()
+        self._workers_slot.set(lambda dispatcher: workers.get(id(dispatcher)))
+        server.main_dispatcher.loop.add_signal_handler(signal.SIGHUP, self.request)
         self._server.main_dispatcher.post(self._count_static_listeners)
         if getattr(self._server.opts, "watch_config", False) and self._server.opts.config_path:
             self._file_state = self._stat()
@@ -219,7 +224,12 @@ class ConfigReloader:
             _log.error("config reload rejected (the running config keeps serving): %s", e, exc_info=not expected)
             return
         self._in_progress = True
-        self._apply(plan)
+        try:
+            self._apply(plan)
+        except Exception:  # noqa: BLE001 - a bug while applying: log it, keep serving, allow the next reload
+            self._failed.inc()
+            self._in_progress = False
+            _log.exception("config reload failed while being applied; the config may be partly updated")
 
     def _plan(self, bootstrap: Any) -> _Plan:
         server = self._server
@@ -340,6 +350,14 @@ class ConfigReloader:
         in_place, starting = plan.in_place, [*plan.replaced, *plan.added]
         stopping = {listener.name for listener in plan.replaced} | set(plan.removed_listeners)
 
+        def on_thread(worker: "Worker | None") -> None:
+            if worker is None:
+                return  # main: nothing listens there
+            try:
+                on_worker(worker)
+            except Exception:  # noqa: BLE001 - the other listeners and the completion must still happen
+                _log.exception("config reload: applying listeners on %s failed", worker.name)
+
         def on_worker(worker: "Worker") -> None:
             for name, config in in_place.items():
                 active = worker.listeners.get(name)
@@ -357,7 +375,7 @@ class ConfigReloader:
                 listener.release_probe()
             self._finish(plan)
 
-        _on_all_workers(server, on_worker, done)
+        self._workers_slot.run_on_all_threads(on_thread, done)
 
     def _finish(self, plan: _Plan) -> None:
         server = self._server
@@ -426,30 +444,3 @@ def _drain(worker: "Worker", active: ActiveListener, drain_ms: int) -> None:
         active.drain_timer.enable_timer(drain_ms)
     else:
         active.handler.close_all()
-
-
-def _on_all_workers(server: "Server", cb: Callable[["Worker"], None], done: Callable[[], None]) -> None:
-    """Main thread: cb(worker) on each worker's thread, then done() on main after the last one.
-
-    Each worker posts its completion back to main, so the count is only touched on main.
-    """
-    main = server.main_dispatcher
-    remaining = [len(server.workers)]
-
-    def one_done() -> None:
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            done()
-
-    if not server.workers:
-        done()
-        return
-    for worker in server.workers:
-
-        def run(worker: "Worker" = worker) -> None:
-            try:
-                cb(worker)
-            finally:
-                main.post(one_done)
-
-        worker.dispatcher.post(run)
