@@ -343,3 +343,21 @@ def test_tokens_step_by_four_and_only_a_started_callout_takes_one(targets: dict[
     third = _tokens(targets, ok)
     for name in targets:
         assert (second[name] - first[name], third[name] - second[name]) == (4, 8), name
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"x-grpc-metadata": "x-md=1,X-Up=2,x-envoy-internal=no", "x-grpc-timeout-ms": "1234"},
+     ["x-md=1", "x-up=2", "x-envoy-internal=true", "x-envoy-expected-rq-timeout-ms=1234"]),
+    ({"x-grpc-upstream": "google", "x-grpc-cluster": "{grpc}", "x-grpc-metadata": "x-md=1"}, ["x-md=1"]),
+], ids=["envoy_grpc", "google_grpc"])
+def test_metadata_the_server_sees(targets: dict[str, Target], headers: dict[str, str], expected: list[str]) -> None:
+    """The plugin's metadata (keys lower-cased), then for envoy_grpc the router's own headers,
+    replacing the plugin's. user-agent differs and is left out: grpcio always sends its own,
+    Envoy's envoy_grpc client none (its Google client grpc-c++'s)."""
+    results = _ask(targets, {"x-grpc-mode": "call", "x-grpc-method": "Metadata", "x-grpc-message": "m", **headers})
+    for name, (status, _, body) in results.items():
+        assert status == 200
+        line = body.splitlines()[1]
+        assert line.startswith("receive size="), (name, body)
+        seen = [m for m in line.split(" ", 2)[2].split("|") if not m.startswith("user-agent=")]
+        assert seen == expected, name

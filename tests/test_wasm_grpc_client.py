@@ -251,8 +251,15 @@ def test_reset_stream_has_no_more_callbacks_and_ends_on_the_server(server: GrpcT
 def test_call_metadata_grpcio_accepts() -> None:
     md = HeaderMap([(":path", "/x"), ("content-type", "x"), ("te", "trailers"), ("x-ok", "v"), ("x-bad", "é"),
                     ("x-data-bin", "\x00\xff"), ("Bad Key", "v")])
-    assert _metadata(GrpcTarget("a", "b", (("x-svc", "1"),)), md) == [
+    assert _metadata(GrpcTarget("a", "b", (("x-svc", "1"),), google=True), md) == [
         ("x-svc", "1"), ("x-ok", "v"), ("x-data-bin", b"\x00\xff")]
+
+
+def test_envoy_grpc_metadata_ends_with_the_routers_headers() -> None:
+    md = HeaderMap([("x-envoy-internal", "no"), ("x-ok", "v"), ("x-envoy-expected-rq-timeout-ms", "1")])
+    assert _metadata(GrpcTarget("a", "b"), md, 250) == [
+        ("x-ok", "v"), ("x-envoy-internal", "true"), ("x-envoy-expected-rq-timeout-ms", "250")]
+    assert _metadata(GrpcTarget("a", "b"), HeaderMap(), None) == [("x-envoy-internal", "true")]
 
 
 def test_remote_close_message() -> None:

@@ -6,6 +6,7 @@ Service ``test.Echo`` (no codegen: messages are the bytes the plugin sends):
   ``x-md``), with initial metadata ``x-initial: yes`` and trailing metadata ``x-trailing: yes``;
 * ``Fail``    the request is ``<code>:<details>``: the call ends with that status;
 * ``Empty``   answers an empty message;
+* ``Metadata`` answers the call's metadata as ``k=v|k=v...``;
 * ``Slow``    answers nothing until the client goes away (deadline or cancel);
 * ``Stream``  bidirectional: initial metadata first (with ``x-md-echo: <v>`` for call metadata
   ``x-md: <v>``), then ``echo:<m>`` for each message, then
@@ -37,7 +38,7 @@ class _Handler(grpc.GenericRpcHandler):
         method = handler_call_details.method
         if method == "/test.Echo/Stream":
             return grpc.stream_stream_rpc_method_handler(self._stream)
-        unary = {"/test.Echo/Unary": self._unary, "/test.Echo/Fail": self._fail,
+        unary = {"/test.Echo/Unary": self._unary, "/test.Echo/Fail": self._fail, "/test.Echo/Metadata": self._md,
                  "/test.Echo/Empty": self._empty, "/test.Echo/Slow": self._slow}.get(method)
         return grpc.unary_unary_rpc_method_handler(unary) if unary is not None else None
 
@@ -52,6 +53,9 @@ class _Handler(grpc.GenericRpcHandler):
         status = next(s for s in grpc.StatusCode if s.value[0] == int(code))
         context.abort(status, details)
         raise AssertionError("abort returns by raising")
+
+    def _md(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return "|".join(f"{k}={v}" for k, v in context.invocation_metadata()).encode()
 
     def _empty(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return b""

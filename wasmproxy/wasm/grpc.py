@@ -28,7 +28,8 @@ server's metadata only, messages without ``{via_upstream}``, and INTERNAL with n
 an unreachable target or a timeout.
 
 grpcio hides the transport headers it consumes, so ``grpc-accept-encoding`` (which
-grpc-core servers send) is absent from the initial metadata; Envoy shows it.
+grpc-core servers send) is absent from the initial metadata; Envoy shows it. grpcio also
+always sends its own ``user-agent`` (Envoy's envoy_grpc client sends none, or the plugin's).
 
 Public API (worker thread): ``GrpcClient(post, timer_factory)``, ``.send(...) -> GrpcRequest``,
 ``.start(...) -> GrpcStream``, ``.close()``; see the callback protocols below.
@@ -80,6 +81,7 @@ _VIA_UPSTREAM = "via_upstream"
 _RESERVED_METADATA = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
                                 "grpc-message-type", "host", "user-agent", "connection", "transfer-encoding"))
 
+_ROUTER_METADATA = frozenset(("x-envoy-internal", "x-envoy-expected-rq-timeout-ms"))
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 _METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
 
@@ -196,14 +198,22 @@ def _connect_failure_details(details: str) -> str:
     return _CONNECT_REFUSED_DETAILS if "refused" in details.lower() else _CONNECT_FAILURE_DETAILS
 
 
-def _metadata(target: GrpcTarget, metadata: HeaderMap) -> list[tuple[str, str | bytes]]:
+def _metadata(target: GrpcTarget, metadata: HeaderMap, timeout_ms: int | None = None) -> list[tuple[str, str | bytes]]:
     """Call metadata grpcio accepts: the service's, then the plugin's (pseudo and transport
-    headers and values grpcio refuses dropped; ``-bin`` values as bytes)."""
+    headers and values grpcio refuses dropped; ``-bin`` values as bytes); for envoy_grpc,
+    then what Envoy's router sets on its internal request (checked live)."""
+    router: list[tuple[str, str]] = []
+    if not target.google:
+        router.append(("x-envoy-internal", "true"))
+        if timeout_ms:
+            router.append(("x-envoy-expected-rq-timeout-ms", str(timeout_ms)))
     out: list[tuple[str, str | bytes]] = []
-    for key, value in (*target.metadata, *metadata.items()):
+    for key, value in (*target.metadata, *metadata.items(), *router):
         key = key.lower()
         if not _METADATA_KEY.fullmatch(key) or key in _RESERVED_METADATA:
             continue
+        if not target.google and key in _ROUTER_METADATA and (key, value) not in router:
+            continue  # the router's own value replaces the plugin's
         if key.endswith("-bin"):
             out.append((key, value.encode("latin-1")))
         elif _METADATA_VALUE.fullmatch(value):
@@ -495,10 +505,10 @@ class GrpcClient:
             if target.google and not request:
                 # Envoy's Google client sends no message for an empty request (checked live).
                 future = self._channel(target).stream_unary(path).future(
-                    iter(()), timeout=timeout, metadata=_metadata(target, metadata))
+                    iter(()), timeout=timeout, metadata=_metadata(target, metadata, timeout_ms))
             else:
                 future = self._channel(target).unary_unary(path).future(
-                    request, timeout=timeout, metadata=_metadata(target, metadata))
+                    request, timeout=timeout, metadata=_metadata(target, metadata, timeout_ms))
         except (ValueError, TypeError) as e:  # metadata grpcio refuses
             _log.debug("gRPC callout %s/%s not started: %s", service, method, e)
             call._on_done(_FailedFuture(13, str(e)))
