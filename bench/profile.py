@@ -1,16 +1,22 @@
-"""Profile wasmproxy under wrk load with py-spy and print the frames that dominate.
+"""Profile wasmproxy under wrk load and print the frames that dominate.
 
 Run: .venv/bin/python bench/profile.py [--scenario none|headers|...] [--duration 4] [--keep stacks.txt]
-(py-spy: `.venv/bin/pip install py-spy`; it needs ptrace rights over the child, e.g. root.)
-Starts the bench upstream and wasmproxy (--concurrency 1), loads it with wrk while py-spy samples
-every thread (idle frames dropped), and prints the top frames by own time and by inclusive time,
-as a percentage of the samples taken on the worker thread.
+     .venv/bin/python bench/profile.py --cprofile [--scenario headers]
+Starts the bench upstream and wasmproxy (--concurrency 1) and loads it with wrk.
+
+* Default: py-spy (`.venv/bin/pip install py-spy`; needs ptrace rights, e.g. root) samples every
+  thread (idle frames dropped); prints the top frames by own and by inclusive time, as a
+  percentage of the samples.
+* ``--cprofile``: the worker thread runs under cProfile (deterministic, slower); prints the top
+  functions by own wall time per request with their calls per request. Own time of a function
+  that calls into wasmtime through ctypes includes the guest's run and the wait for the GIL.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import pstats
 import shutil
 import subprocess
 import sys
@@ -20,8 +26,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench.harness import SCENARIOS, check_once, nginx_upstream, proxy_config, run_wrk  # noqa: E402
+from bench.harness import SCENARIOS, check_once, nginx_upstream, parse_wrk, proxy_config, run_wrk  # noqa: E402
 from tests.support.processes import WasmproxyProcess  # noqa: E402
+
+# Runs wasmproxy's CLI with each worker thread under cProfile; stats dumped when the worker ends.
+_CPROFILE_MAIN = """
+import cProfile, runpy, sys, wasmproxy.server as server
+run = server.Worker._run
+def profiled(self):
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        run(self)
+    finally:
+        profile.disable()
+        profile.dump_stats(%r)
+server.Worker._run = profiled
+sys.argv[0] = "wasmproxy"
+runpy.run_module("wasmproxy", run_name="__main__", alter_sys=True)
+"""
+
+
+class _CProfiledWasmproxy(WasmproxyProcess):
+    def __init__(self, config: Path, stats_path: Path) -> None:
+        super().__init__(config, concurrency=1, log_level="error")
+        self.stats_path = stats_path
+
+    def argv(self) -> list[str]:
+        python, _, _, *rest = super().argv()  # [python, -m, wasmproxy, ...]
+        return [python, "-c", _CPROFILE_MAIN % str(self.stats_path), *rest]
+
+
+def summarize_cprofile(stats_path: Path, requests: int, top: int) -> str:
+    """Top functions by own time per request, from a cProfile dump of the worker."""
+    stats = pstats.Stats(str(stats_path)).stats  # type: ignore[attr-defined]
+    rows = sorted(((tt, nc, f"{Path(file).name}:{func}") for (file, _, func), (_, nc, tt, _, _) in stats.items()),
+                  reverse=True)
+    total = sum(r[0] for r in rows)
+    out = [f"{requests} requests; worker own time {total / requests * 1e6:.0f} us/request (cProfile overhead included)",
+           "  us/req  calls/req  function"]
+    out += [f"  {tt / requests * 1e6:6.1f}  {nc / requests:9.1f}  {name}" for tt, nc, name in rows[:top]]
+    return "\n".join(out)
+
+
+def run_cprofile(args: argparse.Namespace) -> int:
+    scenario = SCENARIOS[args.scenario]
+    with tempfile.TemporaryDirectory(prefix="wasmproxy-profile-") as tmp, nginx_upstream(1) as upstream:
+        config, port = proxy_config(scenario, upstream.port, Path(tmp))
+        stats_path = Path(tmp) / "worker.pstats"
+        with _CProfiledWasmproxy(config, stats_path) as proxy:
+            problem = check_once(port, scenario)
+            if problem:
+                print(f"check failed: {problem}", file=sys.stderr)
+                return 1
+            requests = parse_wrk(run_wrk(port, scenario, args.connections, args.duration, latency=False))["requests"]
+            proxy.stop()  # the worker ends and dumps its stats
+        print(f"scenario {scenario.name}, wasmproxy --concurrency 1 under cProfile, wrk -c{args.connections}")
+        print(summarize_cprofile(stats_path, (requests or 0) + 1, args.top))  # + the check request
+    return 0
 
 
 def frame_name(frame: str) -> str:
@@ -63,7 +125,10 @@ def main() -> int:
     ap.add_argument("--native", action="store_true",
                     help="also sample C frames (wasmtime, uvloop); pauses the process per sample")
     ap.add_argument("--keep", help="also copy py-spy's collapsed stacks here (for a flame graph tool)")
+    ap.add_argument("--cprofile", action="store_true", help="cProfile the worker instead of sampling")
     args = ap.parse_args()
+    if args.cprofile:
+        return run_cprofile(args)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     scenario = SCENARIOS[args.scenario]
     with tempfile.TemporaryDirectory(prefix="wasmproxy-profile-") as tmp, nginx_upstream(1) as upstream:
