@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -259,15 +260,19 @@ def run_all(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, in
     access_log = workdir / f"{proc_cls.__name__}.access.log"
     path.write_text(yaml.safe_dump(bootstrap(ports, **upstreams, access_log=str(access_log))))
     with proc_cls(path, log_level="info") as proc:
+        def plugin_log() -> list[str]:
+            return [line.split("tcp_filter ", 1)[1] for line in proc.log_text().splitlines() if "tcp_filter " in line]
+
+        _poll(plugin_log, lambda lines: "log" in lines)  # the readiness probe's connection is over
         tcp = exercise_tcp(ports)
         service = exercise_service(ports["http"])
         # Closes are counted when each side has noticed them: wait for the last one.
         stats = _poll(lambda: stats_of(proc), lambda s: s["wasmcustom.tcp_filter.logs"] == "2"
                       and s["cluster.echo.upstream_cx_active"] == "0")
-        plugin_log = [line.split("tcp_filter ", 1)[1] for line in proc.log_text().splitlines() if "tcp_filter " in line]
+        log = plugin_log()
     # Sorted: the readiness probe's connections end in no fixed order relative to ours.
     log_lines = sorted(access_log.read_text().splitlines())
-    return {"tcp": tcp, "service": service, "stats": stats, "plugin_log": plugin_log, "access_log": log_lines}
+    return {"tcp": tcp, "service": service, "stats": stats, "plugin_log": log, "access_log": log_lines}
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +335,17 @@ class Sink:
             except OSError:
                 return
             self.conns.append(conn)
+
+    def drain(self, index: int) -> str:
+        """Reads accepted connection `index` to its end: 'eof' or 'reset'."""
+        conn = self.conns[index]
+        conn.settimeout(POLL_DEADLINE_S)
+        try:
+            while conn.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            return "reset"
+        return "eof"
 
     def stop(self) -> None:
         self.sock.close()
@@ -461,3 +477,52 @@ def test_tcp_proxy_access_log_matches_envoy(results: dict[str, dict[str, Any]]) 
     envoy = results["envoy"]["access_log"]
     assert any(line.startswith("dead UF,URX 0 0 ") for line in envoy)
     assert results["wasmproxy"]["access_log"] == envoy
+
+
+FLUSH_BYTES = 8 << 20
+
+
+def flush_bootstrap(admin: int, port: int, sink: int) -> dict[str, Any]:
+    listener = _listener("flush", port, [_tcp_proxy("flush", "sink")])
+    listener["per_connection_buffer_limit_bytes"] = 64 << 20  # no flow control: the proxy reads it all
+    cluster = _cluster("sink", sink)
+    cluster["per_connection_buffer_limit_bytes"] = 64 << 20
+    return {"admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin}}},
+            "static_resources": {"listeners": [listener], "clusters": [cluster]}}
+
+
+def run_reset(proc_cls: type[ProxyProcess], workdir: Path) -> list[Any]:
+    """A downstream that resets while the upstream has not taken all it was sent: Envoy 1.40
+    resets the upstream too (no upstream flush)."""
+    import yaml
+
+    sink = Sink()
+    admin, port = free_ports(2)
+    path = workdir / f"flush_{proc_cls.__name__}.yaml"
+    path.write_text(yaml.safe_dump(flush_bootstrap(admin, port, sink.port)))
+    try:
+        with proc_cls(path) as proc:
+            def stat(name: str) -> str:
+                lines = proc.admin("/stats").body.decode().splitlines()
+                return dict(line.split(": ", 1) for line in lines if ": " in line).get(name, "absent")
+
+            s = socket.create_connection((LOOPBACK, port), timeout=10)
+            sender = threading.Thread(target=s.sendall, args=(b"y" * FLUSH_BYTES,))
+            sender.start()
+            seen = [_poll(lambda: stat("tcp.flush.downstream_cx_rx_bytes_total"), lambda v: v == str(FLUSH_BYTES))]
+            sender.join(10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # a reset: the proxy sees a remote close at once
+            # The readiness probe's upstream connection stays (it half-closed; the sink never does).
+            seen.append(_poll(lambda: (stat("cluster.sink.upstream_cx_active"), stat("tcp.flush.upstream_flush_total"),
+                                       stat("cluster.sink.upstream_cx_destroy_local")), lambda v: v[0] == "1"))
+            seen.append(sink.drain(1))  # conns[0] is the readiness probe's
+            return seen
+    finally:
+        sink.stop()
+
+
+def test_downstream_reset_goes_upstream_without_flush_as_envoy(tmp_path: Path) -> None:
+    envoy = run_reset(EnvoyProcess, tmp_path)
+    assert envoy == [str(FLUSH_BYTES), ("1", "0", "1"), "reset"]
+    assert run_reset(WasmproxyProcess, tmp_path) == envoy

@@ -56,6 +56,8 @@ class Connection(asyncio.Protocol):
         self.write_end_stream = False
         self.half_close_enabled = False
         self.is_open = True
+        # The peer reset the connection (Envoy's DetectedCloseType::RemoteReset).
+        self.remote_reset = False
         self.stats: ConnectionStats | None = None
         self.stream_info: StreamInfo | None = None
         self.filter_manager = FilterManager(self)
@@ -216,6 +218,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.is_open:
+            self.remote_reset = isinstance(exc, ConnectionResetError)
             self._close_socket(ConnectionEvent.RemoteClose, flush=False)
 
     def pause_writing(self) -> None:

@@ -6,7 +6,8 @@ needs: ``cluster`` or ``weighted_clusters``; the cluster's connect timeout with
 disabled until the upstream connects; half-close both ways; ``idle_timeout`` (default 1 h,
 0 disables) and ``max_downstream_connection_duration``; flow control (a side whose peer's
 write buffer is above its high watermark stops reading); a downstream that closes first
-lets the upstream flush what it was sent (``upstream_flush_*``); access logs at the end.
+lets the upstream flush what it was sent (``upstream_flush_*``), unless it reset the
+connection: the reset goes on upstream, as Envoy 1.40; access logs at the end.
 
 Stats are Envoy's ``tcp.<stat_prefix>.*`` names; the upstream side keeps ``cluster.<name>.*``.
 """
@@ -235,6 +236,8 @@ class TcpProxyFilter:
         if upstream is not None:
             if upstream.state == 0:  # connecting
                 upstream.cancel()
+            elif event == ConnectionEvent.RemoteClose and self.connection.remote_reset:
+                upstream.close(flush=False, reset=True)  # Envoy propagates a downstream reset
             elif event == ConnectionEvent.RemoteClose:
                 if upstream.close(flush=True):
                     assert self.stats is not None

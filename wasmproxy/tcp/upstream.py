@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -139,10 +140,15 @@ class TcpUpstream(asyncio.Protocol):
             if self._read_disable_count == 0 and self.state == _OPEN:
                 self.transport.resume_reading()
 
-    def close(self, flush: bool) -> bool:
-        """Close from our side; True when buffered bytes are still being flushed upstream."""
+    def close(self, flush: bool, reset: bool = False) -> bool:
+        """Close from our side (``reset``: with an RST); True when buffered bytes are still being
+        flushed upstream."""
         if self.state != _OPEN:
             return False
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         pending = flush and self.transport.get_write_buffer_size() > 0
         self._close(local=True, flush=flush)
         if pending:
