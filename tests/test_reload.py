@@ -207,6 +207,7 @@ def test_fifty_reloads_under_load_drop_no_request(tmp_path: Path, ports: dict[st
     assert stats["server.reload_success"] == RELOADS
     assert stats.get("server.reload_failed", 0) == 0
     assert stats["listener_manager.listener_modified"] == RELOADS
+    assert stats["listener_manager.listener_in_place_updated"] == RELOADS
     # Both route tables served: /only-odd answered directly by odd versions and routed by even ones.
     assert load.odd_direct > 0 and load.odd_routed > 0
     assert load.plugin_values == {"p1"}

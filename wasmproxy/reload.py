@@ -3,7 +3,7 @@
 Envoy changes clusters and listeners at run time through CDS and LDS; wasmproxy has no xDS, so
 re-reading the config file is its way to the same updates, with the same thread model: every
 new object is built and validated on the main thread, then published to the workers through
-ThreadLocal slots and dispatcher posts. Nothing on the request path takes a lock.
+ThreadLocal slots (run_on_all_threads). Nothing on the request path takes a lock.
 
 A reload is all or nothing. The new bootstrap is loaded and every changed cluster and listener
 is built (and a changed listener's address bound) before anything is applied; any error rejects
@@ -18,15 +18,21 @@ the whole config, logs why, and the running config keeps serving. Then:
    (e.g. only routes or timeouts changed), its filter factories (Wasm plugins included) are
    kept as they are, so no VM is created; a changed chain is built anew (an unchanged plugin
    in it reuses its base VM and per-worker clones through the vm_key caches; only its
-   canary is new). Any other
-   change replaces the listener: the old one stops accepting on every worker and drains (its
-   connections finish, and are closed after --drain-time-s), the new one starts on every
-   worker. Removed listeners drain the same way; added ones start;
+   canary is new). Any other change replaces the listener: the old one stops accepting on
+   every worker and drains (its connections finish, and are closed after --drain-time-s),
+   the new one starts on every worker. Removed listeners drain the same way; added ones start;
 3. clusters no longer in the config are removed (after the listeners stopped routing to them).
 
 Stats (main thread): `server.reload_success`, `server.reload_failed` (a config rejected: the
 running one keeps serving); Envoy's `listener_manager.listener_added / listener_modified /
-listener_removed` and `cluster_manager.cluster_added / cluster_modified / cluster_removed`.
+listener_removed / listener_in_place_updated` (an in-place update counts as modified too, as in
+Envoy) and `cluster_manager.cluster_added / cluster_modified / cluster_removed`.
+
+Envoy itself ignores SIGHUP ("caught and eating SIGHUP") and changes listeners only through LDS.
+One difference from Envoy's in-place LDS update: Envoy keeps an open connection on the old
+filter chain until it is drained (--drain-time-s), while here an open connection's next stream
+already uses the new config (what this feature asks for: the new routes everywhere at once).
+
 Bootstrap fields other than static_resources (admin, node, watchdogs, bootstrap_extensions,
 stats) are not reloaded: a change there is logged and ignored.
 """
@@ -154,6 +160,7 @@ class ConfigReloader:
         self._listener_added = store.counter("listener_manager.listener_added")
         self._listener_modified = store.counter("listener_manager.listener_modified")
         self._listener_removed = store.counter("listener_manager.listener_removed")
+        self._listener_in_place = store.counter("listener_manager.listener_in_place_updated")
         self._in_progress = False
         self._pending = False
         self._watch_timer: Any = None
@@ -396,6 +403,7 @@ class ConfigReloader:
         self._listener_added.inc(len(plan.added))
         self._listener_modified.inc(len(plan.replaced) + len(plan.in_place))
         self._listener_removed.inc(len(plan.removed_listeners))
+        self._listener_in_place.inc(len(plan.in_place))
         self._success.inc()
         _log.info("config reloaded: clusters %d added or changed, %d removed; listeners %d added, %d changed "
                   "(%d in place), %d removed", len(plan.clusters), len(plan.removed_clusters), len(plan.added),
