@@ -23,6 +23,9 @@ What a callout sees is shaped like Envoy 1.40's async client (checked live):
   trailers-only response: empty initial metadata, then everything in the trailers. Headers
   without metadata are therefore delivered with the first message (or the end).
 
+* an envoy_grpc request carries the router's ``x-envoy-internal: true`` and (with a timeout)
+  ``x-envoy-expected-rq-timeout-ms``, and charges the cluster's request stats (`_RouterStats`).
+
 A ``google_grpc`` service is shown as Envoy's Google gRPC client shows it (checked live): the
 server's metadata only, messages without ``{via_upstream}``, and INTERNAL with no message for
 an unreachable target or a timeout.
