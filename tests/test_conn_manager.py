@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
+from wasmproxy.http import conn_manager
 from wasmproxy.http.conn_manager import HttpConnectionManagerConfig, WorkerConnectionHandler
 from wasmproxy.http.filter import FilterDataStatus, FilterHeadersStatus, PassThroughFilter
 from wasmproxy.http.headers import HeaderMap
@@ -403,8 +404,24 @@ def test_use_remote_address_appends_xff_and_cleans_edge_requests():
     conn, t = h2.connect(peer=("127.0.0.1", 4000))
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\r\n")
     seen = h2.made[0].seen[0]
-    assert seen.get("x-envoy-internal") == "true" and seen.get("x-request-id") == "mine"
-    assert seen.get("x-forwarded-for") == "127.0.0.1"
+    # Envoy 1.40 trusts no address by default: a loopback client is external too, and its XFF
+    # entry is the proxy's own address (LocalInfo's), not the loopback one.
+    assert "x-envoy-internal" not in seen and seen.get("x-request-id") != "mine"
+    assert seen.get("x-envoy-external-address") == "127.0.0.1"
+    assert seen.get("x-forwarded-for") == conn_manager._local_address()
+
+
+def test_without_use_remote_address_control_headers_are_stripped_but_edge_headers_kept():
+    h = Harness(Direct)
+    conn, t = h.connect(peer=("127.0.0.1", 4000))
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Envoy-Retry-On: 5xx\r\nX-Envoy-Internal: true\r\n"
+                       b"X-Envoy-Upstream-Rq-Timeout-Ms: 5\r\nX-Envoy-Original-Path: /o\r\n"
+                       b"X-Envoy-External-Address: 1.2.3.4\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: mine\r\n\r\n")
+    seen = h.made[0].seen[0]
+    for name in ("x-envoy-retry-on", "x-envoy-internal", "x-envoy-upstream-rq-timeout-ms"):
+        assert name not in seen
+    assert seen.get("x-envoy-original-path") == "/o" and seen.get("x-envoy-external-address") == "1.2.3.4"
+    assert seen.get("x-forwarded-for") == "10.0.0.1" and seen.get("x-request-id") == "mine"
 
 
 def test_response_headers_from_a_filter_get_server_overwritten_date_kept_and_hop_by_hop_removed():

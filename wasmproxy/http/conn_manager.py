@@ -60,15 +60,21 @@ DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
 DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
 DEFAULT_DELAYED_CLOSE_TIMEOUT_MS = 1000
 
-# Headers Envoy strips from edge requests (ConnectionManagerUtility::cleanInternalHeaders).
-_INTERNAL_ONLY_HEADERS = frozenset((
+# x-envoy-* control headers ConnectionManagerUtility::cleanInternalHeaders strips from a request
+# that is not internal. Envoy 1.40's default internal_address_config trusts no address, so that is
+# every downstream request; trusted senders (the AsyncClient) are not downstream requests.
+_EXTERNAL_CONTROL_HEADERS = frozenset((
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-force-trace", "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries", "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes", "x-envoy-retry-grpc-on", "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+))
+# What an edge request (use_remote_address, not internal) loses besides.
+_EDGE_ONLY_HEADERS = frozenset((
     "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node",
-    "x-envoy-expected-rq-timeout-ms", "x-envoy-external-address", "x-envoy-force-trace",
-    "x-envoy-hedge-on-per-try-timeout", "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries",
-    "x-envoy-original-path", "x-envoy-retriable-header-names", "x-envoy-retriable-status-codes",
-    "x-envoy-retry-grpc-on", "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name",
-    "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-upstream-rq-timeout-alt-response",
-    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-stream-duration-ms",
+    "x-envoy-original-path",
 ))
 
 # ServerHeaderTransformation enum values.
@@ -694,19 +700,45 @@ def _address(sockaddr: Any) -> Address:
     return Address(str(sockaddr or ""), 0)
 
 
-_INTERNAL_NETWORKS = tuple(
-    ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "fc00::/7", "::1/128")
-)
+_local_address_cache: list[str] = []
 
 
-def _is_internal(host: str) -> bool:
-    """Envoy's default internal address check (Utility::isInternalAddress): RFC 1918, loopback, ULA."""
+def _local_address() -> str:
+    """Envoy's LocalInfo address (Network::Utility::getLocalAddress for IPv4): the first non-loopback
+    IPv4 address of an interface that is up, else 127.0.0.1. use_remote_address appends it to
+    x-forwarded-for instead of a loopback client's address. Looked up once per process."""
+    if not _local_address_cache:
+        _local_address_cache.append(_first_interface_ipv4() or "127.0.0.1")
+    return _local_address_cache[0]
+
+
+def _first_interface_ipv4() -> str | None:
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915  # Linux ioctl: an interface's IPv4 address
     try:
-        ip = ipaddress.ip_address(host)
+        interfaces = socket.if_nameindex()
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in sorted(interfaces):
+            try:
+                packed = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address, or not a Linux ioctl
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if not ipaddress.ip_address(address).is_loopback:
+                return address
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-    return any(ip in net for net in _INTERNAL_NETWORKS if net.version == ip.version)
 
 
 def _should_close_connection(protocol: str, headers: HeaderMap) -> bool:
@@ -858,21 +890,21 @@ class ActiveStream:
                 headers.set("te", "trailers")
             else:
                 headers.remove("te")
-        remote = self.stream_info.connection.remote_address.host
-        edge_request = False
-        if config.use_remote_address:
-            internal = _is_internal(remote)
+        # No address is internal under Envoy 1.40's default internal_address_config, so no
+        # downstream request is internal: its x-envoy-* control headers always go.
+        _remove_present(headers, _EXTERNAL_CONTROL_HEADERS)
+        for name in getattr(config.route_config, "internal_only_headers", ()):
+            headers.remove(name)
+        edge_request = config.use_remote_address
+        if edge_request:
+            remote = self.stream_info.connection.remote_address.host
+            _remove_present(headers, _EDGE_ONLY_HEADERS)
             if not config.skip_xff_append:
+                own = _local_address() if _is_loopback(remote) else remote
                 xff = headers.get("x-forwarded-for")
-                headers.set("x-forwarded-for", f"{xff},{remote}" if xff else remote)
-            if internal:
-                headers.set("x-envoy-internal", "true")
-            else:
-                edge_request = True
-                _remove_present(headers, _INTERNAL_ONLY_HEADERS)
+                headers.set("x-forwarded-for", f"{xff},{own}" if xff else own)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
-            if edge_request:
-                headers.set("x-envoy-external-address", remote)
+            headers.set("x-envoy-external-address", remote)
         elif headers.get("x-forwarded-proto") is None:
             headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
         request_id = headers.get("x-request-id")

@@ -63,17 +63,6 @@ _RESET_FLAGS = {
     StreamResetReason.ProtocolError: "UPE",
 }
 
-# The control headers ConnectionManagerUtility::cleanInternalHeaders strips from a request that is
-# not internal (with Envoy's default internal_address_config, every downstream request): the
-# router honours them only from trusted (x-envoy-internal) senders such as the AsyncClient.
-_EXTERNAL_CONTROL_HEADERS = (
-    "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names", "x-envoy-retry-on",
-    "x-envoy-retry-grpc-on", "x-envoy-max-retries", "x-envoy-upstream-alt-stat-name",
-    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-expected-rq-timeout-ms", "x-envoy-force-trace",
-    "x-envoy-ip-tags", "x-envoy-original-url", "x-envoy-hedge-on-per-try-timeout",
-)
-
 # Hop-by-hop headers that describe one HTTP/1 connection, never forwarded to the next hop.
 _HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding")
 
@@ -405,13 +394,9 @@ class Router:
         self.cluster = cluster
         info.upstream_cluster = cluster.info.observability_name
         info.cluster_metadata = cluster.info.metadata
+        # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
+        # what is left came from a filter or a trusted sender and is honoured.
         self._internal = headers.get("x-envoy-internal") == "true"
-        if not self._internal:
-            for name in _EXTERNAL_CONTROL_HEADERS:
-                if headers.get(name) is not None:
-                    headers.remove(name)
-            for name in route.virtual_host.route_config.internal_only_headers:
-                headers.remove(name)
 
         if cluster.uses_hash and route.hash_policy:
             conn = info.connection

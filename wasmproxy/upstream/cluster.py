@@ -148,6 +148,8 @@ class ClusterInfo:
         # HTTP/2 upstreams: only the Wasm gRPC callouts (grpcio) speak it; the router's pool is
         # HTTP/1, so it still sends HTTP/1.1 to such a cluster.
         self.http2: bool = proto.HasField("http2_protocol_options")
+        # Http1Settings.enable_trailers: without it the upstream HTTP/1 codec drops trailers both ways.
+        self.enable_trailers: bool = proto.http_protocol_options.enable_trailers
         for any_msg in proto.typed_extension_protocol_options.values():
             if any_msg.type_url.endswith("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"):
                 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -160,6 +162,9 @@ class ClusterInfo:
                     "http2_protocol_options"
                 ):
                     self.http2 = True
+                for config in (opts.explicit_http_config, opts.use_downstream_protocol_config):
+                    if config.HasField("http_protocol_options"):
+                        self.enable_trailers = config.http_protocol_options.enable_trailers
         if common.HasField("max_requests_per_connection"):
             max_rq = common.max_requests_per_connection.value
         self.max_requests_per_connection: int = max_rq

@@ -156,7 +156,7 @@ class ActiveClient(asyncio.Protocol):
         _next_client_id += 1
         self.id = _next_client_id
         self.pool = pool
-        self.codec = ClientCodec(self)
+        self.codec = ClientCodec(self, enable_trailers=pool.info.enable_trailers)
         self.transport: asyncio.Transport | None = None
         self.stream: RequestEncoder | None = None
         self.state = "connecting"  # connecting -> ready/busy -> closed
