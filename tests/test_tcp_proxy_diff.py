@@ -353,7 +353,59 @@ class Sink:
             conn.close()
 
 
-def limits_bootstrap(ports: dict[str, int], echo: int, sink: int, dead: int) -> dict[str, Any]:
+class Resetter:
+    """An upstream that reads one chunk, then resets the connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        try:
+            if conn.recv(100):
+                conn.sendall(b"bye")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        conn.close()
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+class Blackhole:
+    """An address whose accept queue is full, so new connects hang (a connect timeout)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((LOOPBACK, self.port))
+            self.fillers.append(c)
+
+    def stop(self) -> None:
+        for c in self.fillers:
+            c.close()
+        self.sock.close()
+
+
+def limits_bootstrap(ports: dict[str, int], echo: int, sink: int, dead: int, resetter: int,
+                     blackhole: int) -> dict[str, Any]:
     def proxy(prefix: str, **extra: Any) -> dict[str, Any]:
         f = _tcp_proxy(prefix, extra.pop("cluster", "echo"))
         f["typed_config"].update(extra)
@@ -376,8 +428,11 @@ def limits_bootstrap(ports: dict[str, int], echo: int, sink: int, dead: int) -> 
                 _listener("retry", ports["retry"], [proxy("retry", cluster="dead", max_connect_attempts=3)]),
                 _listener("weighted", ports["weighted"], [weighted]),
                 flow,
+                _listener("rst", ports["rst"], [proxy("rst", cluster="resetter")]),
+                _listener("timeout", ports["timeout"], [proxy("timeout", cluster="blackhole")]),
             ],
-            "clusters": [_cluster("echo", echo), _cluster("echo2", echo), _cluster("dead", dead), sink_cluster],
+            "clusters": [_cluster("echo", echo), _cluster("echo2", echo), _cluster("dead", dead), sink_cluster,
+                         _cluster("resetter", resetter), {**_cluster("blackhole", blackhole), "connect_timeout": "0.25s"}],
         },
     }
 
@@ -395,6 +450,13 @@ def exercise_limits(ports: dict[str, int]) -> list[Any]:
         with socket.create_connection((LOOPBACK, ports["weighted"]), timeout=5) as s:
             s.sendall(b"w")
             seen.append(_recv_exactly(s, 1))
+    with socket.create_connection((LOOPBACK, ports["rst"]), timeout=5) as s:
+        s.sendall(b"x")
+        # The upstream's reset is passed on. Envoy drops the "bye" that came with it (both arrive
+        # in one read there); wasmproxy has sent it already: only the reset is compared.
+        seen.append(_recv_end(s).split(":", 1)[0])
+    with socket.create_connection((LOOPBACK, ports["timeout"]), timeout=5) as s:
+        seen.append(_recv_end(s))  # closed when the upstream connect times out
     return seen
 
 
@@ -426,13 +488,15 @@ LIMIT_STATS = [
     "cluster.dead.upstream_cx_connect_attempts_exceeded", "tcp.weighted.downstream_cx_total",
     # A downstream that closes while the proxy is not reading from it goes unnoticed (Envoy too).
     "tcp.flow.upstream_flush_total",
+    "cluster.blackhole.upstream_cx_connect_timeout", "cluster.blackhole.upstream_cx_connect_fail",
+    "cluster.resetter.upstream_cx_destroy_remote_with_active_rq",
 ]
 
 
 def run_limits(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, int]) -> dict[str, Any]:
     import yaml
 
-    names = ("admin", "idle", "noroute", "retry", "weighted", "flow")
+    names = ("admin", "idle", "noroute", "retry", "weighted", "flow", "rst", "timeout")
     ports = dict(zip(names, free_ports(len(names))))
     path = workdir / f"limits_{proc_cls.__name__}.yaml"
     path.write_text(yaml.safe_dump(limits_bootstrap(ports, **upstreams)))
@@ -454,21 +518,23 @@ def run_limits(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str,
 
 @pytest.fixture(scope="module")
 def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
-    echo, sink = TcpEcho(), Sink()
-    upstreams = {"echo": echo.port, "sink": sink.port, "dead": free_ports(1)[0]}
+    echo, sink, resetter, blackhole = TcpEcho(), Sink(), Resetter(), Blackhole()
+    upstreams = {"echo": echo.port, "sink": sink.port, "dead": free_ports(1)[0], "resetter": resetter.port,
+                 "blackhole": blackhole.port}
     workdir = tmp_path_factory.mktemp("tcp_limits")
     try:
         yield {"envoy": run_limits(EnvoyProcess, workdir, upstreams),
                "wasmproxy": run_limits(WasmproxyProcess, workdir, upstreams)}
     finally:
-        echo.stop()
-        sink.stop()
+        for server in (echo, sink, resetter, blackhole):
+            server.stop()
 
 
 def test_tcp_proxy_limits_match_envoy(limits: dict[str, dict[str, Any]]) -> None:
-    """idle_timeout, no route, max_connect_attempts, weighted_clusters, flow control (reading paused)."""
+    """idle_timeout, no route, max_connect_attempts, weighted_clusters, an upstream reset, a connect
+    timeout, flow control (reading paused)."""
     envoy = limits["envoy"]
-    assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", True]
+    assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", "reset", "eof:b''", True]
     assert envoy["stats"]["tcp.idle.idle_timeout"] == "1"
     assert limits["wasmproxy"] == envoy
 

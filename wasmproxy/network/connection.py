@@ -131,9 +131,16 @@ class Connection(asyncio.Protocol):
         return self._read_disable_count == 0
 
     def close(self, close_type: ConnectionCloseType) -> None:
-        """Close from this side; callbacks see LocalClose."""
+        """Close from this side; callbacks see LocalClose. Abort sends a reset."""
         if self.is_open:
+            if close_type == ConnectionCloseType.Abort:
+                self._set_linger_zero()
             self._close_socket(ConnectionEvent.LocalClose, flush=close_type == ConnectionCloseType.FlushWrite)
+
+    def _set_linger_zero(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -141,9 +148,7 @@ class Connection(asyncio.Protocol):
         self.is_open = False
         if self._unread and not flush:
             # Closing over unread bytes resets the connection (what the kernel does for Envoy).
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._set_linger_zero()
         if flush:
             self.transport.close()
         else:

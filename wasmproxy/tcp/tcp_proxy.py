@@ -200,8 +200,9 @@ class TcpProxyFilter:
         self.connection.write(data, end_stream)
         self._reset_idle_timer()
 
-    def on_upstream_closed(self, remote: bool) -> None:
-        self.connection.close(ConnectionCloseType.FlushWrite)
+    def on_upstream_closed(self, remote: bool, reset: bool = False) -> None:
+        # Envoy 1.40 passes an upstream reset on as a downstream reset.
+        self.connection.close(ConnectionCloseType.Abort if reset else ConnectionCloseType.FlushWrite)
 
     def on_upstream_flushed(self) -> None:
         assert self.stats is not None

@@ -218,7 +218,7 @@ class TcpUpstream(asyncio.Protocol):
             self.owner.on_upstream_flushed()
         if self.state == _OPEN:
             self._close(local=False, flush=False)
-            self.owner.on_upstream_closed(remote=True)
+            self.owner.on_upstream_closed(remote=True, reset=isinstance(exc, ConnectionResetError))
 
     def pause_writing(self) -> None:
         if self.state == _OPEN:
