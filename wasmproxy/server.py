@@ -75,7 +75,7 @@ class Worker:
             self.dispatcher.run()
         finally:
             # Envoy's WorkerImpl::threadRoutine: drop this thread's slot objects on the way out.
-            if self.tls.is_shutdown():
+            if self.tls.is_shutdown:
                 self.tls.shutdown_thread()
 
     def stop(self) -> None:
