@@ -20,7 +20,9 @@ the whole config, logs why, and the running config keeps serving. Then:
    in it reuses its base VM and per-worker clones through the vm_key caches; only its
    canary is new). Any other change replaces the listener: the old one stops accepting on
    every worker and drains (its connections finish, and are closed after --drain-time-s),
-   the new one starts on every worker. Removed listeners drain the same way; added ones start;
+   the new one starts on every worker; on the same address it takes over each worker's
+   listening socket, so no connection waiting to be accepted is reset. Removed listeners
+   drain the same way; added ones start;
 3. clusters no longer in the config are removed (after the listeners stopped routing to them).
 
 Stats (main thread): `server.reload_success`, `server.reload_failed` (a config rejected: the
@@ -44,6 +46,7 @@ import copy
 import dataclasses
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +77,16 @@ class ActiveListener:
     handler: Any
     server: "asyncio.Task[Any]"
     drain_timer: Any = field(default=None)
+
+    def take_socket(self) -> socket.socket | None:
+        """A duplicate of the listening socket, so a replacing listener on the same address
+        serves the same kernel socket and its accept queue (Envoy hands its sockets over the same
+        way); None if the server is not listening yet."""
+        task = self.server
+        if not task.done() or task.cancelled() or task.exception() is not None or not task.result().sockets:
+            return None
+        fd = task.result().sockets[0].fileno()
+        return socket.socket(fileno=os.dup(fd))
 
     def stop_accepting(self) -> None:
         """Close the listening socket; accepted connections are left to finish."""
@@ -356,6 +369,9 @@ class ConfigReloader:
         drain_ms = max(0, int(getattr(server.opts, "drain_time_s", 600))) * 1000
         in_place, starting = plan.in_place, [*plan.replaced, *plan.added]
         stopping = {listener.name for listener in plan.replaced} | set(plan.removed_listeners)
+        old_addresses = {listener.name: (listener.host, listener.port) for listener in server.listeners}
+        same_address = {listener.name for listener in plan.replaced
+                        if old_addresses.get(listener.name) == (listener.host, listener.port)}
 
         def on_thread(worker: "Worker | None") -> None:
             if worker is None:
@@ -370,12 +386,15 @@ class ConfigReloader:
                 active = worker.listeners.get(name)
                 if active is not None:
                     _swap_hcm_config(active.handler, config)
+            handed_over: dict[str, socket.socket | None] = {}
             for name in stopping:
                 active = worker.listeners.pop(name, None)
                 if active is not None:
+                    if name in same_address:
+                        handed_over[name] = active.take_socket()
                     _drain(worker, active, drain_ms)
             for listener in starting:
-                listener.start_on_worker(worker)
+                listener.start_on_worker(worker, handed_over.get(listener.name))
 
         def done() -> None:
             for listener in starting:

@@ -128,9 +128,10 @@ class Listener:
         # Keep the probe bound until the workers have bound theirs, so the port cannot be taken.
         self._probe = probe
 
-    def start_on_worker(self, worker: Worker) -> None:
-        """Worker thread: bind this worker's own SO_REUSEPORT socket and serve it."""
-        sock = _reuse_port_socket(self.host, self.port)
+    def start_on_worker(self, worker: Worker, sock: socket.socket | None = None) -> None:
+        """Worker thread: bind this worker's own SO_REUSEPORT socket and serve it (or serve
+        `sock`: the listening socket a reload hands over from the listener this one replaces)."""
+        sock = sock or _reuse_port_socket(self.host, self.port)
         protocol_factory = self._for_worker(worker.dispatcher, worker.store)
         server = worker.dispatcher.loop.create_server(protocol_factory, sock=sock, backlog=1024)
         worker.listeners[self.name] = ActiveListener(protocol_factory, worker.dispatcher.loop.create_task(server))
