@@ -247,6 +247,9 @@ class FakeStream:
                          grpc_status: int | None = None, details: str = "") -> None:
         data = body.encode() if isinstance(body, str) else bytes(body)
         headers = HeaderMap([(":status", str(status))])
+        if getattr(self._route, "action", "") == "route":
+            # As the filter manager: a route to a cluster adds its response headers to local replies.
+            self._route.finalize_response_headers(headers, self.stream_info)
         if modify_headers is not None:
             modify_headers(headers)
         self.local_reply = (status, data, details)

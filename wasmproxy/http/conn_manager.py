@@ -836,6 +836,7 @@ class ActiveStream:
             # Without upgrade_configs a CONNECT never completes as a request: close after the reply.
             self.conn.drain_state = _CLOSING
         self._mutate_request_headers(headers)
+        self.route()  # Envoy resolves the route before the upgrade check and the filter chain
         if upgrade:
             # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
             # codec saw an upgrade, so the request never completes).
@@ -1016,9 +1017,18 @@ class ActiveStream:
             headers = self.filter_manager.request_headers
             self._cached_route = None
             if route_config is not None and headers is not None:
-                self._cached_route = route_config.route(headers, self.stream_id)
-                self.stream_info.route_name = getattr(self._cached_route, "name", "") or ""
+                route = self._cached_route = route_config.route(headers, self.stream_id)
+                info = self.stream_info
+                info.route_name = getattr(route, "name", "") or ""
+                info.route_resolved = route is not None
+                # refreshCachedRoute: the stream's upstream cluster is known from here on.
+                if getattr(route, "action", "") == "route":
+                    info.upstream_cluster = route.cluster_for(headers, self.stream_id)
         return self._cached_route
+
+    def resolved_route(self) -> object | None:
+        """The route if one was resolved already (local replies add its response headers)."""
+        return self._cached_route if self._route_cached else None
 
     def clear_route_cache(self) -> None:
         self._route_cached = False

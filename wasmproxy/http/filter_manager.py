@@ -895,6 +895,12 @@ class FilterManager:
             if body:
                 headers.add("content-length", str(len(body)))
                 headers.add("content-type", "text/plain")
+        # A route that forwards to a cluster adds its response headers to every local reply
+        # (the filter manager's sendLocalReply does it, before the caller's modify_headers).
+        resolved_route = getattr(self.callbacks, "resolved_route", None)
+        route = resolved_route() if resolved_route is not None else None
+        if getattr(route, "action", "") == "route":
+            route.finalize_response_headers(headers, self.stream_info, self.request_headers)
         if modify_headers is not None:
             modify_headers(headers)
         self.stream_info.response_code = int(headers.get(":status") or status)

@@ -45,6 +45,8 @@ class StreamInfo:
     protocol: str = "HTTP/1.1"
     request_id: str = ""
     route_name: str = ""
+    # A route was resolved (it may be unnamed: Wasm's xds.route_name is then empty, not absent).
+    route_resolved: bool = False
     virtual_cluster_name: str = ""
     upstream_cluster: str = ""
     upstream_host: Address | None = None

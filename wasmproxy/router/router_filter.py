@@ -385,6 +385,7 @@ class Router:
         cluster_name = route.cluster_for(headers, cb.stream_id)
         cluster = self.config.thread_local_cluster_manager().get(cluster_name)
         if cluster is None:
+            info.upstream_cluster = ""
             if stats is not None:
                 stats.no_cluster.inc()
             info.add_response_flag("NC")
@@ -676,8 +677,11 @@ class Router:
         self.callbacks.send_local_reply(code, body, modify, None, details)
 
     def _finalize_local_reply(self, headers: HeaderMap, attempt_count: bool = True) -> None:
+        """A direct response or redirect adds its route's response headers itself; a route to a
+        cluster has them added by the filter manager for every local reply (so never twice)."""
         if self.route is not None:
-            self.route.finalize_response_headers(headers, self.callbacks.stream_info, self._request_headers)
+            if self.route.action != "route":
+                self.route.finalize_response_headers(headers, self.callbacks.stream_info, self._request_headers)
             if attempt_count:
                 self._add_attempt_count(headers)
 

@@ -297,8 +297,8 @@ def _xds(ctx: "ContextBase", info: "StreamInfo | None") -> LazyMap:
         "node": lambda: _node(ctx),
         "cluster_name": lambda: info.upstream_cluster or None,
         "cluster_metadata": lambda: _metadata(info.cluster_metadata) if info.upstream_cluster else None,
-        "route_name": lambda: info.route_name or None,
-        "route_metadata": lambda: _metadata(info.route_metadata) if info.route_name else None,
+        "route_name": lambda: info.route_name if info.route_name or info.route_resolved else None,
+        "route_metadata": lambda: _metadata(info.route_metadata) if info.route_name or info.route_resolved else None,
         "listener_metadata": lambda: _metadata(info.listener_metadata),
         "listener_direction": lambda: 0,  # UNSPECIFIED: listeners carry no traffic direction yet
         "filter_chain_name": lambda: b"",
