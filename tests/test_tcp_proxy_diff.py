@@ -430,6 +430,7 @@ def limits_bootstrap(ports: dict[str, int], echo: int, sink: int, dead: int, res
                 flow,
                 _listener("rst", ports["rst"], [proxy("rst", cluster="resetter")]),
                 _listener("timeout", ports["timeout"], [proxy("timeout", cluster="blackhole")]),
+                _listener("maxdur", ports["maxdur"], [proxy("maxdur", max_downstream_connection_duration="0.3s")]),
             ],
             "clusters": [_cluster("echo", echo), _cluster("echo2", echo), _cluster("dead", dead), sink_cluster,
                          _cluster("resetter", resetter), {**_cluster("blackhole", blackhole), "connect_timeout": "0.25s"}],
@@ -457,6 +458,10 @@ def exercise_limits(ports: dict[str, int]) -> list[Any]:
         seen.append(_recv_end(s).split(":", 1)[0])
     with socket.create_connection((LOOPBACK, ports["timeout"]), timeout=5) as s:
         seen.append(_recv_end(s))  # closed when the upstream connect times out
+    with socket.create_connection((LOOPBACK, ports["maxdur"]), timeout=5) as s:
+        s.sendall(b"m")
+        seen.append(_recv_exactly(s, 1))
+        seen.append(_recv_end(s))  # closed at max_downstream_connection_duration
     return seen
 
 
@@ -489,14 +494,14 @@ LIMIT_STATS = [
     # A downstream that closes while the proxy is not reading from it goes unnoticed (Envoy too).
     "tcp.flow.upstream_flush_total",
     "cluster.blackhole.upstream_cx_connect_timeout", "cluster.blackhole.upstream_cx_connect_fail",
-    "cluster.resetter.upstream_cx_destroy_remote_with_active_rq",
+    "cluster.resetter.upstream_cx_destroy_remote_with_active_rq", "tcp.maxdur.max_downstream_connection_duration",
 ]
 
 
 def run_limits(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str, int]) -> dict[str, Any]:
     import yaml
 
-    names = ("admin", "idle", "noroute", "retry", "weighted", "flow", "rst", "timeout")
+    names = ("admin", "idle", "noroute", "retry", "weighted", "flow", "rst", "timeout", "maxdur")
     ports = dict(zip(names, free_ports(len(names))))
     path = workdir / f"limits_{proc_cls.__name__}.yaml"
     path.write_text(yaml.safe_dump(limits_bootstrap(ports, **upstreams)))
@@ -534,8 +539,10 @@ def test_tcp_proxy_limits_match_envoy(limits: dict[str, dict[str, Any]]) -> None
     """idle_timeout, no route, max_connect_attempts, weighted_clusters, an upstream reset, a connect
     timeout, flow control (reading paused)."""
     envoy = limits["envoy"]
-    assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", "reset", "eof:b''", True]
+    assert envoy["seen"] == [b"a", "eof:b''", "eof:b''", "eof:b''", b"w", b"w", b"w", b"w", "reset", "eof:b''", b"m",
+                             "eof:b''", True]
     assert envoy["stats"]["tcp.idle.idle_timeout"] == "1"
+    assert envoy["stats"]["tcp.maxdur.max_downstream_connection_duration"] == "1"
     assert limits["wasmproxy"] == envoy
 
 
