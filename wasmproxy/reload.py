@@ -61,6 +61,8 @@ __all__ = ["ActiveListener", "ConfigReloader", "WATCH_INTERVAL_MS"]
 
 _log = log.get_logger("main")
 
+_HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
 # How often --watch-config looks at the config file's mtime, size and inode.
 WATCH_INTERVAL_MS = 1000
 
@@ -319,6 +321,8 @@ class ConfigReloader:
         if old_hcm is None or len(proto.filter_chains) != 1 or len(proto.filter_chains[0].filters) != 1:
             return False
         if len(old_proto.filter_chains) != 1 or not _same(_without_hcm(old_proto), _without_hcm(proto)):
+            return False
+        if not proto.filter_chains[0].filters[0].typed_config.type_url.endswith(_HCM_TYPE):
             return False
         new_hcm, old_hcm_proto = _hcm_proto(proto), _hcm_proto(old_proto)
         if type(new_hcm) is not type(old_hcm_proto) or new_hcm.stat_prefix != old_hcm_proto.stat_prefix:
