@@ -22,8 +22,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "test_request_header_and_trailer_edits_reach_upstream[headers_abi010]": _HEADER_ORDER,
     "test_buffered_body_callbacks_see_the_growing_total": _CHUNKS + " (body sizes 3,6,6 instead of 6,6)",
     "test_streaming_mode_edits_every_chunk_including_the_empty_last_one": _CHUNKS + " (3,3,0 instead of 6,0)",
-    "test_request_phase_properties": ("HCM/properties: xds.cluster_name is 1: (NotFound) in request headers; Envoy "
-                                      "sets the upstream cluster when the route is resolved (0:echo)"),
 }
 
 
