@@ -245,9 +245,6 @@ LATE_LOCAL_REPLY = RequestSpec(path="/stats/late", headers=[("x-local-reply-phas
                                expect={"outcome": "truncated"})
 
 
-@pytest.mark.xfail(CANDIDATE in selected_targets(), strict=True,
-                   reason="HCM stats: a local reply after the response started resets the stream; Envoy counts "
-                          "it in http.<prefix>.downstream_rq_rx_reset, wasmproxy does not")
 def test_admin_stats_count_the_reset_of_a_late_local_reply(filters_env: ConformanceEnvironment) -> None:
     def resets() -> dict[str, int]:
         out = {}

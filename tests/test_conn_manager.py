@@ -1071,3 +1071,15 @@ def test_a_response_goes_out_in_one_write():
     t.write = writes.append  # type: ignore[method-assign]
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert writes == [HELLO]
+
+
+def test_a_reply_before_the_request_is_in_counts_as_a_reset_stream():
+    # Envoy resets the codec stream when it ends one whose request is incomplete (a protocol
+    # error's 400 here); its reset callback counts downstream_rq_rx_reset.
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GARBAGE\r\n\r\n")
+    assert h.store["downstream_rq_rx_reset"] == 1 and h.store["downstream_rq_tx_reset"] == 0
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.store["downstream_rq_rx_reset"] == 1

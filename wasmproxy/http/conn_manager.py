@@ -158,6 +158,11 @@ class HttpConnectionManagerConfig:
             self.route_config = RouteConfig.from_proto(proto.route_config, cluster_exists)
         except RouteConfigError as e:
             raise ConfigError(str(e), "route_config") from None
+        extras = getattr(factory_context, "extras", None)
+        if isinstance(extras, dict):
+            # The router names its http.<stat_prefix>.* stats (rq_total, no_route, ...) after this
+            # HCM; other keys in extras belong to others, so the dict is updated, never replaced.
+            extras["http_stat_prefix"] = proto.stat_prefix
         self.filter_factories = _http_filter_factories(proto, factory_context, registry, ConfigError)
         for i, log_proto in enumerate(proto.access_log):
             path = f"access_log[{i}]"
@@ -993,12 +998,16 @@ class ActiveStream:
     def end_stream(self) -> None:
         """doEndStream: reset if the request is still incoming, else destroy; then maybe close."""
         if not self.filter_manager.remote_decode_complete or not self._codec_saw_local_complete:
-            # HTTP/1: "resetting" a server stream closes the connection once the reply is flushed.
+            # Envoy resets the codec stream here; for HTTP/1 that closes the connection once the
+            # reply is flushed, and the reset callback (onResetStream) counts downstream_rq_rx_reset.
             self.conn.drain_state = _CLOSING
+            self.stats.downstream_rq_rx_reset.inc()
         self._destroy()
 
     def reset_stream(self) -> None:
+        # Counted by Envoy's codec for the reset it sends, and by onResetStream as for any reset.
         self.stats.downstream_rq_tx_reset.inc()
+        self.stats.downstream_rq_rx_reset.inc()
         self.conn.drain_state = _CLOSING
         self._destroy()
         self.conn.close()
