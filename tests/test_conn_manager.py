@@ -258,12 +258,25 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time():
     h = Harness(Direct)
     conn, t = h.connect()
     conn.data_received(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert t.take() == HELLO
+    # The first answer waits for the requests of the same read (Envoy's redispatch loop).
+    assert t.take() == b""
     assert len(h.made) == 1 and not t.reading  # the second request waits, reading paused
     h.dispatcher.run_posts()
-    assert t.take() == HELLO
+    assert t.take() == HELLO + HELLO
     assert [f.seen[0].get(":path") for f in h.made] == ["/1", "/2"]
     assert t.reading
+
+
+def test_a_third_pipelined_local_reply_of_one_read_closes_the_connection():
+    # Envoy's HTTP/1 flood protection: two responses may wait unwritten; a third request then
+    # fails ("Too many responses queued") and the connection closes after the two answers.
+    h = Harness(Direct)
+    conn, t = h.connect()
+    conn.data_received(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n" * 3)
+    h.dispatcher.run_posts()
+    assert t.take() == HELLO + HELLO
+    assert conn.closed and len(h.made) == 2
+    assert h.store["downstream_cx_protocol_error"] == 1
 
 
 def test_connection_close_request_gets_connection_close_and_is_closed():

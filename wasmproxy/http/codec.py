@@ -455,6 +455,11 @@ class ServerCodec(_CodecBase):
         """True when parsed events wait for delivery (the caller should stop reading)."""
         return bool(self._events)
 
+    @property
+    def has_pending_request(self) -> bool:
+        """True when another request (pipelined) already waits among the parsed events."""
+        return any(event[0] == self._deliver_begin for event in self._events)
+
     # -- public: encoding ------------------------------------------------------------------
 
     def encode_100_continue(self) -> bytes:

@@ -59,6 +59,9 @@ DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
 DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
 DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
 DEFAULT_DELAYED_CLOSE_TIMEOUT_MS = 1000
+# Envoy's HTTP/1 codec flood protection: a request is refused while this many responses wait,
+# unwritten, in the connection's output ("Too many responses queued").
+MAX_OUTBOUND_RESPONSES = 2
 
 # x-envoy-* control headers ConnectionManagerUtility::cleanInternalHeaders strips from a request
 # that is not internal. Envoy 1.40's default internal_address_config trusts no address, so that is
@@ -428,6 +431,11 @@ class ConnectionManager(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_posted = False
         self._reading = False
+        # Pipelined requests of one read are answered before any output is written (as Envoy's
+        # redispatch loop in onData); responses completed but not yet written count toward the
+        # flood limit.
+        self._dispatch_posted = False
+        self._outbound_responses = 0
         self._requests = 0
         self._pipelining_disabled = False
         self._write_paused = False
@@ -513,6 +521,15 @@ class ConnectionManager(asyncio.Protocol):
     # -- ServerCodec callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._closed:
+            return
+        if self._outbound_responses >= MAX_OUTBOUND_RESPONSES:
+            # Envoy's doFloodProtectionChecks: a codec error without a reply; what is queued
+            # is still written, then the connection closes.
+            _log.debug("[C%s] too many responses queued; closing", self._conn_id())
+            self.stats.downstream_cx_protocol_error.inc()
+            self.close()
+            return
         self._requests += 1
         limit = self.config.max_requests_per_connection
         if limit and self._requests >= limit and self.drain_state == _NOT_DRAINING:
@@ -586,8 +603,15 @@ class ConnectionManager(asyncio.Protocol):
                 except RuntimeError:  # the dispatcher has exited: write now
                     self._flush()
 
+    def on_response_encoded(self) -> None:
+        """A response was encoded completely; it stays queued until the output is written."""
+        self._outbound_responses += 1
+
     def _flush(self) -> None:
         self._flush_posted = False
+        if self._dispatch_posted:
+            return  # more requests of this read come first (written once they are answered)
+        self._outbound_responses = 0
         out = self._out
         if out and self.transport is not None:
             data = out[0] if len(out) == 1 else b"".join(out)
@@ -612,6 +636,7 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is not None:
             self.stats.downstream_cx_destroy_local_active_rq.inc()
         self._teardown()
+        self._dispatch_posted = False
         self._flush()
         transport = self.transport
         if transport is None:
@@ -689,13 +714,21 @@ class ConnectionManager(asyncio.Protocol):
         # call stack (Envoy redispatches from the read path too).
         try:
             self.dispatcher.post(self._dispatch_next_request)
+            self._dispatch_posted = self.codec.has_pending_request
         except RuntimeError:  # the dispatcher has exited (shutdown): nothing more to serve
             self.close(flush_and_delay=False)
 
     def _dispatch_next_request(self) -> None:
+        self._dispatch_posted = False
         if self._closed or self.stream is not None:
+            self._flush()
             return
-        self.codec.resume()
+        self._reading = True
+        try:
+            self.codec.resume()
+        finally:
+            self._reading = False
+            self._flush()
         self._apply_pipelining_backpressure()
 
 
@@ -993,6 +1026,7 @@ class ActiveStream:
 
     def _on_codec_encode_complete(self) -> None:
         self._codec_saw_local_complete = True
+        self.conn.on_response_encoded()
         self.stream_info.last_downstream_tx = self.dispatcher.time_source.monotonic()
 
     def end_stream(self) -> None:
