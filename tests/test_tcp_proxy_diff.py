@@ -494,6 +494,8 @@ LIMIT_STATS = [
     # A downstream that closes while the proxy is not reading from it goes unnoticed (Envoy too).
     "tcp.flow.upstream_flush_total",
     "cluster.blackhole.upstream_cx_connect_timeout", "cluster.blackhole.upstream_cx_connect_fail",
+    "cluster.blackhole.upstream_cx_destroy_local", "cluster.blackhole.upstream_cx_destroy_remote",
+    "cluster.blackhole.upstream_rq_cancelled", "cluster.blackhole.upstream_rq_pending_failure_eject",
     "cluster.resetter.upstream_cx_destroy_remote_with_active_rq", "tcp.maxdur.max_downstream_connection_duration",
 ]
 
@@ -516,7 +518,8 @@ def run_limits(proc_cls: type[ProxyProcess], workdir: Path, upstreams: dict[str,
             "tcp.flow.downstream_flow_control_paused_reading_total", "0") != "0"))
 
         stats = fetch()  # every connection above has ended as the client saw it
-        picked = {name: stats.get(name, "absent") for name in LIMIT_STATS}
+        # Envoy creates every cluster stat up front; wasmproxy's first use creates it: unset is 0.
+        picked = {name: stats.get(name, "0") for name in LIMIT_STATS}
         weighted = int(stats.get("cluster.echo.upstream_cx_total", 0)) + int(stats.get("cluster.echo2.upstream_cx_total", 0))
         return {"seen": seen, "stats": picked, "weighted_upstreams": weighted}
 

@@ -78,7 +78,8 @@ class TcpUpstream(asyncio.Protocol):
         self.stats.inc("upstream_cx_connect_fail")
         self.host.stats.cx_connect_fail += 1
         self.stats.inc("upstream_rq_pending_failure_eject")
-        self._gone(local=False, with_active_rq=False)
+        # A refused connect is a remote close; a timed-out one is closed by us (Envoy 1.40).
+        self._gone(local=timeout, with_active_rq=False)
         self.owner.on_upstream_connect_failure(timeout)
 
     def _abandon_connect(self) -> None:
