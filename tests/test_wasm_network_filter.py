@@ -142,3 +142,15 @@ def test_fail_open_policy_with_a_failed_vm_leaves_the_filter_out() -> None:
     later = FilterManager(FakeConnection())  # type: ignore[arg-type]
     factory(later)
     assert later._read == []
+
+
+def test_continue_stream_downstream_resumes_reading_after_the_filter() -> None:
+    from wasmproxy.wasm.abi import WasmStreamType
+
+    context, conn, fm, terminal, _ = _setup()
+    fm.initialize_read_filters()
+    _read(conn, fm, b"HOLD2")
+    assert terminal.received == []
+    wasm_filter = fm._read[0].filter
+    wasm_filter.continue_stream(WasmStreamType.Downstream)  # what proxy_continue_stream(DOWNSTREAM) does
+    assert terminal.received == [(b"HOLD2", False)]
