@@ -54,6 +54,9 @@ class TcpProxyConfig:
     """The TcpProxy proto as the filter reads it; built on main, shared by every worker."""
 
     def __init__(self, proto: Any, context: "FactoryContext") -> None:
+        for unsupported in ("tunneling_config", "on_demand"):
+            if proto.HasField(unsupported):
+                raise ConfigError(f"tcp_proxy: {unsupported} is not supported by wasmproxy")
         self.stat_prefix = proto.stat_prefix
         self.cluster_manager = context.cluster_manager
         self._store_for = context.store_for
