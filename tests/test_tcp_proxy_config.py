@@ -15,6 +15,7 @@ from wasmproxy.tcp.tcp_proxy import TcpProxyConfig
 class Context:
     cluster_manager: Any = None
     store_for: Any = None
+    main_dispatcher: Any = None
 
 
 def _config(**fields: Any) -> TcpProxyConfig:

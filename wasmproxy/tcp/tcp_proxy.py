@@ -39,12 +39,16 @@ class TcpProxyStats:
     __slots__ = ("downstream_cx_total", "downstream_cx_no_route", "downstream_cx_rx_bytes_total",
                  "downstream_cx_tx_bytes_total", "downstream_flow_control_paused_reading_total",
                  "downstream_flow_control_resumed_reading_total", "idle_timeout",
-                 "max_downstream_connection_duration", "upstream_flush_total", "upstream_flush_active")
+                 "max_downstream_connection_duration", "upstream_flush_total", "upstream_flush_active",
+                 # Envoy's, kept at 0 here (no drain/overload close, early data or route delay).
+                 "downstream_cx_drain_close", "downstream_cx_overload_close", "early_data_received_count_total",
+                 "route_delayed_total", "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered")
+    _GAUGES = frozenset(("upstream_flush_active", "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered"))
 
     def __init__(self, store: "Store", stat_prefix: str) -> None:
         prefix = f"tcp.{stat_prefix}."
         for name in self.__slots__:
-            if name == "upstream_flush_active":
+            if name in self._GAUGES:
                 setattr(self, name, store.gauge(prefix + name))
             else:
                 setattr(self, name, store.counter(prefix + name))
@@ -61,6 +65,8 @@ class TcpProxyConfig:
         self.cluster_manager = context.cluster_manager
         self._store_for = context.store_for
         self._stats: dict[int, TcpProxyStats] = {}
+        if context.store_for is not None:
+            self.stats(context.main_dispatcher)  # Envoy's stats exist (at 0) from the start
         which = proto.WhichOneof("cluster_specifier")
         if which == "weighted_clusters":
             self.clusters = [(c.name, c.weight) for c in proto.weighted_clusters.clusters]
