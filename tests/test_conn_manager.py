@@ -865,10 +865,10 @@ def test_unsupported_hcm_fields_are_ignored_with_a_warning():
     logger = get_logger("http")
     logger.addHandler(handler)
     try:
-        create_hcm_factory(_hcm_proto({"normalize_path": True}), _Context())
+        create_hcm_factory(_hcm_proto({"path_with_escaped_slashes_action": "REJECT_REQUEST"}), _Context())
     finally:
         logger.removeHandler(handler)
-    assert any("normalize_path" in r.getMessage() for r in records)
+    assert any("path_with_escaped_slashes_action" in r.getMessage() for r in records)
 
 
 def test_local_close_waits_for_the_peer_or_the_delayed_close_timeout():
@@ -1096,3 +1096,27 @@ def test_a_reply_before_the_request_is_in_counts_as_a_reset_stream():
     conn, t = h.connect()
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert h.store["downstream_rq_rx_reset"] == 1
+
+
+def test_path_normalization_and_host_port_stripping_as_envoys_hcm_options():
+    assert conn_manager._normalize_path("/a/../b", True, False) == "/b"
+    assert conn_manager._normalize_path("/a/%2E%2e/b/./c/..?q=/../", True, False) == "/b/?q=/../"
+    assert conn_manager._normalize_path("//a//b?x=//", True, True) == "/a/b?x=//"
+    assert conn_manager._normalize_path("//a", True, False) == "//a"
+    for host, port, want in (("a:80", None, "a"), ("a:80", 81, "a:80"), ("a:81", 81, "a"), ("[::1]", None, "[::1]"),
+                             ("[::1]:80", None, "[::1]"), ("a:x", None, "a:x")):
+        headers = HeaderMap([(":authority", host)])
+        conn_manager._strip_port_from_host(headers, port)
+        assert headers.get(":authority") == want, host
+
+
+def test_headers_with_underscores_rejected_or_dropped():
+    rejecting = Harness(Direct, headers_with_underscores_action=1)
+    conn, t = rejecting.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nx_a: 1\r\n\r\n")
+    assert t.take().startswith(b"HTTP/1.1 400 Bad Request\r\n") and conn.closed
+    dropping = Harness(Direct, headers_with_underscores_action=2)
+    conn, t = dropping.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nx_a: 1\r\nx-b: 2\r\n\r\n")
+    seen = dropping.made[0].seen[0]
+    assert "x_a" not in seen and seen.get("x-b") == "2"

@@ -51,6 +51,10 @@ DETAILS_INVALID_CHARACTERS = "http1.invalid_characters"
 DETAILS_CONNECTION_HEADER_REJECTED = "http1.connection_header_rejected"
 DETAILS_INVALID_AUTHORITY = "http.invalid_authority"
 DETAILS_LOW_VERSION = "low_version"
+DETAILS_UNEXPECTED_UNDERSCORE = "http1.unexpected_underscore"
+
+# HttpProtocolOptions.HeadersWithUnderscoresAction
+UNDERSCORES_ALLOW, UNDERSCORES_REJECT_REQUEST, UNDERSCORES_DROP_HEADER = 0, 1, 2
 
 # CodeUtility::toString (source/common/http/codes.cc); anything else prints "Unknown".
 _REASONS: dict[int, str] = {
@@ -352,11 +356,17 @@ class ServerCodec(_CodecBase):
         max_request_headers_kb: int = DEFAULT_MAX_HEADERS_KB,
         max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT,
         accept_http_10: bool = False,
+        default_host_for_http_10: str = "",
         enable_trailers: bool = False,
+        headers_with_underscores_action: int = UNDERSCORES_ALLOW,
     ) -> None:
         super().__init__(max_request_headers_kb, max_headers_count, enable_trailers)
         self._callbacks = callbacks
         self._accept_http_10 = accept_http_10
+        self._default_host_for_http_10 = default_host_for_http_10
+        self._underscores_action = headers_with_underscores_action
+        # Headers dropped for an underscore in their name (DROP_HEADER), for the HCM's stat.
+        self.dropped_headers_with_underscores = 0
         self._parser = _new_request_parser(_MessageParser(self))
         self._paused = False
         # Set when a complete request was delivered; cleared when its response is encoded.
@@ -541,7 +551,11 @@ class ServerCodec(_CodecBase):
         if protocol != "HTTP/1.1" and not self._accept_http_10:
             self._fail(CodecError(426, DETAILS_LOW_VERSION, "Upgrade required for HTTP/1.0 or HTTP/0.9"))
         method = parser.get_method().decode("latin-1")
+        if self._underscores_action != UNDERSCORES_ALLOW:
+            self._check_underscores()
         headers = self._request_headers(method)
+        if protocol == "HTTP/1.0" and self._default_host_for_http_10 and ":authority" not in headers:
+            headers.add(":authority", self._default_host_for_http_10)
         self._check_request_headers(headers)
         content_length = headers.get("content-length")
         transfer_encoding = headers.get("transfer-encoding")
@@ -558,6 +572,16 @@ class ServerCodec(_CodecBase):
             self._events.append((self._deliver_headers, (headers, False, protocol, keep_alive, method)))
         else:
             self._pending_headers = (headers, protocol, keep_alive, method)
+
+    def _check_underscores(self) -> None:
+        """HttpProtocolOptions.headers_with_underscores_action for the request's header names."""
+        if not any("_" in key for key, _ in self._pairs):
+            return
+        if self._underscores_action == UNDERSCORES_REJECT_REQUEST:
+            self._fail(CodecError(400, DETAILS_UNEXPECTED_UNDERSCORE, "header name contains underscores"))
+        kept = [(key, value) for key, value in self._pairs if "_" not in key]
+        self.dropped_headers_with_underscores += len(self._pairs) - len(kept)
+        self._pairs = kept
 
     def _check_request_headers(self, headers: HeaderMap) -> None:
         """The checks Envoy's codec makes once a request's headers are in (before any filter)."""

@@ -22,6 +22,7 @@ import ipaddress
 import itertools
 import os
 import random
+import re
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -139,7 +140,13 @@ class HttpConnectionManagerConfig:
         self.max_request_headers_kb = 60
         self.max_headers_count = 100
         self.accept_http_10 = False
+        self.default_host_for_http_10 = ""
         self.enable_trailers = False
+        self.headers_with_underscores_action = 0  # ALLOW
+        self.normalize_path = False
+        self.merge_slashes = False
+        self.strip_any_host_port = False
+        self.strip_matching_host_port = False
         self.buffer_limit = DEFAULT_BUFFER_LIMIT
         self.max_requests_per_connection = 0  # 0: unlimited
 
@@ -194,7 +201,8 @@ class HttpConnectionManagerConfig:
                 self.max_headers_count = common.max_headers_count.value
             if common.HasField("max_requests_per_connection"):
                 self.max_requests_per_connection = common.max_requests_per_connection.value
-            for name in ("max_connection_duration", "max_stream_duration", "headers_with_underscores_action"):
+            self.headers_with_underscores_action = common.headers_with_underscores_action
+            for name in ("max_connection_duration", "max_stream_duration"):
                 if _is_set(common, name):
                     _log.warning("http_connection_manager %s: field 'common_http_protocol_options.%s' is not "
                                  "supported and is ignored", proto.stat_prefix, name)
@@ -208,7 +216,13 @@ class HttpConnectionManagerConfig:
             self.max_request_headers_kb = proto.max_request_headers_kb.value
         if proto.HasField("http_protocol_options"):
             self.accept_http_10 = proto.http_protocol_options.accept_http_10
+            self.default_host_for_http_10 = proto.http_protocol_options.default_host_for_http_10
             self.enable_trailers = proto.http_protocol_options.enable_trailers
+        if proto.HasField("normalize_path"):
+            self.normalize_path = proto.normalize_path.value
+        self.merge_slashes = proto.merge_slashes
+        self.strip_any_host_port = proto.strip_any_host_port
+        self.strip_matching_host_port = proto.strip_matching_host_port
         for name in _UNSUPPORTED_FIELDS:
             if _is_set(proto, name):
                 _log.warning("http_connection_manager %s: field '%s' is not supported and is ignored",
@@ -217,9 +231,8 @@ class HttpConnectionManagerConfig:
 
 
 # Fields that change Envoy's answers but that wasmproxy ignores (with a warning at load).
-_UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing", "normalize_path", "merge_slashes",
-                       "path_with_escaped_slashes_action", "strip_matching_host_port", "strip_any_host_port",
-                       "request_headers_timeout", "xff_num_trusted_hops", "internal_address_config",
+_UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing",
+                       "path_with_escaped_slashes_action", "request_headers_timeout", "xff_num_trusted_hops", "internal_address_config",
                        "scheme_header_transformation", "early_header_mutation_extensions",
                        "original_ip_detection_extensions", "add_user_agent")
 
@@ -423,7 +436,9 @@ class ConnectionManager(asyncio.Protocol):
             max_request_headers_kb=self.config.max_request_headers_kb,
             max_headers_count=self.config.max_headers_count,
             accept_http_10=self.config.accept_http_10,
+            default_host_for_http_10=self.config.default_host_for_http_10,
             enable_trailers=self.config.enable_trailers,
+            headers_with_underscores_action=self.config.headers_with_underscores_action,
         )
         self.stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
@@ -772,6 +787,50 @@ def _first_interface_ipv4() -> str | None:
     return None
 
 
+_ESCAPED_UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+
+
+def _normalize_path(path: str, normalize: bool, merge_slashes: bool) -> str:
+    """ConnectionManagerUtility::maybeNormalizePath on the path before any query: dot segments
+    (also percent-encoded ones) resolved, then runs of slashes merged."""
+    end = path.find("?")
+    head, rest = (path, "") if end < 0 else (path[:end], path[end:])
+    if normalize:
+        # As the URL canonicaliser Envoy uses: "\\" is a separator and escaped unreserved
+        # characters are plain ones.
+        head = _ESCAPED_UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), head.replace("\\", "/"))
+        out: list[str] = []
+        segments = head.split("/")[1:]
+        for i, segment in enumerate(segments):
+            if segment in (".", ".."):
+                if segment == ".." and out:
+                    out.pop()
+                if i == len(segments) - 1:
+                    out.append("")  # "/a/.." is "/" + "a/" resolved: the trailing slash stays
+                continue
+            out.append(segment)
+        head = "/" + "/".join(out)
+    if merge_slashes:
+        while "//" in head:
+            head = head.replace("//", "/")
+    return head + rest
+
+
+def _strip_port_from_host(headers: HeaderMap, listener_port: int | None) -> None:
+    """HeaderUtility::stripPortFromHost: drop a numeric port from :authority (any port, or only
+    the listener's for strip_matching_host_port); an IPv6 literal keeps its colons."""
+    host = headers.get(":authority")
+    if not host:
+        return
+    colon = host.rfind(":")
+    if colon < 0 or host.rfind("]") > colon:
+        return
+    port = host[colon + 1:]
+    if not port.isdigit() or (listener_port is not None and int(port) != listener_port):
+        return
+    headers.set(":authority", host[:colon])
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -869,6 +928,13 @@ class ActiveStream:
             self.stats.downstream_rq_non_relative_path.inc()
             fm.send_local_reply(404, "", None, None, DETAILS_ABSOLUTE_PATH)
             return
+        if path is not None and (self.config.normalize_path or self.config.merge_slashes):
+            normalized = _normalize_path(path, self.config.normalize_path, self.config.merge_slashes)
+            if normalized != path:
+                headers.set(":path", normalized)
+        if self.config.strip_any_host_port or self.config.strip_matching_host_port:
+            listener_port = None if self.config.strip_any_host_port else self.stream_info.connection.local_address.port
+            _strip_port_from_host(headers, listener_port)
         upgrade = _is_upgrade(headers)
         if headers.get(":method") == "CONNECT":
             # Without upgrade_configs a CONNECT never completes as a request: close after the reply.
