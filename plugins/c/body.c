@@ -65,17 +65,7 @@ static op *parse_ops(char *text, char sep) {
   return head;
 }
 
-PW_EXPORT(proxy_on_context_create) void on_context_create(uint32_t context_id, uint32_t parent) {
-  if (!parent) {
-    root_state *r = calloc(1, sizeof *r);
-    r->is_root = 1;
-    pw_ctx_set(context_id, r);
-    return;
-  }
-  stream_state *s = calloc(1, sizeof *s);
-  s->root = pw_ctx_get(parent);
-  pw_ctx_set(context_id, s);
-}
+PW_DEFINE_CONTEXT_CREATE(root_state, stream_state)
 
 PW_EXPORT(proxy_on_configure) uint32_t on_configure(uint32_t root_id, uint32_t size) {
   root_state *r = pw_ctx_get(root_id);

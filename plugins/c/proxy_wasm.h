@@ -440,6 +440,22 @@ static inline void pw_ctx_set(uint32_t id, void *state) {
   pw_ctx_list = e;
 }
 
+/* Defines proxy_on_context_create for the common shape: a zeroed ROOT_TYPE (with an `is_root`
+   flag) per root context and a zeroed STREAM_TYPE (with a `root` pointer to its root's state)
+   per stream context, both kept in the context map above. */
+#define PW_DEFINE_CONTEXT_CREATE(ROOT_TYPE, STREAM_TYPE)                                          \
+  PW_EXPORT(proxy_on_context_create) void on_context_create(uint32_t context_id, uint32_t parent) { \
+    if (!parent) {                                                                                \
+      ROOT_TYPE *r_ = calloc(1, sizeof *r_);                                                      \
+      r_->is_root = 1;                                                                            \
+      pw_ctx_set(context_id, r_);                                                                 \
+      return;                                                                                     \
+    }                                                                                             \
+    STREAM_TYPE *s_ = calloc(1, sizeof *s_);                                                      \
+    s_->root = pw_ctx_get(parent);                                                                \
+    pw_ctx_set(context_id, s_);                                                                   \
+  }
+
 /* Unlinks the entry for id and returns its state (the caller frees it). */
 static inline void *pw_ctx_take(uint32_t id) {
   for (pw_ctx_entry **p = &pw_ctx_list; *p; p = &(*p)->next) {
