@@ -544,3 +544,27 @@ def test_a_complete_bad_line_is_400_at_once(data):
 def test_bodiless_request_content_length_zero_as_envoy_sends_it(method, length):
     codec, _ = client()
     assert (b"content-length: 0\r\n" in codec.encode_request_headers(request(method), True)) is length
+
+
+@pytest.mark.parametrize("line, path", [
+    (b"DELETE /rr/1/\t HTTP/1.1", "/rr/1/"), (b"GET\t/a HTTP/1.1", "/a"), (b"GET /a HTTP/1.1\t", "/a"),
+    (b"GET /a\tb HTTP/1.1", None), (b"\tGET /a HTTP/1.1", None),
+])
+def test_request_line_tabs_separate_as_in_envoys_parser(line, path):
+    # Balsa splits the request line at runs of SP/HTAB; a tab inside the target or before the
+    # method still makes it invalid (both checked against Envoy 1.40).
+    codec, rec = server()
+    codec.feed(line + b"\r\nHost: a\r\n\r\n")
+    if path is None:
+        assert rec.events[-1][:2] == ("error", 400)
+    else:
+        assert rec.events[1][0] == "headers" and dict(rec.events[1][1])[":path"] == path
+
+
+def test_http10_without_host_gets_the_default_host_and_underscore_headers_are_handled():
+    codec, rec = server(accept_http_10=True, default_host_for_http_10="dflt")
+    codec.feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert dict(rec.events[1][1])[":authority"] == "dflt"
+    codec, rec = server(headers_with_underscores_action=1)
+    codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nx_y: 1\r\n\r\n")
+    assert rec.events[-1] == ("error", 400, "http1.unexpected_underscore")

@@ -163,6 +163,24 @@ def _new_request_parser(sink: object) -> httptools.HttpRequestParser:
     return parser
 
 
+_LINEAR_WHITESPACE = re.compile(rb"[ \t]+")
+
+
+def _collapse_request_line_whitespace(data: bytes) -> bytes:
+    """Envoy's parser (Balsa) splits a request line at runs of SP and HTAB; llhttp takes single
+    spaces only. The request line starting `data`, when complete in it, gets single spaces.
+    (A pipelined request's line later in the same read is left as it is.)"""
+    start = len(data) - len(data.lstrip(b"\r\n"))
+    end = data.find(b"\n", start)
+    if end < 0:
+        return data
+    line_end = end - 1 if data[end - 1:end] == b"\r" else end
+    line = data[start:line_end]
+    if b"\t" not in line:
+        return data
+    return data[:start] + _LINEAR_WHITESPACE.sub(b" ", line.rstrip(b" \t")) + data[line_end:]
+
+
 def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[list[bytes], bool]:
     """Encode the regular headers of `headers`; also says whether content-length was seen."""
     lines: list[bytes] = []
@@ -401,6 +419,8 @@ class ServerCodec(_CodecBase):
                 self._release_deferred_error()
         elif self._error is None and not self._upgrade:
             self._idle_at_feed_start = not self._in_message
+            if self._idle_at_feed_start and b"\t" in data:
+                data = _collapse_request_line_whitespace(data)
             self._parse(self._parser, data)
         self._dispatch()
 
