@@ -1120,3 +1120,15 @@ def test_headers_with_underscores_rejected_or_dropped():
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nx_a: 1\r\nx-b: 2\r\n\r\n")
     seen = dropping.made[0].seen[0]
     assert "x_a" not in seen and seen.get("x-b") == "2"
+
+
+def test_a_400_local_reply_closes_the_connection():
+    class BadRequest(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):
+            self.decoder_callbacks.send_local_reply(400, "no", None, None, "bad")
+            return FilterHeadersStatus.StopIteration
+
+    h = Harness(BadRequest)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"connection: close\r\n" in t.take() and conn.closed

@@ -1150,6 +1150,12 @@ class ActiveStream:
     def on_request_data_too_large(self) -> None:
         self.stats.downstream_rq_too_large.inc()
 
+    def on_local_reply(self, status: int) -> None:
+        """ActiveStream::sendLocalReply: after a 400 an HTTP/1 request may be malformed, so the
+        connection closes (stream_error_on_invalid_http_message is not supported: false)."""
+        if status == 400:
+            self.saw_connection_close = True
+
     def on_response_data_too_large(self) -> None:
         self.stats.rs_too_large.inc()
 

@@ -88,6 +88,9 @@ class FilterManagerCallbacks(Protocol):
 
     def on_request_data_too_large(self) -> None: ...
 
+    def on_local_reply(self, status: int) -> None:
+        """Optional: a local reply with `status` is about to be sent (the HCM's own part of it)."""
+
     def on_response_data_too_large(self) -> None: ...
 
     def on_decoder_filter_above_write_buffer_high_watermark(self) -> None:
@@ -845,6 +848,9 @@ class FilterManager:
         """Envoy's FilterManager::sendLocalReply (see the module docstring for the three cases)."""
         if self.destroyed or self.remote_encode_complete:
             return
+        on_local_reply = getattr(self.callbacks, "on_local_reply", None)
+        if on_local_reply is not None:
+            on_local_reply(status)
         if self._filter_call_state & _IS_DECODING:
             self.decoder_filter_chain_aborted = True
         elif self._filter_call_state & _IS_ENCODING:
