@@ -56,7 +56,7 @@ def test_request_without_body_delivers_headers_with_end_stream():
         ("begin",),
         (
             "headers",
-            [(":method", "GET"), (":path", "/a?b=1"), (":authority", "example.com"), (":scheme", "http"),
+            [(":authority", "example.com"), (":path", "/a?b=1"), (":method", "GET"), (":scheme", "http"),
              ("user-agent", "t")],
             True,
         ),
@@ -225,7 +225,7 @@ def test_chunked_is_case_insensitive():
 def test_bare_lf_line_ends_and_obs_fold_are_accepted_as_envoy_does():
     codec, rec = server()
     codec.feed(b"GET /exact HTTP/1.1\nHost: diff.test\nx-fold: a\r\n b\n\n")
-    assert rec.events[1] == ("headers", [(":method", "GET"), (":path", "/exact"), (":authority", "diff.test"),
+    assert rec.events[1] == ("headers", [(":authority", "diff.test"), (":path", "/exact"), (":method", "GET"),
                                          (":scheme", "http"), ("x-fold", "a b")], True)
 
 

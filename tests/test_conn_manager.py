@@ -394,7 +394,7 @@ def test_request_headers_as_envoy_forwards_them():
     )
     items = h.made[0].seen[0].items()
     assert items[:-1] == [
-        (":method", "GET"), (":path", "/"), (":authority", "a"), (":scheme", "http"),
+        (":authority", "a"), (":path", "/"), (":method", "GET"), (":scheme", "http"),
         ("te", "trailers"), ("x-forwarded-for", "1.2.3.4"), ("x-envoy-foo", "1"), ("x-forwarded-proto", "http"),
     ]
     assert items[-1][0] == "x-request-id"

@@ -575,7 +575,7 @@ class ServerCodec(_CodecBase):
             self._check_underscores()
         headers = self._request_headers(method)
         if protocol == "HTTP/1.0" and self._default_host_for_http_10 and ":authority" not in headers:
-            headers.add(":authority", self._default_host_for_http_10)
+            headers = HeaderMap([(":authority", self._default_host_for_http_10), *headers.items()])
         self._check_request_headers(headers)
         content_length = headers.get("content-length")
         transfer_encoding = headers.get("transfer-encoding")
@@ -628,7 +628,8 @@ class ServerCodec(_CodecBase):
             regular.append((key, value))
         path = url
         scheme = "http"
-        if method != "CONNECT" and url[:1] not in ("/", "*"):
+        absolute_form = method != "CONNECT" and url[:1] not in ("/", "*")
+        if absolute_form:
             # RFC 9112 3.2.2: a proxy takes the authority of an absolute-form target over Host.
             sep = url.find("://")
             if sep <= 0:
@@ -639,14 +640,20 @@ class ServerCodec(_CodecBase):
             host, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
             if scheme not in ("http", "https") or not host:
                 self._fail(CodecError(400, DETAILS_INVALID_URL, "invalid url in request line"))
-        pseudo = [(":method", method)]
+        # Envoy's map order: :authority (from Host, the first header parsed), :path, :method,
+        # :scheme; an absolute-form target sets :scheme with the authority, before :path.
+        pseudo = []
         if method == "CONNECT":
             host = url
-        else:
-            pseudo.append((":path", path))
         if host is not None:
             pseudo.append((":authority", host))
-        pseudo.append((":scheme", scheme))
+        if absolute_form:
+            pseudo.append((":scheme", scheme))
+        if method != "CONNECT":
+            pseudo.append((":path", path))
+        pseudo.append((":method", method))
+        if not absolute_form:
+            pseudo.append((":scheme", scheme))
         return HeaderMap(pseudo + regular)
 
     def _on_message_complete(self) -> None:
