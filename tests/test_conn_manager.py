@@ -277,6 +277,7 @@ def test_a_third_pipelined_local_reply_of_one_read_closes_the_connection():
     assert t.take() == HELLO + HELLO
     assert conn.closed and len(h.made) == 2
     assert h.store["downstream_cx_protocol_error"] == 1
+    assert h.store.stats["http1.response_flood"].value == 1
 
 
 def test_connection_close_request_gets_connection_close_and_is_closed():

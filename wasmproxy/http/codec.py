@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import httptools
 
@@ -377,14 +377,16 @@ class ServerCodec(_CodecBase):
         default_host_for_http_10: str = "",
         enable_trailers: bool = False,
         headers_with_underscores_action: int = UNDERSCORES_ALLOW,
+        stats: Any = None,
     ) -> None:
         super().__init__(max_request_headers_kb, max_headers_count, enable_trailers)
         self._callbacks = callbacks
         self._accept_http_10 = accept_http_10
         self._default_host_for_http_10 = default_host_for_http_10
         self._underscores_action = headers_with_underscores_action
-        # Headers dropped for an underscore in their name (DROP_HEADER), for the HCM's stat.
-        self.dropped_headers_with_underscores = 0
+        # Envoy's http1.* codec counters (dropped_headers_with_underscores,
+        # requests_rejected_with_underscores_in_headers), when given.
+        self._stats = stats
         self._parser = _new_request_parser(_MessageParser(self))
         self._paused = False
         # Set when a complete request was delivered; cleared when its response is encoded.
@@ -598,9 +600,12 @@ class ServerCodec(_CodecBase):
         if not any("_" in key for key, _ in self._pairs):
             return
         if self._underscores_action == UNDERSCORES_REJECT_REQUEST:
+            if self._stats is not None:
+                self._stats.requests_rejected_with_underscores_in_headers.inc()
             self._fail(CodecError(400, DETAILS_UNEXPECTED_UNDERSCORE, "header name contains underscores"))
         kept = [(key, value) for key, value in self._pairs if "_" not in key]
-        self.dropped_headers_with_underscores += len(self._pairs) - len(kept)
+        if self._stats is not None:
+            self._stats.dropped_headers_with_underscores.inc(len(self._pairs) - len(kept))
         self._pairs = kept
 
     def _check_request_headers(self, headers: HeaderMap) -> None:

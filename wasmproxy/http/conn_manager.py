@@ -305,6 +305,17 @@ class HcmStats:
     downstream_rq_5xx: Any
 
 
+class Http1CodecStats:
+    """Envoy's HTTP/1 codec counters, http1.* in the root scope (made with the first connection)."""
+
+    def __init__(self, store: Any) -> None:
+        self.dropped_headers_with_underscores = store.counter("http1.dropped_headers_with_underscores")
+        self.metadata_not_supported_error = store.counter("http1.metadata_not_supported_error")
+        self.requests_rejected_with_underscores_in_headers = store.counter(
+            "http1.requests_rejected_with_underscores_in_headers")
+        self.response_flood = store.counter("http1.response_flood")
+
+
 class ListenerHttpStats:
     """Envoy's per-listener HTTP stats: listener.<address>.http.<stat_prefix>.downstream_rq_{1..5}xx
     and downstream_rq_completed."""
@@ -384,6 +395,12 @@ class WorkerConnectionHandler:
         self._listener_stats: dict[str, ListenerHttpStats] = {}
         self.draining = False
         self._random = random.Random()
+        self._codec_stats: Http1CodecStats | None = None
+
+    def codec_stats(self) -> Http1CodecStats:
+        if self._codec_stats is None:
+            self._codec_stats = Http1CodecStats(self._store)
+        return self._codec_stats
 
     def __call__(self) -> "ConnectionManager":
         return ConnectionManager(self)
@@ -439,6 +456,7 @@ class ConnectionManager(asyncio.Protocol):
             default_host_for_http_10=self.config.default_host_for_http_10,
             enable_trailers=self.config.enable_trailers,
             headers_with_underscores_action=self.config.headers_with_underscores_action,
+            stats=handler.codec_stats(),
         )
         self.stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
@@ -542,6 +560,7 @@ class ConnectionManager(asyncio.Protocol):
             # Envoy's doFloodProtectionChecks: a codec error without a reply; what is queued
             # is still written, then the connection closes.
             _log.debug("[C%s] too many responses queued; closing", self._conn_id())
+            self.handler.codec_stats().response_flood.inc()
             self.stats.downstream_cx_protocol_error.inc()
             self.close()
             return

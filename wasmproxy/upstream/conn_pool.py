@@ -146,6 +146,9 @@ class RequestEncoder:
 
 
 _next_client_id = 0
+# Envoy's HTTP/1 codec counters in the cluster's scope (cluster.<name>.http1.*).
+_HTTP1_CODEC_COUNTERS = ("http1.dropped_headers_with_underscores", "http1.metadata_not_supported_error",
+                         "http1.requests_rejected_with_underscores_in_headers", "http1.response_flood")
 
 
 class ActiveClient(asyncio.Protocol):
@@ -157,6 +160,8 @@ class ActiveClient(asyncio.Protocol):
         self.id = _next_client_id
         self.pool = pool
         self.codec = ClientCodec(self, enable_trailers=pool.info.enable_trailers)
+        for name in _HTTP1_CODEC_COUNTERS:  # Envoy makes them with the cluster's first HTTP/1 codec
+            pool.stats.inc(name, 0)
         self.transport: asyncio.Transport | None = None
         self.stream: RequestEncoder | None = None
         self.state = "connecting"  # connecting -> ready/busy -> closed
