@@ -259,9 +259,6 @@ def test_admin_stats_count_the_reset_of_a_late_local_reply(filters_env: Conforma
     assert {n: after[n] - before[n] for n in after} == {n: 1 for n in after}
 
 
-@pytest.mark.xfail(CANDIDATE in selected_targets(), strict=True,
-                   reason="stats: wasmproxy creates http.*/cluster.* request counters on first use, so /stats "
-                          "lacks the zero ones Envoy lists from startup (e.g. cluster.echo.upstream_rq_retry: 0)")
 def test_admin_stats_list_zero_request_counters(filters_env: ConformanceEnvironment) -> None:
     stats = {n: {k for k, v in _text_stats(t).items() if v == "0"} for n, t in filters_env.targets.items()}
     for name in stats:

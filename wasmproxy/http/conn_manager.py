@@ -97,9 +97,21 @@ _COUNTERS = (
     "rs_too_large", "downstream_rq_response_before_rq_complete", "downstream_rq_rx_reset", "downstream_rq_tx_reset",
     "downstream_rq_ws_on_non_ws_route", "downstream_rq_non_relative_path",
     "downstream_rq_failed_path_normalization", "downstream_cx_max_requests_reached",
+    # Declared by Envoy for other protocols and features; listed (at 0) as Envoy lists them.
+    "downstream_cx_http2_total", "downstream_cx_http3_total", "downstream_cx_max_duration_reached",
+    "downstream_cx_overload_disable_keepalive", "downstream_cx_ssl_total", "downstream_cx_upgrades_total",
+    "downstream_rq_header_timeout", "downstream_rq_http2_total", "downstream_rq_http3_total",
+    "downstream_rq_max_duration_reached", "downstream_rq_overload_close", "downstream_rq_redirected_with_normalized_path",
+    "downstream_rq_rejected_via_ip_detection", "downstream_rq_too_many_premature_resets",
+    "passthrough_internal_redirect_bad_location", "passthrough_internal_redirect_no_route",
+    "passthrough_internal_redirect_predicate", "passthrough_internal_redirect_too_many_redirects",
+    "passthrough_internal_redirect_unsafe_scheme", "rq_overload_local_reply", "tracing.client_enabled",
+    "tracing.health_check", "tracing.not_traceable", "tracing.random_sampling", "tracing.service_forced",
 )
 _GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_active",
-           "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered")
+           "downstream_cx_rx_bytes_buffered", "downstream_cx_tx_bytes_buffered", "downstream_cx_http1_soft_drain",
+           "downstream_cx_http2_active", "downstream_cx_http3_active", "downstream_cx_ssl_active",
+           "downstream_cx_upgrades_active")
 
 
 class HcmFactoryContext(Protocol):

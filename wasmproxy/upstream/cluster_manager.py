@@ -29,6 +29,7 @@ class ThreadLocalCluster:
         self.info = info
         self.dispatcher = dispatcher
         self.stats = ClusterStats(store, info.stat_prefix)
+        self.stats.declare()
         self._pools: dict[int, Http1ConnPool] = {}
         self._available: set[int] = set()  # ids of the hosts available at the last update
         self.hosts: tuple[Host, ...] = ()

@@ -11,6 +11,37 @@ from typing import Any
 from ..stats.store import Store, Unit
 
 
+# The counters (and the gauges wasmproxy maintains) Envoy lists for every cluster from its
+# creation, at 0 until they happen (ALL_CLUSTER_*_STATS, as Envoy 1.40's /stats shows them).
+DECLARED_COUNTERS = (
+    "assignment_stale", "assignment_timeout_received", "assignment_use_cached", "bind_errors", "lb_healthy_panic",
+    "lb_local_cluster_not_ok", "lb_recalculate_zone_structures", "lb_subsets_created", "lb_subsets_fallback",
+    "lb_subsets_fallback_panic", "lb_subsets_removed", "lb_subsets_selected", "lb_zone_cluster_too_small",
+    "lb_zone_no_capacity_left", "lb_zone_routing_all_directly", "lb_zone_routing_cross_zone",
+    "lb_zone_routing_sampled", "original_dst_host_invalid", "retry_or_shadow_abandoned", "update_attempt",
+    "update_empty", "update_failure", "update_no_rebuild", "update_success", "upstream_cx_close_notify",
+    "upstream_cx_connect_attempts_exceeded", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
+    "upstream_cx_connect_with_0_rtt", "upstream_cx_destroy", "upstream_cx_destroy_local",
+    "upstream_cx_destroy_local_with_active_rq", "upstream_cx_destroy_remote",
+    "upstream_cx_destroy_remote_with_active_rq", "upstream_cx_destroy_with_active_rq", "upstream_cx_http1_total",
+    "upstream_cx_http2_total", "upstream_cx_http3_total", "upstream_cx_idle_timeout",
+    "upstream_cx_max_duration_reached", "upstream_cx_max_requests", "upstream_cx_none_healthy",
+    "upstream_cx_overflow", "upstream_cx_pool_overflow", "upstream_cx_preconnect_skipped",
+    "upstream_cx_protocol_error", "upstream_cx_rx_bytes_total", "upstream_cx_total", "upstream_cx_tx_bytes_total",
+    "upstream_flow_control_backed_up_total", "upstream_flow_control_drained_total",
+    "upstream_flow_control_paused_reading_total", "upstream_flow_control_resumed_reading_total",
+    "upstream_http3_broken", "upstream_internal_redirect_failed_total", "upstream_internal_redirect_succeeded_total",
+    "upstream_rq_0rtt", "upstream_rq_active_overflow", "upstream_rq_cancelled", "upstream_rq_completed",
+    "upstream_rq_maintenance_mode", "upstream_rq_max_duration_reached", "upstream_rq_pending_failure_eject",
+    "upstream_rq_pending_overflow", "upstream_rq_pending_total", "upstream_rq_per_try_idle_timeout",
+    "upstream_rq_per_try_timeout", "upstream_rq_retry", "upstream_rq_retry_backoff_exponential",
+    "upstream_rq_retry_backoff_ratelimited", "upstream_rq_retry_limit_exceeded", "upstream_rq_retry_overflow",
+    "upstream_rq_retry_success", "upstream_rq_rx_reset", "upstream_rq_rx_reset_no_error", "upstream_rq_timeout",
+    "upstream_rq_total", "upstream_rq_tx_reset",
+)
+DECLARED_GAUGES = ("upstream_cx_active", "upstream_rq_active", "upstream_rq_pending_active")
+
+
 class ClusterStats:
     __slots__ = ("prefix", "_store", "_counters", "_gauges")
 
@@ -19,6 +50,13 @@ class ClusterStats:
         self._store = store
         self._counters: dict[str, Any] = {}
         self._gauges: dict[str, Any] = {}
+
+    def declare(self) -> None:
+        """Create Envoy's always-listed cluster stats (at 0)."""
+        for name in DECLARED_COUNTERS:
+            self.inc(name, 0)
+        for name in DECLARED_GAUGES:
+            self.gauge_add(name, 0)
 
     def inc(self, name: str, n: int = 1) -> None:
         c = self._counters.get(name)
