@@ -1104,6 +1104,7 @@ def test_path_normalization_and_host_port_stripping_as_envoys_hcm_options():
     assert conn_manager._normalize_path("/a/%2E%2e/b/./c/..?q=/../", True, False) == "/b/?q=/../"
     assert conn_manager._normalize_path("//a//b?x=//", True, True) == "/a/b?x=//"
     assert conn_manager._normalize_path("//a", True, False) == "//a"
+    assert conn_manager._normalize_path("/e/a/..;/x/.;b/y/;/z", True, False) == "/e/x/y/;/z"
     for host, port, want in (("a:80", None, "a"), ("a:80", 81, "a:80"), ("a:81", 81, "a"), ("[::1]", None, "[::1]"),
                              ("[::1]:80", None, "[::1]"), ("a:x", None, "a:x")):
         headers = HeaderMap([(":authority", host)])

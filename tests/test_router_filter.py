@@ -191,7 +191,7 @@ def test_route_timeout_is_504_upstream_request_timeout() -> None:
     run(scenario())
 
 
-def test_timeout_header_overrides_route_timeout_only_when_internal() -> None:
+def test_timeout_headers_override_the_route_timeout() -> None:
     async def scenario() -> None:
         up = await Upstream(echo).start()
         hx = Harness(up.port)

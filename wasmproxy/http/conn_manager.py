@@ -833,8 +833,10 @@ def _normalize_path(path: str, normalize: bool, merge_slashes: bool) -> str:
         out: list[str] = []
         segments = head.split("/")[1:]
         for i, segment in enumerate(segments):
-            if segment in (".", ".."):
-                if segment == ".." and out:
+            # A dot segment may carry ";parameters", which go with it ("/a/..;x/b" is "/b").
+            dots = segment.partition(";")[0]
+            if dots in (".", ".."):
+                if dots == ".." and out:
                     out.pop()
                 if i == len(segments) - 1:
                     out.append("")  # "/a/.." is "/" + "a/" resolved: the trailing slash stays
