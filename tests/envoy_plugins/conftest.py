@@ -11,13 +11,8 @@ from __future__ import annotations
 import pytest
 from envoy_harness import selected_proxies
 
-_CHUNKS = ("HTTP codec: Envoy hands a filter all body bytes of one socket read at once; wasmproxy calls it "
-           "once per HTTP/1 chunk")
 # test id (as pytest shows it, without the proxy parameter) -> the exact difference.
-KNOWN_DIFFERENCES: dict[str, str] = {
-    "test_buffered_body_callbacks_see_the_growing_total": _CHUNKS + " (body sizes 3,6,6 instead of 6,6)",
-    "test_streaming_mode_edits_every_chunk_including_the_empty_last_one": _CHUNKS + " (3,3,0 instead of 6,0)",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", params=selected_proxies())

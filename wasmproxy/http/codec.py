@@ -308,7 +308,13 @@ class _CodecBase:
         raise NotImplementedError
 
     def _on_body(self, body: bytes) -> None:
-        self._events.append((self._deliver_data, (body, False)))
+        # Envoy buffers the body bytes of one dispatch (one socket read, or what waited while
+        # reading was disabled) and hands them on at once, whatever their chunking.
+        events = self._events
+        if events and events[-1][0] == self._deliver_data and not events[-1][1][1]:
+            events[-1] = (self._deliver_data, (events[-1][1][0] + body, False))
+        else:
+            events.append((self._deliver_data, (body, False)))
 
     def _on_message_complete(self) -> None:
         raise NotImplementedError
