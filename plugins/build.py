@@ -92,6 +92,7 @@ TARGETS: tuple[Target, ...] = (
     _c("tcp_filter", "tcp_filter.c"),
     _c("tcp_service", "tcp_service.c"),
     _c("grpc_callout", "grpc_callout.c"),
+    _c("envoy_extras", "envoy_extras.c"),
     Target("example", "c", (DEMO_SOURCE,), tools=(CLANG,)),
     Target("nowasi", "c-nowasi", (C_DIR / "nowasi.c",), tools=(CLANG,)),
     Target(

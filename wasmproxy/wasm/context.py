@@ -293,6 +293,8 @@ class ContextBase:
         self.call_data = _EMPTY_BUFFER  # CallData: foreign-function args, DNS results
         self.status_code = 0
         self.status_message = b""
+        # declare_property: name -> prototype (set_property consults the root context's).
+        self.state_prototypes: dict[str, properties.CelStatePrototype] = {}
         self.http_call_response: tuple[HeaderMap | None, bytes, HeaderMap | None] | None = None
         self.http_requests: set[int] = set()
         self.grpc_calls: set[int] = set()
@@ -796,7 +798,32 @@ class ContextBase:
         info = self.env.stream_info if self.env is not None else None
         if info is None:
             return WasmResult.NotFound
-        info.filter_state[properties.CEL_STATE_PREFIX + path.decode("utf-8", "replace")] = bytes(value)
+        name = path.decode("utf-8", "replace")
+        key = properties.CEL_STATE_PREFIX + name
+        current = info.filter_state.get(key)
+        if isinstance(current, properties.ReadonlyCelState):
+            return WasmResult.BadArgument  # CelState::setValue: a readonly value is set once
+        prototype = self.root_context().state_prototypes.get(name) if current is None else None
+        readonly = prototype is not None and prototype.readonly
+        info.filter_state[key] = properties.ReadonlyCelState(value) if readonly else bytes(value)
+        return WasmResult.Ok
+
+    def declare_property(self, name: str, prototype: properties.CelStatePrototype) -> WasmResult:
+        """Envoy declareProperty: the first declaration of a name stays (BadArgument after)."""
+        if name in self.state_prototypes:
+            return WasmResult.BadArgument
+        self.state_prototypes[name] = prototype
+        return WasmResult.Ok
+
+    def set_envoy_filter_state(self, path: str, value: bytes) -> WasmResult:
+        """Envoy setEnvoyFilterState: an object from its registered factory, under `path`."""
+        result, obj = properties.create_filter_state_object(path, value)
+        if result != WasmResult.Ok:
+            return result
+        info = self.env.stream_info if self.env is not None else None
+        if info is None:
+            return WasmResult.NotFound
+        info.filter_state[path] = obj
         return WasmResult.Ok
 
     # Header maps (Envoy Context::getMap / getConstMap).
@@ -1296,20 +1323,20 @@ class ContextBase:
         self.on_grpc_close_raw(token, status)
         wasm.do_after_vm_call_actions()
 
-    def resolve_dns(self, address: bytes) -> tuple[WasmResult, int]:
+    def resolve_dns(self, address: bytes, token: int) -> WasmResult:
+        """envoy_resolve_dns: the answer goes to this context's root (on_resolve_dns)."""
         wasm = self.wasm
         assert wasm is not None
-        token = wasm.next_dns_token()
-        result = wasm.environment.resolve_dns(self, token, address.decode("utf-8", "replace"))
-        return (result, token) if result == WasmResult.Ok else (result, 0)
+        return wasm.environment.resolve_dns(self, token, address.decode("utf-8", "replace"))
 
     def on_resolve_dns(self, token: int, results: Sequence[tuple[str, int]] | None) -> None:
-        """DNS answer for `token`: [(address, ttl_seconds)], or None on failure (Envoy's format)."""
+        """DNS answer for `token`: [(address, ttl_seconds)] (Envoy formats an address with its
+        port, e.g. "127.0.0.1:0"), or None when resolution failed (an empty CallData buffer)."""
         wasm = self.wasm
         assert wasm is not None
         if wasm.is_failed() or "envoy_on_resolve_dns" not in wasm.module_functions:
             return
-        if not results:
+        if results is None:
             data = b""
         else:
             parts = [len(results).to_bytes(4, "little")]

@@ -598,12 +598,14 @@ class _Exports:
         ctx = self.wasm.context_or_effective_context()
         try:
             address = self._read(address_ptr, address_size)
-            self._write_u32(token_ptr, 0)
+            # Envoy stores the token before resolving: an answer may arrive inside this call.
+            token = self.wasm.next_dns_token()
+            self._write_u32(token_ptr, token)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
-        result, token = ctx.resolve_dns(address)
-        if result == WasmResult.Ok:
-            self._write_u32(token_ptr, token)
+        result = ctx.resolve_dns(address, token)
+        if result != WasmResult.Ok:
+            self._write_u32(token_ptr, 0)
         return int(result)
 
     # metrics

@@ -236,7 +236,8 @@ class ProxyWasmEnvironment(WasmEnvironment):
 
     The gRPC ``service`` argument is what Envoy's grpcCall/grpcStream take: a serialized
     GrpcService (envoy_grpc cluster_name/authority, or google_grpc target_uri; its
-    initial_metadata is sent), else bytes naming a cluster. DNS answers Unimplemented.
+    initial_metadata is sent), else bytes naming a cluster. envoy_resolve_dns resolves as
+    Envoy's c-ares resolver does (wasm/dns.py); the answer goes to the caller's root context.
     """
 
     def __init__(self, thread_local_cluster_manager: Callable[[], Any], node: object | None,
@@ -364,6 +365,15 @@ class ProxyWasmEnvironment(WasmEnvironment):
         callout = self.grpc_callouts.pop(token, None)
         if callout is not None:
             _cancel(callout)
+
+    def resolve_dns(self, context: ContextBase, token: int, address: str) -> WasmResult:
+        from .dns import resolve
+
+        if self._post is None:
+            return WasmResult.Unimplemented
+        root = context.root_context()
+        resolve(address, self._post, lambda results: root.on_resolve_dns(token, results))
+        return WasmResult.Ok
 
 
 def _cancel(callout: Any) -> None:

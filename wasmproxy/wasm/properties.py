@@ -19,7 +19,9 @@ request callback runs or in the access-log phase.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .abi import WasmResult
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
     from ..http.stream_info import StreamInfo
     from .context import ContextBase
 
-__all__ = ["CEL_STATE_PREFIX", "RESPONSE_FLAG_BITS", "Duration", "Timestamp", "get_property", "serialize_value"]
+__all__ = [
+    "CEL_STATE_PREFIX", "RESPONSE_FLAG_BITS", "CelStatePrototype", "Duration", "OpaqueFilterStateObject",
+    "ReadonlyCelState", "Timestamp", "create_filter_state_object", "get_property", "serialize_value",
+]
 
 # proxy_set_property("foo") stores filter state "wasm.foo"; get_property("foo") reads it back.
 CEL_STATE_PREFIX = "wasm."
@@ -156,6 +161,86 @@ def _serialize(value: Any) -> bytes:
     if isinstance(value, (list, tuple)):
         return marshal_pairs([(_serialize(v), b"") for v in value])
     raise _Unlistable  # null and anything else: Envoy's SerializationFailure
+
+
+# -- declared properties and Envoy filter-state objects ---------------------------------------
+
+
+@dataclass(frozen=True)
+class CelStatePrototype:
+    """declare_property's description of a proxy_set_property name (Envoy's CelStatePrototype).
+
+    Only ``readonly`` changes behaviour here: values of every type are kept as their bytes, so a
+    Protobuf/FlatBuffers property reads back serialized rather than field by field.
+    """
+
+    readonly: bool = False
+    type: int = 0  # WasmType: Bytes, String, FlatBuffers, Protobuf
+    schema: bytes = b""
+    life_span: int = 0  # LifeSpan: FilterChain, DownstreamRequest, DownstreamConnection
+
+
+class ReadonlyCelState(bytes):
+    """A value set under a readonly declared name: a later set fails (Envoy CelState::setValue)."""
+
+
+class OpaqueFilterStateObject:
+    """A filter-state object with no string form: filter_state.<key> is NotFound for it."""
+
+
+def _ip_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return False
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        return False
+    return True
+
+
+def _ip(text: str) -> Any:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return f"[{address}]:0" if address.version == 6 else f"{address}:0"
+
+
+def _digits(text: str) -> Any:
+    return text if text.isdigit() and int(text) < 1 << 32 else None
+
+
+_STRING = lambda text: text  # noqa: E731 - the objects that read back as their input
+# Envoy 1.40's StreamInfo::FilterState::ObjectFactory registry (as set_envoy_filter_state sees
+# it): key -> value text -> what filter_state.<key> reads back (None: the factory rejects it).
+_FILTER_STATE_FACTORIES: dict[str, Callable[[str], Any]] = {
+    "envoy.string": _STRING,
+    "envoy.hashable_string": _STRING,
+    "envoy.network.upstream_server_name": _STRING,
+    "envoy.network.upstream_subject_alt_names": _STRING,
+    "envoy.network.network_namespace": _STRING,
+    "envoy.tcp_proxy.cluster": _STRING,
+    "envoy.network.application_protocols": lambda text: OpaqueFilterStateObject(),
+    "envoy.tcp_proxy.disable_tunneling": lambda text: "true" if text == "true" else "false",
+    "envoy.network.ip": _ip,
+    "envoy.network.transport_socket.original_dst_address": lambda text: "" if _ip_port(text) else None,
+    "envoy.filters.listener.original_dst.local_ip": lambda text: "" if _ip_port(text) else None,
+    "envoy.filters.listener.original_dst.remote_ip": lambda text: "" if _ip_port(text) else None,
+    "envoy.ratelimit.hits_addend": _digits,
+    "envoy.tcp_proxy.per_connection_idle_timeout_ms": _digits,
+}
+
+
+def create_filter_state_object(key: str, value: bytes) -> tuple[WasmResult, Any]:
+    """ObjectFactory::createFromBytes: NotFound for an unknown key, BadArgument for a bad value."""
+    factory = _FILTER_STATE_FACTORIES.get(key)
+    if factory is None:
+        return WasmResult.NotFound, None
+    obj = factory(value.decode("utf-8", "replace"))
+    if obj is None:
+        return WasmResult.BadArgument, None
+    return WasmResult.Ok, obj.encode() if isinstance(obj, str) else obj
 
 
 # -- the attributes ----------------------------------------------------------------------------
@@ -334,6 +419,10 @@ class _MetadataMap(_DictMap):
 
 class _FilterStateMap(_DictMap):
     """filter_state.<full name>: readable by key, but not listable (Envoy: SerializationFailure)."""
+
+    def lookup(self, key: bytes) -> Any:
+        value = super().lookup(key)
+        return None if isinstance(value, OpaqueFilterStateObject) else value
 
     def items(self) -> list[tuple[Any, Any]]:
         raise _Unlistable

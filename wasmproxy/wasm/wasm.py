@@ -26,7 +26,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from ..log import get_logger
-from . import hostcalls
+from . import hostcalls, properties
 from .abi import AbiVersion, AbiVersionError, FailState, MetricType, WasmResult, detect_abi_version
 from .context import ContextBase, Plugin, WasmEnvironment
 from .runtime import HostFunction, WasmLoadError, WasmMemory, WasmModule, WasmTrap, WasmVm
@@ -106,10 +106,97 @@ def _clear_route_cache(wasm: "Wasm", context: ContextBase, args: bytes) -> "tupl
     return WasmResult.Ok, b""
 
 
+def _proto_fields(data: bytes) -> dict[int, int | bytes] | None:
+    """The scalar fields of a protobuf message (last one wins), or None if it does not parse.
+
+    Envoy's argument messages (source/extensions/common/wasm/ext/*.proto) are not in
+    xds-protos, and they only hold varints and length-delimited fields.
+    """
+    fields: dict[int, int | bytes] = {}
+    pos, end = 0, len(data)
+
+    def varint() -> int | None:
+        nonlocal pos
+        value = shift = 0
+        while pos < end and shift < 64:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        return None
+
+    while pos < end:
+        key = varint()
+        if key is None or key >> 3 == 0:
+            return None
+        wire_type = key & 7
+        if wire_type == 0:
+            value = varint()
+            if value is None:
+                return None
+            fields[key >> 3] = value
+        elif wire_type == 2:
+            length = varint()
+            if length is None or pos + length > end:
+                return None
+            fields[key >> 3] = data[pos:pos + length]
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            if pos > end:
+                return None
+        else:
+            return None
+    return fields
+
+
+def _proto_string(fields: dict[int, int | bytes], number: int) -> str | None:
+    """A proto3 string field ('' if absent); None if it is not valid UTF-8 (a parse failure)."""
+    value = fields.get(number, b"")
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _proto_uint(fields: dict[int, int | bytes], number: int) -> int:
+    value = fields.get(number, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _declare_property(wasm: "Wasm", context: ContextBase, args: bytes) -> "tuple[WasmResult, bytes]":
+    """DeclarePropertyArguments{name=1, readonly=2, type=3, schema=4, span=5}, declared on the caller."""
+    fields = _proto_fields(args)
+    name = _proto_string(fields, 1) if fields is not None else None
+    if fields is None or name is None:
+        return WasmResult.BadArgument, b""
+    schema = fields.get(4, b"")
+    prototype = properties.CelStatePrototype(
+        readonly=bool(_proto_uint(fields, 2)), type=_proto_uint(fields, 3),
+        schema=schema if isinstance(schema, bytes) else b"", life_span=_proto_uint(fields, 5))
+    return context.declare_property(name, prototype), b""
+
+
+def _set_envoy_filter_state(wasm: "Wasm", context: ContextBase, args: bytes) -> "tuple[WasmResult, bytes]":
+    """SetEnvoyFilterStateArguments{path=1, value=2, span=3}."""
+    fields = _proto_fields(args)
+    path = _proto_string(fields, 1) if fields is not None else None
+    value = _proto_string(fields, 2) if fields is not None else None
+    if path is None or value is None:
+        return WasmResult.BadArgument, b""
+    return context.set_envoy_filter_state(path, value.encode()), b""
+
+
 # The foreign functions Envoy registers that need no CEL or crypto (source/.../wasm/foreign.cc).
 register_foreign_function("compress", _compress)
 register_foreign_function("uncompress", _uncompress)
 register_foreign_function("clear_route_cache", _clear_route_cache)
+register_foreign_function("declare_property", _declare_property)
+register_foreign_function("set_envoy_filter_state", _set_envoy_filter_state)
 
 
 # Exports looked up in the module (cpp-host FOR_ALL_MODULE_FUNCTIONS + Envoy's).
@@ -204,7 +291,7 @@ class Wasm:
         self._next_http_call_id = 0
         self._next_grpc_call_id = 1
         self._next_grpc_stream_id = 2
-        self._next_dns_token = 1
+        self._dns_token = 1  # Envoy's dns_token_: pre-incremented, so the first token is 2
         self._queue_callbacks: dict[int, Callable[[int], None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -612,9 +699,8 @@ class Wasm:
             self._next_grpc_stream_id -= 4
 
     def next_dns_token(self) -> int:
-        token = self._next_dns_token
-        self._next_dns_token += 1
-        return token
+        self._dns_token = (self._dns_token + 1) & 0xFFFFFFFF or 1  # never 0
+        return self._dns_token
 
     def get_foreign_function(self, name: str) -> ForeignFunction | None:
         return _foreign_functions.get(name)
