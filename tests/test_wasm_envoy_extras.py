@@ -73,3 +73,10 @@ def test_resolve_dns(run: EnvoyRun, name: str, answer: str) -> None:
     head, _, rest = body.partition(" inline=")
     assert head.startswith("dns=0 token=") and int(head.removeprefix("dns=0 token=")) >= 2
     assert "inline=" + rest == answer
+
+
+def test_a_property_declared_by_a_stream_does_not_govern_its_sets(run: EnvoyRun) -> None:
+    # Envoy keeps the declaration on the calling context; set_property consults the root's.
+    r = _ask(run, x_declare_here="streamprop", x_set="streamprop=1,streamprop=2", x_get="streamprop")
+    assert r.body.decode().splitlines() == [
+        "declare streamprop=0", "set streamprop=0", "set streamprop=0", "get streamprop=0:2"]

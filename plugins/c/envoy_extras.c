@@ -7,6 +7,7 @@
  *   declare <name> <readonly 0|1> <type 0..3>     declare_property (DeclarePropertyArguments)
  * Request headers (the stream is answered with a 200 local reply whose body lists the results,
  * one "<what>=<status>[:<value>]" a line):
+ *   x-declare-here: <name>            declare_property(name, readonly) from the stream context
  *   x-set: <name>=<value>[,...]       proxy_set_property, in order
  *   x-get: <name>[,...]               proxy_get_property of one top-level name
  *   x-fs: <key>=<value>               set_envoy_filter_state, then get_property filter_state.<key>
@@ -119,6 +120,13 @@ static void get_value(reply *r, const char *label, const char *path, size_t path
 PW_EXPORT(proxy_on_request_headers) uint32_t on_request_headers(PW_ON_HEADERS_ARGS) {
   reply r = {.len = 0};
   pw_bytes v;
+  if (pw_get_header(PW_REQUEST_HEADERS, "x-declare-here", &v) == PW_OK) {
+    char args[512], *w = args;
+    w = pb_bytes(w, 1, v.data, strlen(v.data));
+    w = pb_uint(w, 2, 1);
+    say(&r, "declare %s=%d\n", v.data, foreign("declare_property", args, (size_t)(w - args)));
+  }
+  pw_bytes_free(&v);
   if (pw_get_header(PW_REQUEST_HEADERS, "x-set", &v) == PW_OK) {
     for (char *item = strtok(v.data, ","); item; item = strtok(NULL, ",")) {
       char *eq = strchr(item, '=');

@@ -89,6 +89,9 @@ def resolve(name: str, post: Callable[[Callable[[], None]], None],
 
     def work() -> None:
         results = _lookup(name)
-        post(lambda: deliver(results))
+        try:
+            post(lambda: deliver(results))
+        except RuntimeError:  # the thread's dispatcher has exited: nobody is left to answer
+            pass
 
     threading.Thread(target=work, name="wasm-dns", daemon=True).start()
