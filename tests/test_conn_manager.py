@@ -552,6 +552,16 @@ def test_connection_idle_timeout_closes_an_idle_connection_only():
     h.dispatcher.advance(0.9)
     assert not conn.closed
     h.dispatcher.advance(0.2)
+    # Envoy's drain sequence once a codec exists: closed when drain_timeout (5 s) ends.
+    assert not conn.closed and h.store["downstream_cx_idle_timeout"] == 1
+    h.dispatcher.advance(5.0)
+    assert conn.closed
+
+
+def test_connection_idle_timeout_closes_at_once_before_any_byte():
+    h = Harness(Direct, idle_timeout_ms=1000)
+    conn, t = h.connect()
+    h.dispatcher.advance(1.0)
     assert conn.closed and h.store["downstream_cx_idle_timeout"] == 1
 
 
@@ -1134,3 +1144,24 @@ def test_a_400_local_reply_closes_the_connection():
     conn, t = h.connect()
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert b"connection: close\r\n" in t.take() and conn.closed
+
+
+def test_internal_address_config_makes_a_single_internal_address_internal():
+    import ipaddress
+
+    nets = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.0/8"))
+    cases = [  # (use_remote_address, x-forwarded-for) -> internal?  (as Envoy 1.40 answers)
+        (False, "10.0.0.1", True), (False, "8.8.8.8", False), (False, "8.8.8.8,10.0.0.2", False),
+        (False, None, False), (True, None, True), (True, "10.0.0.1", False),
+    ]
+    for use_remote_address, xff, internal in cases:
+        h = Harness(Direct, use_remote_address=use_remote_address, internal_networks=nets)
+        conn, t = h.connect(peer=("127.0.0.1", 4000))
+        extra = f"X-Forwarded-For: {xff}\r\n" if xff else ""
+        conn.data_received(f"GET / HTTP/1.1\r\nHost: a\r\nX-Envoy-Retry-On: 5xx\r\nX-Request-Id: mine\r\n{extra}\r\n"
+                           .encode())
+        seen = h.made[0].seen[0]
+        assert (seen.get("x-envoy-internal") == "true") is internal, (use_remote_address, xff)
+        assert ("x-envoy-retry-on" in seen) is internal
+        assert (seen.get("x-envoy-external-address") is not None) is (use_remote_address and not internal)
+        assert (seen.get("x-request-id") == "mine") is (not use_remote_address or internal)

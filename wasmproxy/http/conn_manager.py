@@ -159,6 +159,8 @@ class HttpConnectionManagerConfig:
         self.merge_slashes = False
         self.strip_any_host_port = False
         self.strip_matching_host_port = False
+        # internal_address_config.cidr_ranges (ipaddress networks); empty: no address is internal.
+        self.internal_networks: tuple[Any, ...] = ()
         self.buffer_limit = DEFAULT_BUFFER_LIMIT
         self.max_requests_per_connection = 0  # 0: unlimited
 
@@ -235,6 +237,9 @@ class HttpConnectionManagerConfig:
         self.merge_slashes = proto.merge_slashes
         self.strip_any_host_port = proto.strip_any_host_port
         self.strip_matching_host_port = proto.strip_matching_host_port
+        self.internal_networks = tuple(
+            ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}", strict=False)
+            for r in proto.internal_address_config.cidr_ranges)
         for name in _UNSUPPORTED_FIELDS:
             if _is_set(proto, name):
                 _log.warning("http_connection_manager %s: field '%s' is not supported and is ignored",
@@ -244,7 +249,7 @@ class HttpConnectionManagerConfig:
 
 # Fields that change Envoy's answers but that wasmproxy ignores (with a warning at load).
 _UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing",
-                       "path_with_escaped_slashes_action", "request_headers_timeout", "xff_num_trusted_hops", "internal_address_config",
+                       "path_with_escaped_slashes_action", "request_headers_timeout", "xff_num_trusted_hops",
                        "scheme_header_transformation", "early_header_mutation_extensions",
                        "original_ip_detection_extensions", "add_user_agent")
 
@@ -864,6 +869,30 @@ def _strip_port_from_host(headers: HeaderMap, listener_port: int | None) -> None
     headers.set(":authority", host[:colon])
 
 
+def _last_xff_address(xff: str | None) -> tuple[str | None, bool]:
+    """Utility::getLastAddressFromXFF (no trusted hops): the last x-forwarded-for entry if it is
+    an IP address, and whether it is the only entry."""
+    if not xff:
+        return None, False
+    entries = xff.split(",")
+    last = entries[-1].strip()
+    try:
+        ipaddress.ip_address(last)
+    except ValueError:
+        return None, False
+    return last, len(entries) == 1
+
+
+def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -1028,23 +1057,33 @@ class ActiveStream:
                 headers.set("te", "trailers")
             else:
                 headers.remove("te")
-        # No address is internal under Envoy 1.40's default internal_address_config, so no
-        # downstream request is internal: its x-envoy-* control headers always go.
-        _remove_present(headers, _EXTERNAL_CONTROL_HEADERS)
-        for name in getattr(config.route_config, "internal_only_headers", ()):
-            headers.remove(name)
-        edge_request = config.use_remote_address
-        if edge_request:
-            remote = self.stream_info.connection.remote_address.host
-            _remove_present(headers, _EDGE_ONLY_HEADERS)
+        xff = headers.get("x-forwarded-for")
+        final_remote: str | None
+        if config.use_remote_address:
+            final_remote = self.stream_info.connection.remote_address.host
+            single_xff_address = xff is None
             if not config.skip_xff_append:
-                own = _local_address() if _is_loopback(remote) else remote
-                xff = headers.get("x-forwarded-for")
+                own = _local_address() if _is_loopback(final_remote) else final_remote
                 headers.set("x-forwarded-for", f"{xff},{own}" if xff else own)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
-            headers.set("x-envoy-external-address", remote)
-        elif headers.get("x-forwarded-proto") is None:
-            headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
+        else:
+            final_remote, single_xff_address = _last_xff_address(xff)
+            if headers.get("x-forwarded-proto") is None:
+                headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
+        # Internal: one address, inside internal_address_config (Envoy 1.40 trusts none by
+        # default). Otherwise the client's x-envoy-* control headers go.
+        internal = single_xff_address and final_remote is not None and _in_networks(
+            final_remote, config.internal_networks)
+        edge_request = not internal and config.use_remote_address
+        if internal:
+            headers.set("x-envoy-internal", "true")
+        else:
+            _remove_present(headers, _EXTERNAL_CONTROL_HEADERS)
+            for name in getattr(config.route_config, "internal_only_headers", ()):
+                headers.remove(name)
+        if edge_request:
+            _remove_present(headers, _EDGE_ONLY_HEADERS)
+            headers.set("x-envoy-external-address", final_remote or "")
         request_id = headers.get("x-request-id")
         if config.generate_request_id and (
             request_id is None or (edge_request and not config.preserve_external_request_id)
