@@ -12,7 +12,7 @@ from typing import Callable
 from tests.wasm_host.fakes import FakeStreamEnv, stream_info
 from tests.wasm_host.guest import Guest
 from wasmproxy.wasm import dns
-from wasmproxy.wasm.abi import WasmBufferType
+from wasmproxy.wasm.abi import WasmBufferType, WasmResult
 from wasmproxy.wasm.context import ContextBase, WasmEnvironment
 from wasmproxy.wasm.plugin import ProxyWasmEnvironment
 
@@ -94,9 +94,7 @@ class _RecordingEnv(WasmEnvironment):
     def __init__(self) -> None:
         self.calls: list[tuple[int, str]] = []
 
-    def resolve_dns(self, context: ContextBase, token: int, address: str) -> object:  # type: ignore[override]
-        from wasmproxy.wasm.abi import WasmResult
-
+    def resolve_dns(self, context: ContextBase, token: int, address: str) -> WasmResult:
         self.calls.append((token, address))
         return WasmResult.Ok
 

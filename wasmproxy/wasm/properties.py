@@ -211,16 +211,20 @@ def _digits(text: str) -> Any:
     return text if text.isdigit() and int(text) < 1 << 32 else None
 
 
-_STRING = lambda text: text  # noqa: E731 - the objects that read back as their input
+def _as_text(text: str) -> str:
+    """The objects that read back as their input."""
+    return text
+
+
 # Envoy 1.40's StreamInfo::FilterState::ObjectFactory registry (as set_envoy_filter_state sees
 # it): key -> value text -> what filter_state.<key> reads back (None: the factory rejects it).
 _FILTER_STATE_FACTORIES: dict[str, Callable[[str], Any]] = {
-    "envoy.string": _STRING,
-    "envoy.hashable_string": _STRING,
-    "envoy.network.upstream_server_name": _STRING,
-    "envoy.network.upstream_subject_alt_names": _STRING,
-    "envoy.network.network_namespace": _STRING,
-    "envoy.tcp_proxy.cluster": _STRING,
+    "envoy.string": _as_text,
+    "envoy.hashable_string": _as_text,
+    "envoy.network.upstream_server_name": _as_text,
+    "envoy.network.upstream_subject_alt_names": _as_text,
+    "envoy.network.network_namespace": _as_text,
+    "envoy.tcp_proxy.cluster": _as_text,
     "envoy.network.application_protocols": lambda text: OpaqueFilterStateObject(),
     "envoy.tcp_proxy.disable_tunneling": lambda text: "true" if text == "true" else "false",
     "envoy.network.ip": _ip,
