@@ -60,6 +60,7 @@ DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
 DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
 DEFAULT_STREAM_IDLE_TIMEOUT_MS = 300_000
 DEFAULT_DELAYED_CLOSE_TIMEOUT_MS = 1000
+DEFAULT_DRAIN_TIMEOUT_MS = 5000
 # Envoy's HTTP/1 codec flood protection: a request is refused while this many responses wait,
 # unwritten, in the connection's output ("Too many responses queued").
 MAX_OUTBOUND_RESPONSES = 2
@@ -149,6 +150,7 @@ class HttpConnectionManagerConfig:
         self.stream_idle_timeout_ms = DEFAULT_STREAM_IDLE_TIMEOUT_MS
         self.request_timeout_ms = 0
         self.delayed_close_timeout_ms = DEFAULT_DELAYED_CLOSE_TIMEOUT_MS
+        self.drain_timeout_ms = DEFAULT_DRAIN_TIMEOUT_MS
         self.max_request_headers_kb = 60
         self.max_headers_count = 100
         self.accept_http_10 = False
@@ -226,6 +228,8 @@ class HttpConnectionManagerConfig:
             self.request_timeout_ms = _ms(proto.request_timeout)
         if proto.HasField("delayed_close_timeout"):
             self.delayed_close_timeout_ms = _ms(proto.delayed_close_timeout)
+        if proto.HasField("drain_timeout"):
+            self.drain_timeout_ms = _ms(proto.drain_timeout)
         if proto.HasField("max_request_headers_kb"):
             self.max_request_headers_kb = proto.max_request_headers_kb.value
         if proto.HasField("http_protocol_options"):
@@ -449,8 +453,9 @@ class WorkerConnectionHandler:
             conn.close(flush_and_delay=False)
 
 
-# Drain states (Envoy's DrainState).
-_NOT_DRAINING, _CLOSING = 0, 1
+# Drain states (Envoy's DrainState): Draining answers with connection: close and becomes Closing
+# when drain_timeout ends.
+_NOT_DRAINING, _CLOSING, _DRAINING = 0, 1, 2
 
 
 class ConnectionManager(asyncio.Protocol):
@@ -492,6 +497,8 @@ class ConnectionManager(asyncio.Protocol):
         self._closed = False
         self._idle_timer: Timer | None = None
         self._delayed_close_timer: Timer | None = None
+        self._drain_timer: Timer | None = None
+        self._data_seen = False  # Envoy creates the codec on the first bytes read
         self._connected_at = 0.0
         self._idle_since = 0.0
         self.listener_stats: ListenerHttpStats | None = None
@@ -524,6 +531,7 @@ class ConnectionManager(asyncio.Protocol):
         self.stats.downstream_cx_rx_bytes_total.inc(len(data))
         if self._closed:
             return
+        self._data_seen = True
         self._reading = True
         try:
             self.codec.feed(data)
@@ -671,7 +679,7 @@ class ConnectionManager(asyncio.Protocol):
 
     def start_drain(self) -> None:
         """Close after the current response (with connection: close), or now when idle."""
-        if self.drain_state == _NOT_DRAINING:
+        if self.drain_state != _CLOSING:
             self.drain_state = _CLOSING
             self.stats.downstream_cx_drain_close.inc()
         if self.stream is None:
@@ -729,6 +737,8 @@ class ConnectionManager(asyncio.Protocol):
         stats.downstream_cx_length_ms.record((self.dispatcher.time_source.monotonic() - self._connected_at) * 1000)
         if self._idle_timer is not None:
             self._idle_timer.disable_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.disable_timer()
         self.handler.connections.discard(self)
 
     def _on_idle_timeout(self) -> None:
@@ -745,7 +755,19 @@ class ConnectionManager(asyncio.Protocol):
             self._idle_timer.enable_timer(remaining_ms)
             return
         self.stats.downstream_cx_idle_timeout.inc()
-        self.close()
+        if not self._data_seen:
+            # No codec yet: nothing was written, so no delayed close either (Envoy's FlushWrite).
+            self.close(flush_and_delay=False)
+        elif self.drain_state == _NOT_DRAINING:
+            # Envoy's startDrainSequence: keep serving (with connection: close) for drain_timeout.
+            self.drain_state = _DRAINING
+            self._drain_timer = self.dispatcher.create_timer(self._on_drain_timeout)
+            self._drain_timer.enable_timer(self.config.drain_timeout_ms)
+
+    def _on_drain_timeout(self) -> None:
+        self.drain_state = _CLOSING
+        if self.stream is None:
+            self.close()
 
     # -- stream completion ----------------------------------------------------------------
 
@@ -944,6 +966,7 @@ class ActiveStream:
         self.stats.downstream_rq_http1_total.inc()
         self.stats.downstream_rq_active.inc()
         self._idle_timer: Timer | None = None
+        self._idle_timeout_ms = self.config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
         self._last_activity = time_source.monotonic()
         if self.config.stream_idle_timeout_ms > 0:
             self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
@@ -1002,7 +1025,8 @@ class ActiveStream:
             # Without upgrade_configs a CONNECT never completes as a request: close after the reply.
             self.conn.drain_state = _CLOSING
         self._mutate_request_headers(headers)
-        self.route()  # Envoy resolves the route before the upgrade check and the filter chain
+        # Envoy resolves the route before the upgrade check and the filter chain.
+        self._apply_route_idle_timeout(self.route())
         if upgrade:
             # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
             # codec saw an upgrade, so the request never completes).
@@ -1270,13 +1294,28 @@ class ActiveStream:
         # early (cheaper than re-arming on every event).
         self._last_activity = self.dispatcher.time_source.monotonic()
 
+    def _apply_route_idle_timeout(self, route: object | None) -> None:
+        """A route's idle_timeout replaces stream_idle_timeout for this stream; 0 disables it."""
+        timeout_ms = getattr(route, "idle_timeout_ms", None)
+        if timeout_ms is None:
+            return
+        self._idle_timeout_ms = timeout_ms
+        if timeout_ms == 0:
+            if self._idle_timer is not None:
+                self._idle_timer.disable_timer()
+                self._idle_timer = None
+            return
+        if self._idle_timer is None:
+            self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
+        self._idle_timer.enable_timer(timeout_ms)
+
     def _timeout_code(self) -> int:
         """Utility::maybeRequestTimeoutCode: 504 once the request is in (we were waiting), else 408."""
         return 504 if self.filter_manager.remote_decode_complete else 408
 
     def _on_idle_timeout(self) -> None:
         idle_ms = (self.dispatcher.time_source.monotonic() - self._last_activity) * 1000
-        remaining_ms = self.config.stream_idle_timeout_ms - idle_ms
+        remaining_ms = self._idle_timeout_ms - idle_ms
         if remaining_ms > 0:
             assert self._idle_timer is not None
             self._idle_timer.enable_timer(remaining_ms)

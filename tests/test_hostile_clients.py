@@ -1,0 +1,299 @@
+"""Hostile clients and upstream faults, run through real Envoy and wasmproxy on one config
+(tests/diff_cases/hostile_clients.yaml): request smuggling, slow clients (slowloris headers and
+bodies), idle and request timeouts, circuit breakers, half-closed sockets and upstream resets
+must get Envoy's answers, and afterwards no connection, stream or upstream request may be left
+active (the admin gauges return to zero within a bounded deadline) and the worker still serves.
+
+Trickling bytes with a pause between sends is the scenario itself; the pause is a bounded
+select() on the socket, so a response that arrives early ends the trickle at once.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.cases import REFERENCE, Case, CaseFile, DiffEnvironment, Target, case_params
+from support.ports import free_port
+from support.raw_http import PeerClosed, RawConnection, build_request
+
+pytestmark = pytest.mark.envoy
+
+CASES = CaseFile.load(Path(__file__).parent / "diff_cases" / "hostile_clients.yaml")
+# Gauges that must return to zero once every client is gone (per HCM stat prefix / cluster).
+# upstream_cx_active is not among them: idle keep-alive upstream connections stay pooled.
+LEAK_GAUGES = ("http.ingress_http.downstream_cx_active", "http.ingress_http.downstream_rq_active",
+               "cluster.echo.upstream_rq_active", "cluster.limited.upstream_rq_active",
+               "cluster.limited.upstream_rq_pending_active")
+GAUGE_DEADLINE_S = 5.0
+# Longest any scenario waits for the proxy to act (the longest configured timeout is 1.2 s).
+ANSWER_DEADLINE_S = 4.0
+CLOSE_WAIT_S = 3.0
+# How far a proxy's timer may fire from Envoy's on a loaded two-core machine.
+TIME_TOLERANCE_S = 0.25
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
+    with DiffEnvironment(CASES, tmp_path_factory.mktemp("hostile"), echo_upstream, free_port()) as e:
+        yield e
+
+
+def _admin_port(target: Target) -> int:
+    return next(port for port, name in target.port_names.items() if name == "admin_port")
+
+
+def gauges(target: Target) -> dict[str, int]:
+    """The LEAK_GAUGES of one target, read from its admin /stats."""
+    text = target.process.admin("/stats?filter=_active$").body.decode()
+    values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return {name: int(values.get(name, "0")) for name in LEAK_GAUGES}
+
+
+def assert_drained(target: Target) -> None:
+    """Every LEAK_GAUGE reaches zero within GAUGE_DEADLINE_S and a plain request still works."""
+    deadline = time.monotonic() + GAUGE_DEADLINE_S
+    while True:
+        got = gauges(target)
+        if not any(got.values()):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{target.name}: still active after {GAUGE_DEADLINE_S}s: "
+                                 f"{ {k: v for k, v in got.items() if v} }")
+        # Poll the admin endpoint again: the proxy closes sockets on its own timers.
+        select.select([], [], [], 0.05)
+    with target.connect() as conn:
+        assert conn.request("GET", "/echo/health").status == 200, target.name
+
+
+def wait_gauge(target: Target, name: str, value: int) -> None:
+    deadline = time.monotonic() + GAUGE_DEADLINE_S
+    while gauges(target)[name] != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{target.name}: {name} never reached {value}")
+        select.select([], [], [], 0.02)
+
+
+def on_every_target(env: DiffEnvironment, scenario: Callable[[Target], Any],
+                    timed: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run `scenario` against every target side by side, then check each one drained; the
+    results (one per target) must equal Envoy's, except the durations at indices `timed`, which
+    must be within TIME_TOLERANCE_S of Envoy's."""
+    with ThreadPoolExecutor(max_workers=len(env.targets)) as pool:
+        futures = {name: pool.submit(scenario, t) for name, t in env.targets.items()}
+        results = {name: f.result() for name, f in futures.items()}
+        for f in [pool.submit(assert_drained, t) for t in env.targets.values()]:
+            f.result()
+    if REFERENCE not in results:
+        return results
+    ref = results[REFERENCE]
+    for name, got in results.items():
+        untimed = [v for i, v in enumerate(got) if i not in timed] if timed else got
+        ref_untimed = [v for i, v in enumerate(ref) if i not in timed] if timed else ref
+        assert untimed == ref_untimed, f"{name} differs from Envoy: {got!r} != {ref!r}"
+        for i in timed:
+            if ref[i] is not None and got[i] is not None:
+                assert abs(got[i] - ref[i]) < TIME_TOLERANCE_S, f"{name}: after {got[i]:.2f}s, Envoy {ref[i]:.2f}s"
+    return results
+
+
+def closed_after(conn: RawConnection) -> float | None:
+    """Seconds until the peer closes `conn` (None: not within CLOSE_WAIT_S)."""
+    start = time.monotonic()
+    return time.monotonic() - start if conn.closed_by_peer(CLOSE_WAIT_S) else None
+
+
+def outcome(conn: RawConnection, method: str = "GET") -> tuple[Any, ...]:
+    """What the proxy did next: ("response", status, body, closed-after) or ("closed", bytes seen)."""
+    try:
+        resp = conn.read_response(method, timeout=ANSWER_DEADLINE_S)
+    except PeerClosed as e:
+        if e.partial is not None:
+            return ("truncated", e.partial.status)
+        return ("closed", len(e.received))
+    return ("response", resp.status, resp.body, conn.closed_by_peer(3.0))
+
+
+def trickle(conn: RawConnection, data: bytes, pause_s: float) -> bool:
+    """Send `data` one byte at a time, `pause_s` apart; stop early (False) once the proxy answers
+    or closes. True when every byte went out."""
+    for i in range(len(data)):
+        try:
+            conn.send(data[i:i + 1])
+        except PeerClosed:
+            return False
+        readable, _, _ = select.select([conn.sock], [], [], pause_s)
+        if readable:
+            return False
+    return True
+
+
+# --- request/response cases ------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", case_params(CASES))
+def test_hostile_case(env: DiffEnvironment, case: Case) -> None:
+    env.run(case)
+    for target in env.targets.values():
+        assert_drained(target)
+
+
+# --- slow clients ------------------------------------------------------------------------------
+
+def test_slowloris_headers_hit_request_headers_timeout(env: DiffEnvironment) -> None:
+    """Header bytes every 50 ms keep the stream from idling but never finish the headers: the
+    request_headers_timeout (0.8 s) ends it before request_timeout (1.2 s)."""
+    head = build_request("GET", "/echo/slow", [("x-pad", "p" * 200)])
+
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            start = time.monotonic()
+            finished = trickle(conn, head[:-2], 0.05)
+            result = outcome(conn)
+            return (finished, *result, round(time.monotonic() - start) <= 1)
+
+    results = on_every_target(env, scenario)
+    assert results[REFERENCE][0] is False
+
+
+def test_slowloris_body_hits_request_timeout(env: DiffEnvironment) -> None:
+    """A body trickled one byte per 100 ms never idles the stream (0.4 s) but request_timeout
+    (1.2 s) ends it with a 408."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(build_request("POST", "/echo/upload", [("content-length", "100")]))
+            finished = trickle(conn, b"x" * 100, 0.1)
+            return (finished, *outcome(conn, "POST"))
+
+    results = on_every_target(env, scenario)
+    assert results[REFERENCE][:3] == (False, "response", 408)
+
+
+def test_stalled_body_hits_stream_idle_timeout(env: DiffEnvironment) -> None:
+    """Part of a body, then silence: stream_idle_timeout (0.4 s) answers 408."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(build_request("POST", "/echo/upload", [("content-length", "10")]) + b"abc")
+            start = time.monotonic()
+            result = outcome(conn, "POST")
+            return (*result, time.monotonic() - start < 1.0)
+
+    results = on_every_target(env, scenario)
+    assert results[REFERENCE][:2] == ("response", 408)
+
+
+def test_stalled_headers_hit_stream_idle_timeout(env: DiffEnvironment) -> None:
+    """Half a header block, then silence."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(b"GET /echo/x HTTP/1.1\r\nHost: diff.test\r\nx-a: 1")
+            return outcome(conn)
+
+    on_every_target(env, scenario)
+
+
+# --- idle connections -------------------------------------------------------------------------
+
+def test_idle_keep_alive_connection_drained_then_closed(env: DiffEnvironment) -> None:
+    """A keep-alive connection idle for idle_timeout (0.6 s) after a response starts Envoy's drain
+    sequence: drain_timeout (0.3 s), then a delayed close (0.3 s)."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            return (conn.request("GET", "/echo/a").status, closed_after(conn))
+
+    results = on_every_target(env, scenario, timed=(1,))
+    assert results[REFERENCE][0] == 200 and results[REFERENCE][1] is not None
+
+
+def test_connection_without_request_closed_when_idle(env: DiffEnvironment) -> None:
+    """A connection that never sent a byte has no codec yet: idle_timeout closes it at once."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            return (closed_after(conn),)
+
+    assert on_every_target(env, scenario, timed=(0,))[REFERENCE][0] is not None
+
+
+# --- half-closed sockets ----------------------------------------------------------------------
+
+def test_half_close_after_full_request(env: DiffEnvironment) -> None:
+    """The client shuts its write side once the request is out."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(build_request("GET", "/echo/hc", [("x-echo-delay-ms", "100")]))
+            conn.sock.shutdown(socket.SHUT_WR)
+            return outcome(conn)
+
+    on_every_target(env, scenario)
+
+
+def test_half_close_mid_body(env: DiffEnvironment) -> None:
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(build_request("POST", "/echo/hc", [("content-length", "10")]) + b"abc")
+            conn.sock.shutdown(socket.SHUT_WR)
+            return outcome(conn, "POST")
+
+    on_every_target(env, scenario)
+
+
+def test_half_close_mid_headers(env: DiffEnvironment) -> None:
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(b"GET /echo/x HTTP/1.1\r\nHost: diff")
+            conn.sock.shutdown(socket.SHUT_WR)
+            return outcome(conn)
+
+    on_every_target(env, scenario)
+
+
+def test_client_abort_while_upstream_is_slow(env: DiffEnvironment) -> None:
+    """The client vanishes while the upstream is still thinking: the upstream request is
+    cancelled and nothing stays active."""
+    def scenario(target: Target) -> int:
+        with target.connect() as conn:
+            conn.send(build_request("GET", "/echo/abort", [("x-echo-delay-ms", "300")]))
+            wait_gauge(target, "http.ingress_http.downstream_rq_active", 1)
+        return 0
+
+    on_every_target(env, scenario)
+
+
+# --- circuit breakers ---------------------------------------------------------------------------
+
+def test_circuit_breaker_overflow_gets_503_overloaded(env: DiffEnvironment) -> None:
+    """Cluster `limited` allows one connection, one request and one pending request: with one in
+    flight and one queued, a third is refused with 503 and x-envoy-overloaded."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        slow = [("x-echo-delay-ms", "500")]
+        with target.connect() as a, target.connect() as b, target.connect() as c:
+            a.send(build_request("GET", "/limited/a", slow))
+            wait_gauge(target, "cluster.limited.upstream_rq_active", 1)
+            b.send(build_request("GET", "/limited/b", slow))
+            wait_gauge(target, "cluster.limited.upstream_rq_pending_active", 1)
+            over = c.request("GET", "/limited/c")
+            return (a.read_response().status, b.read_response().status, over.status,
+                    over.header("x-envoy-overloaded"), over.body)
+
+    results = on_every_target(env, scenario)
+    assert results[REFERENCE][:4] == (200, 200, 503, "true")
+
+
+def test_client_that_stops_reading_a_large_response(env: DiffEnvironment) -> None:
+    """A client reads the response headers of a large body, then goes away: the upstream request
+    is released."""
+    def scenario(target: Target) -> bytes:
+        with target.connect() as conn:
+            conn.send(build_request("GET", "/echo/big", [("x-echo-body-size", str(4 << 20))]))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.sock.recv(4096)
+            return head.split(b"\r\n", 1)[0]
+
+    assert on_every_target(env, scenario)[REFERENCE] == b"HTTP/1.1 200 OK"
