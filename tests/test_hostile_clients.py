@@ -26,7 +26,9 @@ from support.raw_http import PeerClosed, RawConnection, build_request
 
 pytestmark = pytest.mark.envoy
 
-CASES = CaseFile.load(Path(__file__).parent / "diff_cases" / "hostile_clients.yaml")
+CASES_DIR = Path(__file__).parent / "diff_cases"
+CASES = CaseFile.load(CASES_DIR / "hostile_clients.yaml")
+HEADER_TIMEOUTS = CaseFile.load(CASES_DIR / "hostile_header_timeouts.yaml")
 # Gauges that must return to zero once every client is gone (per HCM stat prefix / cluster).
 # upstream_cx_active is not among them: idle keep-alive upstream connections stay pooled.
 LEAK_GAUGES = ("http.ingress_http.downstream_cx_active", "http.ingress_http.downstream_rq_active",
@@ -43,6 +45,13 @@ TIME_TOLERANCE_S = 0.25
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
     with DiffEnvironment(CASES, tmp_path_factory.mktemp("hostile"), echo_upstream, free_port()) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def header_timeouts_env(tmp_path_factory: pytest.TempPathFactory, echo_upstream: int) -> Iterator[DiffEnvironment]:
+    with DiffEnvironment(HEADER_TIMEOUTS, tmp_path_factory.mktemp("hostile_headers"), echo_upstream,
+                         free_port()) as e:
         yield e
 
 
@@ -94,12 +103,16 @@ def on_every_target(env: DiffEnvironment, scenario: Callable[[Target], Any],
     if REFERENCE not in results:
         return results
     ref = results[REFERENCE]
+    at = {i % len(ref) for i in timed}
     for name, got in results.items():
-        untimed = [v for i, v in enumerate(got) if i not in timed] if timed else got
-        ref_untimed = [v for i, v in enumerate(ref) if i not in timed] if timed else ref
-        assert untimed == ref_untimed, f"{name} differs from Envoy: {got!r} != {ref!r}"
-        for i in timed:
-            if ref[i] is not None and got[i] is not None:
+        if not at:
+            assert got == ref, f"{name} differs from Envoy: {got!r} != {ref!r}"
+            continue
+        assert [v for i, v in enumerate(got) if i not in at] == [v for i, v in enumerate(ref) if i not in at], \
+            f"{name} differs from Envoy: {got!r} != {ref!r}"
+        for i in at:
+            assert (got[i] is None) == (ref[i] is None), f"{name} differs from Envoy: {got!r} != {ref!r}"
+            if ref[i] is not None:
                 assert abs(got[i] - ref[i]) < TIME_TOLERANCE_S, f"{name}: after {got[i]:.2f}s, Envoy {ref[i]:.2f}s"
     return results
 
@@ -146,20 +159,48 @@ def test_hostile_case(env: DiffEnvironment, case: Case) -> None:
 
 # --- slow clients ------------------------------------------------------------------------------
 
-def test_slowloris_headers_hit_request_headers_timeout(env: DiffEnvironment) -> None:
-    """Header bytes every 50 ms keep the stream from idling but never finish the headers: the
-    request_headers_timeout (0.8 s) ends it before request_timeout (1.2 s)."""
+def test_slowloris_headers_hit_stream_idle_timeout(env: DiffEnvironment) -> None:
+    """Header bytes every 50 ms that never complete the block are no stream activity for Envoy
+    (its idle timer moves on decoded headers and data only): stream_idle_timeout (0.4 s) answers
+    408 before request_headers_timeout (0.8 s)."""
     head = build_request("GET", "/echo/slow", [("x-pad", "p" * 200)])
 
     def scenario(target: Target) -> tuple[Any, ...]:
         with target.connect() as conn:
             start = time.monotonic()
             finished = trickle(conn, head[:-2], 0.05)
-            result = outcome(conn)
-            return (finished, *result, round(time.monotonic() - start) <= 1)
+            return (finished, *outcome(conn), time.monotonic() - start)
 
-    results = on_every_target(env, scenario)
+    results = on_every_target(env, scenario, timed=(5,))
+    assert results[REFERENCE][:4] == (False, "response", 408, b"stream timeout")
+
+
+def test_slowloris_headers_hit_request_headers_timeout(header_timeouts_env: DiffEnvironment) -> None:
+    """With a long stream idle timeout, trickled headers meet request_headers_timeout (0.5 s)."""
+    head = build_request("GET", "/echo/slow", [("x-pad", "p" * 200)])
+
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            start = time.monotonic()
+            finished = trickle(conn, head[:-2], 0.05)
+            return (finished, *outcome(conn), time.monotonic() - start)
+
+    results = on_every_target(header_timeouts_env, scenario, timed=(-1,))
     assert results[REFERENCE][0] is False
+
+
+def test_headers_complete_in_time_then_slow_body_meets_request_timeout(header_timeouts_env: DiffEnvironment) -> None:
+    """request_headers_timeout stops at the end of the headers; a body trickled past
+    request_timeout (1 s) gets 408."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            start = time.monotonic()
+            conn.send(build_request("POST", "/echo/upload", [("content-length", "100")]))
+            finished = trickle(conn, b"x" * 100, 0.1)
+            return (finished, *outcome(conn, "POST"), time.monotonic() - start)
+
+    results = on_every_target(header_timeouts_env, scenario, timed=(-1,))
+    assert results[REFERENCE][:4] == (False, "response", 408, b"request timeout")
 
 
 def test_slowloris_body_hits_request_timeout(env: DiffEnvironment) -> None:

@@ -55,6 +55,7 @@ DETAILS_PATH_NORMALIZATION_FAILED = "path_normalization_failed"
 DETAILS_DOWNSTREAM_REMOTE_DISCONNECT = "downstream_remote_disconnect"
 DETAILS_STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
 DETAILS_REQUEST_OVERALL_TIMEOUT = "request_overall_timeout"
+DETAILS_REQUEST_HEADER_TIMEOUT = "request_header_timeout"
 
 # Envoy's defaults (HttpConnectionManager proto docs).
 DEFAULT_IDLE_TIMEOUT_MS = 3_600_000
@@ -149,6 +150,7 @@ class HttpConnectionManagerConfig:
         self.idle_timeout_ms = DEFAULT_IDLE_TIMEOUT_MS
         self.stream_idle_timeout_ms = DEFAULT_STREAM_IDLE_TIMEOUT_MS
         self.request_timeout_ms = 0
+        self.request_headers_timeout_ms = 0
         self.delayed_close_timeout_ms = DEFAULT_DELAYED_CLOSE_TIMEOUT_MS
         self.drain_timeout_ms = DEFAULT_DRAIN_TIMEOUT_MS
         self.max_request_headers_kb = 60
@@ -226,6 +228,8 @@ class HttpConnectionManagerConfig:
             self.stream_idle_timeout_ms = _ms(proto.stream_idle_timeout)
         if proto.HasField("request_timeout"):
             self.request_timeout_ms = _ms(proto.request_timeout)
+        if proto.HasField("request_headers_timeout"):
+            self.request_headers_timeout_ms = _ms(proto.request_headers_timeout)
         if proto.HasField("delayed_close_timeout"):
             self.delayed_close_timeout_ms = _ms(proto.delayed_close_timeout)
         if proto.HasField("drain_timeout"):
@@ -253,7 +257,7 @@ class HttpConnectionManagerConfig:
 
 # Fields that change Envoy's answers but that wasmproxy ignores (with a warning at load).
 _UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing",
-                       "path_with_escaped_slashes_action", "request_headers_timeout", "xff_num_trusted_hops",
+                       "path_with_escaped_slashes_action", "xff_num_trusted_hops",
                        "scheme_header_transformation", "early_header_mutation_extensions",
                        "original_ip_detection_extensions", "add_user_agent")
 
@@ -975,11 +979,18 @@ class ActiveStream:
         if self.config.request_timeout_ms > 0:
             self._request_timer = self.dispatcher.create_timer(self._on_request_timeout)
             self._request_timer.enable_timer(self.config.request_timeout_ms)
+        # From the first byte of the request (Envoy creates the stream then) to its last header.
+        self._request_header_timer: Timer | None = None
+        if self.config.request_headers_timeout_ms > 0:
+            self._request_header_timer = self.dispatcher.create_timer(self._on_request_header_timeout)
+            self._request_header_timer.enable_timer(self.config.request_headers_timeout_ms)
 
     # -- from the codec ------------------------------------------------------------------
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         self._reset_idle_timer()
+        if self._request_header_timer is not None:
+            self._request_header_timer.disable_timer()
         codec = self.conn.codec
         self.stream_info.protocol = codec.protocol
         self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, headers)
@@ -1331,6 +1342,11 @@ class ActiveStream:
         self.filter_manager.send_local_reply(self._timeout_code(), "request timeout", None, None,
                                              DETAILS_REQUEST_OVERALL_TIMEOUT)
 
+    def _on_request_header_timeout(self) -> None:
+        self.stats.downstream_rq_header_timeout.inc()
+        self.filter_manager.send_local_reply(408, "request header timeout", None, None,
+                                             DETAILS_REQUEST_HEADER_TIMEOUT)
+
     # -- completion ----------------------------------------------------------------------
 
     def _destroy(self) -> None:
@@ -1342,6 +1358,8 @@ class ActiveStream:
             self._idle_timer.disable_timer()
         if self._request_timer is not None:
             self._request_timer.disable_timer()
+        if self._request_header_timer is not None:
+            self._request_header_timer.disable_timer()
         info = self.stream_info
         if info.response_code is None and self.filter_manager.response_headers is None:
             info.response_code = 0
