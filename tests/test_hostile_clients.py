@@ -239,6 +239,25 @@ def test_stalled_headers_hit_stream_idle_timeout(env: DiffEnvironment) -> None:
     on_every_target(env, scenario)
 
 
+def test_many_slow_clients_do_not_stall_the_worker(env: DiffEnvironment) -> None:
+    """Twenty connections holding half a header block each: a normal request on the same worker
+    is still answered at once, and every slow one later gets its 408."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        slow = [target.connect() for _ in range(20)]
+        try:
+            for conn in slow:
+                conn.send(b"GET /echo/slow HTTP/1.1\r\nHost: diff.test\r\nx-a: 1")
+            with target.connect(timeout=0.3) as fast:
+                status = fast.request("GET", "/echo/fast").status
+            return (status, sorted({outcome(conn)[:3] for conn in slow}))
+        finally:
+            for conn in slow:
+                conn.close()
+
+    results = on_every_target(env, scenario)
+    assert results[REFERENCE] == (200, [("response", 408, b"stream timeout")])
+
+
 # --- idle connections -------------------------------------------------------------------------
 
 def test_idle_keep_alive_connection_drained_then_closed(env: DiffEnvironment) -> None:
@@ -250,6 +269,29 @@ def test_idle_keep_alive_connection_drained_then_closed(env: DiffEnvironment) ->
 
     results = on_every_target(env, scenario, timed=(1,))
     assert results[REFERENCE][0] == 200 and results[REFERENCE][1] is not None
+
+
+def counter(target: Target, name: str) -> int:
+    text = target.process.admin(f"/stats?filter=^{name}$").body.decode()
+    return int(text.split(": ", 1)[1]) if ": " in text else 0
+
+
+def test_request_while_draining_after_idle_timeout_gets_connection_close(env: DiffEnvironment) -> None:
+    """Between idle_timeout and the end of drain_timeout the connection still serves, but the
+    response carries connection: close; the close still waits for drain_timeout."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            first = conn.request("GET", "/echo/a")
+            before = counter(target, "http.ingress_http.downstream_cx_idle_timeout")
+            deadline = time.monotonic() + GAUGE_DEADLINE_S
+            while counter(target, "http.ingress_http.downstream_cx_idle_timeout") == before:
+                assert time.monotonic() < deadline, f"{target.name}: no idle timeout"
+                select.select([], [], [], 0.02)
+            second = conn.request("GET", "/echo/b")
+            return (first.header("connection"), second.status, second.header("connection"), closed_after(conn))
+
+    results = on_every_target(env, scenario, timed=(3,))
+    assert results[REFERENCE][:3] == (None, 200, "close") and results[REFERENCE][3] is not None
 
 
 def test_connection_without_request_closed_when_idle(env: DiffEnvironment) -> None:
