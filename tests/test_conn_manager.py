@@ -1165,3 +1165,13 @@ def test_internal_address_config_makes_a_single_internal_address_internal():
         assert ("x-envoy-retry-on" in seen) is internal
         assert (seen.get("x-envoy-external-address") is not None) is (use_remote_address and not internal)
         assert (seen.get("x-request-id") == "mine") is (not use_remote_address or internal)
+
+
+def test_without_use_remote_address_the_stream_remote_address_is_the_last_xff_entry():
+    h = Harness(Direct)
+    conn, t = h.connect(peer=("127.0.0.1", 4000))
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1, 8.8.8.8\r\n\r\n")
+    info = h.made[0].decoder_callbacks.stream_info
+    assert str(info.connection.direct_remote_address) == "8.8.8.8:0"
+    assert str(info.connection.remote_address) == "127.0.0.1:4000"
+    assert conn.connection_info.direct_remote_address == conn.connection_info.remote_address  # per stream only

@@ -85,8 +85,10 @@ def _start_time(arg: str) -> _Field:
 def _address(which: str, with_port: bool) -> _Field:
     def field(ctx: _Context) -> str | None:
         conn = ctx[3].connection
-        addr = {"remote": conn.remote_address, "local": conn.local_address,
-                "direct": conn.direct_remote_address or conn.remote_address}[which]
+        # direct_remote_address is the one after x-forwarded-for processing (StreamInfo's
+        # contract); remote_address is the peer, Envoy's "direct" remote address.
+        addr = {"remote": conn.direct_remote_address or conn.remote_address, "local": conn.local_address,
+                "direct": conn.remote_address}[which]
         if addr is None:
             return None
         return str(addr) if with_port else addr.host

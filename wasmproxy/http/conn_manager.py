@@ -18,6 +18,7 @@ Everything here runs on the connection's worker dispatcher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -1103,6 +1104,11 @@ class ActiveStream:
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
         else:
             final_remote, single_xff_address = _last_xff_address(xff)
+            if final_remote is not None:
+                # The stream's downstream remote address (source.address, %DOWNSTREAM_REMOTE_ADDRESS%)
+                # is the client x-forwarded-for names, with port 0; the peer stays the direct one.
+                self.stream_info.connection = dataclasses.replace(
+                    self.stream_info.connection, direct_remote_address=Address(final_remote, 0))
             if headers.get("x-forwarded-proto") is None:
                 headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
         # Internal: one address, inside internal_address_config (Envoy 1.40 trusts none by
