@@ -544,6 +544,22 @@ def test_request_timeout_is_408_request_timeout_and_disarmed_when_request_comple
     assert t.take() == b"" and h.store["downstream_rq_timeout"] == 0
 
 
+def test_request_headers_timeout_until_the_last_header_only():
+    h = Harness(Direct, request_headers_timeout_ms=500)
+    conn, t = h.connect()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    h.dispatcher.advance(0.6)
+    out = t.take()
+    assert out.startswith(b"HTTP/1.1 408") and out.endswith(b"request header timeout")
+    assert h.store["downstream_rq_header_timeout"] == 1
+
+    h = Harness(Direct, request_headers_timeout_ms=500)
+    conn, t = h.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    h.dispatcher.advance(1.0)
+    assert t.take() == b"" and h.store["downstream_rq_header_timeout"] == 0
+
+
 def test_connection_idle_timeout_closes_an_idle_connection_only():
     h = Harness(Direct, idle_timeout_ms=1000)
     conn, t = h.connect()
