@@ -1191,3 +1191,22 @@ def test_without_use_remote_address_the_stream_remote_address_is_the_last_xff_en
     assert str(info.connection.direct_remote_address) == "8.8.8.8:0"
     assert str(info.connection.remote_address) == "127.0.0.1:4000"
     assert conn.connection_info.direct_remote_address == conn.connection_info.remote_address  # per stream only
+
+
+def test_xff_num_trusted_hops_picks_the_client_the_trusted_proxies_appended():
+    import ipaddress
+
+    nets = (ipaddress.ip_network("10.0.0.0/8"),)
+    # (use_remote_address, x-forwarded-for) -> (stream remote address, internal?), as Envoy 1.40.
+    cases = [(False, "10.0.0.1, 8.8.8.8", "10.0.0.1:0", False), (False, "10.0.0.1", "127.0.0.1:4000", False),
+             (True, "1.1.1.1, 10.0.0.1,8.8.8.8", "8.8.8.8:0", False), (True, "junk,8.8.8.8", "8.8.8.8:0", False)]
+    for use_remote_address, xff, remote, internal in cases:
+        h = Harness(Direct, use_remote_address=use_remote_address, xff_num_trusted_hops=1, internal_networks=nets)
+        conn, t = h.connect(peer=("127.0.0.1", 4000))
+        conn.data_received(f"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {xff}\r\n\r\n".encode())
+        seen = h.made[0].seen[0]
+        info = h.made[0].decoder_callbacks.stream_info
+        assert str(info.connection.direct_remote_address or info.connection.remote_address) == remote, xff
+        assert (seen.get("x-envoy-internal") == "true") is internal
+        if use_remote_address:
+            assert seen.get("x-envoy-external-address") == remote.rsplit(":", 1)[0]

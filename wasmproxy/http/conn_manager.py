@@ -141,6 +141,7 @@ class HttpConnectionManagerConfig:
         self.access_logs: list[AccessLogHandler] = []
         self.use_remote_address = False
         self.skip_xff_append = False
+        self.xff_num_trusted_hops = 0
         self.generate_request_id = True
         self.preserve_external_request_id = False
         self.always_set_request_id_in_response = False
@@ -203,6 +204,7 @@ class HttpConnectionManagerConfig:
         if proto.HasField("use_remote_address"):
             self.use_remote_address = proto.use_remote_address.value
         self.skip_xff_append = proto.skip_xff_append
+        self.xff_num_trusted_hops = proto.xff_num_trusted_hops
         if proto.HasField("generate_request_id"):
             self.generate_request_id = proto.generate_request_id.value
         self.preserve_external_request_id = proto.preserve_external_request_id
@@ -258,7 +260,7 @@ class HttpConnectionManagerConfig:
 
 # Fields that change Envoy's answers but that wasmproxy ignores (with a warning at load).
 _UNSUPPORTED_FIELDS = ("local_reply_config", "upgrade_configs", "tracing",
-                       "path_with_escaped_slashes_action", "xff_num_trusted_hops",
+                       "path_with_escaped_slashes_action",
                        "scheme_header_transformation", "early_header_mutation_extensions",
                        "original_ip_detection_extensions", "add_user_agent")
 
@@ -896,18 +898,20 @@ def _strip_port_from_host(headers: HeaderMap, listener_port: int | None) -> None
     headers.set(":authority", host[:colon])
 
 
-def _last_xff_address(xff: str | None) -> tuple[str | None, bool]:
-    """Utility::getLastAddressFromXFF (no trusted hops): the last x-forwarded-for entry if it is
-    an IP address, and whether it is the only entry."""
+def _last_xff_address(xff: str | None, skip: int = 0) -> tuple[str | None, bool]:
+    """Utility::getLastAddressFromXFF: the x-forwarded-for entry `skip` places from the end if it
+    is an IP address, and whether the header holds that one entry only."""
     if not xff:
         return None, False
     entries = xff.split(",")
-    last = entries[-1].strip()
+    if skip >= len(entries):
+        return None, False
+    chosen = entries[len(entries) - 1 - skip].strip()
     try:
-        ipaddress.ip_address(last)
+        ipaddress.ip_address(chosen)
     except ValueError:
         return None, False
-    return last, len(entries) == 1
+    return chosen, len(entries) == 1
 
 
 def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:
@@ -1095,22 +1099,28 @@ class ActiveStream:
                 headers.remove("te")
         xff = headers.get("x-forwarded-for")
         final_remote: str | None
+        from_xff: str | None
+        hops = config.xff_num_trusted_hops
         if config.use_remote_address:
-            final_remote = self.stream_info.connection.remote_address.host
+            peer = self.stream_info.connection.remote_address.host
+            # With trusted proxies in front, the client is the entry they appended.
+            from_xff = _last_xff_address(xff, hops - 1)[0] if hops > 0 else None
+            final_remote = from_xff or peer
             single_xff_address = xff is None
             if not config.skip_xff_append:
-                own = _local_address() if _is_loopback(final_remote) else final_remote
+                own = _local_address() if _is_loopback(peer) else peer
                 headers.set("x-forwarded-for", f"{xff},{own}" if xff else own)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
         else:
-            final_remote, single_xff_address = _last_xff_address(xff)
-            if final_remote is not None:
-                # The stream's downstream remote address (source.address, %DOWNSTREAM_REMOTE_ADDRESS%)
-                # is the client x-forwarded-for names, with port 0; the peer stays the direct one.
-                self.stream_info.connection = dataclasses.replace(
-                    self.stream_info.connection, direct_remote_address=Address(final_remote, 0))
+            from_xff, single_xff_address = _last_xff_address(xff, hops)
+            final_remote = from_xff
             if headers.get("x-forwarded-proto") is None:
                 headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
+        if from_xff is not None:
+            # The stream's downstream remote address (source.address, %DOWNSTREAM_REMOTE_ADDRESS%)
+            # is the client x-forwarded-for names, with port 0; the peer stays the direct one.
+            self.stream_info.connection = dataclasses.replace(
+                self.stream_info.connection, direct_remote_address=Address(from_xff, 0))
         # Internal: one address, inside internal_address_config (Envoy 1.40 trusts none by
         # default). Otherwise the client's x-envoy-* control headers go.
         internal = single_xff_address and final_remote is not None and _in_networks(
