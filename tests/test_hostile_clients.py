@@ -31,10 +31,11 @@ CASES = CaseFile.load(CASES_DIR / "hostile_clients.yaml")
 HEADER_TIMEOUTS = CaseFile.load(CASES_DIR / "hostile_header_timeouts.yaml")
 MAX_CONNECTIONS = CaseFile.load(CASES_DIR / "hostile_max_connections.yaml")
 # Gauges that must return to zero once every client is gone (per HCM stat prefix / cluster).
-# upstream_cx_active is not among them: idle keep-alive upstream connections stay pooled.
 LEAK_GAUGES = ("http.ingress_http.downstream_cx_active", "http.ingress_http.downstream_rq_active",
                "cluster.echo.upstream_rq_active", "cluster.limited.upstream_rq_active",
                "cluster.limited.upstream_rq_pending_active")
+# Idle keep-alive upstream connections stay pooled: these must equal Envoy's instead.
+POOL_GAUGES = ("cluster.echo.upstream_cx_active", "cluster.limited.upstream_cx_active")
 GAUGE_DEADLINE_S = 5.0
 # Longest any scenario waits for the proxy to act (the longest configured timeout is 1.2 s).
 ANSWER_DEADLINE_S = 4.0
@@ -67,11 +68,25 @@ def _admin_port(target: Target) -> int:
     return next(port for port, name in target.port_names.items() if name == "admin_port")
 
 
-def gauges(target: Target) -> dict[str, int]:
-    """The LEAK_GAUGES of one target, read from its admin /stats."""
+def gauges(target: Target, names: tuple[str, ...] = LEAK_GAUGES) -> dict[str, int]:
+    """Gauges `names` of one target (0 when absent), read from its admin /stats."""
     text = target.process.admin("/stats?filter=_active$").body.decode()
     values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
-    return {name: int(values.get(name, "0")) for name in LEAK_GAUGES}
+    return {name: int(values.get(name, "0")) for name in names}
+
+
+def assert_pools_match(env: DiffEnvironment) -> None:
+    """Every target ends up with as many upstream connections as Envoy (within GAUGE_DEADLINE_S)."""
+    if REFERENCE not in env.targets:
+        return
+    deadline = time.monotonic() + GAUGE_DEADLINE_S
+    while True:
+        values = {name: gauges(t, POOL_GAUGES) for name, t in env.targets.items()}
+        if all(v == values[REFERENCE] for v in values.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"upstream connections differ from Envoy's: {values}")
+        select.select([], [], [], 0.05)
 
 
 def assert_drained(target: Target) -> None:
@@ -108,6 +123,7 @@ def on_every_target(env: DiffEnvironment, scenario: Callable[[Target], Any],
         results = {name: f.result() for name, f in futures.items()}
         for f in [pool.submit(assert_drained, t) for t in env.targets.values()]:
             f.result()
+    assert_pools_match(env)
     if REFERENCE not in results:
         return results
     ref = results[REFERENCE]
@@ -163,6 +179,7 @@ def test_hostile_case(env: DiffEnvironment, case: Case) -> None:
     env.run(case)
     for target in env.targets.values():
         assert_drained(target)
+    assert_pools_match(env)
 
 
 # --- slow clients ------------------------------------------------------------------------------
