@@ -182,6 +182,16 @@ def test_hostile_case(env: DiffEnvironment, case: Case) -> None:
     assert_pools_match(env)
 
 
+def test_oversized_request_line(env: DiffEnvironment) -> None:
+    """A 70 KB request target counts against max_request_headers_kb (60 KB)."""
+    def scenario(target: Target) -> tuple[Any, ...]:
+        with target.connect() as conn:
+            conn.send(build_request("GET", "/echo/" + "a" * 70_000))
+            return outcome(conn)
+
+    assert on_every_target(env, scenario)[REFERENCE][:2] == ("response", 431)
+
+
 # --- slow clients ------------------------------------------------------------------------------
 
 def test_slowloris_headers_hit_stream_idle_timeout(env: DiffEnvironment) -> None:
