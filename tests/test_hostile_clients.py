@@ -72,6 +72,12 @@ def gauges(target: Target, names: tuple[str, ...] = LEAK_GAUGES) -> dict[str, in
     return {name: int(values.get(name, "0")) for name in names}
 
 
+def counter(target: Target, name: str) -> int:
+    """One stat of one target (0 when absent)."""
+    text = target.process.admin(f"/stats?filter=^{name}$").body.decode()
+    return int(text.split(": ", 1)[1]) if ": " in text else 0
+
+
 def assert_pools_match(env: DiffEnvironment) -> None:
     """Every target ends up with as many upstream connections as Envoy (within GAUGE_DEADLINE_S)."""
     if REFERENCE not in env.targets:
@@ -313,11 +319,6 @@ def test_idle_keep_alive_connection_drained_then_closed(env: DiffEnvironment) ->
     assert results[REFERENCE][0] == 200 and results[REFERENCE][1] is not None
 
 
-def counter(target: Target, name: str) -> int:
-    text = target.process.admin(f"/stats?filter=^{name}$").body.decode()
-    return int(text.split(": ", 1)[1]) if ": " in text else 0
-
-
 def test_request_while_draining_after_idle_timeout_gets_connection_close(env: DiffEnvironment) -> None:
     """Between idle_timeout and the end of drain_timeout the connection still serves, but the
     response carries connection: close; the close still waits for drain_timeout."""
@@ -405,10 +406,11 @@ def test_circuit_breaker_overflow_gets_503_overloaded(env: DiffEnvironment) -> N
             wait_gauge(target, "cluster.limited.upstream_rq_pending_active", 1)
             over = c.request("GET", "/limited/c")
             return (a.read_response().status, b.read_response().status, over.status,
-                    over.header("x-envoy-overloaded"), over.body)
+                    over.header("x-envoy-overloaded"), over.body,
+                    counter(target, "cluster.limited.upstream_rq_pending_overflow"))
 
     results = on_every_target(env, scenario)
-    assert results[REFERENCE][:4] == (200, 200, 503, "true")
+    assert results[REFERENCE][:4] == (200, 200, 503, "true") and results[REFERENCE][5] == 1
 
 
 def test_client_that_stops_reading_a_large_response(env: DiffEnvironment) -> None:
