@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import unquote
@@ -32,7 +32,7 @@ from .http.stream_info import Address, ConnectionInfo, StreamInfo
 from .log import get_logger
 from .stats.store import Store
 from .testing.config import Configuration, plugin_config
-from .thread_local import ThreadLocalInstance
+from .server_context import standalone_factory_context
 from .wasm.http_filter import WasmFilter
 from .wasm.plugin import PluginConfig
 
@@ -155,32 +155,6 @@ class _CalloutClient:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-@dataclass
-class _LocalInfo:
-    """No envoy.config.core.v3.Node: the xds.node property is empty."""
-
-    node: Any = None
-
-
-@dataclass
-class _FactoryContext:
-    main_dispatcher: _LoopDispatcher
-    thread_local: ThreadLocalInstance
-    cluster_manager: _CalloutClient
-    store: Store
-    local_info: _LocalInfo = field(default_factory=_LocalInfo)
-    bootstrap: Any = None
-    listener_name: str = ""
-    listener_direction: int = 0
-
-    def store_for(self, dispatcher: Any) -> Store:
-        return self.store
-
-    @property
-    def main_store(self) -> Store:
-        return self.store
 
 
 # -- one request ----------------------------------------------------------------------------------
@@ -436,8 +410,7 @@ class WasmMiddleware:
                 raise RuntimeError("WasmMiddleware serves one event loop (its plugins' VMs live there)")
             return
         dispatcher = _LoopDispatcher(loop)
-        context = _FactoryContext(dispatcher, ThreadLocalInstance(dispatcher),  # type: ignore[arg-type]
-                                  _CalloutClient(loop, self.callout, self.clusters), self.stats)
+        context = standalone_factory_context(dispatcher, _CalloutClient(loop, self.callout, self.clusters), self.stats)
         configs = [PluginConfig(plugin_config(p.wasm, p.configuration, vm_configuration=p.vm_configuration,
                                               name=p.name, root_id=p.root_id, vm_id=p.vm_id,
                                               failure_policy=p.failure_policy), context)  # type: ignore[arg-type]

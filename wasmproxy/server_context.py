@@ -34,7 +34,8 @@ class FactoryContext:
     main_dispatcher: "Dispatcher"
     thread_local: "ThreadLocalInstance"
     cluster_manager: "ClusterManager"
-    stats: "StatsRegistry"
+    # None outside the Server (see standalone_factory_context).
+    stats: "StatsRegistry | None"
     # The stats Store of the thread a dispatcher runs (main's for the main dispatcher).
     store_for: Callable[["Dispatcher"], "Store"]
     local_info: LocalInfo
@@ -49,3 +50,13 @@ class FactoryContext:
     @property
     def main_store(self) -> "Store":
         return self.store_for(self.main_dispatcher)
+
+
+def standalone_factory_context(main_dispatcher: Any, cluster_manager: Any, store: "Store") -> FactoryContext:
+    """A FactoryContext for hosting plugins outside the Server (the pytest harness, the ASGI
+    middleware): one thread, whose dispatcher is `main_dispatcher`, and one Store; no node."""
+    from .thread_local import ThreadLocalInstance
+
+    return FactoryContext(main_dispatcher=main_dispatcher, thread_local=ThreadLocalInstance(main_dispatcher),
+                          cluster_manager=cluster_manager, stats=None, store_for=lambda _dispatcher: store,
+                          local_info=LocalInfo(), bootstrap=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
@@ -21,7 +21,7 @@ from ..http.headers import HeaderMap
 from ..http.stream_info import Address, ConnectionInfo, StreamInfo
 from ..log import LEVELS, get_logger
 from ..stats.store import Store
-from ..thread_local import ThreadLocalInstance
+from ..server_context import standalone_factory_context
 from ..wasm.abi import WasmResult
 from ..wasm.http_filter import WasmFilter
 from ..wasm.plugin import PluginConfig
@@ -376,34 +376,6 @@ def _level_name(levelno: int) -> str:
     return "critical"
 
 
-@dataclass
-class _LocalInfo:
-    """No envoy.config.core.v3.Node: the xds.node property is empty."""
-
-    node: Any = None
-
-
-@dataclass
-class _FactoryContext:
-    """The parts of the server's FactoryContext the Wasm factories use."""
-
-    main_dispatcher: ManualDispatcher
-    thread_local: ThreadLocalInstance
-    cluster_manager: CalloutRecorder
-    store: Store
-    local_info: _LocalInfo = field(default_factory=_LocalInfo)
-    bootstrap: Any = None
-    listener_name: str = ""
-    listener_direction: int = 0
-
-    def store_for(self, dispatcher: Any) -> Store:
-        return self.store
-
-    @property
-    def main_store(self) -> Store:
-        return self.store
-
-
 class WasmPlugin:
     """A plugin (.wasm path or bytes) configured as an envoy.extensions.wasm.v3.PluginConfig.
 
@@ -446,8 +418,7 @@ class WasmPlugin:
                                    environment_variables=environment_variables)
         for key, value in (shared_data or {}).items():
             self.set_shared_data(key, value)
-        self._context = _FactoryContext(self.dispatcher, ThreadLocalInstance(self.dispatcher),  # type: ignore[arg-type]
-                                        self.callouts, self.stats)
+        self._context = standalone_factory_context(self.dispatcher, self.callouts, self.stats)
         try:
             self.config: PluginConfig | None = PluginConfig(self.proto, self._context)  # type: ignore[arg-type]
         except Exception:
