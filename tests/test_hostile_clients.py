@@ -429,9 +429,6 @@ def test_client_that_stops_reading_a_large_response(env: DiffEnvironment) -> Non
 
 # --- connection limits ------------------------------------------------------------------------
 
-@pytest.mark.xfail(CANDIDATE in selected_targets(), strict=True,
-                   reason="wasmproxy has no overload manager: the global_downstream_max_connections resource "
-                          "monitor is ignored, so a third connection is served where Envoy closes it at once")
 def test_global_downstream_max_connections(max_connections_env: DiffEnvironment) -> None:
     """With two connections open, a third is accepted and closed at once; once one of the two
     goes, a new connection is served again."""

@@ -28,6 +28,7 @@ from .config import registry
 from .event.dispatcher import Dispatcher
 from .event.watchdog import GuardDog
 from .network.listener import DEFAULT_BUFFER_LIMIT, worker_handler_factory
+from .overload import DOWNSTREAM_CONNECTION_LIMIT_KEY, downstream_connection_limit
 from .reload import ActiveListener, ConfigReloader
 from .server_context import FactoryContext, LocalInfo
 from .stats.registry import StatsRegistry
@@ -119,7 +120,8 @@ class Listener:
         buffer_limit = proto.per_connection_buffer_limit_bytes.value if proto.HasField(
             "per_connection_buffer_limit_bytes") else DEFAULT_BUFFER_LIMIT
         # HCM alone keeps its own protocol factory; other chains run through the network filter manager.
-        self._for_worker = worker_handler_factory(self.filter_factories, self.name, buffer_limit)
+        self._for_worker = worker_handler_factory(self.filter_factories, self.name, buffer_limit,
+                                                  context.extras.get(DOWNSTREAM_CONNECTION_LIMIT_KEY))
 
     def bind(self) -> None:
         """Main thread: bind once so a port-0 listener gets a port every worker then shares."""
@@ -216,7 +218,9 @@ class Server:
             shutdown=self.shutdown,
             extras={FACTORY_CONTEXT_KEY: SandboxLimits(
                 callback_deadline_ms=getattr(self.opts, "wasm_callback_deadline_ms", DEFAULT_CALLBACK_DEADLINE_MS),
-                memory_limit_bytes=getattr(self.opts, "wasm_memory_limit_mb", 1024) << 20)},
+                memory_limit_bytes=getattr(self.opts, "wasm_memory_limit_mb", 1024) << 20),
+                # One process-wide count every listener's connections share (overload manager).
+                DOWNSTREAM_CONNECTION_LIMIT_KEY: downstream_connection_limit(self.bootstrap)},
         )
         self.bootstrap_extensions = self._create_bootstrap_extensions()
         self.listeners = [Listener(p, self.context) for p in self.bootstrap.static_resources.listeners]

@@ -10,6 +10,7 @@ subset wasmproxy supports, worded as Envoy 1.40 words them (and each prefixed wi
   for an inline route_config), domains are unique, at most one ``*`` per table, regexes compile as
   RE2 would, and no header mutation touches ``:``-headers or Host;
 * a Wasm filter's local code file exists (Envoy reads it while building the filter chain);
+* the overload manager has only the global_downstream_max_connections resource monitor;
 * what wasmproxy does not implement (xDS, TLS transport sockets, listener filters, custom
   cluster types) is an error naming the field, never silently ignored.
 
@@ -35,6 +36,9 @@ from wasmproxy.config.registry import Category
 _RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 _SUPPORTED_DISCOVERY = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
 _WASM_FILTERS = ("envoy.filters.http.wasm", "envoy.filters.network.wasm")
+# The one overload manager resource monitor wasmproxy implements (wasmproxy/overload.py).
+GLOBAL_DOWNSTREAM_MAX_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
+_DOWNSTREAM_CONNECTIONS_CONFIG = "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
 
 
 def check_bootstrap(bootstrap: Message) -> None:
@@ -44,6 +48,7 @@ def check_bootstrap(bootstrap: Message) -> None:
                           "use static_resources", "dynamic_resources")
     for i, ext in enumerate(bootstrap.bootstrap_extensions):
         _find_and_unpack(Category.BOOTSTRAP_EXTENSIONS, ext, f"bootstrap_extensions[{i}]")
+    _check_overload_manager(bootstrap)
     resources = bootstrap.static_resources
     clusters = _check_clusters(resources.clusters)
     bound: dict[str, str] = {}  # "ip:port" -> listener name, for fixed ports
@@ -200,6 +205,23 @@ def _check_terminal(ext: registry.Extension, name: str, is_last: bool, chain: st
 def _check_access_logs(logs: Any, path: str) -> None:
     for i, log in enumerate(logs):
         _find_and_unpack(Category.ACCESS_LOGGERS, log, f"{path}[{i}]")
+
+
+def _check_overload_manager(bootstrap: Message) -> None:
+    """Only the global_downstream_max_connections monitor: any other overload setting is an error."""
+    overload = bootstrap.overload_manager
+    for i, monitor in enumerate(overload.resource_monitors):
+        path = f"overload_manager.resource_monitors[{i}]"
+        typed = monitor.typed_config if monitor.HasField("typed_config") else None
+        if monitor.name != GLOBAL_DOWNSTREAM_MAX_CONNECTIONS or typed is None or \
+                registry.type_name_of(typed) != _DOWNSTREAM_CONNECTIONS_CONFIG:
+            raise ConfigError(f"resource monitor '{monitor.name}' is not supported by wasmproxy (supported: "
+                              f"{GLOBAL_DOWNSTREAM_MAX_CONNECTIONS})", path)
+        registry.unpack(typed, f"{path}.typed_config")
+    if overload.actions:
+        raise ConfigError("overload actions are not supported by wasmproxy", "overload_manager.actions")
+    if overload.loadshed_points:
+        raise ConfigError("overload loadshed points are not supported by wasmproxy", "overload_manager.loadshed_points")
 
 
 def _find_and_unpack(category: Category, entry: Any, path: str) -> registry.Extension:

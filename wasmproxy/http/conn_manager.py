@@ -28,6 +28,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..log import get_logger
+from ..overload import DownstreamConnectionLimit, overflow_counter
 from .codec import CodecError, ServerCodec, reason_phrase
 from .filter import AccessLogHandler, FilterFactoryCb
 from .filter_manager import DEFAULT_BUFFER_LIMIT, FilterManager
@@ -424,6 +425,8 @@ class WorkerConnectionHandler:
         self.draining = False
         self._random = random.Random()
         self._codec_stats: Http1CodecStats | None = None
+        # The process-wide downstream connection limit (overload manager), set by the listener.
+        self.connection_limit: DownstreamConnectionLimit | None = None
 
     def codec_stats(self) -> Http1CodecStats:
         if self._codec_stats is None:
@@ -509,11 +512,22 @@ class ConnectionManager(asyncio.Protocol):
         self._connected_at = 0.0
         self._idle_since = 0.0
         self.listener_stats: ListenerHttpStats | None = None
+        # The connection limit this connection counts against, released when the socket is gone.
+        self._limit: DownstreamConnectionLimit | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        limit = self.handler.connection_limit
+        if limit is not None:
+            if not limit.try_allocate():
+                # Envoy closes the socket before any connection (or HCM stat) exists.
+                overflow_counter(self.handler._store, transport.get_extra_info("sockname")).inc()
+                self._closed = True
+                transport.abort()
+                return
+            self._limit = limit
         # Envoy's per-connection buffer limit is the high watermark of the write buffer.
         transport.set_write_buffer_limits(high=self.config.buffer_limit, low=self.config.buffer_limit // 2)
         self.connection_info = ConnectionInfo(
@@ -567,6 +581,9 @@ class ConnectionManager(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._limit is not None:
+            self._limit.release()
+            self._limit = None
         if self._delayed_close_timer is not None:
             self._delayed_close_timer.disable_timer()
         if not self._closed:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..http.stream_info import Address, ConnectionInfo, StreamInfo
 from .filter import ConnectionCallbacks, ConnectionCloseType, ConnectionEvent
+from ..overload import DownstreamConnectionLimit, overflow_counter
 from .filter_manager import FilterManager
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class Connection(asyncio.Protocol):
         # connection_made even when it was paused there, so they are held as if still unread.
         self._unread = bytearray()
         self._unread_eof = False
+        # The connection limit this connection counts against, released when the socket is gone.
+        self._limit: DownstreamConnectionLimit | None = None
 
     # -- the Connection API filters use ------------------------------------------------------
 
@@ -170,6 +173,15 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        limit = self.handler.connection_limit
+        if limit is not None:
+            if not limit.try_allocate():
+                # Envoy closes the socket before any connection (or filter) exists.
+                overflow_counter(self.handler.store, transport.get_extra_info("sockname")).inc()
+                self.is_open = False
+                transport.abort()
+                return
+            self._limit = limit
         limit = self.handler.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
         sock = transport.get_extra_info("socket")
@@ -222,6 +234,9 @@ class Connection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._limit is not None:
+            self._limit.release()
+            self._limit = None
         if self.is_open:
             self.remote_reset = isinstance(exc, ConnectionResetError)
             self._close_socket(ConnectionEvent.RemoteClose, flush=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config.errors import ConfigError
+from ..overload import DownstreamConnectionLimit
 from .connection import Connection
 from .filter import ConnectionCloseType, NetworkFilterFactoryCb
 from .hcm_filter import hcm_filter_factory
@@ -30,8 +31,12 @@ class ConnectionHandler:
     """One worker's connections of one listener; calling it makes a Connection (a protocol factory)."""
 
     def __init__(self, filter_factories: list[NetworkFilterFactoryCb], dispatcher: "Dispatcher",
-                 listener_name: str, buffer_limit: int, hcm_handlers: list[Any] | None = None) -> None:
+                 listener_name: str, buffer_limit: int, hcm_handlers: list[Any] | None = None,
+                 connection_limit: DownstreamConnectionLimit | None = None, store: "Store | None" = None) -> None:
         self.filter_factories = filter_factories
+        # The process-wide downstream connection limit (overload manager) and the worker's store.
+        self.connection_limit = connection_limit
+        self.store = store
         # The per-worker HCM handlers behind HCM filters of this chain (drain and close reach them).
         self.hcm_handlers = hcm_handlers or []
         self.dispatcher = dispatcher
@@ -54,16 +59,26 @@ class ConnectionHandler:
 
 
 def worker_handler_factory(
-    factories: list[Any], listener_name: str, buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    factories: list[Any], listener_name: str, buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+    connection_limit: DownstreamConnectionLimit | None = None,
 ) -> Callable[["Dispatcher", "Store"], Any]:
     """Main thread: ``(dispatcher, store) -> protocol factory`` for a listener's network filters.
 
     A chain that is the HCM alone uses its ``for_worker``; anything else gets a
     ConnectionHandler, with an HCM (which must be last: it is terminal) as a read filter.
+    Either way accepted connections count against `connection_limit` (process-wide) if set.
     """
     if len(factories) == 1 and hasattr(factories[0], "for_worker"):
-        for_worker: Callable[["Dispatcher", "Store"], Any] = factories[0].for_worker
-        return for_worker
+        hcm_for_worker: Callable[["Dispatcher", "Store"], Any] = factories[0].for_worker
+        if connection_limit is None:
+            return hcm_for_worker
+
+        def hcm_alone(dispatcher: "Dispatcher", store: "Store") -> Any:
+            handler = hcm_for_worker(dispatcher, store)
+            handler.connection_limit = connection_limit
+            return handler
+
+        return hcm_alone
     if any(hasattr(f, "for_worker") for f in factories[:-1]):
         raise ConfigError("the http_connection_manager is a terminal filter: it must be the last in "
                           "its filter chain")
@@ -78,6 +93,6 @@ def worker_handler_factory(
                 chain.append(hcm_filter_factory(handler))
             else:
                 chain.append(factory)
-        return ConnectionHandler(chain, dispatcher, listener_name, buffer_limit, hcm_handlers)
+        return ConnectionHandler(chain, dispatcher, listener_name, buffer_limit, hcm_handlers, connection_limit, store)
 
     return for_worker
