@@ -93,10 +93,9 @@ def test_overload_actions_are_not_supported() -> None:
 class _ReleaseSignal(DownstreamConnectionLimit):
     """A limit that tells the test when a connection has been released (no polling)."""
 
-    def __init__(self, max_active: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, max_active: int) -> None:
         super().__init__(max_active)
         self.released: asyncio.Queue[None] = asyncio.Queue()
-        self._loop = loop
 
     def release(self) -> None:
         super().release()
@@ -161,7 +160,7 @@ def test_a_connection_over_the_limit_is_closed_at_once_and_counted(path: str) ->
     dispatcher = Dispatcher("overload-test")
     loop = dispatcher.loop
     store = Store("worker_0")
-    limit = _ReleaseSignal(2, loop)
+    limit = _ReleaseSignal(2)
     factories: list[Any] = [_hcm()] if path == "hcm_alone" else [lambda fm: fm.add_read_filter(_Upper())]
     hello = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" if path == "hcm_alone" else b"hi"
     answer = b"HTTP/1.1 200 OK" if path == "hcm_alone" else b"HI"
