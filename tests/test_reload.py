@@ -107,14 +107,16 @@ def ports(echo_upstream: int) -> dict[str, int]:
 
 
 class _Load:
-    """Client threads sending requests on keep-alive connections until stopped (or a deadline).
+    """Client threads sending requests until stopped (or a deadline), on keep-alive connections
+    or on a new connection each.
 
     Each thread alternates `/` (routed to the echo upstream) and `/only-odd` (answered "odd"
     directly by odd config versions, routed to the echo upstream by even ones).
     """
 
-    def __init__(self, port: int, threads: int, deadline_s: float) -> None:
+    def __init__(self, port: int, threads: int, deadline_s: float, keep_alive: bool = True) -> None:
         self.port = port
+        self.keep_alive = keep_alive
         self.deadline = time.monotonic() + deadline_s
         self.stop = threading.Event()
         self.cond = threading.Condition()
@@ -147,6 +149,9 @@ class _Load:
             path = "/only-odd" if n % 2 else "/"
             n += 1
             try:
+                if not self.keep_alive:  # a new connection per request
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
                 conn.request("GET", path)
                 r = conn.getresponse()
                 body = r.read()
@@ -216,6 +221,34 @@ def test_fifty_reloads_under_load_drop_no_request(tmp_path: Path, ports: dict[st
     assert stats.get("http.ingress_http.downstream_rq_5xx", 0) == 0
 
 
+def test_a_listener_replaced_on_its_address_loses_no_connection(tmp_path: Path, ports: dict[str, int]) -> None:
+    """A new stat_prefix replaces the listener (not in place); on the same address the new one
+    takes over the listening socket, so connections being accepted are not reset."""
+    path = tmp_path / "envoy.yaml"
+
+    def doc(version: int) -> dict[str, Any]:
+        d = _doc(ports, version)
+        d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "stat_prefix"] = f"ingress_{version % 2}"
+        return d
+
+    _write(path, doc(0))
+    replacements = 10
+    with WasmproxyProcess(path, concurrency=2) as proc, _Load(ports["listener"], threads=3, deadline_s=90,
+                                                              keep_alive=False) as load:
+        assert proc.proc is not None
+        assert load.wait_version(0), proc.log_tail()
+        for version in range(1, replacements + 1):
+            _write(path, doc(version))
+            proc.proc.send_signal(signal.SIGHUP)
+            assert load.wait_version(version), f"version {version} never served\n{proc.log_tail()}"
+        stats = _stats(proc)
+    assert load.errors == [], load.errors[:10]
+    assert stats["listener_manager.listener_modified"] == replacements
+    assert stats["listener_manager.listener_in_place_updated"] == 0
+    assert stats["http.ingress_0.downstream_rq_2xx"] > 0 and stats["http.ingress_1.downstream_rq_2xx"] > 0
+
+
 def test_rejected_config_keeps_the_old_one_serving(tmp_path: Path, ports: dict[str, int]) -> None:
     path = tmp_path / "envoy.yaml"
     _write(path, _doc(ports, 0))
@@ -261,6 +294,8 @@ def test_listeners_and_clusters_are_added_changed_and_removed(tmp_path: Path, po
                 assert b'"path": "/"' in body or b'"path":"/"' in body  # the echo upstream answered
         stats = _stats(proc)
         assert stats["listener_manager.listener_added"] == 2  # the first one at start-up, as Envoy
+        assert f"listener_1::127.0.0.1:{ports['listener2']}" in proc.admin("/listeners").body.decode()
+        assert "listener_1" in proc.admin("/config_dump").body.decode()
         assert stats["cluster_manager.cluster_modified"] == 1
         # Removing listener_0 stops it accepting on every worker; listener_1 keeps serving.
         _write(path, _doc(ports, 2, extra_listener=True, main_listener=False))

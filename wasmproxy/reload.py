@@ -467,9 +467,16 @@ def _swap_hcm_config(handler: Any, config: Any) -> None:
 
 
 def _drain(worker: "Worker", active: ActiveListener, drain_ms: int) -> None:
-    """Worker thread: stop accepting, let the connections finish, close what is left after drain_ms."""
+    """Worker thread: stop accepting, let the connections finish, close what is left after drain_ms.
+
+    An idle HTTP connection is not closed under its client (which may be sending a request right
+    now): it answers its next request with connection: close, as Envoy's drain does.
+    """
     active.stop_accepting()
-    active.handler.drain()
+    if hasattr(active.handler, "config"):  # the HCM's own handler
+        active.handler.drain(close_idle=False)
+    else:
+        active.handler.drain()
     if drain_ms > 0:
         active.drain_timer = worker.dispatcher.create_timer(active.handler.close_all)
         active.drain_timer.enable_timer(drain_ms)

@@ -451,11 +451,12 @@ class WorkerConnectionHandler:
         """A random 64-bit id, as Envoy's (routing uses it, e.g. to pick a weighted cluster)."""
         return self._random.getrandbits(64)
 
-    def drain(self) -> None:
-        """Start draining: every connection closes after its current response (connection: close)."""
+    def drain(self, close_idle: bool = True) -> None:
+        """Start draining: every connection closes after its current response (connection: close);
+        idle ones now, or with close_idle=False after their next response (ConnectionManager.start_drain)."""
         self.draining = True
         for conn in list(self.connections):
-            conn.start_drain()
+            conn.start_drain(close_idle)
 
     def close_all(self) -> None:
         """Shutdown: close every connection now."""
@@ -701,12 +702,14 @@ class ConnectionManager(asyncio.Protocol):
             out.clear()
             self.transport.write(data)
 
-    def start_drain(self) -> None:
-        """Close after the current response (with connection: close), or now when idle."""
+    def start_drain(self, close_idle: bool = True) -> None:
+        """Close after the current response (with connection: close), or now when idle; with
+        close_idle=False an idle connection closes after its next response instead (a listener
+        drained by a reload: a client that just connected or reuses the connection is answered)."""
         if self.drain_state != _CLOSING:
             self.drain_state = _CLOSING
             self.stats.downstream_cx_drain_close.inc()
-        if self.stream is None:
+        if self.stream is None and close_idle:
             self.close()
 
     def close(self, flush_and_delay: bool = True) -> None:
