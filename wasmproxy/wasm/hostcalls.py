@@ -156,6 +156,15 @@ class _Exports:
         assert vm is not None
         vm.memory.write_u32(ptr, value)
 
+    def _write_u32s(self, *pointer_values: tuple[int, int]) -> int:
+        """Write each (pointer, value) result; a bad pointer is InvalidMemoryAccess, as cpp-host's setDatatype."""
+        try:
+            for ptr, value in pointer_values:
+                self._write_u32(ptr, value)
+        except InvalidMemoryAccess:
+            return _INVALID_MEMORY
+        return _OK
+
     def _copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         try:
             ok = self.wasm.copy_to_pointer_size(data, ptr_ptr, size_ptr)
@@ -177,11 +186,7 @@ class _Exports:
 
     def proxy_get_log_level(self, level_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context()
-        try:
-            self._write_u32(level_ptr, ctx.get_log_level())
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((level_ptr, ctx.get_log_level()))
 
     def proxy_get_current_time_nanoseconds(self, result_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context()
@@ -324,11 +329,7 @@ class _Exports:
         status = self._copy_out(value, ptr_ptr, size_ptr)
         if status != _OK:
             return status
-        try:
-            self._write_u32(cas_ptr, cas)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((cas_ptr, cas))
 
     def proxy_set_shared_data(self, key_ptr: int, key_size: int, value_ptr: int, value_size: int, cas: int) -> int:
         ctx = self.wasm.context_or_effective_context()
@@ -348,11 +349,7 @@ class _Exports:
         result, token = ctx.register_shared_queue(name)
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(token_ptr, token)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((token_ptr, token))
 
     def proxy_resolve_shared_queue(self, vm_id_ptr: int, vm_id_size: int, name_ptr: int, name_size: int,
                                    token_ptr: int) -> int:
@@ -365,11 +362,7 @@ class _Exports:
         result, token = ctx.resolve_shared_queue(vm_id, name)
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(token_ptr, token)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((token_ptr, token))
 
     def proxy_dequeue_shared_queue(self, token: int, ptr_ptr: int, size_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context()
@@ -462,11 +455,7 @@ class _Exports:
         result, size = ctx.get_header_map_size(map_type)
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(size_ptr, size)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((size_ptr, size))
 
     # buffers
 
@@ -484,12 +473,7 @@ class _Exports:
         elif start + length > size:
             length = size - start
         if length == 0:
-            try:
-                self._write_u32(ptr_ptr, 0)
-                self._write_u32(size_ptr, 0)
-            except InvalidMemoryAccess:
-                return _INVALID_MEMORY
-            return _OK
+            return self._write_u32s((ptr_ptr, 0), (size_ptr, 0))
         return self._copy_out(bytes(buffer.data[start:start + length]), ptr_ptr, size_ptr)
 
     def proxy_get_buffer_status(self, buffer_type: int, length_ptr: int, flags_ptr: int) -> int:
@@ -499,12 +483,7 @@ class _Exports:
         buffer = ctx.get_buffer(buffer_type)
         if buffer is None:
             return _NOT_FOUND
-        try:
-            self._write_u32(length_ptr, buffer.size())
-            self._write_u32(flags_ptr, 0)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((length_ptr, buffer.size()), (flags_ptr, 0))
 
     def proxy_set_buffer_bytes(self, buffer_type: int, start: int, length: int, data_ptr: int,
                                data_size: int) -> int:
@@ -554,11 +533,7 @@ class _Exports:
         result, token = ctx.grpc_call(service, service_name, method, unmarshal_pairs(metadata), request, timeout_ms)
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(token_ptr, token)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((token_ptr, token))
 
     def proxy_grpc_stream(self, service_ptr: int, service_size: int, service_name_ptr: int,
                           service_name_size: int, method_ptr: int, method_size: int, metadata_ptr: int,
@@ -574,11 +549,7 @@ class _Exports:
         result, token = ctx.grpc_stream(service, service_name, method, unmarshal_pairs(metadata))
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(token_ptr, token)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((token_ptr, token))
 
     def proxy_grpc_send(self, token: int, message_ptr: int, message_size: int, end_stream: int) -> int:
         ctx = self.wasm.context_or_effective_context().root_context()
@@ -619,11 +590,7 @@ class _Exports:
         result, metric_id = ctx.define_metric(metric_type, name)
         if result != WasmResult.Ok:
             return int(result)
-        try:
-            self._write_u32(id_ptr, metric_id)
-        except InvalidMemoryAccess:
-            return _INVALID_MEMORY
-        return _OK
+        return self._write_u32s((id_ptr, metric_id))
 
     def proxy_increment_metric(self, metric_id: int, offset: int) -> int:
         return int(self.wasm.context_or_effective_context().increment_metric(metric_id, offset))
