@@ -63,7 +63,9 @@ def summarize_cprofile(stats_path: Path, requests: int, top: int) -> str:
     rows = sorted(((tt, nc, f"{Path(file).name}:{func}") for (file, _, func), (_, nc, tt, _, _) in stats.items()),
                   reverse=True)
     total = sum(r[0] for r in rows)
-    out = [f"{requests} requests; worker own time {total / requests * 1e6:.0f} us/request (cProfile overhead included)",
+    calls = sum(r[1] for r in rows)
+    out = [f"{requests} requests; worker own time {total / requests * 1e6:.0f} us/request (cProfile overhead included),"
+           f" {calls / requests:.0f} function calls/request",
            "  us/req  calls/req  function"]
     out += [f"  {tt / requests * 1e6:6.1f}  {nc / requests:9.1f}  {name}" for tt, nc, name in rows[:top]]
     return "\n".join(out)
@@ -83,6 +85,8 @@ def run_cprofile(args: argparse.Namespace) -> int:
             proxy.stop()  # the worker ends and dumps its stats
         print(f"scenario {scenario.name}, wasmproxy --concurrency 1 under cProfile, wrk -c{args.connections}")
         print(summarize_cprofile(stats_path, (requests or 0) + 1, args.top))  # + the check request
+        if args.keep:
+            shutil.copyfile(stats_path, args.keep)
     return 0
 
 
@@ -124,7 +128,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--native", action="store_true",
                     help="also sample C frames (wasmtime, uvloop); pauses the process per sample")
-    ap.add_argument("--keep", help="also copy py-spy's collapsed stacks here (for a flame graph tool)")
+    ap.add_argument("--keep", help="also copy py-spy's collapsed stacks (with --cprofile: the pstats dump) here")
     ap.add_argument("--cprofile", action="store_true", help="cProfile the worker instead of sampling")
     args = ap.parse_args()
     if args.cprofile:
