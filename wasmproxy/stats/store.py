@@ -17,7 +17,7 @@ import enum
 
 from wasmproxy.stats.histogram import HistogramBins
 
-__all__ = ["Counter", "Gauge", "Histogram", "ImportMode", "Store", "Unit"]
+__all__ = ["Counter", "Gauge", "Histogram", "ImportMode", "Store", "Unit", "inc_each"]
 
 
 class ImportMode(enum.Enum):
@@ -52,6 +52,14 @@ class Counter:
         self.used = True
 
     add = inc
+
+
+def inc_each(counters: tuple[Counter, ...]) -> None:
+    """``c.inc()`` for each counter: one call for a group that always moves together
+    (a response code's upstream_rq_<code>, _<N>xx and _completed)."""
+    for c in counters:
+        c.value += 1
+        c.used = True
 
 
 class Gauge:

@@ -6,9 +6,7 @@ caches the metric objects so the request path does one dict lookup per update.
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..stats.store import Store, Unit
+from ..stats.store import Counter, Gauge, Histogram, Store, Unit, inc_each
 
 
 # The counters (and the gauges wasmproxy maintains) Envoy lists for every cluster from its
@@ -43,13 +41,19 @@ DECLARED_GAUGES = ("upstream_cx_active", "upstream_rq_active", "upstream_rq_pend
 
 
 class ClusterStats:
-    __slots__ = ("prefix", "_store", "_counters", "_gauges")
+    """Metrics are created in the Store on first use (as before any caching: /stats lists
+    exactly the ones that were touched), then kept here so the hot path skips the name."""
+
+    __slots__ = ("prefix", "_store", "_counters", "_gauges", "_histograms", "_response_codes")
 
     def __init__(self, store: Store, prefix: str) -> None:
         self.prefix = prefix  # "cluster.<observability_name>."
         self._store = store
-        self._counters: dict[str, Any] = {}
-        self._gauges: dict[str, Any] = {}
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+        # (code, internal, retry) -> the counters one response charges, in Envoy's order.
+        self._response_codes: dict[tuple[int, bool, bool], tuple[Counter, ...]] = {}
 
     def declare(self) -> None:
         """Create Envoy's always-listed cluster stats (at 0)."""
@@ -57,6 +61,20 @@ class ClusterStats:
             self.inc(name, 0)
         for name in DECLARED_GAUGES:
             self.gauge_add(name, 0)
+
+    def counter(self, name: str) -> Counter:
+        """The counter `name` (created in the Store now if it was not yet), to bind once and
+        `inc()` on the hot path."""
+        c = self._counters.get(name)
+        if c is None:
+            c = self._counters[name] = self._store.counter(self.prefix + name)
+        return c
+
+    def gauge(self, name: str) -> Gauge:
+        g = self._gauges.get(name)
+        if g is None:
+            g = self._gauges[name] = self._store.gauge(self.prefix + name)
+        return g
 
     def inc(self, name: str, n: int = 1) -> None:
         c = self._counters.get(name)
@@ -77,7 +95,10 @@ class ClusterStats:
         g.set(value)
 
     def record_ms(self, name: str, value: float) -> None:
-        self._store.histogram(self.prefix + name, Unit.MILLISECONDS).record(value)
+        h = self._histograms.get(name)
+        if h is None:
+            h = self._histograms[name] = self._store.histogram(self.prefix + name, Unit.MILLISECONDS)
+        h.record(value)
 
     def record(self, name: str, value: float) -> None:
         self._store.histogram(self.prefix + name, Unit.UNSPECIFIED).record(value)
@@ -86,11 +107,18 @@ class ClusterStats:
         """upstream_rq_<code>, upstream_rq_<N>xx and upstream_rq_completed, plus the
         internal./external. copies (CodeStatsImpl::chargeResponseStat); a response discarded
         for a retry counts only under "retry."."""
-        group = f"upstream_rq_{code // 100}xx"
-        exact = f"upstream_rq_{code}"
-        for name in (exact, group, "upstream_rq_completed"):
+        try:
+            counters = self._response_codes[code, internal, retry]
+        except KeyError:
+            counters = self._response_codes[code, internal, retry] = self._code_counters(code, internal, retry)
+        inc_each(counters)
+
+    def _code_counters(self, code: int, internal: bool, retry: bool) -> tuple[Counter, ...]:
+        names: list[str] = []
+        for name in (f"upstream_rq_{code}", f"upstream_rq_{code // 100}xx", "upstream_rq_completed"):
             if retry:
-                self.inc("retry." + name)
+                names.append("retry." + name)
             else:
-                self.inc(name)
-                self.inc(("internal." if internal else "external.") + name)
+                names.append(name)
+                names.append(("internal." if internal else "external.") + name)
+        return tuple(self.counter(name) for name in names)

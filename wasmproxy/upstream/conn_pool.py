@@ -139,10 +139,15 @@ class RequestEncoder:
 
     @property
     def local_address(self) -> Address | None:
-        """The upstream connection's local address (StreamInfo upstream_local_address)."""
-        transport = self._client.transport
-        sockname = transport.get_extra_info("sockname") if transport is not None else None
-        return Address(sockname[0], sockname[1]) if sockname else None
+        """The upstream connection's local address (StreamInfo upstream_local_address), read
+        from the socket once per connection."""
+        client = self._client
+        address = client.local_address
+        if address is None:
+            transport = client.transport
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            address = client.local_address = Address(sockname[0], sockname[1]) if sockname else None
+        return address
 
 
 _next_client_id = 0
@@ -163,6 +168,7 @@ class ActiveClient(asyncio.Protocol):
         for name in _HTTP1_CODEC_COUNTERS:  # Envoy makes them with the cluster's first HTTP/1 codec
             pool.stats.inc(name, 0)
         self.transport: asyncio.Transport | None = None
+        self.local_address: Address | None = None  # cached by RequestEncoder.local_address
         self.stream: RequestEncoder | None = None
         self.state = "connecting"  # connecting -> ready/busy -> closed
         self.remaining_requests = pool.info.max_requests_per_connection or -1
@@ -238,8 +244,8 @@ class ActiveClient(asyncio.Protocol):
 
     def new_stream(self, decoder: ResponseDecoder) -> RequestEncoder:
         assert self.state == "ready" and self.stream is None
-        if self._idle_timer is not None:
-            self._idle_timer.disable_timer()
+        # The idle timer stays armed while busy: it closes only a "ready" connection, and
+        # going ready again re-arms it (a later deadline costs the Timer no re-scheduling).
         self.state = "busy"
         if self.remaining_requests > 0:
             self.remaining_requests -= 1
@@ -250,7 +256,7 @@ class ActiveClient(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.pool.stats.inc("upstream_cx_tx_bytes_total", len(data))
+            self.pool.tx_bytes_total.inc(len(data))
             self.transport.write(data)
 
     def read_disable(self, disable: bool) -> None:
@@ -265,7 +271,7 @@ class ActiveClient(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.pool.stats.inc("upstream_cx_rx_bytes_total", len(data))
+        self.pool.rx_bytes_total.inc(len(data))
         if self.stream is None or self.stream.done:
             # Bytes with no request outstanding: the connection is unusable (Envoy closes it).
             self.close(local=False)
@@ -415,6 +421,11 @@ class Http1ConnPool:
         self.info = info
         self.stats = stats
         self._rm = info.resource_manager
+        # Hot counters, bound once (ThreadLocalCluster declared them: binding creates nothing new).
+        self.tx_bytes_total = stats.counter("upstream_cx_tx_bytes_total")
+        self.rx_bytes_total = stats.counter("upstream_cx_rx_bytes_total")
+        self._rq_total = stats.counter("upstream_rq_total")
+        self._rq_active = stats.gauge("upstream_rq_active")
         self._ready: list[ActiveClient] = []
         self._busy: set[ActiveClient] = set()
         self._connecting: list[ActiveClient] = []
@@ -510,8 +521,8 @@ class Http1ConnPool:
             return
         self._busy.add(client)
         self._rm.requests.inc()
-        self.stats.inc("upstream_rq_total")
-        self.stats.gauge_add("upstream_rq_active", 1)
+        self._rq_total.inc()
+        self._rq_active.inc()
         self.host.stats.rq_total += 1
         self.host.stats.rq_active += 1
         encoder = client.new_stream(decoder)
@@ -537,7 +548,7 @@ class Http1ConnPool:
 
     def _on_stream_done(self, client: ActiveClient) -> None:
         self._rm.requests.dec()
-        self.stats.gauge_add("upstream_rq_active", -1)
+        self._rq_active.dec()
         self.host.stats.rq_active -= 1
 
     def _on_connect_failure(self, client: ActiveClient, reason: PoolFailureReason, transport_failure: str) -> None:
