@@ -243,6 +243,45 @@ class ContextBase:
     VM could not be created (it then only applies the failure policy).
     """
 
+    # Immutable initial values live on the class (an instance sets its own when one changes):
+    # a stream context is created per request, and most of these never change on it.
+    # Set only while a root context runs on_configure/validate: the plugin being configured.
+    temp_plugin: Plugin | None = None
+    in_vm_context_created = False
+    destroyed = False
+    stream_failed = False
+    failure_local_reply_sent = False
+    env: StreamEnvironment | None = None
+    # Stream state the host calls read (Envoy Context members), set around each callback.
+    end_of_stream = False
+    request_headers: HeaderMap | None = None
+    request_trailers: HeaderMap | None = None
+    response_headers: HeaderMap | None = None
+    response_trailers: HeaderMap | None = None
+    request_body_buffer: bytearray | None = None
+    response_body_buffer: bytearray | None = None
+    downstream_data_buffer: bytearray | None = None
+    upstream_data_buffer: bytearray | None = None
+    buffering_request_body = False
+    buffering_response_body = False
+    # Access-log phase: maps handed to on_log only (Envoy's access_log_* members).
+    access_log_phase = False
+    access_log_request_headers: HeaderMap | None = None
+    access_log_response_headers: HeaderMap | None = None
+    access_log_response_trailers: HeaderMap | None = None
+    access_log_stream_info: "StreamInfo | None" = None
+    downstream_closed = False
+    upstream_closed = False
+    tcp_connection_closed = False
+    # Root-context state for callouts (only used on root contexts).
+    call_data = _EMPTY_BUFFER  # CallData: foreign-function args, DNS results
+    status_code = 0
+    status_message = b""
+    http_call_response: tuple[HeaderMap | None, bytes, HeaderMap | None] | None = None
+    grpc_receive_initial_metadata: HeaderMap | None = None
+    grpc_receive_trailing_metadata: HeaderMap | None = None
+    grpc_receive_buffer: bytes | None = None
+
     def __init__(
         self,
         wasm: "Wasm | None",
@@ -259,49 +298,12 @@ class ContextBase:
         self.parent_context_id = self.parent_context.id
         self.plugin = plugin
         self.root_id = root_id
-        self.root_log_prefix = "".join(f" {p}" for p in (root_id, wasm.vm_id if wasm else "") if p)
-        # Set only while a root context runs on_configure/validate: the plugin being configured.
-        self.temp_plugin: Plugin | None = None
-        self.in_vm_context_created = False
-        self.destroyed = False
-        self.stream_failed = False
-        self.failure_local_reply_sent = False
         self.allow_on_headers_stop_iteration = bool(plugin and plugin.allow_on_headers_stop_iteration)
-        self.env: StreamEnvironment | None = None
-        # Stream state the host calls read (Envoy Context members), set around each callback.
-        self.end_of_stream = False
-        self.request_headers: HeaderMap | None = None
-        self.request_trailers: HeaderMap | None = None
-        self.response_headers: HeaderMap | None = None
-        self.response_trailers: HeaderMap | None = None
-        self.request_body_buffer: bytearray | None = None
-        self.response_body_buffer: bytearray | None = None
-        self.downstream_data_buffer: bytearray | None = None
-        self.upstream_data_buffer: bytearray | None = None
-        self.buffering_request_body = False
-        self.buffering_response_body = False
-        # Access-log phase: maps handed to on_log only (Envoy's access_log_* members).
-        self.access_log_phase = False
-        self.access_log_request_headers: HeaderMap | None = None
-        self.access_log_response_headers: HeaderMap | None = None
-        self.access_log_response_trailers: HeaderMap | None = None
-        self.access_log_stream_info: "StreamInfo | None" = None
-        self.downstream_closed = False
-        self.upstream_closed = False
-        self.tcp_connection_closed = False
-        # Root-context state for callouts (only used on root contexts).
-        self.call_data = _EMPTY_BUFFER  # CallData: foreign-function args, DNS results
-        self.status_code = 0
-        self.status_message = b""
         # declare_property: name -> prototype (set_property consults the root context's).
         self.state_prototypes: dict[str, properties.CelStatePrototype] = {}
-        self.http_call_response: tuple[HeaderMap | None, bytes, HeaderMap | None] | None = None
         self.http_requests: set[int] = set()
         self.grpc_calls: set[int] = set()
         self.grpc_streams: dict[int, list[bool]] = {}  # token -> [local_closed, remote_closed]
-        self.grpc_receive_initial_metadata: HeaderMap | None = None
-        self.grpc_receive_trailing_metadata: HeaderMap | None = None
-        self.grpc_receive_buffer: bytes | None = None
         # Counted in the Wasm's contexts_active gauge until released (stream end or VM close).
         self.released = wasm is None
         if wasm is not None:
@@ -335,13 +337,18 @@ class ContextBase:
             ctx = ctx.parent_context
         return ctx
 
+    @property
+    def root_log_prefix(self) -> str:
+        return "".join(f" {p}" for p in (self.root_id, self.wasm.vm_id if self.wasm else "") if p)
+
     def log_prefix(self) -> str:
         if self.is_root_context():
             return self.root_log_prefix
         return self.plugin.log_prefix if self.plugin else ""
 
     def is_failed(self) -> bool:
-        return self.wasm is None or self.wasm.is_failed()
+        wasm = self.wasm
+        return wasm is None or wasm.failed
 
     # -- calls into the plugin -------------------------------------------------------------
 
@@ -358,8 +365,9 @@ class ContextBase:
         try:
             return wasm.call(self, name, fn, *args)
         finally:
-            wasm.stop_next_iteration(False)
-            wasm.do_after_vm_call_actions()
+            wasm.stop_iteration = False  # stop_next_iteration(False)
+            if wasm.after_vm_call_actions:
+                wasm.do_after_vm_call_actions()
 
     def on_start(self, plugin: Plugin) -> bool:
         """Root context: proxy_on_context_create(id, 0) then proxy_on_vm_start(id, vm_config_size)."""
@@ -434,7 +442,8 @@ class ContextBase:
 
     def _check_fail(self, first: WasmStreamType, second: WasmStreamType) -> bool | None:
         """CHECK_FAIL: None if the VM is healthy, else True for fail-open, False for fail-closed."""
-        if not self.is_failed():
+        wasm = self.wasm
+        if wasm is not None and not wasm.failed:
             return None
         if self.plugin is not None and self.plugin.fail_open:
             return True
@@ -444,48 +453,51 @@ class ContextBase:
             self.stream_failed = True
         return False
 
+    # The guest's status (a u32, already range-checked) -> the host status: tuple lookups,
+    # not Enum calls, on the per-callback path.
+
     def _headers_status(self, result: int) -> FilterHeadersStatus:
         wasm = self.wasm
         assert wasm is not None
-        if wasm.is_next_iteration_stopped() or result > FilterHeadersStatus.StopAllIterationAndWatermark:
+        if wasm.stop_iteration or result > FilterHeadersStatus.StopAllIterationAndWatermark:
             return FilterHeadersStatus.StopAllIterationAndWatermark
         if result == FilterHeadersStatus.StopIteration and not self.allow_on_headers_stop_iteration:
             # cpp-host issue 143: StopIteration would still let the body through.
             return FilterHeadersStatus.StopAllIterationAndWatermark
-        return FilterHeadersStatus(result)
+        return _HEADERS_STATUSES[result]
 
     def _data_status(self, result: int) -> FilterDataStatus:
         assert self.wasm is not None
-        if self.wasm.is_next_iteration_stopped() or result > FilterDataStatus.StopIterationNoBuffer:
+        if self.wasm.stop_iteration or result > FilterDataStatus.StopIterationNoBuffer:
             return FilterDataStatus.StopIterationNoBuffer
-        return FilterDataStatus(result)
+        return _DATA_STATUSES[result]
 
     def _trailers_status(self, result: int) -> FilterTrailersStatus:
         assert self.wasm is not None
-        if self.wasm.is_next_iteration_stopped() or result > FilterTrailersStatus.StopIteration:
+        if self.wasm.stop_iteration or result > FilterTrailersStatus.StopIteration:
             return FilterTrailersStatus.StopIteration
-        return FilterTrailersStatus(result)
+        return _TRAILERS_STATUSES[result]
 
     def _http_call_status(self, name: str, args: tuple[int, ...], convert: Callable[[int], enum.IntEnum],
                           open_status: enum.IntEnum, closed_status: enum.IntEnum) -> enum.IntEnum:
         """Shared body of on_request_*/on_response_*: fail checks, call, translate the status."""
-        fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
-        if fail is not None:
-            return open_status if fail else closed_status
         wasm = self.wasm
-        assert wasm is not None
+        if wasm is None or wasm.failed:
+            fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
+            return open_status if fail else closed_status
         fn = wasm.module_functions.get(name)
         if fn is None:
             return open_status
         try:
             result = wasm.call(self, name, fn, *args) or 0
-            fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
-            if fail is not None:
+            if wasm.failed:  # the callback trapped: CHECK_FAIL again
+                fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
                 return open_status if fail else closed_status
             return convert(result)
         finally:
-            wasm.stop_next_iteration(False)
-            wasm.do_after_vm_call_actions()
+            wasm.stop_iteration = False  # stop_next_iteration(False)
+            if wasm.after_vm_call_actions:
+                wasm.do_after_vm_call_actions()
 
     def on_request_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
         args = self._headers_args(headers, end_of_stream)
@@ -530,7 +542,7 @@ class ContextBase:
         return 0
 
     def _headers_args(self, headers: int, end_of_stream: bool) -> tuple[int, ...]:
-        if self.wasm is not None and self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0:
+        if self.wasm is not None and self.wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
             return (self.id, headers)  # 0.1.0: no end-of-stream flag
         return (self.id, headers, int(end_of_stream))
 
@@ -597,10 +609,11 @@ class ContextBase:
     # -- Envoy's filter glue (Context::decodeHeaders & co.), driven by the HTTP bridge -----
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> HttpHeadersStatus:
-        self.on_create()
+        if not self.in_vm_context_created:
+            self.on_create()
         self.request_headers = headers
         self.end_of_stream = end_stream
-        result = _http_headers_status(self.on_request_headers(len(headers), end_stream))
+        result = _HTTP_HEADERS_STATUS[self.on_request_headers(len(headers), end_stream)]
         if result == HttpHeadersStatus.Continue:
             self.request_headers = None
         return result
@@ -611,7 +624,7 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.request_body_buffer = data
         self.end_of_stream = end_stream
-        result = _http_data_status(self.on_request_body(len(data), end_stream))
+        result = _HTTP_DATA_STATUS[self.on_request_body(len(data), end_stream)]
         self.buffering_request_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.request_body_buffer = None
@@ -621,7 +634,7 @@ class ContextBase:
         if not self.in_vm_context_created:
             return HttpTrailersStatus.Continue
         self.request_trailers = trailers
-        result = HttpTrailersStatus(int(self.on_request_trailers(len(trailers))))
+        result = _HTTP_TRAILERS_STATUS[self.on_request_trailers(len(trailers))]
         if result == HttpTrailersStatus.Continue:
             self.request_trailers = None
         return result
@@ -631,7 +644,7 @@ class ContextBase:
             return HttpHeadersStatus.Continue
         self.response_headers = headers
         self.end_of_stream = end_stream
-        result = _http_headers_status(self.on_response_headers(len(headers), end_stream))
+        result = _HTTP_HEADERS_STATUS[self.on_response_headers(len(headers), end_stream)]
         if result == HttpHeadersStatus.Continue:
             self.response_headers = None
         return result
@@ -641,7 +654,7 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.response_body_buffer = data
         self.end_of_stream = end_stream
-        result = _http_data_status(self.on_response_body(len(data), end_stream))
+        result = _HTTP_DATA_STATUS[self.on_response_body(len(data), end_stream)]
         self.buffering_response_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.response_body_buffer = None
@@ -651,7 +664,7 @@ class ContextBase:
         if not self.in_vm_context_created or self.failure_local_reply_sent:
             return HttpTrailersStatus.Continue
         self.response_trailers = trailers
-        result = HttpTrailersStatus(int(self.on_response_trailers(len(trailers))))
+        result = _HTTP_TRAILERS_STATUS[self.on_response_trailers(len(trailers))]
         if result == HttpTrailersStatus.Continue:
             self.response_trailers = None
         return result
@@ -1363,12 +1376,14 @@ _PY_LEVELS = (5, 10, 20, 30, 40, 50)
 assert len(_PY_LEVELS) == LogLevel.critical + 1
 
 
-def _http_headers_status(status: FilterHeadersStatus) -> HttpHeadersStatus:
-    """Envoy convertFilterHeadersStatus: ContinueAndEndStream (and anything unknown) -> Continue."""
-    if status == FilterHeadersStatus.ContinueAndEndStream:
-        return HttpHeadersStatus.Continue
-    return HttpHeadersStatus(int(status))
+_HEADERS_STATUSES = tuple(FilterHeadersStatus)
+_DATA_STATUSES = tuple(FilterDataStatus)
+_TRAILERS_STATUSES = tuple(FilterTrailersStatus)
+assert all(s.value == i for t in (_HEADERS_STATUSES, _DATA_STATUSES, _TRAILERS_STATUSES) for i, s in enumerate(t))
 
+# Envoy convertFilterHeadersStatus: ContinueAndEndStream -> Continue, the others by value.
+_HTTP_HEADERS_STATUS = tuple(HttpHeadersStatus.Continue if s == FilterHeadersStatus.ContinueAndEndStream
+                             else HttpHeadersStatus(int(s)) for s in FilterHeadersStatus)
+_HTTP_DATA_STATUS = tuple(HttpDataStatus(int(s)) for s in FilterDataStatus)
+_HTTP_TRAILERS_STATUS = tuple(HttpTrailersStatus(int(s)) for s in FilterTrailersStatus)
 
-def _http_data_status(status: FilterDataStatus) -> HttpDataStatus:
-    return HttpDataStatus(int(status))

@@ -810,6 +810,7 @@ class WasmVm:
         get_ident = threading.get_ident
         call_unchecked = _func_call_unchecked
         enter_with_deadline = self._enter_with_deadline
+        set_epoch_deadline = _context_set_epoch_deadline
         failed = self._call_failed
         vm = self
 
@@ -828,10 +829,19 @@ class WasmVm:
                 if get_ident() != owner:
                     raise wrong_thread()
                 pview[0:stop:per] = args  # raises ValueError on a wrong argument count
-                if vm._deadline_ticks is None:
+                ticks = vm._deadline_ticks
+                if ticks is None:
                     err = call_unchecked(ctx, func_addr, buf_addr, slots, trap_out_addr)
                 else:
-                    err = enter_with_deadline(func_addr, buf_addr, slots)
+                    # _enter_with_deadline, inlined: this is every callback's path.
+                    depth = vm._depth
+                    if not depth:
+                        set_epoch_deadline(ctx, ticks)
+                    vm._depth = depth + 1
+                    try:
+                        err = call_unchecked(ctx, func_addr, buf_addr, slots, trap_out_addr)
+                    finally:
+                        vm._depth = depth
                 if err or trap_out.value:
                     failed(name, err)
                 return rview[0] if nresults else None

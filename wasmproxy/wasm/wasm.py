@@ -258,6 +258,7 @@ class Wasm:
         self.vm: WasmVm | None = None
         self.abi_version = AbiVersion.Unknown
         self.fail_state = FailState.Ok
+        self.failed = False  # fail_state != Ok, as a plain bool for the per-callback checks
         self.fail_message = ""
         self._fail_callbacks: list[Callable[[FailState], None]] = []
         # Every Wasm of a vm_id holds its handle: SharedData for the vm_id lives as long as they do.
@@ -276,8 +277,10 @@ class Wasm:
         # The context of the current call into the VM, and the effective one it selected.
         self.current_context: ContextBase | None = None
         self.effective_context_id = 0
-        self._stop_iteration = False
-        self._after_vm_call_actions: deque[Callable[[], None]] = deque()
+        # Read directly by the per-callback paths in context.py (a call each is measurable):
+        # set by send_local_response, and the re-entrant actions queued for after the call.
+        self.stop_iteration = False
+        self.after_vm_call_actions: deque[Callable[[], None]] = deque()
         # Metrics: id -> stat; ids carry their type in the low two bits (cpp-host).
         self.counters: dict[int, Any] = {}
         self.gauges: dict[int, Any] = {}
@@ -511,11 +514,12 @@ class Wasm:
     # -- failure ---------------------------------------------------------------------------
 
     def is_failed(self) -> bool:
-        return self.fail_state != FailState.Ok
+        return self.failed
 
     def fail(self, state: FailState, message: str) -> None:
         _log.error("%s", message)
         self.fail_state = state
+        self.failed = state != FailState.Ok
         self.fail_message = message
         for cb in list(self._fail_callbacks):
             cb(state)
@@ -564,16 +568,16 @@ class Wasm:
 
     def stop_next_iteration(self, stop: bool) -> None:
         """After send_local_response, the callback's status is overridden to Stop*."""
-        self._stop_iteration = stop
+        self.stop_iteration = stop
 
     def is_next_iteration_stopped(self) -> bool:
-        return self._stop_iteration
+        return self.stop_iteration
 
     def add_after_vm_call_action(self, action: Callable[[], None]) -> None:
-        self._after_vm_call_actions.append(action)
+        self.after_vm_call_actions.append(action)
 
     def do_after_vm_call_actions(self) -> None:
-        actions = self._after_vm_call_actions
+        actions = self.after_vm_call_actions
         while actions:
             actions.popleft()()
 
