@@ -6,46 +6,89 @@ Python code and the Wasm ABI (encode with latin-1 to get the bytes back).
 
 Like Envoy's HeaderMapImpl, pseudo-headers (":method", ":path", ...) always sit
 before regular headers; adding a pseudo-header inserts it after the last one.
+
+Lookups are the hot path (dozens per request): besides the ordered list of pairs the map
+keeps an index of each key's first value, so `get` and `in` cost one dict lookup.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+# Keys longer than this are lowered every time instead of being remembered (see _LowerKeys).
+_LOWER_KEYS_MAX_LEN = 64
+_LOWER_KEYS_MAX_COUNT = 4096
+
+
+class _LowerKeys(dict[str, str]):
+    """key -> key.lower(), remembered: callers pass the same few (mostly literal) keys, so
+    `_lower_key[key]` is one dict lookup. Bounded, since Wasm plugins and peers choose keys too."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: str) -> str:
+        lowered = key.lower()
+        if len(key) <= _LOWER_KEYS_MAX_LEN and len(self) < _LOWER_KEYS_MAX_COUNT:
+            self[key] = lowered
+        return lowered
+
+
+_lower_key = _LowerKeys()
+
 
 class HeaderMap:
     """An ordered multimap of (lower-case key, value) pairs. Not thread-safe: one stream owns it."""
 
-    __slots__ = ("_entries",)
+    # _entries: every (key, value) pair in order; _index: each key's first value.
+    __slots__ = ("_entries", "_index")
 
     def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
-        self._entries: list[list[str]] = []
+        entries: list[tuple[str, str]] = []
+        index: dict[str, str] = {}
+        self._entries = entries
+        self._index = index
+        lower_key = _lower_key
         for key, value in pairs:
-            self.add(key, value)
+            key = lower_key[key]
+            if key[:1] == ":" and entries and entries[-1][0][:1] != ":":
+                self._insert_pseudo(key, value)
+                continue
+            entries.append((key, value))
+            if key not in index:
+                index[key] = value
+
+    @classmethod
+    def from_lower_pairs(cls, pairs: list[tuple[str, str]]) -> "HeaderMap":
+        """A map over `pairs` as they are: keys already lower-case, pseudo-headers first (as a
+        codec produces them). The map takes `pairs` over instead of copying it."""
+        new = cls.__new__(cls)
+        new._entries = pairs
+        new._index = dict(reversed(pairs))  # the first value of a key is written last
+        return new
 
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, key: str) -> str | None:
         """The first value for `key`, or None."""
-        key = key.lower()
-        for entry in self._entries:
-            if entry[0] == key:
-                return entry[1]
-        return None
+        key = _lower_key[key]
+        index = self._index
+        return index[key] if key in index else None
 
     def get_all(self, key: str) -> list[str]:
-        key = key.lower()
+        key = _lower_key[key]
+        if key not in self._index:
+            return []
         return [e[1] for e in self._entries if e[0] == key]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.get(key) is not None
+        return isinstance(key, str) and _lower_key[key] in self._index
 
     def items(self) -> list[tuple[str, str]]:
         """A snapshot of all pairs in order (pseudo-headers first)."""
-        return [(e[0], e[1]) for e in self._entries]
+        return self._entries.copy()
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self.items())
+        return iter(self._entries.copy())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,39 +101,54 @@ class HeaderMap:
 
     def add(self, key: str, value: str) -> None:
         """Append a pair (pseudo-headers go after the last pseudo-header)."""
-        key = key.lower()
-        if key.startswith(":"):
-            i = 0
-            while i < len(self._entries) and self._entries[i][0].startswith(":"):
-                i += 1
-            self._entries.insert(i, [key, value])
-        else:
-            self._entries.append([key, value])
+        key = _lower_key[key]
+        if key[:1] == ":":
+            self._insert_pseudo(key, value)
+            return
+        self._entries.append((key, value))
+        index = self._index
+        if key not in index:
+            index[key] = value
+
+    def _insert_pseudo(self, key: str, value: str) -> None:
+        entries = self._entries
+        i = 0
+        while i < len(entries) and entries[i][0][:1] == ":":
+            i += 1
+        entries.insert(i, (key, value))
+        # Inserted after every pseudo-header, so after any other entry of this key.
+        index = self._index
+        if key not in index:
+            index[key] = value
 
     def set(self, key: str, value: str) -> None:
         """Replace every value of `key` with one: the first entry keeps its position."""
-        key = key.lower()
-        found = False
-        kept: list[list[str]] = []
-        for entry in self._entries:
-            if entry[0] == key:
-                if found:
-                    continue
-                entry[1] = value
-                found = True
-            kept.append(entry)
-        self._entries = kept
-        if not found:
+        key = _lower_key[key]
+        index = self._index
+        if key not in index:
             self.add(key, value)
+            return
+        index[key] = value
+        entries = self._entries
+        for i, entry in enumerate(entries):
+            if entry[0] == key:
+                entries[i] = (key, value)
+                break
+        if len(index) != len(entries):  # some key repeats: drop later values of this one
+            entries[i + 1 :] = [e for e in entries[i + 1 :] if e[0] != key]
 
     def set_default(self, key: str, value: str) -> None:
         """Set `key` only when absent."""
-        if self.get(key) is None:
+        if _lower_key[key] not in self._index:
             self.add(key, value)
 
     def remove(self, key: str) -> int:
         """Remove all values of `key`; returns how many were removed."""
-        key = key.lower()
+        key = _lower_key[key]
+        index = self._index
+        if key not in index:
+            return 0
+        del index[key]
         before = len(self._entries)
         self._entries = [e for e in self._entries if e[0] != key]
         return before - len(self._entries)
@@ -98,23 +156,26 @@ class HeaderMap:
     def remove_prefix(self, prefix: str) -> None:
         prefix = prefix.lower()
         self._entries = [e for e in self._entries if not e[0].startswith(prefix)]
+        self._index = dict(reversed(self._entries))
 
     def clear(self) -> None:
         self._entries = []
+        self._index = {}
 
     def replace_all(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Replace the whole map (proxy_set_header_map_pairs)."""
-        self._entries = []
+        self.clear()
         for key, value in pairs:
             self.add(key, value)
 
     def copy(self) -> "HeaderMap":
-        new = HeaderMap()
-        new._entries = [[e[0], e[1]] for e in self._entries]
+        new = HeaderMap.__new__(HeaderMap)
+        new._entries = self._entries.copy()
+        new._index = self._index.copy()
         return new
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HeaderMap) and self.items() == other.items()
+        return isinstance(other, HeaderMap) and self._entries == other._entries
 
     def __repr__(self) -> str:
         return f"HeaderMap({self.items()!r})"
