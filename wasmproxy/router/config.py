@@ -43,6 +43,8 @@ def _ms(duration: Any) -> int:
 
 def _split_query(path: str) -> tuple[str, str]:
     """('/a/b', '?x=1') — the query (and fragment) kept verbatim with its '?'."""
+    if "?" not in path and "#" not in path:
+        return path, ""
     q = path.find("?")
     h = path.find("#")
     if h >= 0 and (q < 0 or h < q):
@@ -72,8 +74,9 @@ class Route:
         self._build_match(proto.match)
         self.request_headers_parser = HeaderParser(proto.request_headers_to_add, proto.request_headers_to_remove)
         self.response_headers_parser = HeaderParser(proto.response_headers_to_add, proto.response_headers_to_remove)
-        # request? -> the non-empty parsers of route, vhost and config, in evaluation order.
-        self._parser_cache: dict[bool, list[HeaderParser]] = {}
+        # The non-empty parsers of route, vhost and config, in evaluation order (built on first use).
+        self._request_parsers: list[HeaderParser] | None = None
+        self._response_parsers: list[HeaderParser] | None = None
 
         self.action: str = proto.WhichOneof("action") or ""
         if self.action not in ("route", "direct_response", "redirect"):
@@ -255,10 +258,13 @@ class Route:
     # -- header mutations ---------------------------------------------------------------------------
 
     def _parsers(self, request: bool) -> list[HeaderParser]:
-        cached = self._parser_cache.get(request)
-        if cached is None:
-            cached = self._parser_cache[request] = self._build_parsers(request)
-        return cached
+        if request:
+            if self._request_parsers is None:
+                self._request_parsers = self._build_parsers(True)
+            return self._request_parsers
+        if self._response_parsers is None:
+            self._response_parsers = self._build_parsers(False)
+        return self._response_parsers
 
     def _build_parsers(self, request: bool) -> list[HeaderParser]:
         vh = self.virtual_host
@@ -277,7 +283,10 @@ class Route:
         self, headers: HeaderMap, info: StreamInfo, keep_original_host_or_path: bool = True
     ) -> None:
         """Headers to add/remove (route, vhost, config), then host and path rewrites."""
-        for parser in self._parsers(True):
+        parsers = self._request_parsers
+        if parsers is None:
+            parsers = self._parsers(True)
+        for parser in parsers:
             parser.evaluate(headers, info)
         new_host = self.host_rewrite_literal
         if not new_host and self.host_rewrite_header:
@@ -287,6 +296,8 @@ class Route:
             new_host = pattern.sub(substitution, _split_query(headers.get(":path") or "")[0])
         if new_host:
             update_authority(headers, new_host, self.append_x_forwarded_host, keep_original_host_or_path)
+        if not self.prefix_rewrite and self.regex_rewrite is None:
+            return  # rewritten_path() would be None
         path = headers.get(":path")
         if path is not None:
             new_path = self.rewritten_path(path)
@@ -298,7 +309,10 @@ class Route:
     def finalize_response_headers(
         self, headers: HeaderMap, info: StreamInfo, request_headers: HeaderMap | None = None
     ) -> None:
-        for parser in self._parsers(False):
+        parsers = self._response_parsers
+        if parsers is None:
+            parsers = self._parsers(False)
+        for parser in parsers:
             parser.evaluate(headers, info, request_headers)
 
     def per_filter_config(self, name: str) -> Any | None:

@@ -64,13 +64,30 @@ _RESET_FLAGS = {
 }
 
 # Hop-by-hop headers that describe one HTTP/1 connection, never forwarded to the next hop.
-_HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding")
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding"))
+
+# The request headers the router reads and consumes (the x-envoy-internal flag, finalTimeout's
+# and the retry state's); one scan tells which are present, so a request without any costs no lookups.
+_CONTROL_HEADERS = frozenset((
+    "x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-retry-on", "x-envoy-max-retries",
+))
+_NONE_PRESENT: frozenset[str] = frozenset()
 
 
 def remove_hop_by_hop(headers: HeaderMap) -> None:
-    for name in _HOP_BY_HOP:
-        if headers.get(name) is not None:
-            headers.remove(name)
+    for key, _ in headers.items():  # one pass; the removals are rare
+        if key in _HOP_BY_HOP:
+            headers.remove(key)
+
+
+def present_control_headers(headers: HeaderMap) -> frozenset[str]:
+    """Which of the router's control headers (_CONTROL_HEADERS) the request carries."""
+    present = _NONE_PRESENT
+    for key, _ in headers.items():
+        if key in _CONTROL_HEADERS:
+            present = present | {key}
+    return present
 
 
 # Envoy's ALL_ROUTER_STATS that wasmproxy can reach, under http.<hcm stat_prefix>.
@@ -104,14 +121,23 @@ class RouterStats:
 def check_request_headers(headers: HeaderMap) -> str:
     """What Envoy's HTTP/1 request encoder refuses (checkRequiredRequestHeaders and
     checkValidRequestHeaders), as its error message; "" when the request can be sent."""
-    method = headers.get(":method")
+    method: str | None = None
+    has_path = False
+    invalid: str | None = None
+    for key, value in headers.items():  # one pass, judged in Envoy's order below
+        if key == ":method":
+            if method is None:
+                method = value
+        elif key == ":path":
+            has_path = True
+        if invalid is None and ("\r" in value or "\n" in value or "\x00" in value):
+            invalid = key
     if method is None:
         return "missing required header: :method"
-    if method != "CONNECT" and headers.get(":path") is None:
+    if method != "CONNECT" and not has_path:
         return "missing required header: :path"
-    for key, value in headers.items():
-        if "\r" in value or "\n" in value or "\x00" in value:
-            return f"invalid header value for: {key}"
+    if invalid is not None:
+        return f"invalid header value for: {invalid}"
     return ""
 
 
@@ -164,27 +190,32 @@ def create_router_filter_factory(proto: Any, factory_context: Any) -> FilterFact
     return factory
 
 
-def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig) -> tuple[int, int]:
+def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig,
+                     present: frozenset[str] | None = None) -> tuple[int, int]:
     """FilterUtility::finalTimeout: (global, per-try) timeouts in ms, 0 meaning none.
 
     The route's timeout and retry_policy.per_try_timeout, overridden by valid
     x-envoy-upstream-rq-timeout-ms / x-envoy-upstream-rq-per-try-timeout-ms headers (removed
     here); a per-try timeout not below the global one is dropped. Unless suppressed, sets
     x-envoy-expected-rq-timeout-ms to the per-try timeout, else the global one.
+    `present` (present_control_headers), when given, skips looking for absent headers.
     """
     timeout = route.timeout_ms
-    expected = headers.get("x-envoy-expected-rq-timeout-ms") if config.respect_expected_rq_timeout else None
-    if expected is not None:
-        if expected.isdigit():
-            timeout = int(expected)
-    else:
-        header = headers.get("x-envoy-upstream-rq-timeout-ms")
-        if header is not None:
-            if header.isdigit():
-                timeout = int(header)
-            headers.remove("x-envoy-upstream-rq-timeout-ms")
     per_try = route.retry_policy.per_try_timeout_ms if route.retry_policy is not None else 0
-    per_try_header = headers.get("x-envoy-upstream-rq-per-try-timeout-ms")
+    if present is not None and not present:
+        per_try_header = None  # none of the headers below
+    else:
+        expected = headers.get("x-envoy-expected-rq-timeout-ms") if config.respect_expected_rq_timeout else None
+        if expected is not None:
+            if expected.isdigit():
+                timeout = int(expected)
+        else:
+            header = headers.get("x-envoy-upstream-rq-timeout-ms")
+            if header is not None:
+                if header.isdigit():
+                    timeout = int(header)
+                headers.remove("x-envoy-upstream-rq-timeout-ms")
+        per_try_header = headers.get("x-envoy-upstream-rq-per-try-timeout-ms")
     if per_try_header is not None:
         if per_try_header.isdigit():
             per_try = int(per_try_header)
@@ -273,8 +304,9 @@ class UpstreamRequest:
         if self._above_watermark:
             self._above_watermark = False
             self.router.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
-        for _ in range(self._read_disabled):
-            encoder.read_disable(True)
+        if self._read_disabled:
+            for _ in range(self._read_disabled):
+                encoder.read_disable(True)
 
     def on_pool_failure(self, reason: PoolFailureReason, transport_failure_reason: str, host: "Host") -> None:
         self._pending = None
@@ -337,6 +369,8 @@ class Router:
         self._shadow_headers: HeaderMap | None = None
         self._shadow_body: bytearray | None = None
         self._stats: RouterStats | None = None
+        # The stream dispatcher's monotonic clock, bound by decode_headers.
+        self._clock: Callable[[], float] = None  # type: ignore[assignment]
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -349,6 +383,7 @@ class Router:
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         cb = self.callbacks
         info = cb.stream_info
+        self._clock = cb.dispatcher.time_source.monotonic
         self._request_headers = headers
         self._downstream_end_stream = end_stream
         stats = self._stats = self.config.stats(cb.dispatcher)
@@ -382,7 +417,7 @@ class Router:
             cb.send_local_reply(route.redirect_code, b"", add_location, None, DETAILS_DIRECT_RESPONSE)
             return FilterHeadersStatus.StopIteration
 
-        cluster_name = route.cluster_for(headers, cb.stream_id)
+        cluster_name = route.cluster_name or route.cluster_for(headers, cb.stream_id)
         cluster = self.config.thread_local_cluster_manager().get(cluster_name)
         if cluster is None:
             info.upstream_cluster = ""
@@ -397,7 +432,8 @@ class Router:
         info.cluster_metadata = cluster.info.metadata
         # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
         # what is left came from a filter or a trusted sender and is honoured.
-        self._internal = headers.get("x-envoy-internal") == "true"
+        present = present_control_headers(headers)
+        self._internal = "x-envoy-internal" in present and headers.get("x-envoy-internal") == "true"
 
         if cluster.uses_hash and route.hash_policy:
             conn = info.connection
@@ -407,10 +443,11 @@ class Router:
             self._no_healthy_upstream()
             return FilterHeadersStatus.StopIteration
 
-        self._timeout_ms, self._per_try_timeout_ms = final_timeout_ms(route, headers, self.config)
-        self._retry = RetryState.create(route.retry_policy, headers)
-        if self._retry is not None:
-            self._retry_body = bytearray()
+        self._timeout_ms, self._per_try_timeout_ms = final_timeout_ms(route, headers, self.config, present)
+        if route.retry_policy is not None or "x-envoy-retry-on" in present or "x-envoy-max-retries" in present:
+            self._retry = RetryState.create(route.retry_policy, headers)
+            if self._retry is not None:
+                self._retry_body = bytearray()
         keep_original = not self.config.suppress_envoy_headers
         route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
@@ -494,8 +531,9 @@ class Router:
             headers.set("x-envoy-attempt-count", str(self._attempts))
         self._tried_hosts.append(host)
         upstream = UpstreamRequest(self, host)
-        for _ in range(self._read_disabled):
-            upstream.read_disable(True)
+        if self._read_disabled:
+            for _ in range(self._read_disabled):
+                upstream.read_disable(True)
         self.upstream = upstream
         replay = self._attempts > 1
         body = bytes(self._retry_body or b"") if replay else b""
@@ -604,7 +642,7 @@ class Router:
         return self.callbacks.dispatcher.time_source.monotonic()
 
     def _on_request_complete(self) -> None:
-        self._request_complete_at = self._now()
+        self._request_complete_at = self._clock()
         if self._shadow_headers is not None:
             self._send_shadows()
         if self._timeout_ms > 0 and self._timer is None:
@@ -612,13 +650,20 @@ class Router:
             self._timer.enable_timer(self._timeout_ms)
 
     def _cleanup(self) -> None:
-        for name in ("_timer", "_per_try_timer", "_retry_timer"):
-            timer = getattr(self, name)
-            if timer is not None:
-                if name == "_retry_timer" and timer.enabled() and self.cluster is not None:
-                    self.cluster.info.resource_manager.retries.dec()
-                timer.disable_timer()
-                setattr(self, name, None)
+        timer = self._timer
+        if timer is not None:
+            timer.disable_timer()
+            self._timer = None
+        timer = self._per_try_timer
+        if timer is not None:
+            timer.disable_timer()
+            self._per_try_timer = None
+        timer = self._retry_timer
+        if timer is not None:
+            if timer.enabled() and self.cluster is not None:
+                self.cluster.info.resource_manager.retries.dec()
+            timer.disable_timer()
+            self._retry_timer = None
 
     def _on_response_timeout(self) -> None:
         self._timer = None
@@ -694,7 +739,7 @@ class Router:
     def on_upstream_connected(self, upstream: UpstreamRequest, encoder: RequestEncoder) -> None:
         info = self.callbacks.stream_info
         if info.first_upstream_tx is None:
-            info.first_upstream_tx = self._now()
+            info.first_upstream_tx = self._clock()
         info.upstream_local_address = encoder.local_address
         self._maybe_start_per_try_timer()
 
@@ -742,7 +787,7 @@ class Router:
             return
         cb = self.callbacks
         info = cb.stream_info
-        now = self._now()
+        now = self._clock()
         status_text = headers.get(":status") or "0"
         status = int(status_text) if status_text.isdigit() else 0
         assert self.cluster is not None and self.route is not None
@@ -787,13 +832,13 @@ class Router:
         if upstream is not self.upstream:
             return
         if end_stream:
-            self._on_upstream_complete(self._now())
+            self._on_upstream_complete(self._clock())
         self.callbacks.encode_data(data, end_stream)
 
     def on_upstream_trailers(self, upstream: UpstreamRequest, trailers: HeaderMap) -> None:
         if upstream is not self.upstream:
             return
-        self._on_upstream_complete(self._now())
+        self._on_upstream_complete(self._clock())
         self.callbacks.encode_trailers(trailers)
 
     def _on_upstream_complete(self, now: float) -> None:

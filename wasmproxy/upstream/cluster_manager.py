@@ -29,6 +29,8 @@ class ThreadLocalCluster:
         self.info = info
         self.dispatcher = dispatcher
         self.stats = ClusterStats(store, info.stat_prefix)
+        # Whether the load balancer wants a request hash (RING_HASH / MAGLEV).
+        self.uses_hash: bool = info.lb_policy in ("RING_HASH", "MAGLEV")
         self.stats.declare()
         self._pools: dict[int, Http1ConnPool] = {}
         self._available: set[int] = set()  # ids of the hosts available at the last update
@@ -54,11 +56,6 @@ class ThreadLocalCluster:
             self.info.lb_policy, hosts, self.info.least_request_choice_count, self.info.minimum_ring_size,
             self.info.healthy_panic_threshold,
         )
-
-    @property
-    def uses_hash(self) -> bool:
-        """Whether the load balancer wants a request hash (RING_HASH / MAGLEV)."""
-        return self.info.lb_policy in ("RING_HASH", "MAGLEV")
 
     def choose_host(self, hash_key: int | None = None) -> Host | None:
         """A host for a new request, or None (the router answers 503 "no healthy upstream")."""
