@@ -141,6 +141,18 @@ def check_request_headers(headers: HeaderMap) -> str:
     return ""
 
 
+class RouterWorker:
+    """What a RouterConfig's streams on one worker share: its router counters (None without a
+    stat prefix) and that thread's ThreadLocalClusterManager (resolved on first use)."""
+
+    __slots__ = ("dispatcher", "stats", "cluster_manager")
+
+    def __init__(self, dispatcher: Any, stats: RouterStats | None) -> None:
+        self.dispatcher = dispatcher
+        self.stats = stats
+        self.cluster_manager: ThreadLocalClusterManager | None = None
+
+
 class RouterConfig:
     """envoy.extensions.filters.http.router.v3.Router plus the cluster manager it routes to.
 
@@ -162,6 +174,14 @@ class RouterConfig:
         self._stat_prefix = stat_prefix
         self._store_for = store_for
         self._stats: dict[int, RouterStats] = {}  # id(dispatcher) -> that worker's counters
+        self._workers: dict[int, RouterWorker] = {}  # id(dispatcher) -> RouterWorker
+
+    def worker(self, dispatcher: Any) -> RouterWorker:
+        """The calling worker's RouterWorker (`dispatcher` is the stream's, on its own thread)."""
+        worker = self._workers.get(id(dispatcher))
+        if worker is None or worker.dispatcher is not dispatcher:
+            worker = self._workers[id(dispatcher)] = RouterWorker(dispatcher, self.stats(dispatcher))
+        return worker
 
     def stats(self, dispatcher: Any) -> RouterStats | None:
         if self._stat_prefix is None or self._store_for is None:
@@ -369,6 +389,9 @@ class Router:
         self._shadow_headers: HeaderMap | None = None
         self._shadow_body: bytearray | None = None
         self._stats: RouterStats | None = None
+        # The stream's StreamInfo and dispatcher (read once from the callbacks by decode_headers).
+        self._info: Any = None
+        self._dispatcher: Any = None
         # The stream dispatcher's monotonic clock, bound by decode_headers.
         self._clock: Callable[[], float] = None  # type: ignore[assignment]
 
@@ -382,11 +405,13 @@ class Router:
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterHeadersStatus:
         cb = self.callbacks
-        info = cb.stream_info
-        self._clock = cb.dispatcher.time_source.monotonic
+        info = self._info = cb.stream_info
+        dispatcher = self._dispatcher = cb.dispatcher
+        self._clock = dispatcher.time_source.monotonic
         self._request_headers = headers
         self._downstream_end_stream = end_stream
-        stats = self._stats = self.config.stats(cb.dispatcher)
+        worker = self.config.worker(dispatcher)
+        stats = self._stats = worker.stats
         if stats is not None:
             stats.rq_total.inc()
         route: Route | None = cb.route()  # type: ignore[assignment]
@@ -418,7 +443,10 @@ class Router:
             return FilterHeadersStatus.StopIteration
 
         cluster_name = route.cluster_name or route.cluster_for(headers, cb.stream_id)
-        cluster = self.config.thread_local_cluster_manager().get(cluster_name)
+        tlcm = worker.cluster_manager
+        if tlcm is None:
+            tlcm = worker.cluster_manager = self.config.thread_local_cluster_manager()
+        cluster = tlcm.get(cluster_name)
         if cluster is None:
             info.upstream_cluster = ""
             if stats is not None:
@@ -520,7 +548,7 @@ class Router:
     def _start_attempt(self, host: "Host") -> None:
         assert self.cluster is not None and self._request_headers is not None
         self._attempts += 1
-        info = self.callbacks.stream_info
+        info = self._info
         info.attempt_count = info.upstream_request_attempt_count = self._attempts
         info.upstream_host = host.address
         headers = self._request_headers
@@ -547,7 +575,8 @@ class Router:
                 upstream.accept_data(body, self._downstream_end_stream and trailers is None)
             if trailers is not None:
                 upstream.accept_trailers(trailers)
-        self._maybe_start_per_try_timer()
+        if self._per_try_timeout_ms > 0:
+            self._maybe_start_per_try_timer()
 
     def _send_shadows(self) -> None:
         """Mirror the request (ShadowWriterImpl): fire and forget through the AsyncClient."""
@@ -646,7 +675,7 @@ class Router:
         if self._shadow_headers is not None:
             self._send_shadows()
         if self._timeout_ms > 0 and self._timer is None:
-            self._timer = self.callbacks.dispatcher.create_timer(self._on_response_timeout)
+            self._timer = self._dispatcher.create_timer(self._on_response_timeout)
             self._timer.enable_timer(self._timeout_ms)
 
     def _cleanup(self) -> None:
@@ -737,11 +766,12 @@ class Router:
     # -- upstream events ---------------------------------------------------------------------------
 
     def on_upstream_connected(self, upstream: UpstreamRequest, encoder: RequestEncoder) -> None:
-        info = self.callbacks.stream_info
+        info = self._info
         if info.first_upstream_tx is None:
             info.first_upstream_tx = self._clock()
         info.upstream_local_address = encoder.local_address
-        self._maybe_start_per_try_timer()
+        if self._per_try_timeout_ms > 0:
+            self._maybe_start_per_try_timer()
 
     def on_encode_headers_error(self, upstream: UpstreamRequest, message: str) -> None:
         """The upstream codec refused the request headers: 503 with its message, flag DPE."""
@@ -786,7 +816,7 @@ class Router:
         if upstream is not self.upstream:
             return
         cb = self.callbacks
-        info = cb.stream_info
+        info = self._info
         now = self._clock()
         status_text = headers.get(":status") or "0"
         status = int(status_text) if status_text.isdigit() else 0
@@ -842,11 +872,8 @@ class Router:
         self.callbacks.encode_trailers(trailers)
 
     def _on_upstream_complete(self, now: float) -> None:
-        info = self.callbacks.stream_info
-        info.last_upstream_rx = now
+        self._info.last_upstream_rx = now
         self._cleanup()
         if self.cluster is not None and self._request_complete_at:
-            elapsed_ms = (now - self._request_complete_at) * 1000
-            self.cluster.stats.record_ms("upstream_rq_time", elapsed_ms)
-            self.cluster.stats.record_ms(("internal." if self._internal else "external.") + "upstream_rq_time", elapsed_ms)
+            self.cluster.stats.record_rq_time((now - self._request_complete_at) * 1000, self._internal)
         self.upstream = None

@@ -44,7 +44,7 @@ class ClusterStats:
     """Metrics are created in the Store on first use (as before any caching: /stats lists
     exactly the ones that were touched), then kept here so the hot path skips the name."""
 
-    __slots__ = ("prefix", "_store", "_counters", "_gauges", "_histograms", "_response_codes")
+    __slots__ = ("prefix", "_store", "_counters", "_gauges", "_histograms", "_response_codes", "_rq_time")
 
     def __init__(self, store: Store, prefix: str) -> None:
         self.prefix = prefix  # "cluster.<observability_name>."
@@ -54,6 +54,8 @@ class ClusterStats:
         self._histograms: dict[str, Histogram] = {}
         # (code, internal, retry) -> the counters one response charges, in Envoy's order.
         self._response_codes: dict[tuple[int, bool, bool], tuple[Counter, ...]] = {}
+        # internal -> (upstream_rq_time, internal./external.upstream_rq_time)
+        self._rq_time: dict[bool, tuple[Histogram, Histogram]] = {}
 
     def declare(self) -> None:
         """Create Envoy's always-listed cluster stats (at 0)."""
@@ -97,8 +99,26 @@ class ClusterStats:
     def record_ms(self, name: str, value: float) -> None:
         h = self._histograms.get(name)
         if h is None:
-            h = self._histograms[name] = self._store.histogram(self.prefix + name, Unit.MILLISECONDS)
+            h = self._histogram_ms(name)
         h.record(value)
+
+    def _histogram_ms(self, name: str) -> Histogram:
+        h = self._histograms.get(name)
+        if h is None:
+            h = self._histograms[name] = self._store.histogram(self.prefix + name, Unit.MILLISECONDS)
+        return h
+
+    def record_rq_time(self, elapsed_ms: float, internal: bool) -> None:
+        """upstream_rq_time and its internal./external. copy, for one completed request."""
+        try:
+            pair = self._rq_time[internal]
+        except KeyError:
+            pair = self._rq_time[internal] = (
+                self._histogram_ms("upstream_rq_time"),
+                self._histogram_ms(("internal." if internal else "external.") + "upstream_rq_time"),
+            )
+        pair[0].record(elapsed_ms)
+        pair[1].record(elapsed_ms)
 
     def record(self, name: str, value: float) -> None:
         self._store.histogram(self.prefix + name, Unit.UNSPECIFIED).record(value)
