@@ -13,7 +13,7 @@ keeps an index of each key's first value, so `get` and `in` cost one dict lookup
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, KeysView
 
 # Keys longer than this are lowered every time instead of being remembered (see _LowerKeys).
 _LOWER_KEYS_MAX_LEN = 64
@@ -89,6 +89,12 @@ class HeaderMap:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._entries.copy())
+
+    def names(self) -> KeysView[str]:
+        """The distinct keys, lower-case, as a live read-only view: `headers.names() & keys`
+        tells which of `keys` are present in one set operation (the router's control headers).
+        Not `keys()`: that would make dict(headers) treat the map as a Mapping."""
+        return self._index.keys()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -21,7 +21,7 @@ Worker thread only (the stream's dispatcher).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable
 
 from ..http.filter import (
     FilterDataStatus,
@@ -67,27 +67,17 @@ _RESET_FLAGS = {
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding"))
 
 # The request headers the router reads and consumes (the x-envoy-internal flag, finalTimeout's
-# and the retry state's); one scan tells which are present, so a request without any costs no lookups.
+# and the retry state's); one set operation tells which are present, so a request without any
+# costs no lookups.
 _CONTROL_HEADERS = frozenset((
     "x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "x-envoy-upstream-rq-timeout-ms",
     "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-retry-on", "x-envoy-max-retries",
 ))
-_NONE_PRESENT: frozenset[str] = frozenset()
 
 
 def remove_hop_by_hop(headers: HeaderMap) -> None:
-    for key, _ in headers.items():  # one pass; the removals are rare
-        if key in _HOP_BY_HOP:
-            headers.remove(key)
-
-
-def present_control_headers(headers: HeaderMap) -> frozenset[str]:
-    """Which of the router's control headers (_CONTROL_HEADERS) the request carries."""
-    present = _NONE_PRESENT
-    for key, _ in headers.items():
-        if key in _CONTROL_HEADERS:
-            present = present | {key}
-    return present
+    for name in headers.names() & _HOP_BY_HOP:  # usually none
+        headers.remove(name)
 
 
 # Envoy's ALL_ROUTER_STATS that wasmproxy can reach, under http.<hcm stat_prefix>.
@@ -211,14 +201,14 @@ def create_router_filter_factory(proto: Any, factory_context: Any) -> FilterFact
 
 
 def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig,
-                     present: frozenset[str] | None = None) -> tuple[int, int]:
+                     present: AbstractSet[str] | None = None) -> tuple[int, int]:
     """FilterUtility::finalTimeout: (global, per-try) timeouts in ms, 0 meaning none.
 
     The route's timeout and retry_policy.per_try_timeout, overridden by valid
     x-envoy-upstream-rq-timeout-ms / x-envoy-upstream-rq-per-try-timeout-ms headers (removed
     here); a per-try timeout not below the global one is dropped. Unless suppressed, sets
     x-envoy-expected-rq-timeout-ms to the per-try timeout, else the global one.
-    `present` (present_control_headers), when given, skips looking for absent headers.
+    `present` (the control headers the request carries), when given, skips looking for absent ones.
     """
     timeout = route.timeout_ms
     per_try = route.retry_policy.per_try_timeout_ms if route.retry_policy is not None else 0
@@ -460,7 +450,7 @@ class Router:
         info.cluster_metadata = cluster.info.metadata
         # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
         # what is left came from a filter or a trusted sender and is honoured.
-        present = present_control_headers(headers)
+        present = headers.names() & _CONTROL_HEADERS  # which of them the request carries
         self._internal = "x-envoy-internal" in present and headers.get("x-envoy-internal") == "true"
 
         if cluster.uses_hash and route.hash_policy:
