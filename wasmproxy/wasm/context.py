@@ -49,6 +49,7 @@ from .abi import (
     GRPC_STATUS_MAXIMUM_KNOWN,
     AbiVersion,
     CloseType,
+    FailState,
     FilterDataStatus,
     FilterHeadersStatus,
     FilterStatus,
@@ -60,6 +61,7 @@ from .abi import (
     WasmResult,
     WasmStreamType,
 )
+from .runtime import WasmTrap
 from .shared_data import global_shared_data, global_shared_queue
 
 if TYPE_CHECKING:
@@ -362,9 +364,18 @@ class ContextBase:
         fn = wasm.module_functions.get(name)
         if fn is None:
             return None
+        # Wasm.call (cpp-host SaveRestoreContext), inlined: every callback takes this path.
+        saved_context, saved_effective = wasm.current_context, wasm.effective_context_id
+        wasm.current_context = self
+        wasm.effective_context_id = 0
         try:
-            return wasm.call(self, name, fn, *args)
+            return fn(*args)
+        except WasmTrap as e:
+            wasm.fail(FailState.RuntimeError, f"Function: {name} failed: {e}")
+            return 0
         finally:
+            wasm.current_context = saved_context
+            wasm.effective_context_id = saved_effective
             wasm.stop_iteration = False  # stop_next_iteration(False)
             if wasm.after_vm_call_actions:
                 wasm.do_after_vm_call_actions()
@@ -488,8 +499,19 @@ class ContextBase:
         fn = wasm.module_functions.get(name)
         if fn is None:
             return open_status
+        # Wasm.call (cpp-host SaveRestoreContext), inlined: every callback takes this path.
+        saved_context, saved_effective = wasm.current_context, wasm.effective_context_id
+        wasm.current_context = self
+        wasm.effective_context_id = 0
         try:
-            result = wasm.call(self, name, fn, *args) or 0
+            try:
+                result = fn(*args) or 0
+            except WasmTrap as e:
+                wasm.fail(FailState.RuntimeError, f"Function: {name} failed: {e}")
+                result = 0
+            finally:
+                wasm.current_context = saved_context
+                wasm.effective_context_id = saved_effective
             if wasm.failed:  # the callback trapped: CHECK_FAIL again
                 fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
                 return open_status if fail else closed_status

@@ -571,8 +571,10 @@ class PluginConfig:
         holder = self._holder()
         if holder is None or holder.handle is None:
             return None
-        wasm = self._maybe_reload(holder)
-        if wasm is None or wasm.is_failed():
+        wasm = holder.handle.wasm
+        if self.base is None or wasm is None or wasm.failed:  # the common case skips the reload check
+            wasm = self._maybe_reload(holder)
+        if wasm is None or wasm.failed:
             if self.failure_policy == FailurePolicy.FAIL_OPEN:
                 return None
             return ContextBase.stream_context(None, 0, self.plugin, env)
