@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _log = get_logger("main")
+_get_ident = threading.get_ident
 
 
 class DispatcherExitedError(RuntimeError):
@@ -75,11 +76,10 @@ class TimeSource(Protocol):
 class RealTimeSource:
     """``time.monotonic`` / ``time.time``, in seconds."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def system_time(self) -> float:
-        return time.time()
+    # The clock functions themselves (not wrappers): the connection manager and the router read
+    # "now" a dozen times per request.
+    monotonic = staticmethod(time.monotonic)
+    system_time = staticmethod(time.time)
 
 
 class SimulatedTimeSource:
@@ -100,18 +100,43 @@ class SimulatedTimeSource:
         self._system_time += seconds
 
 
+class _LoopFire:
+    """The callback of a Timer's loop handle. It holds the Timer only while the Timer is enabled:
+    a disabled Timer whose handle stays pending (see Timer) keeps neither itself nor its owner
+    alive through the loop."""
+
+    __slots__ = ("handle", "pending", "timer", "when")
+
+    handle: asyncio.TimerHandle | asyncio.Handle | None  # None once run (no cycle with it)
+    pending: bool  # the handle has not run (nor been cancelled)
+    timer: Timer | None  # the Timer to run when the handle runs; None: disabled meanwhile
+    when: float | None  # the loop time it is scheduled for; None: the next iteration
+
+    def __call__(self) -> None:
+        self.pending = False
+        self.handle = None
+        timer = self.timer
+        if timer is not None:
+            timer._fire()
+
+
 class Timer:
     """A one-shot timer on its dispatcher's loop (Envoy's ``Event::Timer``).
 
     Dispatcher thread only. ``enable_timer`` re-arms (cancelling a pending fire);
     the callback runs at most once per enable.
 
-    Re-arming to a later deadline (idle timers, on every request) keeps the loop's timer and
-    only moves ``_deadline``: an early fire re-schedules itself for the rest. Cancelling and
-    re-creating a uvloop timer costs ~1 us, a measurable share of a request.
+    Cancelling and re-creating a uvloop timer costs ~1 us, a measurable share of a request, and
+    idle timers are re-armed on every request, so the loop's timer is kept when it can be:
+
+    * re-arming to a deadline not before the pending loop timer only moves ``_deadline``: an
+      early fire re-schedules itself for the rest;
+    * a timer that is armed again after a disable (one reused per connection, unlike one made
+      per request) keeps its loop timer on disable, detached from the Timer, so that the next
+      enable can take it over; when it runs detached it does nothing.
     """
 
-    __slots__ = ("_cb", "_deadline", "_dispatcher", "_handle")
+    __slots__ = ("_cb", "_deadline", "_dispatcher", "_fire_at", "_reused")
 
     # An early fire closer than this to the deadline runs the callback (uvloop timers have 1 ms
     # resolution; re-scheduling for less would spin).
@@ -120,50 +145,95 @@ class Timer:
     def __init__(self, dispatcher: Dispatcher, cb: Callable[[], None]) -> None:
         self._dispatcher = dispatcher
         self._cb = cb
-        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        # The loop handle last scheduled for this timer (pending or not, attached or not), if any.
+        self._fire_at: _LoopFire | None = None
         self._deadline: float | None = None  # loop time the callback is due; None: next iteration
+        self._reused = False  # armed again after a disable: keep the loop timer on disable
 
     def enable_timer(self, ms: float) -> None:
         """Fire ``cb`` after ``ms`` milliseconds (0: in the next loop iteration)."""
-        self._dispatcher.assert_thread_safe()
-        loop = self._dispatcher.loop
-        handle = self._handle
+        dispatcher = self._dispatcher
+        if dispatcher.thread_id != _get_ident():
+            dispatcher.assert_thread_safe()
+        loop = dispatcher.loop
         if ms <= 0:
-            if handle is not None:
-                handle.cancel()
             self._deadline = None
-            self._handle = loop.call_soon(self._fire)
+            self._schedule(loop, None)
             return
         deadline = loop.time() + ms / 1000.0
-        if handle is not None and self._deadline is not None and deadline >= self._deadline:
-            self._deadline = deadline  # the pending fire comes first and re-schedules itself
-            return
-        if handle is not None:
-            handle.cancel()
+        fire = self._fire_at
+        if fire is not None:
+            if fire.pending:
+                when = fire.when
+                if when is not None and deadline >= when:
+                    # The pending loop timer comes first and re-schedules itself for the rest.
+                    if fire.timer is None:
+                        fire.timer = self
+                        self._reused = True
+                    self._deadline = deadline
+                    return
+                _cancel(fire)
+            else:
+                self._reused = True  # armed before, and again now
         self._deadline = deadline
-        self._handle = loop.call_at(deadline, self._fire)
+        # _schedule(loop, deadline), inline: a timer made per request (the router's) comes here.
+        fire = self._fire_at = _LoopFire()
+        fire.timer = self
+        fire.pending = True
+        fire.when = deadline
+        fire.handle = loop.call_at(deadline, fire)
 
     def disable_timer(self) -> None:
         """Cancel a pending fire; harmless when not enabled."""
-        self._dispatcher.assert_thread_safe()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-            self._deadline = None
+        dispatcher = self._dispatcher
+        if dispatcher.thread_id != _get_ident():
+            dispatcher.assert_thread_safe()
+        fire = self._fire_at
+        if fire is None or fire.timer is None:
+            return
+        self._deadline = None
+        if fire.pending and self._reused and fire.when is not None:
+            fire.timer = None  # kept for the next enable_timer; runs detached if there is none
+        else:
+            _cancel(fire)
 
     def enabled(self) -> bool:
-        return self._handle is not None
+        fire = self._fire_at
+        return fire is not None and fire.timer is not None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
+        """Replace the loop handle with one for ``when`` (None: the next iteration)."""
+        old = self._fire_at
+        if old is not None and old.pending:
+            _cancel(old)
+        fire = self._fire_at = _LoopFire()
+        fire.timer = self
+        fire.pending = True
+        fire.when = when
+        fire.handle = loop.call_soon(fire) if when is None else loop.call_at(when, fire)
 
     def _fire(self) -> None:
         deadline = self._deadline
         if deadline is not None:
             loop = self._dispatcher.loop
             if deadline - loop.time() > self._SLACK_S:  # re-armed later since it was scheduled
-                self._handle = loop.call_at(deadline, self._fire)
+                self._schedule(loop, deadline)
                 return
-        self._handle = None
+        fire = self._fire_at
+        if fire is not None:
+            fire.timer = None
         self._deadline = None
         self._dispatcher._run_guarded(self._cb)
+
+
+def _cancel(fire: _LoopFire) -> None:
+    """Detach ``fire`` from its Timer and cancel its loop handle if it has not run."""
+    fire.timer = None
+    if fire.pending:
+        fire.pending = False
+        assert fire.handle is not None
+        fire.handle.cancel()
+        fire.handle = None
 
 
 class Dispatcher:
@@ -272,15 +342,16 @@ class Dispatcher:
                 raise DispatcherExitedError(f"dispatcher '{self.name}' has exited")
             self._post_callbacks.append(cb)
             if len(self._post_callbacks) == 1:
-                if self.thread_id == threading.get_ident():
+                if self.thread_id == _get_ident():
                     self.loop.call_soon(self._run_post_callbacks)
                 else:
                     self.loop.call_soon_threadsafe(self._run_post_callbacks)
 
     def _run_post_callbacks(self) -> None:
         # Clear deferred deletes first (as Envoy) so a post callback touching a
-        # deleted object shows up deterministically.
-        self._clear_deferred_delete_list()
+        # deleted object shows up deterministically. (An empty list has nothing scheduled.)
+        if self._deferred_delete:
+            self._clear_deferred_delete_list()
         with self._post_lock:
             callbacks = self._post_callbacks
             self._post_callbacks = []

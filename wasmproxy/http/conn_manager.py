@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import itertools
+import operator
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..log import get_logger
 from ..overload import DownstreamConnectionLimit, overflow_counter
+from ..stats.store import inc_each
 from .codec import CodecError, ServerCodec, reason_phrase
 from .filter import AccessLogHandler, FilterFactoryCb
 from .filter_manager import DEFAULT_BUFFER_LIMIT, FilterManager
@@ -324,9 +326,15 @@ class HcmStats:
         self.downstream_rq_time = store.histogram(prefix + "downstream_rq_time", Unit.MILLISECONDS)
         self.rq_by_class = [None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
                             self.downstream_rq_4xx, self.downstream_rq_5xx]
+        # Bumped together with one store.inc_each when a stream starts.
+        self.rq_started = (self.downstream_rq_total, self.downstream_rq_http1_total, self.downstream_rq_active)
 
     # Attributes are set from _COUNTERS/_GAUGES above.
     downstream_cx_total: Any
+    downstream_rq_total: Any
+    downstream_rq_http1_total: Any
+    downstream_rq_active: Any
+    downstream_rq_completed: Any
     downstream_rq_1xx: Any
     downstream_rq_2xx: Any
     downstream_rq_3xx: Any
@@ -349,10 +357,14 @@ class ListenerHttpStats:
     """Envoy's per-listener HTTP stats: listener.<address>.http.<stat_prefix>.downstream_rq_{1..5}xx
     and downstream_rq_completed."""
 
-    def __init__(self, store: Any, listener_prefix: str, stat_prefix: str) -> None:
+    def __init__(self, store: Any, listener_prefix: str, stat_prefix: str, hcm: HcmStats) -> None:
         prefix = f"listener.{listener_prefix}.http.{stat_prefix}."
         self.rq_by_class = [None] + [store.counter(f"{prefix}downstream_rq_{n}xx") for n in range(1, 6)]
         self.downstream_rq_completed = store.counter(prefix + "downstream_rq_completed")
+        # Each with the HCM's own counter, bumped together with one store.inc_each.
+        self.rq_by_class_with_hcm: list[Any] = [None] + [
+            (hcm.rq_by_class[n], self.rq_by_class[n]) for n in range(1, 6)]
+        self.rq_completed_with_hcm = (hcm.downstream_rq_completed, self.downstream_rq_completed)
 
 
 def _listener_stat_prefix(address: Address) -> str:
@@ -424,6 +436,7 @@ class WorkerConnectionHandler:
         self._listener_stats: dict[str, ListenerHttpStats] = {}
         self.draining = False
         self._random = random.Random()
+        self.request_ids = _RequestIds()
         self._codec_stats: Http1CodecStats | None = None
         # The process-wide downstream connection limit (overload manager), set by the listener.
         self.connection_limit: DownstreamConnectionLimit | None = None
@@ -441,7 +454,8 @@ class WorkerConnectionHandler:
         key = _listener_stat_prefix(local_address)
         stats = self._listener_stats.get(key)
         if stats is None:
-            stats = self._listener_stats[key] = ListenerHttpStats(self._store, key, self.config.stat_prefix)
+            stats = self._listener_stats[key] = ListenerHttpStats(self._store, key, self.config.stat_prefix,
+                                                                  self.stats)
         return stats
 
     def next_connection_id(self) -> int:
@@ -507,6 +521,7 @@ class ConnectionManager(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._idle_timer: Timer | None = None
+        self._stream_idle_timer: Timer | None = None  # made for the first stream, then reused
         self._delayed_close_timer: Timer | None = None
         self._drain_timer: Timer | None = None
         self._data_seen = False  # Envoy creates the codec on the first bytes read
@@ -564,7 +579,8 @@ class ConnectionManager(asyncio.Protocol):
             return
         finally:
             self._reading = False
-            self._flush()
+            if self._out or self._outbound_responses:  # else _flush has nothing to do
+                self._flush()
         self._apply_pipelining_backpressure()
 
     @property
@@ -665,12 +681,10 @@ class ConnectionManager(asyncio.Protocol):
 
     def _apply_pipelining_backpressure(self) -> None:
         # Stop reading while parsed requests wait for the current response (Envoy does the same).
-        if self.codec.has_pending_events and not self._pipelining_disabled:
-            self._pipelining_disabled = True
-            self.read_disable(True)
-        elif not self.codec.has_pending_events and self._pipelining_disabled:
-            self._pipelining_disabled = False
-            self.read_disable(False)
+        pending = self.codec.has_pending_events
+        if pending != self._pipelining_disabled:
+            self._pipelining_disabled = pending
+            self.read_disable(pending)
 
     # -- writing and closing --------------------------------------------------------------
 
@@ -766,6 +780,8 @@ class ConnectionManager(asyncio.Protocol):
             self._idle_timer.disable_timer()
         if self._drain_timer is not None:
             self._drain_timer.disable_timer()
+        if self._stream_idle_timer is not None:
+            self._stream_idle_timer.disable_timer()
         self.handler.connections.discard(self)
 
     def _on_idle_timeout(self) -> None:
@@ -796,6 +812,19 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is None:
             self.close()
 
+    def stream_idle_timer(self) -> "Timer":
+        """The streams' idle timer: HTTP/1 has one stream at a time, so one Timer serves them all
+        (each enables it and disables it when destroyed), and a Timer re-armed after a disable
+        keeps its loop timer (event.Timer) instead of a new one per request."""
+        timer = self._stream_idle_timer
+        if timer is None:
+            timer = self._stream_idle_timer = self.dispatcher.create_timer(self._on_stream_idle_timeout)
+        return timer
+
+    def _on_stream_idle_timeout(self) -> None:
+        if self.stream is not None:  # the stream that enabled it (a destroyed one disabled it)
+            self.stream._on_idle_timeout()
+
     # -- stream completion ----------------------------------------------------------------
 
     def on_stream_destroyed(self, stream: "ActiveStream") -> None:
@@ -810,6 +839,12 @@ class ConnectionManager(asyncio.Protocol):
             self.close(flush_and_delay=not stream.framed_by_close)
             return
         self._idle_since = self.dispatcher.time_source.monotonic()
+        if self._flush_posted and not self.codec.has_pending_events:
+            # Nothing parsed waits, so resuming the codec only readies it for the next request;
+            # no need to post it (the posted flush shows the dispatcher has not exited).
+            self.codec.resume()
+            self._apply_pipelining_backpressure()
+            return
         # The next pipelined request starts from a fresh event, never inside this response's
         # call stack (Envoy redispatches from the read path too).
         try:
@@ -951,9 +986,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _should_close_connection(protocol: str, headers: HeaderMap) -> bool:
-    """HeaderUtility::shouldCloseConnection: HTTP/1.1 with close, HTTP/1.0 without keep-alive."""
-    tokens = {t.strip().lower() for t in (headers.get("connection") or "").split(",")}
+def _should_close_connection(protocol: str, connection: str | None) -> bool:
+    """HeaderUtility::shouldCloseConnection: HTTP/1.1 with close, HTTP/1.0 without keep-alive
+    (`connection`: the request's Connection header)."""
+    if not connection:
+        return protocol == "HTTP/1.0"
+    tokens = {t.strip().lower() for t in connection.split(",")}
     if protocol == "HTTP/1.0":
         return "keep-alive" not in tokens
     return "close" in tokens
@@ -970,11 +1008,13 @@ class ActiveStream:
         self.dispatcher = conn.dispatcher
         self.stream_id = handler.next_stream_id()
         time_source = self.dispatcher.time_source
+        self._monotonic = time_source.monotonic
+        now = time_source.monotonic()
         assert conn.connection_info is not None
         self.stream_info = StreamInfo(
             conn.connection_info,
             start_time=time_source.system_time(),
-            start_monotonic=time_source.monotonic(),
+            start_monotonic=now,
             listener_name=handler.listener_name,
         )
         self.filter_manager = FilterManager(self, self.dispatcher, self.stream_info, self.stream_id,
@@ -991,14 +1031,12 @@ class ActiveStream:
         self._cached_route: object | None = None
         self._route_cached = False
         self._watermark_callbacks: list[Any] = []
-        self.stats.downstream_rq_total.inc()
-        self.stats.downstream_rq_http1_total.inc()
-        self.stats.downstream_rq_active.inc()
+        inc_each(self.stats.rq_started)  # downstream_rq_total, _http1_total, _active (a gauge)
         self._idle_timer: Timer | None = None
         self._idle_timeout_ms = self.config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
-        self._last_activity = time_source.monotonic()
+        self._last_activity = now
         if self.config.stream_idle_timeout_ms > 0:
-            self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
+            self._idle_timer = conn.stream_idle_timer()
             self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
         self._request_timer: Timer | None = None
         if self.config.request_timeout_ms > 0:
@@ -1013,26 +1051,32 @@ class ActiveStream:
     # -- from the codec ------------------------------------------------------------------
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        self._reset_idle_timer()
+        self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         if self._request_header_timer is not None:
             self._request_header_timer.disable_timer()
         codec = self.conn.codec
+        # The request's header names, once: a header most requests lack is looked up only when
+        # its name is here. (Nothing below adds one of those before reading it.)
+        present = set(map(_key, headers.items()))
+        connection = headers.get("connection") if "connection" in present else None
         self.stream_info.protocol = codec.protocol
-        self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, headers)
+        self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, connection)
         fm = self.filter_manager
         fm.request_headers = headers
         # Both shape local replies: set them before any can be sent (as Envoy does).
-        fm.is_head_request = headers.get(":method") == "HEAD"
-        fm.is_grpc_request = (headers.get("content-type") or "").startswith("application/grpc")
+        method = headers.get(":method")
+        fm.is_head_request = method == "HEAD"
+        fm.is_grpc_request = "content-type" in present and (headers.get("content-type") or "").startswith(
+            "application/grpc")
         if end_stream:
             fm.remote_decode_complete = True
-        expect = headers.get("expect")
+        expect = headers.get("expect") if "expect" in present else None
         if expect is not None and expect.lower() == "100-continue" and not self.config.proxy_100_continue:
             # Envoy answers 100-continue itself, before any check or filter, and drops the header.
             self._charge_1xx()
             self.conn.write(self.conn.codec.encode_100_continue())
             headers.remove("expect")
-        if ":authority" not in headers:
+        if ":authority" not in present:
             # Require host: for HTTP/1.1 the codec turned Host into :authority. Envoy closes too.
             self.conn.drain_state = _CLOSING
             fm.send_local_reply(400, "", None, None, DETAILS_MISSING_HOST)
@@ -1056,11 +1100,11 @@ class ActiveStream:
         if self.config.strip_any_host_port or self.config.strip_matching_host_port:
             listener_port = None if self.config.strip_any_host_port else self.stream_info.connection.local_address.port
             _strip_port_from_host(headers, listener_port)
-        upgrade = _is_upgrade(headers)
-        if headers.get(":method") == "CONNECT":
+        upgrade = "upgrade" in present and _is_upgrade(headers.get("upgrade"), connection)
+        if method == "CONNECT":
             # Without upgrade_configs a CONNECT never completes as a request: close after the reply.
             self.conn.drain_state = _CLOSING
-        self._mutate_request_headers(headers)
+        self._mutate_request_headers(headers, present, connection)
         # Envoy resolves the route before the upgrade check and the filter chain.
         self._apply_route_idle_timeout(self.route())
         if upgrade:
@@ -1071,7 +1115,7 @@ class ActiveStream:
             fm.send_local_reply(403, "", None, None, DETAILS_UPGRADE_FAILED)
             return
         self.create_filter_chain()
-        fm.decode_headers(headers, end_stream)
+        fm.decode_headers_from(None, headers, end_stream)  # fm.decode_headers, whose part is done above
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
         self._reset_idle_timer()
@@ -1101,23 +1145,27 @@ class ActiveStream:
 
     # -- HCM request processing ----------------------------------------------------------
 
-    def _mutate_request_headers(self, headers: HeaderMap) -> None:
-        """ConnectionManagerUtility::mutateRequestHeaders for HTTP/1."""
+    def _mutate_request_headers(self, headers: HeaderMap, present: set[str], connection: str | None) -> None:
+        """ConnectionManagerUtility::mutateRequestHeaders for HTTP/1.
+
+        `present`: the header names the request arrived with (removing one gone since is a
+        no-op, and none of those read here is added before it is read); `connection`: its
+        Connection header."""
         config = self.config
-        connection = headers.get("connection")
         if connection is not None:
             for token in connection.split(","):
                 name = token.strip().lower()
                 if name and name not in ("close", "keep-alive", "upgrade", "te") and not name.startswith(":"):
                     headers.remove(name)  # hop-by-hop headers nominated by Connection
-        _remove_present(headers, _REQUEST_HOP_BY_HOP)
-        te = headers.get("te")
+        for name in present & _REQUEST_HOP_BY_HOP:
+            headers.remove(name)
+        te = headers.get("te") if "te" in present else None
         if te is not None:
             if any(t.strip().lower() == "trailers" for t in te.split(",")):
                 headers.set("te", "trailers")
             else:
                 headers.remove("te")
-        xff = headers.get("x-forwarded-for")
+        xff = headers.get("x-forwarded-for") if "x-forwarded-for" in present else None
         final_remote: str | None
         from_xff: str | None
         hops = config.xff_num_trusted_hops
@@ -1132,9 +1180,9 @@ class ActiveStream:
                 headers.set("x-forwarded-for", f"{xff},{own}" if xff else own)
             headers.set("x-forwarded-proto", headers.get(":scheme") or "http")
         else:
-            from_xff, single_xff_address = _last_xff_address(xff, hops)
+            from_xff, single_xff_address = _last_xff_address(xff, hops) if xff else (None, False)
             final_remote = from_xff
-            if headers.get("x-forwarded-proto") is None:
+            if "x-forwarded-proto" not in present or headers.get("x-forwarded-proto") is None:
                 headers.add("x-forwarded-proto", headers.get(":scheme") or "http")
         if from_xff is not None:
             # The stream's downstream remote address (source.address, %DOWNSTREAM_REMOTE_ADDRESS%)
@@ -1149,17 +1197,19 @@ class ActiveStream:
         if internal:
             headers.set("x-envoy-internal", "true")
         else:
-            _remove_present(headers, _EXTERNAL_CONTROL_HEADERS)
+            for name in present & _EXTERNAL_CONTROL_HEADERS:
+                headers.remove(name)
             for name in getattr(config.route_config, "internal_only_headers", ()):
                 headers.remove(name)
         if edge_request:
-            _remove_present(headers, _EDGE_ONLY_HEADERS)
+            for name in present & _EDGE_ONLY_HEADERS:
+                headers.remove(name)
             headers.set("x-envoy-external-address", final_remote or "")
-        request_id = headers.get("x-request-id")
+        request_id = headers.get("x-request-id") if "x-request-id" in present else None
         if config.generate_request_id and (
             request_id is None or (edge_request and not config.preserve_external_request_id)
         ):
-            request_id = _uuid4()
+            request_id = self.conn.handler.request_ids.next()
             headers.set("x-request-id", request_id)
         self.stream_info.request_id = request_id or ""
 
@@ -1176,16 +1226,18 @@ class ActiveStream:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         """ActiveStream::encodeHeaders: the HCM's response headers, stats, then the codec."""
-        self._reset_idle_timer()
+        now = self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         config = self.config
         conn = self.conn
-        if headers.get("date") is None:
+        present = set(map(_key, headers.items()))  # the names the filters let through
+        if "date" not in present:
             headers.add("date", conn.handler.date.value())
         if config.server_header_transformation == _OVERWRITE:
             headers.set("server", config.server_name)
         elif config.server_header_transformation == _APPEND_IF_ABSENT:
             headers.set_default("server", config.server_name)
-        _remove_present(headers, _RESPONSE_HOP_BY_HOP)
+        for name in present & _RESPONSE_HOP_BY_HOP:
+            headers.remove(name)
         request_headers = self.filter_manager.request_headers
         if config.always_set_request_id_in_response and request_headers is not None:
             request_id = request_headers.get("x-request-id")
@@ -1210,21 +1262,25 @@ class ActiveStream:
         if conn.drain_state != _NOT_DRAINING:
             headers.set("connection", "close")
         status = int(headers.get(":status") or 0)
-        self.stream_info.response_code = status
+        info = self.stream_info
+        info.response_code = status
         if 100 <= status < 600:
-            self.stats.rq_by_class[status // 100].inc()
-            if self.conn.listener_stats is not None:
-                self.conn.listener_stats.rq_by_class[status // 100].inc()
+            listener_stats = conn.listener_stats
+            if listener_stats is not None:
+                inc_each(listener_stats.rq_by_class_with_hcm[status // 100])
+            else:
+                self.stats.rq_by_class[status // 100].inc()
         self.response_started = True
-        self.stream_info.first_downstream_tx = self.dispatcher.time_source.monotonic()
+        info.first_downstream_tx = now
         conn.write(conn.codec.encode_headers(headers, end_stream))
         if end_stream:
             self._on_codec_encode_complete()
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
-        self._reset_idle_timer()
+        self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         self.stream_info.bytes_sent += len(data)
-        self.conn.write(self.conn.codec.encode_data(data, end_stream))
+        conn = self.conn
+        conn.write(conn.codec.encode_data(data, end_stream))
         if end_stream:
             self._on_codec_encode_complete()
 
@@ -1236,7 +1292,7 @@ class ActiveStream:
     def _on_codec_encode_complete(self) -> None:
         self._codec_saw_local_complete = True
         self.conn.on_response_encoded()
-        self.stream_info.last_downstream_tx = self.dispatcher.time_source.monotonic()
+        self.stream_info.last_downstream_tx = self._monotonic()
 
     def end_stream(self) -> None:
         """doEndStream: reset if the request is still incoming, else destroy; then maybe close."""
@@ -1338,8 +1394,8 @@ class ActiveStream:
 
     def _reset_idle_timer(self) -> None:
         # Only the activity time is noted; the timer, armed once, re-arms itself when it fires
-        # early (cheaper than re-arming on every event).
-        self._last_activity = self.dispatcher.time_source.monotonic()
+        # early (cheaper than re-arming on every event). Inline in the per-request callers.
+        self._last_activity = self._monotonic()
 
     def _apply_route_idle_timeout(self, route: object | None) -> None:
         """A route's idle_timeout replaces stream_idle_timeout for this stream; 0 disables it."""
@@ -1353,7 +1409,7 @@ class ActiveStream:
                 self._idle_timer = None
             return
         if self._idle_timer is None:
-            self._idle_timer = self.dispatcher.create_timer(self._on_idle_timeout)
+            self._idle_timer = self.conn.stream_idle_timer()
         self._idle_timer.enable_timer(timeout_ms)
 
     def _timeout_code(self) -> int:
@@ -1361,7 +1417,7 @@ class ActiveStream:
         return 504 if self.filter_manager.remote_decode_complete else 408
 
     def _on_idle_timeout(self) -> None:
-        idle_ms = (self.dispatcher.time_source.monotonic() - self._last_activity) * 1000
+        idle_ms = (self._monotonic() - self._last_activity) * 1000
         remaining_ms = self._idle_timeout_ms - idle_ms
         if remaining_ms > 0:
             assert self._idle_timer is not None
@@ -1392,6 +1448,7 @@ class ActiveStream:
         self._destroyed = True
         if self._idle_timer is not None:
             self._idle_timer.disable_timer()
+            self._idle_timer = None  # the connection's, from now on for its next stream
         if self._request_timer is not None:
             self._request_timer.disable_timer()
         if self._request_header_timer is not None:
@@ -1405,11 +1462,14 @@ class ActiveStream:
             self.conn.read_disable(False)
         self.filter_manager.log()
         self.filter_manager.destroy_filters()
-        self.stats.downstream_rq_active.dec()
-        self.stats.downstream_rq_completed.inc()
-        if self.conn.listener_stats is not None:
-            self.conn.listener_stats.downstream_rq_completed.inc()
-        self.stats.downstream_rq_time.record((self.dispatcher.time_source.monotonic() - info.start_monotonic) * 1000)
+        stats = self.stats
+        stats.downstream_rq_active.dec()
+        listener_stats = self.conn.listener_stats
+        if listener_stats is not None:
+            inc_each(listener_stats.rq_completed_with_hcm)
+        else:
+            stats.downstream_rq_completed.inc()
+        stats.downstream_rq_time.record((self._monotonic() - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self)
 
 
@@ -1417,25 +1477,45 @@ _REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-c
 _RESPONSE_HOP_BY_HOP = _REQUEST_HOP_BY_HOP
 
 
+_key = operator.itemgetter(0)  # a (name, value) pair's name
+
+
 def _remove_present(headers: HeaderMap, names: frozenset[str]) -> None:
     """Remove every header in `names` with one scan (most requests carry none of them)."""
-    for key in {k for k, _ in headers.items()} & names:
+    for key in names.intersection(map(_key, headers.items())):
         headers.remove(key)
 
 
-def _uuid4() -> str:
-    """A random (version 4) UUID string, as Envoy's x-request-id; cheaper than uuid.uuid4()."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+# The variant nibble of a version 4 UUID (10xx in binary) from a random hex digit's low bits.
+_UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
-def _is_upgrade(headers: HeaderMap) -> bool:
-    """Utility::isUpgrade: Connection has the upgrade token and an Upgrade header is present."""
-    upgrade = headers.get("upgrade")
-    connection = headers.get("connection")
+class _RequestIds:
+    """Random (version 4) UUID strings, as Envoy's x-request-id. The random bytes come from
+    os.urandom in batches (one getrandom syscall per 256 ids). One per worker: not thread-safe."""
+
+    __slots__ = ("_hex", "_pos")
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def next(self) -> str:
+        h, i = self._hex, self._pos
+        if i >= len(h):
+            h = self._hex = os.urandom(16 * self._BATCH).hex()
+            i = 0
+        self._pos = i + 32
+        # 32 random hex digits; the version digit is 4 and the variant digit one of 8, 9, a, b.
+        return (f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-"
+                f"{_UUID_VARIANT[h[i + 16]]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}")
+
+
+def _is_upgrade(upgrade: str | None, connection: str | None) -> bool:
+    """Utility::isUpgrade: Connection has the upgrade token and an Upgrade header is present
+    (the request's Upgrade and Connection headers)."""
     if not upgrade or connection is None:
         return False
     return any(t.strip().lower() == "upgrade" for t in connection.split(","))
