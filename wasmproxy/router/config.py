@@ -134,6 +134,7 @@ class Route:
         ):
             raise RouteConfigError("path_separated_prefix must not end with '/' nor contain '?' or '#'")
         self._match_cmp = self.match_value if self.case_sensitive else self.match_value.lower()
+        self._match_len = len(self._match_cmp)
         self.match_regex = compile_regex(m.safe_regex) if kind == "safe_regex" else None
         self.header_matchers = [HeaderMatcher(h) for h in m.headers]
         self.query_matchers = [QueryParameterMatcher(q) for q in m.query_parameters]
@@ -162,7 +163,7 @@ class Route:
         cmp = path if self.case_sensitive else path.lower()
         kind = self.match_kind
         if kind == "prefix":
-            ok = cmp.startswith(self._match_cmp)
+            ok = cmp[: self._match_len] == self._match_cmp  # startswith, without a call
         elif kind == "path":
             ok = cmp == self._match_cmp
         elif kind == "path_separated_prefix":
@@ -448,7 +449,7 @@ class VirtualHost:
         path_header = headers.get(":path")
         if path_header is None:
             return None  # every path matcher needs a :path (CONNECT has none)
-        path = _split_query(path_header)[0]
+        path = path_header if "?" not in path_header and "#" not in path_header else _split_query(path_header)[0]
         for r in self.routes:
             if r.matches(headers, stream_id, path_header, path):
                 return r
@@ -562,5 +563,8 @@ class RouteConfig:
         return self._default
 
     def route(self, headers: HeaderMap, stream_id: int = 0) -> "Route | SslRedirectRoute | None":
-        vh = self.virtual_host(headers)
+        if not self._exact and not self._suffixes and not self._prefixes:
+            vh = self._default  # only a "*" virtual host (virtual_host()'s first case, without the call)
+        else:
+            vh = self.virtual_host(headers)
         return vh.route(headers, stream_id) if vh is not None else None

@@ -303,14 +303,15 @@ class UpstreamRequest:
         self.encoder = encoder
         self.router.on_upstream_connected(self, encoder)
         encoder.encode_headers(self._headers, self._end_stream)
-        buffered, self._buffer = self._buffer, []
-        for kind, payload, end in buffered:
-            if encoder.done:
-                break
-            if kind == "data":
-                encoder.encode_data(payload, end)
-            else:
-                encoder.encode_trailers(payload)
+        if self._buffer:  # the request body and trailers that came before the connection
+            buffered, self._buffer = self._buffer, []
+            for kind, payload, end in buffered:
+                if encoder.done:
+                    break
+                if kind == "data":
+                    encoder.encode_data(payload, end)
+                else:
+                    encoder.encode_trailers(payload)
         if self._above_watermark:
             self._above_watermark = False
             self.router.callbacks.on_decoder_filter_below_write_buffer_low_watermark()
@@ -349,41 +350,44 @@ class UpstreamRequest:
 class Router:
     """The router filter for one stream."""
 
+    # Per-stream state. The class holds the (immutable) initial values, so a new stream sets
+    # only what it uses.
+    callbacks: StreamDecoderFilterCallbacks = None  # type: ignore[assignment]
+    route: Route | None = None
+    cluster: ThreadLocalCluster | None = None
+    upstream: UpstreamRequest | None = None
+    _request_headers: HeaderMap | None = None
+    _timeout_ms = 0
+    _per_try_timeout_ms = 0
+    _timer: Any = None
+    _per_try_timer: Any = None
+    _retry_timer: Any = None
+    _retry: RetryState | None = None
+    # The request body kept for a retry (None once it outgrew the limit: no more retries).
+    _retry_body: bytearray | None = None
+    _request_trailers: HeaderMap | None = None
+    _attempts = 0
+    # Set when a retry was wanted but not allowed: URX (limit) or UO (retry circuit breaker).
+    _retry_flag = ""
+    _downstream_end_stream = False
+    _downstream_response_started = False
+    _request_complete_at = 0.0
+    _internal = False
+    _read_disabled = 0
+    _hash_key: int | None = None
+    _tried_hosts: tuple[Host, ...] = ()
+    # request_mirror_policies: the finalized request, sent to each mirror once it is complete.
+    _shadow_headers: HeaderMap | None = None
+    _shadow_body: bytearray | None = None
+    _stats: RouterStats | None = None
+    # The stream's StreamInfo and dispatcher (read once from the callbacks by decode_headers).
+    _info: Any = None
+    _dispatcher: Any = None
+    # The stream dispatcher's monotonic clock, bound by decode_headers.
+    _clock: Callable[[], float] = None  # type: ignore[assignment]
+
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.callbacks: StreamDecoderFilterCallbacks = None  # type: ignore[assignment]
-        self.route: Route | None = None
-        self.cluster: ThreadLocalCluster | None = None
-        self.upstream: UpstreamRequest | None = None
-        self._request_headers: HeaderMap | None = None
-        self._timeout_ms = 0
-        self._per_try_timeout_ms = 0
-        self._timer: Any = None
-        self._per_try_timer: Any = None
-        self._retry_timer: Any = None
-        self._retry: RetryState | None = None
-        # The request body kept for a retry (None once it outgrew the limit: no more retries).
-        self._retry_body: bytearray | None = None
-        self._request_trailers: HeaderMap | None = None
-        self._attempts = 0
-        # Set when a retry was wanted but not allowed: URX (limit) or UO (retry circuit breaker).
-        self._retry_flag = ""
-        self._downstream_end_stream = False
-        self._downstream_response_started = False
-        self._request_complete_at = 0.0
-        self._internal = False
-        self._read_disabled = 0
-        self._hash_key: int | None = None
-        self._tried_hosts: list[Host] = []
-        # request_mirror_policies: the finalized request, sent to each mirror once it is complete.
-        self._shadow_headers: HeaderMap | None = None
-        self._shadow_body: bytearray | None = None
-        self._stats: RouterStats | None = None
-        # The stream's StreamInfo and dispatcher (read once from the callbacks by decode_headers).
-        self._info: Any = None
-        self._dispatcher: Any = None
-        # The stream dispatcher's monotonic clock, bound by decode_headers.
-        self._clock: Callable[[], float] = None  # type: ignore[assignment]
 
     def set_decoder_filter_callbacks(self, callbacks: StreamDecoderFilterCallbacks) -> None:
         self.callbacks = callbacks
@@ -547,7 +551,7 @@ class Router:
         vh = self.route.virtual_host if self.route is not None else None
         if vh is not None and vh.include_request_attempt_count:
             headers.set("x-envoy-attempt-count", str(self._attempts))
-        self._tried_hosts.append(host)
+        self._tried_hosts += (host,)
         upstream = UpstreamRequest(self, host)
         if self._read_disabled:
             for _ in range(self._read_disabled):
