@@ -92,6 +92,9 @@ _STATUS_LINES: dict[int, bytes] = {
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 5.5: field values carry no control characters but HTAB (obs-fold arrives unfolded).
 _INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Header lines joined with "\n" that need no more than decoding: no control character but the
+# separators (a line with a LF in it shows as an extra field), no whitespace ending a name or value.
+_NOT_PLAIN_LINES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|[ \t](?:\n|\Z)")
 _EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 # An authority is RFC 3986 unreserved / sub-delims / ":" "@" "[" "]" and pct-encoding; Envoy
 # answers anything else with 400.
@@ -181,17 +184,14 @@ def _collapse_request_line_whitespace(data: bytes) -> bytes:
     return data[:start] + _LINEAR_WHITESPACE.sub(b" ", line.rstrip(b" \t")) + data[line_end:]
 
 
-def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[list[bytes], bool]:
-    """Encode the regular headers of `headers`; also says whether content-length was seen."""
-    lines: list[bytes] = []
-    saw_content_length = False
-    for key, value in headers.items():
-        if key[0] == ":" or key in skip:
-            continue
-        if key == "content-length":
-            saw_content_length = True
-        lines.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("latin-1")))
-    return lines, saw_content_length
+def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[bytes, bool]:
+    """Encode the regular headers of `headers` (but `skip`) as one block of lines; also says
+    whether they include content-length."""
+    lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items() if key[0] != ":" and key not in skip])
+    return lines.encode("latin-1"), "content-length" in headers and "content-length" not in skip
+
+
+_NO_SKIP: frozenset[str] = frozenset()
 
 
 def _chunk(data: bytes) -> bytes:
@@ -199,38 +199,26 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _encode_trailer_block(trailers: HeaderMap) -> bytes:
-    lines, _ = _header_lines(trailers, frozenset())
-    return b"0\r\n" + b"".join(lines) + _CRLF
+    lines, _ = _header_lines(trailers, _NO_SKIP)
+    return b"0\r\n" + lines + _CRLF
 
 
 class _MessageParser:
-    """What httptools calls back; it only records, and queues events on its codec."""
+    """What httptools calls back: its codec's parser callbacks, which only record and queue events.
 
-    __slots__ = ("codec",)
+    httptools looks its callbacks up once, when a parser is made, so these are the codec's bound
+    methods themselves (no call in between); the status line is not needed (no on_status)."""
+
+    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
+                 "on_message_complete")
 
     def __init__(self, codec: "_CodecBase") -> None:
-        self.codec = codec
-
-    def on_message_begin(self) -> None:
-        self.codec._on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self.codec._on_url(url)
-
-    def on_status(self, status: bytes) -> None:
-        pass
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.codec._on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        self.codec._on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        self.codec._on_body(body)
-
-    def on_message_complete(self) -> None:
-        self.codec._on_message_complete()
+        self.on_message_begin = codec._on_message_begin
+        self.on_url = codec._on_url
+        self.on_header = codec._on_header
+        self.on_headers_complete = codec._on_headers_complete
+        self.on_body = codec._on_body
+        self.on_message_complete = codec._on_message_complete
 
 
 class _StopParsing(Exception):
@@ -252,6 +240,9 @@ class _CodecBase:
         self._url = b""
         self._pairs: list[tuple[str, str]] = []
         self._trailer_pairs: list[tuple[str, str]] = []
+        # Header lines as httptools delivered them (name, value, name, ...), not yet judged: see
+        # _on_header. Empty outside _parse.
+        self._raw_header_lines: list[bytes] = []
         self._head_bytes = 0  # the parsed part of the head, counted as on the wire
         self._head_raw_bytes = 0  # bytes of whole feeds that were all head (catches huge headers)
         self._has_body = False
@@ -260,7 +251,7 @@ class _CodecBase:
     # -- limits -----------------------------------------------------------------------------
 
     def _check_head_size(self) -> None:
-        if max(self._head_bytes, self._head_raw_bytes) > self._max_headers_bytes:
+        if self._head_bytes > self._max_headers_bytes or self._head_raw_bytes > self._max_headers_bytes:
             self._fail(CodecError(431, DETAILS_HEADERS_TOO_LARGE, "headers size exceeds limit"))
 
     def _fail(self, error: CodecError) -> None:
@@ -288,6 +279,37 @@ class _CodecBase:
         self._check_head_size()
 
     def _on_header(self, name: bytes, value: bytes) -> None:
+        # Only recorded: the lines are judged together by _take_header_lines before anything
+        # else can happen to the message (its headers complete, its message completes, the
+        # parser fails or stops), in their order, so the outcome is the one of judging each
+        # line as it arrives.
+        self._raw_header_lines += (name, value)
+
+    def _take_header_lines(self) -> None:
+        """Judge and decode the header lines recorded since the last call (raises _StopParsing
+        on the first bad one, as _take_header_line)."""
+        raw = self._raw_header_lines
+        self._raw_header_lines = []
+        raw_count = len(raw)
+        if not self._headers_done:
+            # The usual case at once: plain lines within the limits are only decoded.
+            blob = b"\n".join(raw)
+            if _NOT_PLAIN_LINES.search(blob) is None:
+                fields = blob.decode("latin-1").split("\n")
+                pairs = self._pairs
+                limit = self._max_headers_bytes
+                # Each line counts len(name) + len(value) + 4 (see _take_header_line).
+                head_bytes = self._head_bytes + len(blob) + raw_count + 1
+                if (len(fields) == raw_count and len(pairs) + (raw_count >> 1) <= self._max_headers_count
+                        and head_bytes <= limit and self._head_raw_bytes <= limit):
+                    names = "\n".join(fields[0::2]).lower().split("\n")
+                    pairs += zip(names, fields[1::2])
+                    self._head_bytes = head_bytes
+                    return
+        for i in range(0, raw_count, 2):
+            self._take_header_line(raw[i], raw[i + 1])
+
+    def _take_header_line(self, name: bytes, value: bytes) -> None:
         if name.endswith((b" ", b"\t")):
             # llhttp lets whitespace follow a name it knows ("Transfer-Encoding : chunked") and
             # then ignores the header's meaning: a smuggling vector Envoy refuses with a 400.
@@ -353,9 +375,12 @@ class _CodecBase:
         except httptools.HttpParserUpgrade:
             self._on_upgrade()
         except httptools.HttpParserError as exc:
+            # The header lines parsed before the bad byte are judged first, as they were parsed.
+            self._take_header_lines_after_feed()
             if self._error is None:
                 self._on_parser_error(_error_from_parser(exc), data)
         else:
+            self._take_header_lines_after_feed()
             if self._in_head and self._error is None and (head_at_start or not self._messages_completed):
                 # All of `data` belongs to the unfinished head (a lower bound when it began
                 # here): llhttp only reports a header once complete, so this is what stops an
@@ -365,6 +390,14 @@ class _CodecBase:
                     self._check_head_size()
                 except _StopParsing:
                     pass
+
+    def _take_header_lines_after_feed(self) -> None:
+        """The lines of a head (or trailers) not complete in this feed, judged at its end."""
+        if self._raw_header_lines:
+            try:
+                self._take_header_lines()
+            except _StopParsing:
+                pass
 
     def _on_upgrade(self) -> None:
         raise NotImplementedError
@@ -514,12 +547,12 @@ class ServerCodec(_CodecBase):
         `transfer-encoding: chunked` when a body follows without a content-length.
         """
         status = int(headers.get(":status") or 0)
-        lines, saw_content_length = _header_lines(headers, frozenset())
+        lines, saw_content_length = _header_lines(headers, _NO_SKIP)
         status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
         if self.protocol == "HTTP/1.0":
             status_line = b"HTTP/1.0" + status_line[8:]  # Envoy answers HTTP/1.0 in kind
         if 100 <= status < 200:
-            return status_line + b"".join(lines) + _CRLF
+            return status_line + lines + _CRLF
         self._response_started = True
         # Envoy's codec writes whatever body it is given, even on 204/304 (a direct_response
         # 204 with a body goes out with it); only HEAD answers never carry one.
@@ -531,13 +564,13 @@ class ServerCodec(_CodecBase):
             if status == 204 or status == 304:
                 pass
             elif end_stream and not self.is_head_request:
-                lines.append(b"content-length: 0\r\n")
+                lines += b"content-length: 0\r\n"
             elif self.protocol == "HTTP/1.1":
-                lines.append(b"transfer-encoding: chunked\r\n")
+                lines += b"transfer-encoding: chunked\r\n"
                 self._chunk_encoding = self._response_body_allowed
         if end_stream:
             self._end_response()
-        return status_line + b"".join(lines) + _CRLF
+        return status_line + lines + _CRLF
 
     def encode_data(self, data: bytes, end_stream: bool) -> bytes:
         out = b""
@@ -572,17 +605,20 @@ class ServerCodec(_CodecBase):
         self._events.append((self._deliver_begin, ()))
 
     def _on_headers_complete(self) -> None:
+        if self._raw_header_lines:
+            self._take_header_lines()
         self._in_head = False
         self._headers_done = True
         parser = self._parser
+        raw_method = parser.get_method()
         # The whole head as Envoy's parser counts it: request line, header lines, blank line.
-        self._head_bytes += len(parser.get_method()) - 3 + 2
+        self._head_bytes += len(raw_method) - 3 + 2
         self._check_head_size()
         version = parser.get_http_version()
         protocol = "HTTP/1.1" if version == "1.1" else "HTTP/1.0"
         if protocol != "HTTP/1.1" and not self._accept_http_10:
             self._fail(CodecError(426, DETAILS_LOW_VERSION, "Upgrade required for HTTP/1.0 or HTTP/0.9"))
-        method = parser.get_method().decode("latin-1")
+        method = raw_method.decode("latin-1")
         if self._underscores_action != UNDERSCORES_ALLOW:
             self._check_underscores()
         headers = self._request_headers(method)
@@ -669,9 +705,12 @@ class ServerCodec(_CodecBase):
         pseudo.append((":method", method))
         if not absolute_form:
             pseudo.append((":scheme", scheme))
-        return HeaderMap(pseudo + regular)
+        pseudo += regular
+        return HeaderMap.from_lower_pairs(pseudo)
 
     def _on_message_complete(self) -> None:
+        if self._raw_header_lines:
+            self._take_header_lines()  # trailers
         self._messages_completed += 1
         self._in_message = False
         self._completed_body_length = self._content_length if self._has_body else 0
@@ -753,7 +792,9 @@ class ClientCodec(_CodecBase):
     ) -> None:
         super().__init__(max_response_headers_kb, max_headers_count, enable_trailers)
         self._callbacks = callbacks
-        self._parser = httptools.HttpResponseParser(_MessageParser(self))
+        # One callbacks object for the parser of each response (encode_request_headers).
+        self._message_parser = _MessageParser(self)
+        self._parser = httptools.HttpResponseParser(self._message_parser)
         self._is_head_request = False
         self._chunk_encoding = False
         self._response_complete = False
@@ -766,32 +807,34 @@ class ClientCodec(_CodecBase):
 
     def encode_request_headers(self, headers: HeaderMap, end_stream: bool) -> bytes:
         """Request line from :method/:path, `host` from :authority, then the regular headers."""
-        method = headers.get(":method") or "GET"
-        path = headers.get(":path") or "/"
-        authority = headers.get(":authority")
+        get = headers.get
+        method = get(":method") or "GET"
+        path = get(":path") or "/"
+        authority = get(":authority")
         if method == "CONNECT":
             path = authority or path
         self._is_head_request = method == "HEAD"
         self._response_complete = False
         self.keep_alive = False
-        self._parser = httptools.HttpResponseParser(_MessageParser(self))
+        self._parser = httptools.HttpResponseParser(self._message_parser)
         self._error = None
         self._events.clear()
         lines, saw_content_length = _header_lines(headers, _CLIENT_SKIP)
-        head = [b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), path.encode("latin-1"))]
+        if authority is None:
+            authority = get("host")
         if authority is not None:
-            head.append(b"host: %s\r\n" % authority.encode("latin-1"))
-        elif headers.get("host") is not None:
-            head.append(b"host: %s\r\n" % headers.get("host").encode("latin-1"))  # type: ignore[union-attr]
+            head = f"{method} {path} HTTP/1.1\r\nhost: {authority}\r\n".encode("latin-1")
+        else:
+            head = f"{method} {path} HTTP/1.1\r\n".encode("latin-1")
         self._chunk_encoding = False
         if not saw_content_length:
             if end_stream:
                 if method not in _BODILESS_METHODS:
-                    lines.append(b"content-length: 0\r\n")
+                    lines += b"content-length: 0\r\n"
             else:
-                lines.append(b"transfer-encoding: chunked\r\n")
+                lines += b"transfer-encoding: chunked\r\n"
                 self._chunk_encoding = True
-        return b"".join(head) + b"".join(lines) + _CRLF
+        return head + lines + _CRLF
 
     def encode_data(self, data: bytes, end_stream: bool) -> bytes:
         out = b""
@@ -832,6 +875,8 @@ class ClientCodec(_CodecBase):
         return self._response_complete
 
     def _on_headers_complete(self) -> None:
+        if self._raw_header_lines:
+            self._take_header_lines()
         self._in_head = False
         self._headers_done = True
         self._head_bytes += 2
@@ -839,7 +884,9 @@ class ClientCodec(_CodecBase):
         parser = self._parser
         self._status = parser.get_status_code()
         self._is_1xx = 100 <= self._status < 200 and self._status != 101
-        headers = HeaderMap([(":status", str(self._status))] + self._pairs)
+        pairs = [(":status", str(self._status))]
+        pairs += self._pairs
+        headers = HeaderMap.from_lower_pairs(pairs)
         if self._is_1xx:
             self._events.append((self._callbacks.on_1xx, (headers,)))
             return
@@ -858,6 +905,8 @@ class ClientCodec(_CodecBase):
         self._events.append((self._callbacks.on_headers, (headers, False)))
 
     def _on_message_complete(self) -> None:
+        if self._raw_header_lines:
+            self._take_header_lines()  # trailers
         if self._is_1xx:
             return  # the final response follows on the same parser
         if self._response_complete:
