@@ -251,6 +251,8 @@ class _CodecBase:
     # -- limits -----------------------------------------------------------------------------
 
     def _check_head_size(self) -> None:
+        # Parser callbacks call it only once _head_bytes is over the limit: _head_raw_bytes
+        # grows only at the end of _parse, which checks it (and parses nothing more once over).
         if self._head_bytes > self._max_headers_bytes or self._head_raw_bytes > self._max_headers_bytes:
             self._fail(CodecError(431, DETAILS_HEADERS_TOO_LARGE, "headers size exceeds limit"))
 
@@ -276,7 +278,8 @@ class _CodecBase:
         self._url += url
         # At least "GET " + url + " HTTP/1.1\r\n"; made exact once the method is known.
         self._head_bytes += len(url) + 15
-        self._check_head_size()
+        if self._head_bytes > self._max_headers_bytes:
+            self._check_head_size()
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # Only recorded: the lines are judged together by _take_header_lines before anything
@@ -376,11 +379,13 @@ class _CodecBase:
             self._on_upgrade()
         except httptools.HttpParserError as exc:
             # The header lines parsed before the bad byte are judged first, as they were parsed.
-            self._take_header_lines_after_feed()
+            if self._raw_header_lines:
+                self._take_header_lines_after_feed()
             if self._error is None:
                 self._on_parser_error(_error_from_parser(exc), data)
         else:
-            self._take_header_lines_after_feed()
+            if self._raw_header_lines:
+                self._take_header_lines_after_feed()
             if self._in_head and self._error is None and (head_at_start or not self._messages_completed):
                 # All of `data` belongs to the unfinished head (a lower bound when it began
                 # here): llhttp only reports a header once complete, so this is what stops an
@@ -393,11 +398,10 @@ class _CodecBase:
 
     def _take_header_lines_after_feed(self) -> None:
         """The lines of a head (or trailers) not complete in this feed, judged at its end."""
-        if self._raw_header_lines:
-            try:
-                self._take_header_lines()
-            except _StopParsing:
-                pass
+        try:
+            self._take_header_lines()
+        except _StopParsing:
+            pass
 
     def _on_upgrade(self) -> None:
         raise NotImplementedError
@@ -613,7 +617,8 @@ class ServerCodec(_CodecBase):
         raw_method = parser.get_method()
         # The whole head as Envoy's parser counts it: request line, header lines, blank line.
         self._head_bytes += len(raw_method) - 3 + 2
-        self._check_head_size()
+        if self._head_bytes > self._max_headers_bytes:
+            self._check_head_size()
         version = parser.get_http_version()
         protocol = "HTTP/1.1" if version == "1.1" else "HTTP/1.0"
         if protocol != "HTTP/1.1" and not self._accept_http_10:
@@ -880,7 +885,8 @@ class ClientCodec(_CodecBase):
         self._in_head = False
         self._headers_done = True
         self._head_bytes += 2
-        self._check_head_size()
+        if self._head_bytes > self._max_headers_bytes:
+            self._check_head_size()
         parser = self._parser
         self._status = parser.get_status_code()
         self._is_1xx = 100 <= self._status < 200 and self._status != 101

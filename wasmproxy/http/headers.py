@@ -85,10 +85,10 @@ class HeaderMap:
 
     def items(self) -> list[tuple[str, str]]:
         """A snapshot of all pairs in order (pseudo-headers first)."""
-        return self._entries.copy()
+        return self._entries[:]
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._entries.copy())
+        return iter(self._entries[:])
 
     def names(self) -> KeysView[str]:
         """The distinct keys, lower-case, as a live read-only view: `headers.names() & keys`
