@@ -309,7 +309,7 @@ class ContextBase:
         # Counted in the Wasm's contexts_active gauge until released (stream end or VM close).
         self.released = wasm is None
         if wasm is not None:
-            wasm.contexts[context_id] = self
+            wasm.add_context(self)
             wasm.context_opened()
 
     # -- construction ----------------------------------------------------------------------
@@ -322,7 +322,7 @@ class ContextBase:
         if wasm is None:
             ctx = cls(None, 0, None, plugin)
         else:
-            parent = wasm.contexts.get(root_context_id)
+            parent = wasm.get_context(root_context_id)
             ctx = cls(wasm, wasm.alloc_context_id(), parent, plugin)
             ctx.parent_context_id = root_context_id
         ctx.env = env
@@ -446,8 +446,11 @@ class ContextBase:
     def on_delete(self) -> None:
         if self.in_vm_context_created and not self.is_failed():
             self._call("proxy_on_delete", self.id)
-        if self.wasm is not None and self.id != 0 and self.wasm.contexts.get(self.id) is self:
-            del self.wasm.contexts[self.id]
+        wasm = self.wasm
+        if wasm is not None and self.id != 0:
+            ref = wasm.contexts.get(self.id)
+            if ref is not None and ref() is self:
+                del wasm.contexts[self.id]
 
     # HTTP callbacks (cpp-host ContextBase::on*): each returns the host-side status.
 

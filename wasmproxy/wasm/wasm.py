@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from _weakref import _remove_dead_weakref  # what WeakValueDictionary's callback uses
 import zlib
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -214,6 +215,14 @@ _MODULE_FUNCTIONS = (
 )
 
 
+class _ContextRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a context that knows its id: weakref.KeyedRef without KeyedRef's
+    Python-level __new__ and __init__."""
+
+    __slots__ = ("key",)
+    key: int
+
+
 class Wasm:
     """One VM and its contexts. Owner thread only, except `post` targets."""
 
@@ -263,8 +272,16 @@ class Wasm:
         self._fail_callbacks: list[Callable[[FailState], None]] = []
         # Every Wasm of a vm_id holds its handle: SharedData for the vm_id lives as long as they do.
         self._vm_id_handle: VmIdHandle | None = get_vm_id_handle(vm_id)
-        # Contexts: id -> context (weak: stream contexts belong to their streams).
-        self.contexts: "weakref.WeakValueDictionary[int, ContextBase]" = weakref.WeakValueDictionary()
+        # Contexts: id -> weak reference (stream contexts belong to their streams). As a
+        # WeakValueDictionary, but registering a context (once per stream) runs no Python code:
+        # an entry goes when its context is deleted (on_delete) or collected (the callback).
+        contexts: dict[int, _ContextRef] = {}
+        self.contexts = contexts
+
+        def forget_collected(ref: _ContextRef) -> None:
+            _remove_dead_weakref(contexts, ref.key)
+
+        self._forget_collected = forget_collected
         self._next_context_id = 1  # 0 is the VM context
         self.vm_context = ContextBase(self, 0, None, None)
         self.root_contexts: dict[str, ContextBase] = {}
@@ -551,20 +568,30 @@ class Wasm:
         """The context a host call acts on: the effective one if the plugin set one, else current."""
         current = self.current_context or self.vm_context
         if self.effective_context_id:
-            effective = self.contexts.get(self.effective_context_id)
+            effective = self.get_context(self.effective_context_id)
             if effective is not None:
                 return effective
         return current
 
     def get_context(self, context_id: int) -> ContextBase | None:
-        return self.contexts.get(context_id)
+        ref = self.contexts.get(context_id)
+        return ref() if ref is not None else None
+
+    def add_context(self, context: ContextBase) -> None:
+        """Register `context` under its id, weakly (ContextBase.__init__)."""
+        ref = _ContextRef(context, self._forget_collected)
+        ref.key = context.id
+        self.contexts[context.id] = ref
 
     def alloc_context_id(self) -> int:
+        contexts = self.contexts
         while True:
             cid = self._next_context_id
             self._next_context_id = (self._next_context_id + 1) & 0xFFFFFFFF
-            if cid != 0 and cid not in self.contexts:
-                return cid
+            if cid != 0:
+                ref = contexts.get(cid)
+                if ref is None or ref() is None:
+                    return cid
 
     def stop_next_iteration(self, stop: bool) -> None:
         """After send_local_response, the callback's status is overridden to Stop*."""
@@ -638,7 +665,7 @@ class Wasm:
         timer = self._timers.get(root_context_id)
         if period is None or timer is None or "proxy_on_tick" not in self.module_functions:
             return
-        context = self.contexts.get(root_context_id)
+        context = self.get_context(root_context_id)
         if context is not None:
             context.on_tick()
         period = self._tick_periods.get(root_context_id, 0)
@@ -661,7 +688,7 @@ class Wasm:
                 wasm = weak_self()
                 if wasm is None:
                     return
-                context = wasm.contexts.get(context_id)
+                context = wasm.get_context(context_id)
                 if context is not None:
                     context.on_queue_ready(token)
 
