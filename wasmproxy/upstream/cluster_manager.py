@@ -68,10 +68,11 @@ class ThreadLocalCluster:
         return host
 
     def conn_pool(self, host: Host) -> Http1ConnPool:
-        pool = self._pools.get(id(host))
-        if pool is None:
+        try:
+            return self._pools[id(host)]
+        except KeyError:
             pool = self._pools[id(host)] = Http1ConnPool(self.dispatcher, host, self.info, self.stats)
-        return pool
+            return pool
 
     def drain_connections(self) -> None:
         for pool in self._pools.values():

@@ -309,7 +309,8 @@ class ActiveClient(asyncio.Protocol):
         stream = self.stream
         if stream is None or stream.done:
             return
-        if (headers.get("connection") or "").lower() == "close":
+        connection = headers.get("connection")
+        if connection is not None and connection.lower() == "close":
             self.pool.stats.inc("upstream_cx_close_notify")
         if end_stream:
             self._complete(stream)
