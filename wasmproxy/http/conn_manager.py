@@ -1020,8 +1020,8 @@ class ActiveStream:
         self.filter_manager = FilterManager(self, self.dispatcher, self.stream_info, self.stream_id,
                                             self.config.buffer_limit)
         self.filter_manager.proxy_100_continue = self.config.proxy_100_continue
-        for log in self.config.access_logs:
-            self.filter_manager.add_access_log_handler(log)
+        if self.config.access_logs:  # as add_access_log_handler for each
+            self.filter_manager.access_log_handlers.extend(self.config.access_logs)
         self.response_started = False
         self.saw_connection_close = False
         self.framed_by_close = False
@@ -1036,7 +1036,7 @@ class ActiveStream:
         self._idle_timeout_ms = self.config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
         self._last_activity = now
         if self.config.stream_idle_timeout_ms > 0:
-            self._idle_timer = conn.stream_idle_timer()
+            self._idle_timer = conn._stream_idle_timer or conn.stream_idle_timer()
             self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
         self._request_timer: Timer | None = None
         if self.config.request_timeout_ms > 0:
@@ -1291,7 +1291,7 @@ class ActiveStream:
 
     def _on_codec_encode_complete(self) -> None:
         self._codec_saw_local_complete = True
-        self.conn.on_response_encoded()
+        self.conn._outbound_responses += 1  # conn.on_response_encoded(), inline
         self.stream_info.last_downstream_tx = self._monotonic()
 
     def end_stream(self) -> None:

@@ -58,6 +58,16 @@ class IterationState(enum.Enum):
     StopAllWatermark = 3
 
 
+# Module-level names for the members and statuses the per-request paths compare against.
+_CONTINUE = IterationState.Continue
+_STOP_SINGLE = IterationState.StopSingleIteration
+_STOP_ALL_BUFFER = IterationState.StopAllBuffer
+_STOP_ALL_WATERMARK = IterationState.StopAllWatermark
+_HEADERS_CONTINUE = FilterHeadersStatus.Continue
+_HEADERS_CONTINUE_NO_END = FilterHeadersStatus.ContinueAndDontEndStream
+_DATA_CONTINUE = FilterDataStatus.Continue
+
+
 class FilterManagerCallbacks(Protocol):
     """What the FilterManager needs from its owner (Envoy's FilterManagerCallbacks)."""
 
@@ -113,6 +123,7 @@ class _ActiveFilter:
 
     __slots__ = (
         "parent",
+        "handle",
         "iteration_state",
         "iterate_from_current_filter",
         "headers_continued",
@@ -120,9 +131,10 @@ class _ActiveFilter:
         "processed_headers",
     )
 
-    def __init__(self, parent: "FilterManager") -> None:
+    def __init__(self, parent: "FilterManager", handle: Any) -> None:
         self.parent = parent
-        self.iteration_state = IterationState.Continue
+        self.handle = handle
+        self.iteration_state = _CONTINUE
         self.iterate_from_current_filter = False
         self.headers_continued = False
         self.end_stream = False
@@ -131,22 +143,25 @@ class _ActiveFilter:
     # -- shared by both directions -------------------------------------------------------
 
     def stopped_all(self) -> bool:
-        return self.iteration_state in (IterationState.StopAllBuffer, IterationState.StopAllWatermark)
+        state = self.iteration_state
+        return state is _STOP_ALL_BUFFER or state is _STOP_ALL_WATERMARK
 
     def can_iterate(self) -> bool:
-        return self.iteration_state is IterationState.Continue
+        return self.iteration_state is _CONTINUE
 
     def handle_after_headers(self, status: FilterHeadersStatus) -> bool:
         """commonHandleAfterHeadersCallback: True when iteration goes on to the next filter."""
-        if status == FilterHeadersStatus.StopIteration:
-            self.iteration_state = IterationState.StopSingleIteration
-        elif status == FilterHeadersStatus.StopAllIterationAndBuffer:
-            self.iteration_state = IterationState.StopAllBuffer
-        elif status == FilterHeadersStatus.StopAllIterationAndWatermark:
-            self.iteration_state = IterationState.StopAllWatermark
-        else:  # Continue, ContinueAndDontEndStream
+        if status == _HEADERS_CONTINUE or status == _HEADERS_CONTINUE_NO_END:
             self.headers_continued = True
-        return self.can_iterate()
+        elif status == FilterHeadersStatus.StopIteration:
+            self.iteration_state = _STOP_SINGLE
+        elif status == FilterHeadersStatus.StopAllIterationAndBuffer:
+            self.iteration_state = _STOP_ALL_BUFFER
+        elif status == FilterHeadersStatus.StopAllIterationAndWatermark:
+            self.iteration_state = _STOP_ALL_WATERMARK
+        else:  # not a FilterHeadersStatus: as Continue
+            self.headers_continued = True
+        return self.iteration_state is _CONTINUE  # can_iterate()
 
     def handle_after_data(self, status: FilterDataStatus, data: bytearray) -> bool:
         """commonHandleAfterDataCallback: True when iteration goes on to the next filter."""
@@ -276,11 +291,9 @@ class _ActiveFilter:
 class ActiveStreamDecoderFilter(_ActiveFilter):
     """A decoder filter in the chain, and its StreamDecoderFilterCallbacks."""
 
-    __slots__ = ("handle",)
+    __slots__ = ()
 
-    def __init__(self, parent: "FilterManager", handle: StreamDecoderFilter) -> None:
-        super().__init__(parent)
-        self.handle = handle
+    handle: StreamDecoderFilter
 
     def complete(self) -> bool:
         return self.parent.remote_decode_complete
@@ -376,11 +389,9 @@ class ActiveStreamDecoderFilter(_ActiveFilter):
 class ActiveStreamEncoderFilter(_ActiveFilter):
     """An encoder filter in the chain, and its StreamEncoderFilterCallbacks."""
 
-    __slots__ = ("handle",)
+    __slots__ = ()
 
-    def __init__(self, parent: "FilterManager", handle: StreamEncoderFilter) -> None:
-        super().__init__(parent)
-        self.handle = handle
+    handle: StreamEncoderFilter
 
     def complete(self) -> bool:
         return self.parent.local_complete
@@ -460,6 +471,36 @@ _BUFFERING_DATA_STATUSES = (FilterDataStatus.StopIterationAndBuffer, FilterDataS
 class FilterManager:
     """One stream's filter chain. Also the FilterChainFactoryCallbacks filter factories use."""
 
+    # Per-stream state that starts out the same for every stream is given here, at class level,
+    # and set on the instance when it changes (a stream's __init__ sets only what it must).
+    request_headers: HeaderMap | None = None
+    request_trailers: HeaderMap | None = None
+    response_headers: HeaderMap | None = None
+    response_trailers: HeaderMap | None = None
+    buffered_request_data: bytearray | None = None
+    buffered_response_data: bytearray | None = None
+    decoder_filters_streaming = True
+    encoder_filters_streaming = True
+    decoder_above_high_watermark = False
+    encoder_above_high_watermark = False
+    # Stream state (FilterManager::State).
+    remote_decode_complete = False
+    local_complete = False  # the response left the encoder chain completely
+    remote_encode_complete = False
+    non_100_response_headers_encoded = False
+    destroyed = False
+    saw_downstream_reset = False
+    is_head_request = False
+    is_grpc_request = False
+    # HttpConnectionManager.proxy_100_continue: forward upstream 1xx instead of answering itself.
+    proxy_100_continue = False
+    decoder_filter_chain_aborted = False
+    encoder_filter_chain_aborted = False
+    _filter_call_state = 0
+    _prepared_local_reply: Callable[[], None] | None = None
+    _filters_destroyed = False
+    _logged = False
+
     def __init__(
         self,
         callbacks: FilterManagerCallbacks,
@@ -477,33 +518,6 @@ class FilterManager:
         self.encoder_filters: list[ActiveStreamEncoderFilter] = []  # in encode order (reversed)
         self._destroy_order: list[Any] = []
         self.access_log_handlers: list[AccessLogHandler] = []
-        self.request_headers: HeaderMap | None = None
-        self.request_trailers: HeaderMap | None = None
-        self.response_headers: HeaderMap | None = None
-        self.response_trailers: HeaderMap | None = None
-        self.buffered_request_data: bytearray | None = None
-        self.buffered_response_data: bytearray | None = None
-        self.decoder_filters_streaming = True
-        self.encoder_filters_streaming = True
-        self.decoder_above_high_watermark = False
-        self.encoder_above_high_watermark = False
-        # Stream state (FilterManager::State).
-        self.remote_decode_complete = False
-        self.local_complete = False  # the response left the encoder chain completely
-        self.remote_encode_complete = False
-        self.non_100_response_headers_encoded = False
-        self.destroyed = False
-        self.saw_downstream_reset = False
-        self.is_head_request = False
-        self.is_grpc_request = False
-        # HttpConnectionManager.proxy_100_continue: forward upstream 1xx instead of answering itself.
-        self.proxy_100_continue = False
-        self.decoder_filter_chain_aborted = False
-        self.encoder_filter_chain_aborted = False
-        self._filter_call_state = 0
-        self._prepared_local_reply: Callable[[], None] | None = None
-        self._filters_destroyed = False
-        self._logged = False
 
     # -- FilterChainFactoryCallbacks -----------------------------------------------------
 
@@ -562,7 +576,7 @@ class FilterManager:
         self, filter: ActiveStreamDecoderFilter | None, headers: HeaderMap, end_stream: bool
     ) -> None:
         filters = self.decoder_filters
-        i = self._decode_start(filter, False)
+        i = 0 if filter is None else self._decode_start(filter, False)
         continue_data_entry: ActiveStreamDecoderFilter | None = None
         while i < len(filters):
             entry = filters[i]
@@ -574,7 +588,7 @@ class FilterManager:
             if self.decoder_filter_chain_aborted:
                 self._execute_prepared_local_reply()
                 return
-            if status == FilterHeadersStatus.ContinueAndDontEndStream:
+            if status == _HEADERS_CONTINUE_NO_END:
                 # The filter will inject a body: later filters must not see end_stream on headers.
                 end_stream = False
             continue_iteration = entry.handle_after_headers(status)
@@ -589,7 +603,8 @@ class FilterManager:
             if end_stream and self.buffered_request_data is not None and continue_data_entry is None:
                 continue_data_entry = entry
             i += 1
-        self._maybe_continue_decoding(continue_data_entry)
+        if continue_data_entry is not None:
+            self._maybe_continue_decoding(continue_data_entry)
         if end_stream:
             self.callbacks.disarm_request_timeout()
 
@@ -607,11 +622,12 @@ class FilterManager:
         filters = self.decoder_filters
         trailers_existed = self.request_trailers is not None
         trailers_added_entry: ActiveStreamDecoderFilter | None = None
-        i = self._decode_start(filter, start_from_current)
+        i = 0 if filter is None else self._decode_start(filter, start_from_current)
         while i < len(filters):
             entry = filters[i]
-            if entry.stopped_all():
-                self.decoder_filters_streaming = entry.iteration_state is IterationState.StopAllWatermark
+            state = entry.iteration_state
+            if state is _STOP_ALL_BUFFER or state is _STOP_ALL_WATERMARK:  # entry.stopped_all()
+                self.decoder_filters_streaming = state is _STOP_ALL_WATERMARK
                 entry.buffer_data(data)
                 return
             if entry.end_stream:
@@ -630,7 +646,9 @@ class FilterManager:
                 # The terminal filter consumed the data (Envoy's router drains what it forwards),
                 # so a later continue cannot hand the same bytes over twice.
                 data.clear()
-            if not entry.handle_after_data(status, data) and not last:
+            # handle_after_data, unless a Continue that iteration follows (the common case).
+            if (status != _DATA_CONTINUE or entry.iteration_state is _STOP_SINGLE) and (
+                    not entry.handle_after_data(status, data) and not last):
                 break
             i += 1
         if data is self.buffered_request_data:
@@ -707,7 +725,7 @@ class FilterManager:
     ) -> None:
         self.callbacks.disarm_request_timeout()
         filters = self.encoder_filters
-        i = self._encode_start(filter, False)
+        i = 0 if filter is None else self._encode_start(filter, False)
         continue_data_entry: ActiveStreamEncoderFilter | None = None
         if filter is None:
             self.local_complete = end_stream  # Envoy's commonEncodePrefix
@@ -721,7 +739,7 @@ class FilterManager:
                 self._execute_prepared_local_reply()
                 return
             entry.processed_headers = True
-            if status == FilterHeadersStatus.ContinueAndDontEndStream:
+            if status == _HEADERS_CONTINUE_NO_END:
                 end_stream = False
             if not entry.handle_after_headers(status):
                 if not entry.end_stream:
@@ -735,8 +753,9 @@ class FilterManager:
         self.callbacks.encode_headers(headers, modified_end_stream)
         if self.saw_downstream_reset:
             return
-        self._maybe_end_encode(modified_end_stream)
-        if not modified_end_stream:
+        if modified_end_stream:
+            self._maybe_end_encode(True)
+        elif continue_data_entry is not None:
             self._maybe_continue_encoding(continue_data_entry)
 
     def _maybe_continue_encoding(self, entry: ActiveStreamEncoderFilter | None) -> None:
@@ -754,11 +773,12 @@ class FilterManager:
         filters = self.encoder_filters
         trailers_existed = self.response_trailers is not None
         trailers_added_entry: ActiveStreamEncoderFilter | None = None
-        i = self._encode_start(filter, start_from_current)
+        i = 0 if filter is None else self._encode_start(filter, start_from_current)
         while i < len(filters):
             entry = filters[i]
-            if entry.stopped_all():
-                self.encoder_filters_streaming = entry.iteration_state is IterationState.StopAllWatermark
+            state = entry.iteration_state
+            if state is _STOP_ALL_BUFFER or state is _STOP_ALL_WATERMARK:  # entry.stopped_all()
+                self.encoder_filters_streaming = state is _STOP_ALL_WATERMARK
                 entry.buffer_data(data)
                 return
             if entry.end_stream:
@@ -772,7 +792,9 @@ class FilterManager:
                 return
             if not trailers_existed and self.response_trailers is not None and trailers_added_entry is None:
                 trailers_added_entry = entry
-            if not entry.handle_after_data(status, data):
+            # handle_after_data, unless a Continue that iteration follows (the common case).
+            if (status != _DATA_CONTINUE or entry.iteration_state is _STOP_SINGLE) and (
+                    not entry.handle_after_data(status, data)):
                 return
             i += 1
         modified_end_stream = end_stream and trailers_added_entry is None
@@ -784,7 +806,8 @@ class FilterManager:
         self.callbacks.encode_data(out, modified_end_stream)
         if self.saw_downstream_reset:
             return
-        self._maybe_end_encode(modified_end_stream)
+        if modified_end_stream:
+            self._maybe_end_encode(True)
         if trailers_added_entry is not None and self.response_trailers is not None:
             self.encode_trailers_from(trailers_added_entry, self.response_trailers)
 
