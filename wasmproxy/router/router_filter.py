@@ -168,7 +168,10 @@ class RouterConfig:
 
     def worker(self, dispatcher: Any) -> RouterWorker:
         """The calling worker's RouterWorker (`dispatcher` is the stream's, on its own thread)."""
-        worker = self._workers.get(id(dispatcher))
+        try:
+            worker = self._workers[id(dispatcher)]
+        except KeyError:
+            worker = None
         if worker is None or worker.dispatcher is not dispatcher:
             worker = self._workers[id(dispatcher)] = RouterWorker(dispatcher, self.stats(dispatcher))
         return worker

@@ -271,12 +271,13 @@ class ActiveClient(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.pool.rx_bytes_total.inc(len(data))
+        n = len(data)
+        self.pool.rx_bytes_total.inc(n)
         if self.stream is None or self.stream.done:
             # Bytes with no request outstanding: the connection is unusable (Envoy closes it).
             self.close(local=False)
             return
-        self._response_bytes += len(data)
+        self._response_bytes += n
         self.codec.feed(data)
 
     def eof_received(self) -> bool:
