@@ -28,7 +28,7 @@ from .abi import (
     WasmResult,
 )
 from ..log import get_logger
-from .runtime import InvalidMemoryAccess, WasmTrap
+from .runtime import InvalidMemoryAccess, WasmMemory, WasmTrap
 
 if TYPE_CHECKING:
     from .wasm import Wasm
@@ -151,6 +151,12 @@ class _Exports:
         assert vm is not None
         return vm.memory.read(ptr, size)
 
+    def _memory(self) -> WasmMemory:
+        """The VM's memory (calls that read twice take it once)."""
+        vm = self.wasm.vm
+        assert vm is not None
+        return vm.memory
+
     def _write_u32(self, ptr: int, value: int) -> None:
         vm = self.wasm.vm
         assert vm is not None
@@ -227,9 +233,10 @@ class _Exports:
     def proxy_call_foreign_function(self, name_ptr: int, name_size: int, args_ptr: int, args_size: int,
                                     results_ptr: int, results_size_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            name = self._read(name_ptr, name_size)
-            args = self._read(args_ptr, args_size)
+            name = memory.read(name_ptr, name_size)
+            args = memory.read(args_ptr, args_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         fn = self.wasm.get_foreign_function(name.decode("utf-8", "replace"))
@@ -269,9 +276,10 @@ class _Exports:
 
     def proxy_set_property(self, key_ptr: int, key_size: int, value_ptr: int, value_size: int) -> int:
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            key = self._read(key_ptr, key_size)
-            value = self._read(value_ptr, value_size)
+            key = memory.read(key_ptr, key_size)
+            value = memory.read(value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.set_property(key, value))
@@ -333,9 +341,10 @@ class _Exports:
 
     def proxy_set_shared_data(self, key_ptr: int, key_size: int, value_ptr: int, value_size: int, cas: int) -> int:
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            key = self._read(key_ptr, key_size)
-            value = self._read(value_ptr, value_size)
+            key = memory.read(key_ptr, key_size)
+            value = memory.read(value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.set_shared_data(key, value, cas))
@@ -354,9 +363,10 @@ class _Exports:
     def proxy_resolve_shared_queue(self, vm_id_ptr: int, vm_id_size: int, name_ptr: int, name_size: int,
                                    token_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            vm_id = self._read(vm_id_ptr, vm_id_size)
-            name = self._read(name_ptr, name_size)
+            vm_id = memory.read(vm_id_ptr, vm_id_size)
+            name = memory.read(name_ptr, name_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         result, token = ctx.resolve_shared_queue(vm_id, name)
@@ -386,9 +396,10 @@ class _Exports:
         if map_type > HEADER_MAP_TYPE_MAX:
             return _BAD_ARGUMENT
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            key = self._read(key_ptr, key_size)
-            value = self._read(value_ptr, value_size)
+            key = memory.read(key_ptr, key_size)
+            value = memory.read(value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.add_header_map_value(map_type, key, value))
@@ -412,9 +423,10 @@ class _Exports:
         if map_type > HEADER_MAP_TYPE_MAX:
             return _BAD_ARGUMENT
         ctx = self.wasm.context_or_effective_context()
+        memory = self._memory()
         try:
-            key = self._read(key_ptr, key_size)
-            value = self._read(value_ptr, value_size)
+            key = memory.read(key_ptr, key_size)
+            value = memory.read(value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.replace_header_map_value(map_type, key, value))

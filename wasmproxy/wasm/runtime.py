@@ -66,7 +66,7 @@ import struct
 import tempfile
 import threading
 import weakref
-from ctypes import CFUNCTYPE, POINTER, addressof, c_double, c_float, c_int64, c_size_t, c_uint32
+from ctypes import CFUNCTYPE, POINTER, PYFUNCTYPE, addressof, c_double, c_float, c_int64, c_size_t, c_uint32
 from ctypes import c_uint64, c_void_p
 from operator import itemgetter
 from typing import Any, Callable, Mapping, NamedTuple
@@ -235,7 +235,12 @@ def _c(name: str, restype: Any, *argtypes: Any) -> Any:
 # Pointers travel as c_void_p: ctypes converts ints to it faster than to c_size_t (~0.2 us/call).
 _func_call_unchecked = _c("wasmtime_func_call_unchecked", c_void_p,
                           c_void_p, c_void_p, c_void_p, c_size_t, c_void_p)
-_context_set_epoch_deadline = _c("wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64)
+# Re-armed before every outermost guest entry: a PYFUNCTYPE keeps the GIL (the call only stores
+# a number, it never blocks or calls back) and the u64 travels as c_void_p (the same register on
+# 64-bit targets): ~0.17 us instead of ~0.30 us per call.
+_context_set_epoch_deadline = PYFUNCTYPE(
+    None, c_void_p, c_void_p if ctypes.sizeof(c_void_p) == 8 else c_uint64)(
+    ("wasmtime_context_set_epoch_deadline", _dll))
 _memory_data = _c("wasmtime_memory_data", c_size_t, c_void_p, c_void_p)
 _memory_data_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
 _trap_new = _c("wasmtime_trap_new", c_size_t, ctypes.c_char_p, c_size_t)
