@@ -537,7 +537,8 @@ class ServerCodec(_CodecBase):
     @property
     def has_pending_request(self) -> bool:
         """True when another request (pipelined) already waits among the parsed events."""
-        return any(event[0] == self._deliver_begin for event in self._events)
+        events = self._events
+        return bool(events) and any(event[0] == self._deliver_begin for event in events)
 
     # -- public: encoding ------------------------------------------------------------------
 
@@ -803,6 +804,9 @@ class ClientCodec(_CodecBase):
         self._is_head_request = False
         self._chunk_encoding = False
         self._response_complete = False
+        # Set once a response completed with its message: what the parser meets after it is
+        # ignored (see _on_message_complete).
+        self._after_response = False
         self._status = 0
         self._is_1xx = False
         # True after a complete response when the connection may carry another request.
@@ -822,6 +826,7 @@ class ClientCodec(_CodecBase):
         self._response_complete = False
         self.keep_alive = False
         self._parser = httptools.HttpResponseParser(self._message_parser)
+        self._after_response = False
         self._error = None
         self._events.clear()
         lines, saw_content_length = _header_lines(headers, _CLIENT_SKIP)
@@ -919,13 +924,27 @@ class ClientCodec(_CodecBase):
             return  # already ended at its headers
         self._events.append(self._end_message_event())
         self._finish(self._parser.should_keep_alive())
-        raise _StopParsing  # one response per request: bytes after it are not a response to us
+        # One response per request: bytes after it are not a response to us. Rather than stop
+        # the parser here (an exception on every response), whatever it meets next is ignored:
+        # a next message stops it as it begins, a parser error or an upgrade is dropped.
+        self._after_response = True
+
+    def _on_message_begin(self) -> None:
+        if self._after_response:
+            raise _StopParsing
+        super()._on_message_begin()
+
+    def _on_parser_error(self, error: CodecError, data: bytes) -> None:
+        if not self._after_response:
+            super()._on_parser_error(error, data)
 
     def _finish(self, keep_alive: bool) -> None:
         self._response_complete = True
         self.keep_alive = keep_alive
 
     def _on_upgrade(self) -> None:
+        if self._after_response:
+            return
         self._error = CodecError(502, DETAILS_CODEC_ERROR, "upgrade responses are not supported")
         self._events.append((self._deliver_error, (self._error,)))
 
