@@ -525,7 +525,11 @@ class ContextBase:
                 wasm.do_after_vm_call_actions()
 
     def on_request_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
-        args = self._headers_args(headers, end_of_stream)
+        wasm = self.wasm
+        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
+            args: tuple[int, ...] = (self.id, headers)  # 0.1.0: no end-of-stream flag
+        else:
+            args = (self.id, headers, int(end_of_stream))
         return self._http_call_status(  # type: ignore[return-value]
             "proxy_on_request_headers", args, self._headers_status,
             FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
@@ -546,7 +550,11 @@ class ContextBase:
         return 0
 
     def on_response_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
-        args = self._headers_args(headers, end_of_stream)
+        wasm = self.wasm
+        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
+            args: tuple[int, ...] = (self.id, headers)  # 0.1.0: no end-of-stream flag
+        else:
+            args = (self.id, headers, int(end_of_stream))
         return self._http_call_status(  # type: ignore[return-value]
             "proxy_on_response_headers", args, self._headers_status,
             FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
@@ -565,11 +573,6 @@ class ContextBase:
         self._http_call_status("proxy_on_response_metadata", (self.id, elements), lambda r: FilterStatus.Continue,
                                FilterStatus.Continue, FilterStatus.Continue)
         return 0
-
-    def _headers_args(self, headers: int, end_of_stream: bool) -> tuple[int, ...]:
-        if self.wasm is not None and self.wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
-            return (self.id, headers)  # 0.1.0: no end-of-stream flag
-        return (self.id, headers, int(end_of_stream))
 
     # TCP callbacks.
 
