@@ -67,6 +67,8 @@ class _Unlistable(Exception):
 class LazyMap:
     """A CEL map computed on lookup. Unlistable ones serialize to SerializationFailure."""
 
+    __slots__ = ()
+
     def lookup(self, key: bytes) -> Any:
         raise NotImplementedError
 
@@ -254,92 +256,130 @@ def _addr(address: Any) -> Any:
     return str(address) if address is not None else None
 
 
+class _StreamMap(LazyMap):
+    """request / response: the attributes of a table built once (not a closure per attribute
+    per lookup), each computed from this map's context, StreamInfo and header maps."""
+
+    __slots__ = ("ctx", "info", "headers", "trailers")
+    FIELDS: Mapping[str, Callable[[Any], Any]] = {}
+
+    def __init__(self, ctx: "ContextBase", info: "StreamInfo", headers: "HeaderMap | None",
+                 trailers: "HeaderMap | None" = None) -> None:
+        self.ctx = ctx
+        self.info = info
+        self.headers = headers
+        self.trailers = trailers
+
+    def lookup(self, key: bytes) -> Any:
+        getter = self.FIELDS.get(key.decode("utf-8", "replace"))
+        return getter(self) if getter is not None else None
+
+
+def _header(name: str) -> Callable[[_StreamMap], Any]:
+    def get(m: _StreamMap) -> Any:
+        if m.headers is None:
+            return None
+        value = m.headers.get(name)
+        return value.encode("latin-1") if value is not None else None
+    return get
+
+
+def _path_part(m: _StreamMap, query: bool) -> Any:
+    if m.headers is None:
+        return None
+    path = (m.headers.get(":path") or "").encode("latin-1")
+    before, sep, after = path.partition(b"?")
+    if not query:
+        return before
+    return after.partition(b"#")[0] if sep else b""
+
+
+def _request_size(m: _StreamMap) -> Any:
+    headers = m.headers
+    if headers is not None and headers.get("content-length") is not None:
+        try:
+            return int(headers.get("content-length") or "")
+        except ValueError:
+            return None
+    return m.info.bytes_received
+
+
+def _request_duration(m: _StreamMap) -> Any:
+    if not m.ctx.access_log_phase:
+        return None  # Envoy: only once the request is complete
+    return Duration(round(m.info.duration() * 1e6) * 1000)
+
+
+def _headers_bytes(m: _StreamMap) -> int:
+    return m.headers.byte_size() if m.headers is not None else 0
+
+
+class _RequestMap(_StreamMap):
+    __slots__ = ()
+    FIELDS = {
+        "path": _header(":path"),
+        "url_path": lambda m: _path_part(m, False),
+        "query": lambda m: _path_part(m, True),
+        "host": _header(":authority"),
+        "scheme": _header(":scheme"),
+        "method": _header(":method"),
+        "referer": _header("referer"),
+        "useragent": _header("user-agent"),
+        "id": _header("x-request-id"),
+        "headers": lambda m: _HeadersMap(m.headers),
+        "headers_bytes": _headers_bytes,
+        # StreamInfo keeps float seconds: microseconds are exact, nanoseconds would not be.
+        "time": lambda m: Timestamp(round(m.info.start_time * 1e6) * 1000),
+        "duration": _request_duration,
+        "size": _request_size,
+        "total_size": lambda m: m.info.bytes_received + _headers_bytes(m),
+        "protocol": lambda m: m.info.protocol or None,
+    }
+
+
 def _request(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
     headers = ctx.request_headers if ctx.request_headers is not None else ctx.access_log_request_headers
+    return _RequestMap(ctx, info, headers)
 
-    def header(name: str) -> Callable[[], Any]:
-        def get() -> Any:
-            if headers is None:
-                return None
-            value = headers.get(name)
-            return value.encode("latin-1") if value is not None else None
-        return get
 
-    def path_part(query: bool) -> Any:
-        if headers is None:
-            return None
-        path = (headers.get(":path") or "").encode("latin-1")
-        before, sep, after = path.partition(b"?")
-        if not query:
-            return before
-        return after.partition(b"#")[0] if sep else b""
+def _response_flags(m: _StreamMap) -> int:
+    bits = 0
+    for flag in m.info.response_flags:
+        bits |= RESPONSE_FLAG_BITS.get(flag, 0)
+    return bits
 
-    def size() -> Any:
-        if headers is not None and headers.get("content-length") is not None:
+
+def _grpc_status(m: _StreamMap) -> Any:
+    for source in (m.trailers, m.headers):
+        value = source.get("grpc-status") if source is not None else None
+        if value is not None:
             try:
-                return int(headers.get("content-length") or "")
+                return int(value)
             except ValueError:
                 return None
-        return info.bytes_received
+    return None
 
-    def duration() -> Any:
-        if not ctx.access_log_phase:
-            return None  # Envoy: only once the request is complete
-        return Duration(round(info.duration() * 1e6) * 1000)
 
-    return _FieldMap({
-        "path": header(":path"),
-        "url_path": lambda: path_part(False),
-        "query": lambda: path_part(True),
-        "host": header(":authority"),
-        "scheme": header(":scheme"),
-        "method": header(":method"),
-        "referer": header("referer"),
-        "useragent": header("user-agent"),
-        "id": header("x-request-id"),
-        "headers": lambda: _HeadersMap(headers),
-        "headers_bytes": lambda: headers.byte_size() if headers is not None else 0,
-        # StreamInfo keeps float seconds: microseconds are exact, nanoseconds would not be.
-        "time": lambda: Timestamp(round(info.start_time * 1e6) * 1000),
-        "duration": duration,
-        "size": size,
-        "total_size": lambda: info.bytes_received + (headers.byte_size() if headers is not None else 0),
-        "protocol": lambda: info.protocol or None,
-    })
+class _ResponseMap(_StreamMap):
+    __slots__ = ()
+    FIELDS = {
+        "code": lambda m: m.info.response_code,
+        "code_details": lambda m: m.info.response_code_details or None,
+        "flags": _response_flags,
+        "grpc_status": _grpc_status,
+        "headers": lambda m: _HeadersMap(m.headers),
+        "headers_bytes": _headers_bytes,
+        "trailers": lambda m: _HeadersMap(m.trailers),
+        "size": lambda m: m.info.bytes_sent,
+        "total_size": lambda m: m.info.bytes_sent + _headers_bytes(m)
+        + (m.trailers.byte_size() if m.trailers is not None else 0),
+    }
 
 
 def _response(ctx: "ContextBase", info: "StreamInfo") -> LazyMap:
     headers = ctx.response_headers if ctx.response_headers is not None else ctx.access_log_response_headers
     trailers = ctx.response_trailers if ctx.response_trailers is not None else ctx.access_log_response_trailers
-
-    def flags() -> int:
-        bits = 0
-        for flag in info.response_flags:
-            bits |= RESPONSE_FLAG_BITS.get(flag, 0)
-        return bits
-
-    def grpc_status() -> Any:
-        for source in (trailers, headers):
-            value = source.get("grpc-status") if source is not None else None
-            if value is not None:
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
-
-    return _FieldMap({
-        "code": lambda: info.response_code,
-        "code_details": lambda: info.response_code_details or None,
-        "flags": flags,
-        "grpc_status": grpc_status,
-        "headers": lambda: _HeadersMap(headers),
-        "headers_bytes": lambda: headers.byte_size() if headers is not None else 0,
-        "trailers": lambda: _HeadersMap(trailers),
-        "size": lambda: info.bytes_sent,
-        "total_size": lambda: info.bytes_sent + (headers.byte_size() if headers is not None else 0)
-        + (trailers.byte_size() if trailers is not None else 0),
-    })
+    return _ResponseMap(ctx, info, headers, trailers)
 
 
 def _connection(info: "StreamInfo") -> LazyMap:
