@@ -92,9 +92,11 @@ _STATUS_LINES: dict[int, bytes] = {
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 5.5: field values carry no control characters but HTAB (obs-fold arrives unfolded).
 _INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# Header lines joined with "\n" that need no more than decoding: no control character but the
-# separators (a line with a LF in it shows as an extra field), no whitespace ending a name or value.
-_NOT_PLAIN_LINES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|[ \t](?:\n|\Z)")
+# Header lines joined with "\n" need no more than decoding when they have no control character
+# but the separators (a line with a LF in it shows as an extra field) and no name or value ends
+# in whitespace (tested apart: a regex alternative for it makes the search 5 times slower).
+_CONTROL_BUT_LF = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_WHITESPACE_BYTE = frozenset((b" ", b"\t"))
 _EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 # An authority is RFC 3986 unreserved / sub-delims / ":" "@" "[" "]" and pct-encoding; Envoy
 # answers anything else with 400.
@@ -297,7 +299,8 @@ class _CodecBase:
         if not self._headers_done:
             # The usual case at once: plain lines within the limits are only decoded.
             blob = b"\n".join(raw)
-            if _NOT_PLAIN_LINES.search(blob) is None:
+            if (b" \n" not in blob and b"\t\n" not in blob and blob[-1:] not in _WHITESPACE_BYTE
+                    and _CONTROL_BUT_LF.search(blob) is None):
                 fields = blob.decode("latin-1").split("\n")
                 pairs = self._pairs
                 limit = self._max_headers_bytes
