@@ -1000,53 +1000,55 @@ def _should_close_connection(protocol: str, connection: str | None) -> bool:
 class ActiveStream:
     """One request/response on a connection: Envoy's ConnectionManagerImpl::ActiveStream."""
 
+    # State every stream starts with, at class level (set on the instance when it changes).
+    response_started = False
+    saw_connection_close = False
+    framed_by_close = False
+    _codec_saw_local_complete = False
+    _filter_chain_created = False
+    _destroyed = False
+    _cached_route: object | None = None
+    _route_cached = False
+    _idle_timer: Timer | None = None
+    _request_timer: Timer | None = None
+    # From the first byte of the request (Envoy creates the stream then) to its last header.
+    _request_header_timer: Timer | None = None
+
     def __init__(self, conn: ConnectionManager) -> None:
         self.conn = conn
         handler = conn.handler
-        self.config = conn.config
+        config = self.config = conn.config
         self.stats = conn.stats
-        self.dispatcher = conn.dispatcher
-        self.stream_id = handler.next_stream_id()
-        time_source = self.dispatcher.time_source
+        dispatcher = self.dispatcher = conn.dispatcher
+        stream_id = self.stream_id = handler.next_stream_id()
+        time_source = dispatcher.time_source
         self._monotonic = time_source.monotonic
         now = time_source.monotonic()
         assert conn.connection_info is not None
-        self.stream_info = StreamInfo(
+        info = self.stream_info = StreamInfo(
             conn.connection_info,
             start_time=time_source.system_time(),
             start_monotonic=now,
             listener_name=handler.listener_name,
         )
-        self.filter_manager = FilterManager(self, self.dispatcher, self.stream_info, self.stream_id,
-                                            self.config.buffer_limit)
-        self.filter_manager.proxy_100_continue = self.config.proxy_100_continue
-        if self.config.access_logs:  # as add_access_log_handler for each
-            self.filter_manager.access_log_handlers.extend(self.config.access_logs)
-        self.response_started = False
-        self.saw_connection_close = False
-        self.framed_by_close = False
-        self._codec_saw_local_complete = False
-        self._filter_chain_created = False
-        self._destroyed = False
-        self._cached_route: object | None = None
-        self._route_cached = False
+        fm = self.filter_manager = FilterManager(self, dispatcher, info, stream_id, config.buffer_limit)
+        if config.proxy_100_continue:
+            fm.proxy_100_continue = True
+        if config.access_logs:  # as add_access_log_handler for each
+            fm.access_log_handlers.extend(config.access_logs)
         self._watermark_callbacks: list[Any] = []
         inc_each(self.stats.rq_started)  # downstream_rq_total, _http1_total, _active (a gauge)
-        self._idle_timer: Timer | None = None
-        self._idle_timeout_ms = self.config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
+        self._idle_timeout_ms = config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
         self._last_activity = now
-        if self.config.stream_idle_timeout_ms > 0:
+        if config.stream_idle_timeout_ms > 0:
             self._idle_timer = conn._stream_idle_timer or conn.stream_idle_timer()
-            self._idle_timer.enable_timer(self.config.stream_idle_timeout_ms)
-        self._request_timer: Timer | None = None
-        if self.config.request_timeout_ms > 0:
-            self._request_timer = self.dispatcher.create_timer(self._on_request_timeout)
-            self._request_timer.enable_timer(self.config.request_timeout_ms)
-        # From the first byte of the request (Envoy creates the stream then) to its last header.
-        self._request_header_timer: Timer | None = None
-        if self.config.request_headers_timeout_ms > 0:
-            self._request_header_timer = self.dispatcher.create_timer(self._on_request_header_timeout)
-            self._request_header_timer.enable_timer(self.config.request_headers_timeout_ms)
+            self._idle_timer.enable_timer(config.stream_idle_timeout_ms)
+        if config.request_timeout_ms > 0:
+            self._request_timer = dispatcher.create_timer(self._on_request_timeout)
+            self._request_timer.enable_timer(config.request_timeout_ms)
+        if config.request_headers_timeout_ms > 0:
+            self._request_header_timer = dispatcher.create_timer(self._on_request_header_timeout)
+            self._request_header_timer.enable_timer(config.request_headers_timeout_ms)
 
     # -- from the codec ------------------------------------------------------------------
 
@@ -1478,12 +1480,6 @@ _RESPONSE_HOP_BY_HOP = _REQUEST_HOP_BY_HOP
 
 
 _key = operator.itemgetter(0)  # a (name, value) pair's name
-
-
-def _remove_present(headers: HeaderMap, names: frozenset[str]) -> None:
-    """Remove every header in `names` with one scan (most requests carry none of them)."""
-    for key in names.intersection(map(_key, headers.items())):
-        headers.remove(key)
 
 
 # The variant nibble of a version 4 UUID (10xx in binary) from a random hex digit's low bits.
