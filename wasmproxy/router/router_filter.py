@@ -131,16 +131,49 @@ def check_request_headers(headers: HeaderMap) -> str:
     return ""
 
 
+class ResponseTimer:
+    """The route (global) timeout timer of one stream at a time: a worker's streams take turns
+    with a few of them, since re-arming a Timer costs a fraction of creating one and its loop
+    timer for every request (~0.3 vs ~1.7 us)."""
+
+    __slots__ = ("router", "timer")
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.router: Router | None = None  # the stream it times, while armed
+        self.timer = dispatcher.create_timer(self._on_response_timeout)
+
+    def _on_response_timeout(self) -> None:
+        router = self.router
+        if router is not None:
+            router._on_response_timeout()
+
+
 class RouterWorker:
     """What a RouterConfig's streams on one worker share: its router counters (None without a
-    stat prefix) and that thread's ThreadLocalClusterManager (resolved on first use)."""
+    stat prefix), that thread's ThreadLocalClusterManager (resolved on first use) and the
+    response timers not in use."""
 
-    __slots__ = ("dispatcher", "stats", "cluster_manager")
+    __slots__ = ("dispatcher", "stats", "cluster_manager", "_idle_response_timers")
 
     def __init__(self, dispatcher: Any, stats: RouterStats | None) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
         self.cluster_manager: ThreadLocalClusterManager | None = None
+        self._idle_response_timers: list[ResponseTimer] = []
+
+    def arm_response_timer(self, router: Router, ms: int) -> ResponseTimer:
+        """A response timer for `router`, firing its _on_response_timeout after `ms`."""
+        idle = self._idle_response_timers
+        timer = idle.pop() if idle else ResponseTimer(self.dispatcher)
+        timer.router = router
+        timer.timer.enable_timer(ms)
+        return timer
+
+    def release_response_timer(self, timer: ResponseTimer) -> None:
+        """Disarm a timer from arm_response_timer (fired or not) and keep it for another stream."""
+        timer.timer.disable_timer()
+        timer.router = None
+        self._idle_response_timers.append(timer)
 
 
 class RouterConfig:
@@ -362,7 +395,7 @@ class Router:
     _request_headers: HeaderMap | None = None
     _timeout_ms = 0
     _per_try_timeout_ms = 0
-    _timer: Any = None
+    _timer: ResponseTimer | None = None
     _per_try_timer: Any = None
     _retry_timer: Any = None
     _retry: RetryState | None = None
@@ -383,6 +416,7 @@ class Router:
     _shadow_headers: HeaderMap | None = None
     _shadow_body: bytearray | None = None
     _stats: RouterStats | None = None
+    _worker: RouterWorker = None  # type: ignore[assignment]
     # The stream's StreamInfo and dispatcher (read once from the callbacks by decode_headers).
     _info: Any = None
     _dispatcher: Any = None
@@ -407,7 +441,7 @@ class Router:
         self._clock = dispatcher.time_source.monotonic
         self._request_headers = headers
         self._downstream_end_stream = end_stream
-        worker = self.config.worker(dispatcher)
+        worker = self._worker = self.config.worker(dispatcher)
         stats = self._stats = worker.stats
         if stats is not None:
             stats.rq_total.inc()
@@ -672,14 +706,13 @@ class Router:
         if self._shadow_headers is not None:
             self._send_shadows()
         if self._timeout_ms > 0 and self._timer is None:
-            self._timer = self._dispatcher.create_timer(self._on_response_timeout)
-            self._timer.enable_timer(self._timeout_ms)
+            self._timer = self._worker.arm_response_timer(self, self._timeout_ms)
 
     def _cleanup(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            timer.disable_timer()
+        response_timer = self._timer
+        if response_timer is not None:
             self._timer = None
+            self._worker.release_response_timer(response_timer)
         timer = self._per_try_timer
         if timer is not None:
             timer.disable_timer()
@@ -692,7 +725,11 @@ class Router:
             self._retry_timer = None
 
     def _on_response_timeout(self) -> None:
-        self._timer = None
+        """The route timeout fired (through this stream's ResponseTimer)."""
+        response_timer = self._timer
+        if response_timer is not None:
+            self._timer = None
+            self._worker.release_response_timer(response_timer)
         upstream = self.upstream
         if self.cluster is None:
             return
