@@ -131,6 +131,10 @@ def check_request_headers(headers: HeaderMap) -> str:
     return ""
 
 
+# Response timers a worker keeps for reuse (per router config), at most.
+MAX_IDLE_RESPONSE_TIMERS = 256
+
+
 class ResponseTimer:
     """The route (global) timeout timer of one stream at a time: a worker's streams take turns
     with a few of them, since re-arming a Timer costs a fraction of creating one and its loop
@@ -173,7 +177,9 @@ class RouterWorker:
         """Disarm a timer from arm_response_timer (fired or not) and keep it for another stream."""
         timer.timer.disable_timer()
         timer.router = None
-        self._idle_response_timers.append(timer)
+        idle = self._idle_response_timers
+        if len(idle) < MAX_IDLE_RESPONSE_TIMERS:  # a burst of streams leaves no lasting pile
+            idle.append(timer)
 
 
 class RouterConfig:
