@@ -793,10 +793,9 @@ class ContextBase:
 
     def log_message(self, level: int, message: bytes) -> WasmResult:
         logger = _log
-        text = message.decode("utf-8", "replace")
         py_level = _PY_LEVELS[level]
         if logger.isEnabledFor(py_level):
-            logger.log(py_level, "wasm log%s: %s", self.log_prefix(), text)
+            logger.log(py_level, "wasm log%s: %s", self.log_prefix(), message.decode("utf-8", "replace"))
         return WasmResult.Ok
 
     def get_log_level(self) -> int:

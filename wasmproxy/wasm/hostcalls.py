@@ -14,6 +14,7 @@ length), then each key and each value followed by a NUL. Property paths are NUL-
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -28,7 +29,7 @@ from .abi import (
     WasmResult,
 )
 from ..log import get_logger
-from .runtime import InvalidMemoryAccess, WasmMemory, WasmTrap
+from .runtime import InvalidMemoryAccess, WasmMemory, with_error_result
 
 if TYPE_CHECKING:
     from .wasm import Wasm
@@ -123,19 +124,17 @@ def _guard(name: str, fn: Callable[..., int]) -> Callable[..., int]:
     """A bug in a host call must not kill the VM: log it and answer InternalFailure.
 
     A trap of a nested guest call (the plugin's allocator) is the guest's and propagates.
+    The runtime's trampoline applies this (with_error_result), so a host call that does not
+    raise costs no wrapper frame.
     """
 
-    def host_call(*args: int) -> int:
-        try:
-            return fn(*args)
-        except WasmTrap:
-            raise
-        except Exception:
-            _log.exception("wasm host call %s failed", name)
-            return _INTERNAL_FAILURE
+    def internal_failure(e: Exception) -> int:
+        _log.exception("wasm host call %s failed", name)
+        return _INTERNAL_FAILURE
 
-    host_call.__name__ = name
-    return host_call
+    host_call = functools.partial(fn)
+    host_call.__name__ = name  # type: ignore[attr-defined]
+    return with_error_result(host_call, internal_failure)
 
 
 class _Exports:

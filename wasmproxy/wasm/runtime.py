@@ -20,6 +20,7 @@ Public API (thread rules in each docstring's first line)::
       .set_epoch_deadline_ticks(ticks | None)               # owner thread
     FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64'
     with_signature(fn, params, results=("i32",)) -> fn  # declare a host function's wasm type
+    with_error_result(fn, on_error) -> fn  # fn's Exception gives the result on_error(e), no trap
     WasmTrap   .message (V8's words, as Envoy logs them)  .trap_code  .frames  .detail
                str() adds Envoy's "Proxy-Wasm plugin in-VM backtrace" when names exist
     WasmLoadError   # compile/link/instantiate failures, Envoy's wording for missing imports
@@ -47,6 +48,7 @@ Safety invariants this module relies on:
 * A host callable's exception never unwinds through wasm: it is logged and becomes a trap of
   the current call; the caller sees ``WasmTrap`` (whose ``__cause__`` is the Python exception;
   KeyboardInterrupt and SystemExit are re-raised as themselves once the guest has unwound).
+  A host callable declared ``with_error_result`` turns its own Exceptions into a result instead.
 * Re-entrancy: a host function may call back into the same VM (e.g. the plugin's ``malloc``).
   The context a host function receives (``wasmtime_caller_context``) is the same
   ``wasmtime_context_t`` as the Store's, so nested calls use it directly; a test pins this.
@@ -93,6 +95,7 @@ __all__ = [
     "compile_module",
     "engine",
     "engine_tick",
+    "with_error_result",
     "with_signature",
 ]
 
@@ -325,6 +328,16 @@ def with_signature(fn: HostFunction, params: tuple[str, ...],
     function itself, bound methods forward the attribute). A module importing it with another
     type is then rejected at load, with Envoy's "import type mismatch" message."""
     fn.wasm_signature = FuncSig(tuple(params), tuple(results))  # type: ignore[attr-defined]
+    return fn
+
+
+def with_error_result(fn: HostFunction, on_error: Callable[[Exception], Any]) -> HostFunction:
+    """Declare that an Exception raised by the host function ``fn`` (other than the WasmTrap of
+    a nested guest call) is not a trap: ``on_error(exc)``, called while the exception is being
+    handled, returns the call's result. Sets ``fn.wasm_on_error`` (wrap a bound method in
+    functools.partial first: it cannot take attributes). A callback of on_error's own that
+    raises traps as usual."""
+    fn.wasm_on_error = on_error  # type: ignore[attr-defined]
     return fn
 
 
@@ -926,6 +939,10 @@ class WasmVm:
         for t in sig.params + sig.results:
             if t not in _RAW_VIEW:
                 raise WasmLoadError(f"{self.name}: import {qualname} uses unsupported type {t}")
+        # with_error_result: an Exception of fn itself (not a nested guest call's WasmTrap, not
+        # a bad result) becomes on_error(e) instead of a trap. The inner try is free when
+        # nothing is raised, which saves the wrapper's frame on every host call.
+        on_error: Callable[[Exception], Any] | None = getattr(fn, "wasm_on_error", None)
 
         if set(sig.params + sig.results) <= {"i32"} and nresults <= 1:
             # The common case (every Proxy-Wasm import but a few): one u32 view over the array.
@@ -943,7 +960,13 @@ class WasmVm:
             if nresults == 0:
                 def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
                     try:
-                        fn(*read_args(from_address(args)))
+                        params = read_args(from_address(args))
+                        try:
+                            fn(*params)
+                        except Exception as e:
+                            if on_error is None or isinstance(e, WasmTrap):
+                                raise
+                            on_error(e)
                         return 0
                     except BaseException as e:
                         return host_trap(qualname, e)
@@ -951,7 +974,14 @@ class WasmVm:
                 def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
                     try:
                         a = from_address(args)
-                        a[0] = fn(*read_args(a))
+                        params = read_args(a)
+                        try:
+                            r = fn(*params)
+                        except Exception as e:
+                            if on_error is None or isinstance(e, WasmTrap):
+                                raise
+                            r = on_error(e)
+                        a[0] = r
                         return 0
                     except BaseException as e:
                         return host_trap(qualname, e)
@@ -967,7 +997,13 @@ class WasmVm:
             def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
                 try:
                     a = i64_from_address(args)
-                    r = fn(*[a[i] & m for i, m in zip(slots_idx, masks)])
+                    params = [a[i] & m for i, m in zip(slots_idx, masks)]
+                    try:
+                        r = fn(*params)
+                    except Exception as e:
+                        if on_error is None or isinstance(e, WasmTrap):
+                            raise
+                        r = on_error(e)
                     if nresults:
                         a[0] = r
                     return 0
@@ -982,7 +1018,13 @@ class WasmVm:
 
         def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
             try:
-                r = fn(*[vt.from_address(args)[idx] for vt, idx in param_src])
+                params = [vt.from_address(args)[idx] for vt, idx in param_src]
+                try:
+                    r = fn(*params)
+                except Exception as e:
+                    if on_error is None or isinstance(e, WasmTrap):
+                        raise
+                    r = on_error(e)
                 if nresults == 1:
                     vt, idx = result_dst[0]
                     vt.from_address(args)[idx] = r
