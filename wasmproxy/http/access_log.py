@@ -65,9 +65,17 @@ def _header_field(which: int, arg: str) -> _Field:
 
 def _start_time(arg: str) -> _Field:
     if not arg:
+        # (second, its "%Y-%m-%dT%H:%M:%S"), formatted once per second. Workers share the
+        # formatter: the pair is replaced whole, never updated in place.
+        last = [(-1, "")]
+
         def default(ctx: _Context) -> str:
             t = ctx[3].start_time
-            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+            second = int(t)
+            cached = last[0]
+            if cached[0] != second:
+                cached = last[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)))
+            return cached[1] + ".%03dZ" % (int(t * 1000) % 1000)
 
         return default
 
@@ -87,8 +95,12 @@ def _address(which: str, with_port: bool) -> _Field:
         conn = ctx[3].connection
         # direct_remote_address is the one after x-forwarded-for processing (StreamInfo's
         # contract); remote_address is the peer, Envoy's "direct" remote address.
-        addr = {"remote": conn.direct_remote_address or conn.remote_address, "local": conn.local_address,
-                "direct": conn.remote_address}[which]
+        if which == "remote":
+            addr = conn.direct_remote_address or conn.remote_address
+        elif which == "local":
+            addr = conn.local_address
+        else:
+            addr = conn.remote_address
         if addr is None:
             return None
         return str(addr) if with_port else addr.host
@@ -202,40 +214,54 @@ class Formatter:
     """A compiled text format string (Envoy's FormatterImpl)."""
 
     def __init__(self, fmt: str, omit_empty_values: bool = False) -> None:
-        self._parts: list[str | tuple[_Field, int | None]] = []
-        self._omit_empty = omit_empty_values
+        parts: list[str | tuple[_Field, int | None]] = []
+        self._missing = "" if omit_empty_values else "-"
         pos = 0
         while pos < len(fmt):
             start = fmt.find("%", pos)
             if start < 0:
-                self._parts.append(fmt[pos:])
+                parts.append(fmt[pos:])
                 break
             if start > pos:
-                self._parts.append(fmt[pos:start])
+                parts.append(fmt[pos:start])
             if fmt.startswith("%%", start):
-                self._parts.append("%")
+                parts.append("%")
                 pos = start + 2
                 continue
             m = _COMMAND.match(fmt, start)
             if m is None:
                 raise FormatError(f"Incorrect configuration: {fmt}. Couldn't find valid command at position {start}")
             name, arg, max_len = m.group(1), m.group(2), m.group(3)
-            self._parts.append((_command(name, arg), int(max_len) if max_len else None))
+            parts.append((_command(name, arg), int(max_len) if max_len else None))
             pos = m.end()
+        # What format() runs: (text before, command or None, max length) for each command.
+        self._ops: list[tuple[str, _Field | None, int | None]] = []
+        text = ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+            else:
+                self._ops.append((text, part[0], part[1]))
+                text = ""
+        if text:
+            self._ops.append((text, None, None))
 
     def format(self, ctx: _Context) -> str:
         out: list[str] = []
-        for part in self._parts:
-            if isinstance(part, str):
-                out.append(part)
+        append = out.append
+        missing = self._missing
+        for text, field, max_len in self._ops:
+            if text:
+                append(text)
+            if field is None:
                 continue
-            field, max_len = part
             value = field(ctx)
             if value is None or value == "":
-                out.append("" if self._omit_empty else "-")
+                append(missing)
                 continue
-            text = str(value)
-            out.append(text[:max_len] if max_len is not None else text)
+            if value.__class__ is not str:
+                value = str(value)
+            append(value if max_len is None else value[:max_len])  # type: ignore[index]
         return "".join(out)
 
 
