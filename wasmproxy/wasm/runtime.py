@@ -15,7 +15,7 @@ Public API (thread rules in each docstring's first line)::
            memory_limit_bytes=MAX_WASM_MEMORY_SIZE_BYTES, epoch_deadline_ticks=None)
       .get_function(name) -> Callable[..., int | float | tuple | None] | None   # owner thread
       .memory: WasmMemory   .read(ptr, n) -> bytes  .write(ptr, data)  .read_u32/.write_u32
-                            .read_u64/.write_u64  .read_cstr(ptr)  .size()
+                            .read_u64/.write_u64  .read_cstr(ptr)  .size()  .in_bounds(ptr, n)
       .clone(host_functions=None, *, name=None) -> WasmVm   # any thread; owned by the caller
       .set_epoch_deadline_ticks(ticks | None)               # owner thread
     FuncSig(params, results)  # tuples of 'i32' 'i64' 'f32' 'f64'
@@ -642,6 +642,14 @@ class WasmMemory:
         """Current size in bytes."""
         self._refresh()
         return self._size
+
+    def in_bounds(self, ptr: int, n: int) -> bool:
+        """Whether ptr..ptr+n lies in the memory (``ptr + n <= size()``, without asking
+        wasmtime for the size when the cached one already holds the range)."""
+        if 0 <= ptr and 0 <= n and ptr + n <= self._size:
+            return True
+        self._refresh()
+        return 0 <= ptr and 0 <= n and ptr + n <= self._size
 
     def read(self, ptr: int, n: int) -> bytes:
         end = ptr + n

@@ -617,7 +617,7 @@ class Wasm:
         ptr = self.call(self.vm_context, self._malloc_name, self._malloc, size)
         if not ptr:
             return None
-        if ptr + size > self.vm.memory.size():
+        if not self.vm.memory.in_bounds(ptr, size):  # ptr + size > memory size
             return None
         return int(ptr)
 
