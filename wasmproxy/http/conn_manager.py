@@ -827,7 +827,7 @@ class ConnectionManager(asyncio.Protocol):
 
     # -- stream completion ----------------------------------------------------------------
 
-    def on_stream_destroyed(self, stream: "ActiveStream") -> None:
+    def on_stream_destroyed(self, stream: "ActiveStream", now: float | None = None) -> None:
         """doDeferredStreamDestroy's tail: idle timer, then the next pipelined request or close."""
         if self.stream is not stream:
             return
@@ -838,7 +838,8 @@ class ConnectionManager(asyncio.Protocol):
             # An HTTP/1.0 body without a length ends at close: no delay then (Envoy's http_10_sans_cl).
             self.close(flush_and_delay=not stream.framed_by_close)
             return
-        self._idle_since = self.dispatcher.time_source.monotonic()
+        # `now`: the clock as the stream read it when it was destroyed, a moment ago.
+        self._idle_since = self.dispatcher.time_source.monotonic() if now is None else now
         if self._flush_posted and not self.codec.has_pending_events:
             # Nothing parsed waits, so resuming the codec only readies it for the next request;
             # no need to post it (the posted flush shows the dispatcher has not exited).
@@ -1276,25 +1277,26 @@ class ActiveStream:
         info.first_downstream_tx = now
         conn.write(conn.codec.encode_headers(headers, end_stream))
         if end_stream:
-            self._on_codec_encode_complete()
+            self._on_codec_encode_complete(now)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
-        self._last_activity = self._monotonic()  # _reset_idle_timer, inline
+        now = self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         self.stream_info.bytes_sent += len(data)
         conn = self.conn
         conn.write(conn.codec.encode_data(data, end_stream))
         if end_stream:
-            self._on_codec_encode_complete()
+            self._on_codec_encode_complete(now)
 
     def encode_trailers(self, trailers: HeaderMap) -> None:
         self._reset_idle_timer()
         self.conn.write(self.conn.codec.encode_trailers(trailers))
         self._on_codec_encode_complete()
 
-    def _on_codec_encode_complete(self) -> None:
+    def _on_codec_encode_complete(self, now: float | None = None) -> None:
+        """`now`: the clock as the caller read it a moment ago (for last_downstream_tx)."""
         self._codec_saw_local_complete = True
         self.conn._outbound_responses += 1  # conn.on_response_encoded(), inline
-        self.stream_info.last_downstream_tx = self._monotonic()
+        self.stream_info.last_downstream_tx = self._monotonic() if now is None else now
 
     def end_stream(self) -> None:
         """doEndStream: reset if the request is still incoming, else destroy; then maybe close."""
@@ -1471,8 +1473,9 @@ class ActiveStream:
             inc_each(listener_stats.rq_completed_with_hcm)
         else:
             stats.downstream_rq_completed.inc()
-        stats.downstream_rq_time.record((self._monotonic() - info.start_monotonic) * 1000)
-        self.conn.on_stream_destroyed(self)
+        now = self._monotonic()
+        stats.downstream_rq_time.record((now - info.start_monotonic) * 1000)
+        self.conn.on_stream_destroyed(self, now)
 
 
 _REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding"))
