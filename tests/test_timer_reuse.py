@@ -81,3 +81,66 @@ def test_enable_earlier_than_a_kept_loop_timer_fires_at_the_earlier_deadline() -
         assert d.loop.time() - armed_at < 30
     d.close()
     assert len(fired) == 1
+
+
+def test_stream_idle_timeout_on_a_real_loop_fires_per_stream_after_reuse() -> None:
+    """The connection's shared stream idle Timer (kept across streams) still times each stream
+    from its own last activity."""
+    from tests.test_conn_manager import FakeStore, FakeTransport
+    from wasmproxy.http.conn_manager import HttpConnectionManagerConfig, WorkerConnectionHandler
+    from wasmproxy.http.filter import FilterHeadersStatus, PassThroughFilter
+    from wasmproxy.http.headers import HeaderMap
+
+    held: list[PassThroughFilter] = []
+
+    class Hold(PassThroughFilter):
+        def decode_headers(self, headers, end_stream):  # type: ignore[no-untyped-def]
+            held.append(self)
+            return FilterHeadersStatus.StopIteration
+
+    d = Dispatcher("worker_0")
+    config = HttpConnectionManagerConfig()
+    config.stat_prefix = "ingress"
+    config.stream_idle_timeout_ms = 80
+    config.filter_factories = [lambda cb: cb.add_stream_filter(Hold())]
+    answered: list[tuple[bytes, float]] = []
+    done = threading.Event()
+    with running(d):
+
+        def setup() -> tuple[object, FakeTransport]:
+            handler = WorkerConnectionHandler(config, d, FakeStore())
+            conn = handler()
+            transport = FakeTransport()
+            conn.connection_made(transport)
+            return conn, transport
+
+        conn, transport = post_and_wait(d, setup)
+
+        def request_and_answer() -> None:  # a stream that completes: its timer is disabled
+            conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # type: ignore[attr-defined]
+            held.pop().decoder_callbacks.encode_headers(HeaderMap([(":status", "200")]), True)
+
+        for _ in range(3):
+            post_and_wait(d, request_and_answer)
+        post_and_wait(d)
+
+        def request_unanswered() -> float:
+            transport.take()
+            conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # type: ignore[attr-defined]
+
+            def watch() -> None:
+                if transport.out:
+                    answered.append((transport.take(), d.loop.time()))
+                    done.set()
+                else:
+                    d.loop.call_later(0.002, watch)
+
+            watch()
+            return d.loop.time()
+
+        started = post_and_wait(d, request_unanswered)
+        assert done.wait(WAIT)
+    d.close()
+    (response, at), = answered
+    assert response.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert 0.079 <= at - started < 0.5
