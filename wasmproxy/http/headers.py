@@ -131,8 +131,12 @@ class HeaderMap:
         """Replace every value of `key` with one: the first entry keeps its position."""
         key = _lower_key[key]
         index = self._index
-        if key not in index:
-            self.add(key, value)
+        if key not in index:  # added, as add() does
+            if key[:1] == ":":
+                self._insert_pseudo(key, value)
+            else:
+                self._entries.append((key, value))
+                index[key] = value
             return
         index[key] = value
         entries = self._entries
