@@ -163,9 +163,10 @@ class _Exports:
 
     def _write_u32s(self, *pointer_values: tuple[int, int]) -> int:
         """Write each (pointer, value) result; a bad pointer is InvalidMemoryAccess, as cpp-host's setDatatype."""
+        write_u32 = self._memory().write_u32  # every caller writes at least one
         try:
             for ptr, value in pointer_values:
-                self._write_u32(ptr, value)
+                write_u32(ptr, value)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return _OK
