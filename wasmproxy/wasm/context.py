@@ -493,11 +493,14 @@ class ContextBase:
         return _TRAILERS_STATUSES[result]
 
     def _http_call_status(self, name: str, args: tuple[int, ...], convert: Callable[[int], enum.IntEnum],
-                          open_status: enum.IntEnum, closed_status: enum.IntEnum) -> enum.IntEnum:
-        """Shared body of on_request_*/on_response_*: fail checks, call, translate the status."""
+                          open_status: enum.IntEnum, closed_status: enum.IntEnum,
+                          first: WasmStreamType = WasmStreamType.Request,
+                          second: WasmStreamType = WasmStreamType.Response) -> enum.IntEnum:
+        """Shared body of on_request_*/on_response_* (and of the TCP callbacks, with their
+        stream types): fail checks, call, translate the status."""
         wasm = self.wasm
         if wasm is None or wasm.failed:
-            fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
+            fail = self._check_fail(first, second)
             return open_status if fail else closed_status
         fn = wasm.module_functions.get(name)
         if fn is None:
@@ -516,7 +519,7 @@ class ContextBase:
                 wasm.current_context = saved_context
                 wasm.effective_context_id = saved_effective
             if wasm.failed:  # the callback trapped: CHECK_FAIL again
-                fail = self._check_fail(WasmStreamType.Request, WasmStreamType.Response)
+                fail = self._check_fail(first, second)
                 return open_status if fail else closed_status
             return convert(result)
         finally:
@@ -577,23 +580,9 @@ class ContextBase:
     # TCP callbacks.
 
     def _net_call(self, name: str, *args: int) -> FilterStatus:
-        fail = self._check_fail(WasmStreamType.Downstream, WasmStreamType.Upstream)
-        if fail is not None:
-            return FilterStatus.Continue if fail else FilterStatus.StopIteration
-        wasm = self.wasm
-        assert wasm is not None
-        fn = wasm.module_functions.get(name)
-        if fn is None:
-            return FilterStatus.Continue
-        try:
-            result = wasm.call(self, name, fn, *args) or 0
-            fail = self._check_fail(WasmStreamType.Downstream, WasmStreamType.Upstream)
-            if fail is not None:
-                return FilterStatus.Continue if fail else FilterStatus.StopIteration
-            return FilterStatus.Continue if result == 0 else FilterStatus.StopIteration
-        finally:
-            wasm.stop_next_iteration(False)
-            wasm.do_after_vm_call_actions()
+        return self._http_call_status(  # type: ignore[return-value]
+            name, args, _net_status, FilterStatus.Continue, FilterStatus.StopIteration,
+            WasmStreamType.Downstream, WasmStreamType.Upstream)
 
     def on_network_new_connection(self) -> FilterStatus:
         return self._net_call("proxy_on_new_connection", self.id)
@@ -1401,6 +1390,10 @@ def _is_grpc_stream(token: int) -> bool:
 # Python logging levels for spdlog's trace..critical (Envoy passes the plugin's level through).
 _PY_LEVELS = (5, 10, 20, 30, 40, 50)
 assert len(_PY_LEVELS) == LogLevel.critical + 1
+
+
+def _net_status(result: int) -> FilterStatus:
+    return FilterStatus.Continue if result == 0 else FilterStatus.StopIteration
 
 
 _HEADERS_STATUSES = tuple(FilterHeadersStatus)
