@@ -72,6 +72,12 @@ _ROOT_NAME = "wasmproxy"
 class Logger(logging.Logger):
     """A component logger; adds Envoy's ``trace`` level."""
 
+    def setLevel(self, level: int | str) -> None:  # noqa: N802 - logging's name
+        # logging clears only the caches of loggers in its manager; ours are not there, so a
+        # level change must clear them itself or isEnabledFor keeps answering for the old level.
+        super().setLevel(level)
+        _clear_caches()
+
     def trace(self, msg: str, *args: Any, **kwargs: Any) -> None:
         if self.isEnabledFor(TRACE):
             self._log(TRACE, msg, args, **kwargs)
@@ -182,7 +188,6 @@ def set_log_level(level: str | int) -> None:
     _root.setLevel(_global_level)
     for lg in _loggers.values():
         lg.setLevel(logging.NOTSET)
-    _clear_caches()
 
 
 def _known(component: str) -> bool:
@@ -201,7 +206,6 @@ def set_component_log_level(spec: str) -> None:
         changes.append((component, parse_level(level)))
     for component, levelno in changes:
         get_logger(component).setLevel(levelno)
-    _clear_caches()
 
 
 def set_logger_level(component: str, level: str) -> None:
@@ -210,7 +214,6 @@ def set_logger_level(component: str, level: str) -> None:
     if not _known(component):
         raise KeyError(component)
     get_logger(component).setLevel(levelno)
-    _clear_caches()
 
 
 def active_loggers() -> list[tuple[str, str]]:
