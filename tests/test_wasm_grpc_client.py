@@ -156,15 +156,13 @@ def test_unreachable_host_is_envoys_connect_failure(worker: Worker, client: Grpc
 def test_unary_timeout_is_the_routers_and_cancels_the_call(server: GrpcTestServer, worker: Worker,
                                                            client: GrpcClient) -> None:
     rec = Recorder()
-    started = server.started.count("Slow")
     client.send(target(server), "test.Echo", "Slow", HeaderMap(), b"", 60_000, rec)
     worker.drain_ready()  # the call starts
     (timer,) = worker.timers
     assert timer.armed_ms == 60_000
     timer.fire()
     assert rec.events == [("failure", 14, "upstream request timeout{response_timeout}")]
-    assert server.wait_all_ended("Slow")
-    assert server.started.count("Slow") <= started + 1
+    assert server.wait_all_ended("Slow")  # cancelled on the server too, if it got there
     worker.drain_ready()
     assert len(rec.events) == 1  # grpcio's cancelled result is dropped
 
@@ -197,12 +195,12 @@ def test_unary_timeout_charges_the_routers_timeout_stats(server: GrpcTestServer,
 def test_unary_cancelled_before_the_worker_drains_never_starts(server: GrpcTestServer, worker: Worker,
                                                                client: GrpcClient) -> None:
     rec = Recorder()
-    started = server.started.count("Slow")
-    client.send(target(server), "test.Echo", "Slow", HeaderMap(), b"", None, rec).cancel()
+    # Its own request message: another test's cancelled Slow call may still reach the server now.
+    client.send(target(server), "test.Echo", "Slow", HeaderMap(), b"cancelled-before-drain", None, rec).cancel()
     later = Recorder()
     client.send(target(server), "test.Echo", "Unary", HeaderMap(), b"", None, later)
     worker.drain_until(lambda: later.ended)
-    assert rec.events == [] and server.started.count("Slow") == started
+    assert rec.events == [] and b"cancelled-before-drain" not in server.started_requests
 
 
 def test_stream_events_in_envoys_order(server: GrpcTestServer, worker: Worker, client: GrpcClient) -> None:

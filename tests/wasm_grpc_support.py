@@ -61,7 +61,7 @@ class _Handler(grpc.GenericRpcHandler):
         return b""
 
     def _slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._server.record_start("Slow")
+        self._server.record_start("Slow", request)
         left = threading.Event()
         if not context.add_callback(left.set):  # already over
             left.set()
@@ -87,6 +87,7 @@ class GrpcTestServer:
 
     def __init__(self) -> None:
         self.started: list[str] = []  # Slow and Stream RPCs that reached their handler
+        self.started_requests: list[bytes] = []  # the request message of each Slow RPC that did
         self.ended: list[str] = []
         self._ended_cv = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-test"))
@@ -103,9 +104,11 @@ class GrpcTestServer:
     def stop(self) -> None:
         self._server.stop(grace=None).wait(5)
 
-    def record_start(self, method: str) -> None:
+    def record_start(self, method: str, request: bytes | None = None) -> None:
         with self._ended_cv:
             self.started.append(method)
+            if request is not None:
+                self.started_requests.append(request)
             self._ended_cv.notify_all()
 
     def record_end(self, method: str) -> None:
