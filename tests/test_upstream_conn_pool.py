@@ -244,3 +244,24 @@ def test_max_requests_per_connection() -> None:
         await up.stop()
 
     run(scenario())
+
+
+def test_idle_timeout_closes_a_ready_connection_and_zero_disables_it() -> None:
+    # Envoy 1.40 (checked against .venv/bin/envoy): common_http_protocol_options.idle_timeout 0s
+    # keeps an idle upstream connection open (upstream_cx_idle_timeout stays 0), as its docs say
+    # ("To disable idle timeouts explicitly set this to 0").
+    async def scenario(idle: str) -> tuple[int, int, int]:
+        up = await Upstream(keep_alive_handler).start()
+        pool, store, d = make_pool(up.port, extra=f"common_http_protocol_options: {{idle_timeout: {idle}}}")
+        r = Recorder()
+        pool.new_stream(r, r)
+        await r.done
+        for timer in d.enabled_timers("_on_idle_timeout"):
+            timer.fire()
+        result = (g(store, "upstream_cx_active"), c(store, "upstream_cx_idle_timeout"), len(d.enabled_timers("_on_idle_timeout")))
+        pool.drain_connections()
+        await up.stop()
+        return result
+
+    assert run(scenario("2s")) == (0, 1, 0)
+    assert run(scenario("0s")) == (1, 0, 0)

@@ -168,6 +168,8 @@ class ClusterInfo:
         if common.HasField("max_requests_per_connection"):
             max_rq = common.max_requests_per_connection.value
         self.max_requests_per_connection: int = max_rq
+        # common_http_protocol_options.idle_timeout: 0 means no idle timeout (Envoy's docs, and
+        # Envoy 1.40 keeps an idle connection open with it).
         self.idle_timeout_ms: int = (
             _ms(common.idle_timeout) if common.HasField("idle_timeout") else DEFAULT_IDLE_TIMEOUT_MS
         )

@@ -542,7 +542,8 @@ class Http1ConnPool:
             self._attach(client, pending.decoder, pending.callbacks)
             return
         self._ready.append(client)
-        client.start_idle_timer(self.info.idle_timeout_ms)
+        if self.info.idle_timeout_ms > 0:  # 0 disables it, as in Envoy
+            client.start_idle_timer(self.info.idle_timeout_ms)
 
     def _remove_ready(self, client: ActiveClient) -> None:
         if client in self._ready:
