@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import itertools
-import operator
 import os
 import random
 import re
@@ -1047,6 +1046,8 @@ class ActiveStream:
         if config.request_timeout_ms > 0:
             self._request_timer = dispatcher.create_timer(self._on_request_timeout)
             self._request_timer.enable_timer(config.request_timeout_ms)
+        else:
+            fm.request_timeout_armed = False  # no disarm_request_timeout() calls to make
         if config.request_headers_timeout_ms > 0:
             self._request_header_timer = dispatcher.create_timer(self._on_request_header_timeout)
             self._request_header_timer.enable_timer(config.request_headers_timeout_ms)
@@ -1060,7 +1061,7 @@ class ActiveStream:
         codec = self.conn.codec
         # The request's header names, once: a header most requests lack is looked up only when
         # its name is here. (Nothing below adds one of those before reading it.)
-        present = set(map(_key, headers.items()))
+        present = set(headers.names())
         connection = headers.get("connection") if "connection" in present else None
         self.stream_info.protocol = codec.protocol
         self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, connection)
@@ -1109,7 +1110,9 @@ class ActiveStream:
             self.conn.drain_state = _CLOSING
         self._mutate_request_headers(headers, present, connection)
         # Envoy resolves the route before the upgrade check and the filter chain.
-        self._apply_route_idle_timeout(self.route())
+        route_idle_timeout_ms = getattr(self.route(), "idle_timeout_ms", None)
+        if route_idle_timeout_ms is not None:
+            self._apply_route_idle_timeout(route_idle_timeout_ms)
         if upgrade:
             # No upgrade_configs support: Envoy rejects the upgrade with 403 and closes (the
             # codec saw an upgrade, so the request never completes).
@@ -1232,7 +1235,7 @@ class ActiveStream:
         now = self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         config = self.config
         conn = self.conn
-        present = set(map(_key, headers.items()))  # the names the filters let through
+        present = set(headers.names())  # the names the filters let through
         if "date" not in present:
             headers.add("date", conn.handler.date.value())
         if config.server_header_transformation == _OVERWRITE:
@@ -1401,11 +1404,8 @@ class ActiveStream:
         # early (cheaper than re-arming on every event). Inline in the per-request callers.
         self._last_activity = self._monotonic()
 
-    def _apply_route_idle_timeout(self, route: object | None) -> None:
+    def _apply_route_idle_timeout(self, timeout_ms: float) -> None:
         """A route's idle_timeout replaces stream_idle_timeout for this stream; 0 disables it."""
-        timeout_ms = getattr(route, "idle_timeout_ms", None)
-        if timeout_ms is None:
-            return
         self._idle_timeout_ms = timeout_ms
         if timeout_ms == 0:
             if self._idle_timer is not None:
@@ -1458,14 +1458,16 @@ class ActiveStream:
         if self._request_header_timer is not None:
             self._request_header_timer.disable_timer()
         info = self.stream_info
-        if info.response_code is None and self.filter_manager.response_headers is None:
+        fm = self.filter_manager
+        if info.response_code is None and fm.response_headers is None:
             info.response_code = 0
-        if self.filter_manager.decoder_above_high_watermark:
+        if fm.decoder_above_high_watermark:
             # Whatever held request data above the limit is gone: reading may resume.
-            self.filter_manager.decoder_above_high_watermark = False
+            fm.decoder_above_high_watermark = False
             self.conn.read_disable(False)
-        self.filter_manager.log()
-        self.filter_manager.destroy_filters()
+        if fm.access_log_handlers:  # else log() has nothing to run
+            fm.log()
+        fm.destroy_filters()
         stats = self.stats
         stats.downstream_rq_active.dec()
         listener_stats = self.conn.listener_stats
@@ -1481,8 +1483,6 @@ class ActiveStream:
 _REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding"))
 _RESPONSE_HOP_BY_HOP = _REQUEST_HOP_BY_HOP
 
-
-_key = operator.itemgetter(0)  # a (name, value) pair's name
 
 
 # The variant nibble of a version 4 UUID (10xx in binary) from a random hex digit's low bits.

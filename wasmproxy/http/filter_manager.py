@@ -494,6 +494,8 @@ class FilterManager:
     is_grpc_request = False
     # HttpConnectionManager.proxy_100_continue: forward upstream 1xx instead of answering itself.
     proxy_100_continue = False
+    # False: the owner has no request timeout, so its disarm_request_timeout() is not called.
+    request_timeout_armed = True
     decoder_filter_chain_aborted = False
     encoder_filter_chain_aborted = False
     _filter_call_state = 0
@@ -588,10 +590,14 @@ class FilterManager:
             if self.decoder_filter_chain_aborted:
                 self._execute_prepared_local_reply()
                 return
-            if status == _HEADERS_CONTINUE_NO_END:
-                # The filter will inject a body: later filters must not see end_stream on headers.
-                end_stream = False
-            continue_iteration = entry.handle_after_headers(status)
+            if status is _HEADERS_CONTINUE:  # handle_after_headers(status), inline for the common case
+                entry.headers_continued = True
+                continue_iteration = entry.iteration_state is _CONTINUE
+            else:
+                if status == _HEADERS_CONTINUE_NO_END:
+                    # The filter will inject a body: later filters must not see end_stream on headers.
+                    end_stream = False
+                continue_iteration = entry.handle_after_headers(status)
             if self.local_complete and i + 1 < len(filters):
                 self._maybe_continue_decoding(continue_data_entry)
                 return
@@ -605,7 +611,7 @@ class FilterManager:
             i += 1
         if continue_data_entry is not None:
             self._maybe_continue_decoding(continue_data_entry)
-        if end_stream:
+        if end_stream and self.request_timeout_armed:
             self.callbacks.disarm_request_timeout()
 
     def _maybe_continue_decoding(self, entry: ActiveStreamDecoderFilter | None) -> None:
@@ -655,7 +661,7 @@ class FilterManager:
             self._check_decoder_low_watermark(data)
         if trailers_added_entry is not None and self.request_trailers is not None:
             self.decode_trailers_from(trailers_added_entry, self.request_trailers)
-        if end_stream:
+        if end_stream and self.request_timeout_armed:
             self.callbacks.disarm_request_timeout()
 
     def _check_decoder_low_watermark(self, buf: bytearray) -> None:
@@ -683,7 +689,8 @@ class FilterManager:
             if not entry.handle_after_trailers(status):
                 return
             i += 1
-        self.callbacks.disarm_request_timeout()
+        if self.request_timeout_armed:
+            self.callbacks.disarm_request_timeout()
 
     def add_decoded_data(self, filter: ActiveStreamDecoderFilter, data: bytes | bytearray, streaming: bool) -> None:
         state = self._filter_call_state
@@ -723,7 +730,8 @@ class FilterManager:
     def encode_headers_from(
         self, filter: ActiveStreamEncoderFilter | None, headers: HeaderMap, end_stream: bool
     ) -> None:
-        self.callbacks.disarm_request_timeout()
+        if self.request_timeout_armed:
+            self.callbacks.disarm_request_timeout()
         filters = self.encoder_filters
         i = 0 if filter is None else self._encode_start(filter, False)
         continue_data_entry: ActiveStreamEncoderFilter | None = None
@@ -739,9 +747,14 @@ class FilterManager:
                 self._execute_prepared_local_reply()
                 return
             entry.processed_headers = True
-            if status == _HEADERS_CONTINUE_NO_END:
-                end_stream = False
-            if not entry.handle_after_headers(status):
+            if status is _HEADERS_CONTINUE:  # handle_after_headers(status), inline for the common case
+                entry.headers_continued = True
+                continue_iteration = entry.iteration_state is _CONTINUE
+            else:
+                if status == _HEADERS_CONTINUE_NO_END:
+                    end_stream = False
+                continue_iteration = entry.handle_after_headers(status)
+            if not continue_iteration:
                 if not entry.end_stream:
                     self._maybe_continue_encoding(continue_data_entry)
                 return
