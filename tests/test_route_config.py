@@ -536,3 +536,47 @@ virtual_hosts:
     resp = HeaderMap([(":status", "200"), ("content-length", "5")])
     table.route(request).finalize_response_headers(resp, info(), request)
     assert resp.get("x-echo-ua") == "curl" and resp.get("x-copy") == "len=5"
+
+
+MEMO_TABLE = """
+virtual_hosts:
+- name: secure
+  domains: ["secure.example.com"]
+  require_tls: EXTERNAL_ONLY
+  routes: [{name: s, match: {prefix: /}, route: {cluster: c}}]
+- name: exact
+  domains: ["foo.example.com"]
+  routes:
+  - {name: grpc, match: {prefix: /api, grpc: {}}, route: {cluster: c}}
+  - {name: api, match: {prefix: /api, query_parameters: [{name: v, string_match: {exact: "2"}}]}, route: {cluster: c}}
+  - {name: lower, match: {path: /x, case_sensitive: false}, route: {cluster: c}}
+- name: default
+  domains: ["*"]
+  routes: [{name: d, match: {prefix: /d}, route: {cluster: c}}]
+"""
+
+
+def test_route_memo_answers_as_matching_does() -> None:
+    # The memo keys on the first values of what the table reads (:path, the host, the TLS
+    # headers, content-type): every request gets what a fresh match gives, in any order.
+    table = rc(MEMO_TABLE)
+    assert table._memo_keys == (":path", ":authority", "x-forwarded-proto", "x-envoy-internal", "content-type")
+    requests = [
+        req("/api", host="foo.example.com"), req("/api?v=2", host="foo.example.com"),
+        req("/api", host="foo.example.com", content_type="application/grpc"), req("/X", host="foo.example.com"),
+        req("/d", host="secure.example.com"), req("/d", host="secure.example.com", x_forwarded_proto="https"),
+        req("/d", host="secure.example.com", x_envoy_internal="true"), req("/d"), req("/e"),
+        req("/api", host="FOO.example.com", content_type="text/plain"),
+    ]
+    for _ in range(2):
+        for h in requests + requests[::-1]:
+            assert table.route(h) is table._route(h, 0)
+    h = req("/d")
+    h.remove(":path")
+    assert table.route(h) is None
+
+
+def test_route_memo_is_off_for_tables_that_read_more_than_first_values() -> None:
+    assert rc(MEMO_TABLE.replace("grpc: {}", "headers: [{name: x, present_match: true}]"))._memo_keys is None
+    assert rc(MEMO_TABLE.replace("grpc: {}", "runtime_fraction: {default_value: {numerator: 50}}"))._memo_keys is None
+    assert rc("virtual_hosts: [{name: d, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: c}}]}]")._memo_keys == (":path",)

@@ -475,6 +475,10 @@ class RouteConfig:
         self.internal_only_headers: list[str] = []
         self.typed_per_filter_config: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
+        # The route memo (see route()): the request headers whose first values alone decide the
+        # match, or None when the table reads more (header matchers, runtime fractions).
+        self._memo_keys: tuple[str, ...] | None = None
+        self._memo: dict[Any, Route | SslRedirectRoute | None] = {}
 
     @classmethod
     def from_proto(
@@ -537,7 +541,25 @@ class RouteConfig:
                     for n in names:
                         if n and not cluster_exists(n):
                             raise RouteConfigError(f"route: unknown cluster '{n}'")
+        self._memo_keys = self._match_keys()
         return self
+
+    def _match_keys(self) -> tuple[str, ...] | None:
+        """The headers route() reads, each only by its first value (HeaderMap.get), or None
+        when it depends on more: all values of a header (header matchers) or the stream id
+        (runtime_fraction)."""
+        keys = [":path"]
+        if self._exact or self._suffixes or self._prefixes:
+            keys.append(self.vhost_header)
+        for vh in self.virtual_hosts:
+            if vh.require_tls:
+                keys += ("x-forwarded-proto", "x-envoy-internal")
+            for r in vh.routes:
+                if r.header_matchers or r.runtime_fraction is not None:
+                    return None
+                if r.grpc_only:
+                    keys.append("content-type")
+        return tuple(dict.fromkeys(keys))
 
     def virtual_host(self, headers: HeaderMap) -> VirtualHost | None:
         """Envoy's precedence: exact, then `*suffix` longest first, then `prefix*` longest first, then `*`."""
@@ -563,8 +585,40 @@ class RouteConfig:
         return self._default
 
     def route(self, headers: HeaderMap, stream_id: int = 0) -> "Route | SslRedirectRoute | None":
+        """The route for a request. When the match depends only on the first values of a few
+        headers (`_memo_keys`), the answer is memoized on those values: the same values always
+        select the same route (a filter that adds an unrelated header clears the stream's route
+        cache, and requests repeat paths)."""
+        keys = self._memo_keys
+        if keys is None:
+            return self._route(headers, stream_id)
+        key = headers.get(":path") if len(keys) == 1 else tuple(map(headers.get, keys))
+        memo = self._memo
+        route = memo.get(key, _MISSING)
+        if route is not _MISSING:
+            return route  # type: ignore[return-value]
+        route = self._route(headers, stream_id)
+        if _memo_key_size(key) <= _MEMO_MAX_KEY_CHARS:
+            if len(memo) >= _MEMO_MAX_ENTRIES:
+                memo.clear()  # workers share the table: clear() and a set are each atomic
+            memo[key] = route
+        return route
+
+    def _route(self, headers: HeaderMap, stream_id: int) -> "Route | SslRedirectRoute | None":
         if not self._exact and not self._suffixes and not self._prefixes:
             vh = self._default  # only a "*" virtual host (virtual_host()'s first case, without the call)
         else:
             vh = self.virtual_host(headers)
         return vh.route(headers, stream_id) if vh is not None else None
+
+
+# Route memo bounds: entries per route table, and characters of header values per entry.
+_MEMO_MAX_ENTRIES = 4096
+_MEMO_MAX_KEY_CHARS = 1024
+_MISSING = object()
+
+
+def _memo_key_size(key: Any) -> int:
+    if key is None or type(key) is str:
+        return len(key or "")
+    return sum(len(v) for v in key if v is not None)
