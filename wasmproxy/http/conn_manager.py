@@ -1455,8 +1455,10 @@ class ActiveStream:
             self._idle_timer = None  # the connection's, from now on for its next stream
         if self._request_timer is not None:
             self._request_timer.disable_timer()
+            self._request_timer = None  # its callback is this stream's: no cycle left behind
         if self._request_header_timer is not None:
             self._request_header_timer.disable_timer()
+            self._request_header_timer = None
         info = self.stream_info
         fm = self.filter_manager
         if info.response_code is None and fm.response_headers is None:
@@ -1478,6 +1480,9 @@ class ActiveStream:
         now = self._monotonic()
         stats.downstream_rq_time.record((now - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self, now)
+        # Envoy deletes the stream now: drop the link to the filter manager (whose callbacks
+        # are this stream) so that the pair is freed without the cyclic gc.
+        del self.filter_manager
 
 
 _REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding"))

@@ -1003,6 +1003,19 @@ class FilterManager:
         self.destroyed = True
         for f in self._destroy_order:
             f.on_destroy()
+        # As Envoy deletes the filters with the stream: the chain goes, which breaks the cycles
+        # this manager <-> its active filters <-> the filters (which hold their callbacks), so
+        # the stream's objects are freed when the last reference goes rather than by the cyclic
+        # gc. (Callbacks from a destroyed stream's filters stop at `destroyed`; a late
+        # encode_headers reaches no filter.)
+        for entry in self.decoder_filters:
+            entry.handle = None
+        for entry in self.encoder_filters:
+            entry.handle = None
+        self._destroy_order = self.decoder_filters = self.encoder_filters = _NO_FILTERS  # type: ignore[assignment]
+
+
+_NO_FILTERS: tuple[Any, ...] = ()
 
 
 def _movable(data: bytes | bytearray) -> bytearray:
