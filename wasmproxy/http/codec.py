@@ -189,8 +189,26 @@ def _collapse_request_line_whitespace(data: bytes) -> bytes:
 def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[bytes, bool]:
     """Encode the regular headers of `headers` (but `skip`) as one block of lines; also says
     whether they include content-length."""
-    lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items() if key[0] != ":" and key not in skip])
-    return lines.encode("latin-1"), "content-length" in headers and "content-length" not in skip
+    # The map is this package's own: its pairs and first-value index are read directly.
+    entries = headers._entries
+    index = headers._index
+    if skip is _NO_SKIP or skip.isdisjoint(index):
+        # The usual case, joined without a Python call per line: the pseudo-headers lead the
+        # map, so the regular ones are the rest. Any line that would start with ":" (an empty
+        # or pseudo name out of place) or a value that is not a str takes the general way.
+        pseudo = 0
+        for entry in entries:
+            if entry[0][:1] != ":":
+                break
+            pseudo += 1
+        try:
+            text = "\r\n".join(map(": ".join, entries[pseudo:] if pseudo else entries))
+        except TypeError:
+            text = ":"
+        if text[:1] != ":" and "\n:" not in text:
+            return (text + "\r\n").encode("latin-1") if text else b"", "content-length" in index
+    lines = "".join([f"{key}: {value}\r\n" for key, value in entries if key[0] != ":" and key not in skip])
+    return lines.encode("latin-1"), "content-length" in index and "content-length" not in skip
 
 
 _NO_SKIP: frozenset[str] = frozenset()
@@ -554,7 +572,7 @@ class ServerCodec(_CodecBase):
         Adds `content-length: 0` to a headers-only response (not 1xx/204, not to HEAD), and
         `transfer-encoding: chunked` when a body follows without a content-length.
         """
-        status = int(headers.get(":status") or 0)
+        status = int(headers._index.get(":status") or 0)
         lines, saw_content_length = _header_lines(headers, _NO_SKIP)
         status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
         if self.protocol == "HTTP/1.0":
@@ -577,7 +595,7 @@ class ServerCodec(_CodecBase):
                 lines += b"transfer-encoding: chunked\r\n"
                 self._chunk_encoding = self._response_body_allowed
         if end_stream:
-            self._end_response()
+            self._response_complete = True  # _end_response
         return status_line + lines + _CRLF
 
     def encode_data(self, data: bytes, end_stream: bool) -> bytes:
@@ -587,7 +605,7 @@ class ServerCodec(_CodecBase):
         if end_stream:
             if self._chunk_encoding:
                 out += _LAST_CHUNK
-            self._end_response()
+            self._response_complete = True  # _end_response
         return out
 
     def encode_trailers(self, trailers: HeaderMap) -> bytes:
@@ -634,8 +652,9 @@ class ServerCodec(_CodecBase):
         if protocol == "HTTP/1.0" and self._default_host_for_http_10 and ":authority" not in headers:
             headers = HeaderMap([(":authority", self._default_host_for_http_10), *headers.items()])
         self._check_request_headers(headers)
-        content_length = headers.get("content-length")
-        transfer_encoding = headers.get("transfer-encoding")
+        index = headers._index
+        content_length = index.get("content-length")
+        transfer_encoding = index.get("transfer-encoding")
         chunked = transfer_encoding is not None
         if chunked and transfer_encoding.strip().lower() != "chunked":  # type: ignore[union-attr]
             # Envoy implements no transfer-coding but chunked (RFC 9112 6.1: 501).
@@ -665,10 +684,11 @@ class ServerCodec(_CodecBase):
 
     def _check_request_headers(self, headers: HeaderMap) -> None:
         """The checks Envoy's codec makes once a request's headers are in (before any filter)."""
-        authority = headers.get(":authority")
+        get = headers._index.get  # the map this codec just built: its first-value index
+        authority = get(":authority")
         if authority is not None and _INVALID_AUTHORITY_CHARS.search(authority) is not None:
             self._fail(CodecError(400, DETAILS_INVALID_AUTHORITY, "invalid authority"))
-        connection = headers.get("connection")
+        connection = get("connection")
         if connection is not None:
             # Utility::sanitizeConnectionHeader: no pseudo-headers, and only a few nominations.
             tokens = [t.strip() for t in connection.split(",") if t.strip()]
@@ -801,6 +821,8 @@ class ClientCodec(_CodecBase):
     ) -> None:
         super().__init__(max_response_headers_kb, max_headers_count, enable_trailers)
         self._callbacks = callbacks
+        # Body events call the callbacks' on_data themselves (no _deliver_data frame between).
+        self._deliver_data = callbacks.on_data  # type: ignore[method-assign]
         # One callbacks object for the parser of each response (encode_request_headers).
         self._message_parser = _MessageParser(self)
         self._parser = httptools.HttpResponseParser(self._message_parser)
@@ -819,7 +841,7 @@ class ClientCodec(_CodecBase):
 
     def encode_request_headers(self, headers: HeaderMap, end_stream: bool) -> bytes:
         """Request line from :method/:path, `host` from :authority, then the regular headers."""
-        get = headers.get
+        get = headers._index.get  # this package's map: its first-value index, keys lower-case
         method = get(":method") or "GET"
         path = get(":path") or "/"
         authority = get(":authority")
@@ -868,7 +890,10 @@ class ClientCodec(_CodecBase):
         """Parse response bytes and deliver events."""
         if self._error is None and not self._response_complete:
             self._parse(self._parser, data)
-        self._dispatch()
+        events = self._events  # _dispatch, inline
+        while events:
+            fn, args = events.popleft()
+            fn(*args)
 
     def feed_eof(self) -> None:
         """The upstream closed: ends a close-delimited body, or is an error mid-response."""
@@ -904,15 +929,17 @@ class ClientCodec(_CodecBase):
         if self._is_1xx:
             self._events.append((self._callbacks.on_1xx, (headers,)))
             return
-        content_length = headers.get("content-length")
-        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        index = headers._index
+        content_length = index.get("content-length")
+        chunked = "chunked" in (index.get("transfer-encoding") or "").lower()
         no_body = self._is_head_request or self._status in (204, 304)
         # has_body False with a body following means "delimited by close" (see feed_eof).
         self._has_body = not no_body and (chunked or content_length is not None)
         body_follows = not no_body and (chunked or content_length is None or content_length.strip() != "0")
         if not body_follows:
             self._events.append((self._callbacks.on_headers, (headers, True)))
-            self._finish(parser.should_keep_alive())
+            self._response_complete = True
+            self.keep_alive = parser.should_keep_alive()
             if self._is_head_request:
                 raise _StopParsing  # llhttp would wait for the body the headers announce
             return
@@ -925,8 +952,9 @@ class ClientCodec(_CodecBase):
             return  # the final response follows on the same parser
         if self._response_complete:
             return  # already ended at its headers
-        self._events.append(self._end_message_event())
-        self._finish(self._parser.should_keep_alive())
+        self._events.append(self._end_message_event() if self._trailer_pairs else (self._deliver_data, (b"", True)))
+        self._response_complete = True
+        self.keep_alive = self._parser.should_keep_alive()
         # One response per request: bytes after it are not a response to us. Rather than stop
         # the parser here (an exception on every response), whatever it meets next is ignored:
         # a next message stops it as it begins, a parser error or an upgrade is dropped.
@@ -941,10 +969,6 @@ class ClientCodec(_CodecBase):
         if not self._after_response:
             super()._on_parser_error(error, data)
 
-    def _finish(self, keep_alive: bool) -> None:
-        self._response_complete = True
-        self.keep_alive = keep_alive
-
     def _on_upgrade(self) -> None:
         if self._after_response:
             return
@@ -956,9 +980,6 @@ class ClientCodec(_CodecBase):
         while events:
             fn, args = events.popleft()
             fn(*args)
-
-    def _deliver_data(self, data: bytes, end_stream: bool) -> None:
-        self._callbacks.on_data(data, end_stream)
 
     def _deliver_trailers(self, trailers: HeaderMap) -> None:
         self._callbacks.on_trailers(trailers)
