@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import enum
 
-from wasmproxy.stats.histogram import HistogramBins
+from wasmproxy.stats.histogram import _SMALL_INT_KEYS, HistogramBins, bin_key
 
-__all__ = ["Counter", "Gauge", "Histogram", "ImportMode", "Store", "Unit", "inc_each"]
+__all__ = ["Counter", "Gauge", "Histogram", "ImportMode", "Store", "Unit", "inc_each", "record_each"]
 
 
 class ImportMode(enum.Enum):
@@ -108,10 +108,28 @@ class Histogram:
         """Record one sample. Envoy's ``recordValue`` takes a uint64, so fractions are
         truncated (0.7 ms is recorded as 0, as Envoy's duration_cast would) and negatives are 0."""
         v = int(value)
-        self.bins.insert(v if v > 0 else 0)
+        if v < 0:
+            v = 0
+        # HistogramBins.insert of a non-negative int, inline.
+        key = _SMALL_INT_KEYS[v] if v < 10_000 else bin_key(v)
+        counts = self.bins.counts
+        counts[key] = counts.get(key, 0) + 1
         self.used = True
 
     record_value = record
+
+
+def record_each(histograms: tuple[Histogram, ...], value: float) -> None:
+    """``h.record(value)`` for each histogram, the bin computed once (a request's
+    upstream_rq_time and its internal./external. copy)."""
+    v = int(value)
+    if v < 0:
+        v = 0
+    key = _SMALL_INT_KEYS[v] if v < 10_000 else bin_key(v)
+    for h in histograms:
+        counts = h.bins.counts
+        counts[key] = counts.get(key, 0) + 1
+        h.used = True
 
 
 class Store:

@@ -9,6 +9,7 @@ ClusterManager then pushes the new host set to workers through a ThreadLocal slo
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 from typing import Any, Awaitable, Callable
@@ -43,26 +44,34 @@ class ClusterConfigError(ValueError):
 class ResourceLimit:
     """One circuit-breaker counter (connections, pending, requests, retries), shared by all workers.
 
-    The lock stands in for Envoy's atomics: it is held only for an add and a compare.
+    Lock-free, as Envoy's atomics: the count is the length of a list that inc() appends to and
+    dec() pops from, and a list's append and pop are each atomic (one C call under the GIL,
+    per-object locked on free-threaded CPython). inc is that bound C call itself, no Python
+    frame. A dec() with nothing held (a bug elsewhere) takes the count below 0 as `-= 1` did.
     """
 
-    __slots__ = ("max", "count", "_lock")
+    __slots__ = ("max", "inc", "_held", "_debt", "_lock")
 
     def __init__(self, max_value: int) -> None:
         self.max = max_value
-        self.count = 0
-        self._lock = threading.Lock()
+        self._held: list[None] = []
+        self.inc: Callable[[], None] = functools.partial(self._held.append, None)
+        self._debt = 0  # decs with nothing held
+        self._lock = threading.Lock()  # for _debt only
+
+    @property
+    def count(self) -> int:
+        return len(self._held) - self._debt
 
     def can_create(self) -> bool:
-        return self.count < self.max
-
-    def inc(self) -> None:
-        with self._lock:
-            self.count += 1
+        return len(self._held) - self._debt < self.max
 
     def dec(self) -> None:
-        with self._lock:
-            self.count -= 1
+        try:
+            self._held.pop()
+        except IndexError:
+            with self._lock:
+                self._debt += 1
 
 
 class ResourceManager:

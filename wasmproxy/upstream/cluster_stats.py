@@ -6,7 +6,7 @@ caches the metric objects so the request path does one dict lookup per update.
 
 from __future__ import annotations
 
-from ..stats.store import Counter, Gauge, Histogram, Store, Unit, inc_each
+from ..stats.store import Counter, Gauge, Histogram, Store, Unit, record_each
 
 
 # The counters (and the gauges wasmproxy maintains) Envoy lists for every cluster from its
@@ -117,8 +117,7 @@ class ClusterStats:
                 self._histogram_ms("upstream_rq_time"),
                 self._histogram_ms(("internal." if internal else "external.") + "upstream_rq_time"),
             )
-        pair[0].record(elapsed_ms)
-        pair[1].record(elapsed_ms)
+        record_each(pair, elapsed_ms)
 
     def record(self, name: str, value: float) -> None:
         self._store.histogram(self.prefix + name, Unit.UNSPECIFIED).record(value)
@@ -131,7 +130,9 @@ class ClusterStats:
             counters = self._response_codes[code, internal, retry]
         except KeyError:
             counters = self._response_codes[code, internal, retry] = self._code_counters(code, internal, retry)
-        inc_each(counters)
+        for c in counters:  # store.inc_each, inline
+            c.value += 1
+            c.used = True
 
     def _code_counters(self, code: int, internal: bool, retry: bool) -> tuple[Counter, ...]:
         names: list[str] = []

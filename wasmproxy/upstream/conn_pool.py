@@ -255,9 +255,12 @@ class ActiveClient(asyncio.Protocol):
         return self.stream
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.pool.tx_bytes_total.inc(len(data))
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            counter = self.pool.tx_bytes_total  # Counter.inc, inline
+            counter.value += len(data)
+            counter.used = True
+            transport.write(data)
 
     def read_disable(self, disable: bool) -> None:
         self._read_disable_count += 1 if disable else -1
@@ -272,7 +275,9 @@ class ActiveClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
-        self.pool.rx_bytes_total.inc(n)
+        counter = self.pool.rx_bytes_total  # Counter.inc, inline
+        counter.value += n
+        counter.used = True
         if self.stream is None or self.stream.done:
             # Bytes with no request outstanding: the connection is unusable (Envoy closes it).
             self.close(local=False)
@@ -523,10 +528,16 @@ class Http1ConnPool:
             return
         self._busy.add(client)
         self._rm.requests.inc()
-        self._rq_total.inc()
-        self._rq_active.inc()
-        self.host.stats.rq_total += 1
-        self.host.stats.rq_active += 1
+        # _rq_total.inc() and _rq_active.inc(), inline.
+        counter = self._rq_total
+        counter.value += 1
+        counter.used = True
+        gauge = self._rq_active
+        gauge.value += 1
+        gauge.used = True
+        host_stats = self.host.stats
+        host_stats.rq_total += 1
+        host_stats.rq_active += 1
         encoder = client.new_stream(decoder)
         callbacks.on_pool_ready(encoder, self.host)
 
@@ -551,7 +562,9 @@ class Http1ConnPool:
 
     def _on_stream_done(self, client: ActiveClient) -> None:
         self._rm.requests.dec()
-        self._rq_active.dec()
+        gauge = self._rq_active  # Gauge.dec, inline
+        gauge.value -= 1
+        gauge.used = True
         self.host.stats.rq_active -= 1
 
     def _on_connect_failure(self, client: ActiveClient, reason: PoolFailureReason, transport_failure: str) -> None:
