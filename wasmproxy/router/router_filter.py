@@ -283,17 +283,20 @@ def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig,
 class UpstreamRequest:
     """One attempt to one host: pool callbacks on the way in, response decoder on the way out."""
 
+    # Per-attempt state; the class holds the (immutable) initial values.
+    encoder: RequestEncoder | None = None
+    _pending: Any = None
+    _headers: HeaderMap | None = None
+    _end_stream = False
+    # What came before the connection: (kind, payload, end_stream); a list once there is any.
+    _buffer: list[tuple[str, Any, bool]] | None = None
+    _buffered_bytes = 0
+    _above_watermark = False
+    _read_disabled = 0
+
     def __init__(self, router: "Router", host: "Host") -> None:
         self.router = router
         self.host = host
-        self.encoder: RequestEncoder | None = None
-        self._pending: Any = None
-        self._headers: HeaderMap | None = None
-        self._end_stream = False
-        self._buffer: list[tuple[str, Any, bool]] = []
-        self._buffered_bytes = 0
-        self._above_watermark = False
-        self._read_disabled = 0
 
     def start(self, pool: Any, headers: HeaderMap, end_stream: bool) -> None:
         self._headers = headers
@@ -306,6 +309,8 @@ class UpstreamRequest:
         if self.encoder is not None:
             self.encoder.encode_data(data, end_stream)
             return
+        if self._buffer is None:
+            self._buffer = []
         self._buffer.append(("data", data, end_stream))
         self._buffered_bytes += len(data)
         limit = self.router.cluster.info.per_connection_buffer_limit if self.router.cluster else 0
@@ -317,6 +322,8 @@ class UpstreamRequest:
         if self.encoder is not None:
             self.encoder.encode_trailers(trailers)
         else:
+            if self._buffer is None:
+                self._buffer = []
             self._buffer.append(("trailers", trailers, True))
 
     def read_disable(self, disable: bool) -> None:
@@ -450,7 +457,9 @@ class Router:
         worker = self._worker = self.config.worker(dispatcher)
         stats = self._stats = worker.stats
         if stats is not None:
-            stats.rq_total.inc()
+            counter = stats.rq_total  # Counter.inc, inline
+            counter.value += 1
+            counter.used = True
         route: Route | None = cb.route()  # type: ignore[assignment]
         if route is None:
             if stats is not None:
@@ -517,7 +526,8 @@ class Router:
         route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
-        remove_hop_by_hop(headers)
+        for name in headers.names() & _HOP_BY_HOP:  # remove_hop_by_hop, inline: usually none
+            headers.remove(name)
         if route.mirror_policies:
             self._shadow_headers = headers.copy()
             self._shadow_body = bytearray()
@@ -560,7 +570,8 @@ class Router:
         return FilterTrailersStatus.StopIteration
 
     def on_destroy(self) -> None:
-        self._cleanup()
+        if self._timer is not None or self._per_try_timer is not None or self._retry_timer is not None:
+            self._cleanup()  # usually done already, when the response completed
         remove = getattr(self.callbacks, "remove_downstream_watermark_callbacks", None)
         if remove is not None:
             remove(self)
@@ -885,7 +896,8 @@ class Router:
             self._per_try_timer.disable_timer()
         info.first_upstream_rx = now
         info.response_code = status  # before the encoder filters see the headers, as Envoy's router
-        remove_hop_by_hop(headers)
+        for name in headers.names() & _HOP_BY_HOP:  # remove_hop_by_hop, inline: usually none
+            headers.remove(name)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)
             headers.set("x-envoy-upstream-service-time", str(int((now - start) * 1000)))
