@@ -360,3 +360,32 @@ load_assignment:
         cm.shutdown()
 
     run(scenario())
+
+
+def test_resource_limit_counts_across_threads_without_a_lock() -> None:
+    import threading
+
+    from wasmproxy.upstream.cluster import ResourceLimit
+
+    limit = ResourceLimit(2)
+    assert limit.can_create() and limit.count == 0
+    limit.inc()
+    limit.inc()
+    assert not limit.can_create() and limit.count == 2
+
+    def churn() -> None:
+        for _ in range(20_000):
+            limit.inc()
+            limit.dec()
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert limit.count == 2
+    for _ in range(3):
+        limit.dec()
+    assert limit.count == -1 and limit.can_create()  # an unmatched dec counts below 0, as `-= 1` did
+    limit.inc()
+    assert limit.count == 0
