@@ -1013,6 +1013,9 @@ class FilterManager:
         for entry in self.encoder_filters:
             entry.handle = None
         self._destroy_order = self.decoder_filters = self.encoder_filters = _NO_FILTERS  # type: ignore[assignment]
+        if self._logged or not self.access_log_handlers:
+            # A filter may be a log handler too (the Wasm filter is): once logged, they go too.
+            self.access_log_handlers = _NO_FILTERS  # type: ignore[assignment]
 
 
 _NO_FILTERS: tuple[Any, ...] = ()
