@@ -159,8 +159,14 @@ class HeaderMap:
         if key not in index:
             return 0
         del index[key]
-        before = len(self._entries)
-        self._entries = [e for e in self._entries if e[0] != key]
+        entries = self._entries
+        if len(index) + 1 == len(entries):  # no key repeats: one entry to delete, in place
+            for i, entry in enumerate(entries):
+                if entry[0] == key:
+                    del entries[i]
+                    return 1
+        before = len(entries)
+        self._entries = [e for e in entries if e[0] != key]
         return before - len(self._entries)
 
     def remove_prefix(self, prefix: str) -> None:

@@ -381,7 +381,12 @@ class UpstreamRequest:
         self.router.on_upstream_headers(self, headers, end_stream)
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
-        self.router.on_upstream_data(self, data, end_stream)
+        router = self.router  # the router's side of a response body, here (no call between)
+        if self is not router.upstream:
+            return
+        if end_stream:
+            router._on_upstream_complete(router._clock())
+        router.callbacks.encode_data(data, end_stream)
 
     def decode_trailers(self, trailers: HeaderMap) -> None:
         self.router.on_upstream_trailers(self, trailers)
@@ -454,7 +459,11 @@ class Router:
         self._clock = dispatcher.time_source.monotonic
         self._request_headers = headers
         self._downstream_end_stream = end_stream
-        worker = self._worker = self.config.worker(dispatcher)
+        config = self.config
+        worker = config._workers.get(id(dispatcher))  # config.worker(dispatcher), its usual case inline
+        if worker is None or worker.dispatcher is not dispatcher:
+            worker = config.worker(dispatcher)
+        self._worker = worker
         stats = self._stats = worker.stats
         if stats is not None:
             counter = stats.rq_total  # Counter.inc, inline
@@ -909,13 +918,6 @@ class Router:
         if end_stream:
             self._on_upstream_complete(now)
         cb.encode_headers(headers, end_stream)
-
-    def on_upstream_data(self, upstream: UpstreamRequest, data: bytes, end_stream: bool) -> None:
-        if upstream is not self.upstream:
-            return
-        if end_stream:
-            self._on_upstream_complete(self._clock())
-        self.callbacks.encode_data(data, end_stream)
 
     def on_upstream_trailers(self, upstream: UpstreamRequest, trailers: HeaderMap) -> None:
         if upstream is not self.upstream:

@@ -329,7 +329,8 @@ class ActiveClient(asyncio.Protocol):
         if stream is None or stream.done:
             return
         if end_stream:
-            self._complete(stream)
+            stream.response_complete = True  # _complete, inline
+            self._finish_stream(stream)
         stream.decoder.decode_data(data, end_stream)
         if end_stream:
             self._after_response()
@@ -553,8 +554,13 @@ class Http1ConnPool:
             self._attach(client, pending.decoder, pending.callbacks)
             return
         self._ready.append(client)
-        if self.info.idle_timeout_ms > 0:  # 0 disables it, as in Envoy
-            client.start_idle_timer(self.info.idle_timeout_ms)
+        idle_ms = self.info.idle_timeout_ms
+        if idle_ms > 0:  # 0 disables it, as in Envoy
+            timer = client._idle_timer
+            if timer is not None:
+                timer.enable_timer(idle_ms)  # start_idle_timer, inline once the timer exists
+            else:
+                client.start_idle_timer(idle_ms)
 
     def _remove_ready(self, client: ActiveClient) -> None:
         if client in self._ready:
