@@ -310,7 +310,7 @@ class ContextBase:
         self.released = wasm is None
         if wasm is not None:
             wasm.add_context(self)
-            wasm.context_opened()
+            wasm.open_contexts.n += 1  # Wasm.context_opened, inlined
 
     # -- construction ----------------------------------------------------------------------
 
@@ -322,8 +322,8 @@ class ContextBase:
         if wasm is None:
             ctx = cls(None, 0, None, plugin)
         else:
-            parent = wasm.get_context(root_context_id)
-            ctx = cls(wasm, wasm.alloc_context_id(), parent, plugin)
+            ref = wasm.contexts.get(root_context_id)  # Wasm.get_context, inlined
+            ctx = cls(wasm, wasm.alloc_context_id(), ref() if ref is not None else None, plugin)
             ctx.parent_context_id = root_context_id
         ctx.env = env
         return ctx
@@ -714,8 +714,9 @@ class ContextBase:
         """The stream this context served has ended: count it out of contexts_active (once)."""
         if not self.released:
             self.released = True
-            if self.wasm is not None:
-                self.wasm.context_closed()
+            wasm = self.wasm
+            if wasm is not None:
+                wasm.open_contexts.n -= 1  # Wasm.context_closed, inlined
 
     def on_destroy(self) -> None:
         """The stream is gone: proxy_on_done then proxy_on_delete (once)."""

@@ -531,11 +531,12 @@ class PluginConfig:
     # -- per stream (the owning thread) -----------------------------------------------------
 
     def _holder(self) -> PluginHandleHolder | None:
-        if self._slot is None:
+        """This thread's holder; None on a thread the slot does not know (Slot.get answers
+        None for an unregistered thread)."""
+        slot = self._slot
+        if slot is None:
             return self._singleton
-        if not self._slot.current_thread_registered():
-            return None
-        holder: PluginHandleHolder | None = self._slot.get()
+        holder: PluginHandleHolder | None = slot.get()
         return holder
 
     def _maybe_reload(self, holder: PluginHandleHolder) -> Wasm | None:
@@ -568,7 +569,8 @@ class PluginConfig:
 
     def create_context(self, env: StreamEnvironment) -> ContextBase | None:
         """A stream context for a new stream on this thread; None: skip the filter (fail open)."""
-        holder = self._holder()
+        slot = self._slot  # _holder(), inlined: once per stream
+        holder: PluginHandleHolder | None = slot.get() if slot is not None else self._singleton
         if holder is None or holder.handle is None:
             return None
         wasm = holder.handle.wasm

@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..stats.store import ImportMode
+from ..stats.store import Gauge, ImportMode
 
-__all__ = ["CONTEXTS_ACTIVE", "DEFAULT_RUNTIME", "ContextsActive", "LifecycleStats", "PluginStats",
+__all__ = ["CONTEXTS_ACTIVE", "DEFAULT_RUNTIME", "ContextsActive", "LifecycleStats", "OpenContexts", "PluginStats",
            "RemoteLoadStats"]
 
 DEFAULT_RUNTIME = "envoy.wasm.runtime.v8"
@@ -53,21 +53,69 @@ class LifecycleStats:
             self.vm_count.dec()
 
 
+class OpenContexts:
+    """One VM's count of its contexts not yet released. Written by the VM's owner thread only
+    (a plain int: no lock, no call per stream); read by ``contexts_active`` on main."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class _ContextsGauge(Gauge):
+    """A gauge whose value is computed when read: the sum of the attached VMs' counts, plus
+    whatever set/inc/dec added on top (a Gauge's interface, so admin and tests read it as one)."""
+
+    __slots__ = ("_base", "_counts")
+
+    def __init__(self, name: str) -> None:
+        self._base = 0
+        self._counts: list[OpenContexts] = []
+        super().__init__(name, ImportMode.NEVER_IMPORT)
+
+    def _get_value(self) -> int:
+        return self._base + sum(c.n for c in list(self._counts))
+
+    def _set_value(self, v: int) -> None:
+        self._base += v - self._get_value()
+
+    value = property(_get_value, _set_value)  # type: ignore[assignment]
+
+
 class ContextsActive:
     """``wasmproxy.wasm.contexts_active``: contexts of live VMs not yet released (VM, root and
     stream contexts). Not an Envoy stat, hence not under ``wasm.``; the soak test's leak check.
-    Any thread."""
+    Any thread.
+
+    Each VM counts its own contexts in an `OpenContexts` (per stream, on its owner thread,
+    without the lock); the gauge sums the attached counts when /stats reads it.
+    """
 
     def __init__(self, store: Any) -> None:
-        self.gauge = store.gauge(CONTEXTS_ACTIVE, ImportMode.NEVER_IMPORT)
-
-    def inc(self, n: int) -> None:
         with _lock:
-            self.gauge.inc(n)
+            gauge = store.gauges.get(CONTEXTS_ACTIVE)
+            if not isinstance(gauge, _ContextsGauge):
+                summed = _ContextsGauge(CONTEXTS_ACTIVE)
+                if gauge is not None:  # created as a plain gauge first: keep what it holds
+                    summed.value, summed.used = gauge.value, gauge.used
+                store.gauges[CONTEXTS_ACTIVE] = gauge = summed
+        self.gauge: _ContextsGauge = gauge
 
-    def dec(self, n: int) -> None:
+    def attach(self, counts: OpenContexts) -> None:
+        """Count `counts` in the gauge from now on (a VM's, when its handle is created)."""
         with _lock:
-            self.gauge.dec(n)
+            self.gauge._counts.append(counts)
+            self.gauge.used = True
+
+    def detach(self, counts: OpenContexts) -> None:
+        """Stop counting `counts` (its VM closed)."""
+        with _lock:
+            counts_list = self.gauge._counts
+            for i, c in enumerate(counts_list):
+                if c is counts:
+                    del counts_list[i]
+                    break
 
 
 class RemoteLoadStats:

@@ -33,6 +33,7 @@ from .context import ContextBase, Plugin, WasmEnvironment
 from .runtime import HostFunction, WasmLoadError, WasmMemory, WasmModule, WasmTrap, WasmVm
 from .sandbox import SandboxLimits, capability_allowed, ensure_epoch_ticker, restrict_host_functions
 from .shared_data import VmIdHandle, get_vm_id_handle
+from .stats import OpenContexts
 from .wasi import env_runtime_host_functions, wasi_host_functions
 
 __all__ = [
@@ -261,8 +262,10 @@ class Wasm:
         self.base = base
         # wasmproxy's own leak check: this VM's contexts (VM and root contexts included) not yet
         # released, reported to `contexts_gauge` (vm.py attaches the process-wide one).
+        # Per stream, ContextBase bumps `open_contexts.n` itself (no call); a closed VM gets a
+        # fresh count that no gauge reads.
         self.contexts_gauge: Any = None
-        self._open_contexts = 0
+        self.open_contexts = OpenContexts()
         self._closed = False
         self.vm: WasmVm | None = None
         self.abi_version = AbiVersion.Unknown
@@ -498,8 +501,8 @@ class Wasm:
         if not self._closed:
             self._closed = True
             if self.contexts_gauge is not None:
-                self.contexts_gauge.dec(self._open_contexts)
-            self._open_contexts = 0
+                self.contexts_gauge.detach(self.open_contexts)
+            self.open_contexts = OpenContexts()
         self.pending_done.clear()
         self.pending_delete.clear()
         for timer in self._timers.values():
@@ -509,24 +512,19 @@ class Wasm:
         self._vm_id_handle = None
 
     def attach_contexts_gauge(self, gauge: Any) -> None:
-        """Report this VM's open contexts (so far and from now on) to `gauge` (inc/dec(n))."""
+        """Report this VM's open contexts (so far and from now on) to `gauge` (a ContextsActive:
+        attach/detach of its OpenContexts)."""
         self.contexts_gauge = gauge
         if not self._closed:
-            gauge.inc(self._open_contexts)
+            gauge.attach(self.open_contexts)
 
     def context_opened(self) -> None:
         """A context of this VM was created (owner thread)."""
-        if not self._closed:
-            self._open_contexts += 1
-            if self.contexts_gauge is not None:
-                self.contexts_gauge.inc(1)
+        self.open_contexts.n += 1
 
     def context_closed(self) -> None:
         """A stream context of this VM was released (owner thread)."""
-        if not self._closed:
-            self._open_contexts -= 1
-            if self.contexts_gauge is not None:
-                self.contexts_gauge.dec(1)
+        self.open_contexts.n -= 1
 
     # -- failure ---------------------------------------------------------------------------
 
