@@ -580,7 +580,8 @@ class ConnectionManager(asyncio.Protocol):
             self._reading = False
             if self._out or self._outbound_responses:  # else _flush has nothing to do
                 self._flush()
-        self._apply_pipelining_backpressure()
+        if self.codec.has_pending_events != self._pipelining_disabled:  # else nothing to apply
+            self._apply_pipelining_backpressure()
 
     @property
     def closed(self) -> bool:
@@ -843,7 +844,8 @@ class ConnectionManager(asyncio.Protocol):
             # Nothing parsed waits, so resuming the codec only readies it for the next request;
             # no need to post it (the posted flush shows the dispatcher has not exited).
             self.codec.resume()
-            self._apply_pipelining_backpressure()
+            if self.codec.has_pending_events != self._pipelining_disabled:  # else nothing to apply
+                self._apply_pipelining_backpressure()
             return
         # The next pipelined request starts from a fresh event, never inside this response's
         # call stack (Envoy redispatches from the read path too).
@@ -1020,7 +1022,7 @@ class ActiveStream:
         config = self.config = conn.config
         self.stats = conn.stats
         dispatcher = self.dispatcher = conn.dispatcher
-        stream_id = self.stream_id = handler.next_stream_id()
+        stream_id = self.stream_id = handler._random.getrandbits(64)  # handler.next_stream_id(), inline
         time_source = dispatcher.time_source
         self._monotonic = time_source.monotonic
         now = time_source.monotonic()
@@ -1064,7 +1066,9 @@ class ActiveStream:
         present = set(headers.names())
         connection = headers.get("connection") if "connection" in present else None
         self.stream_info.protocol = codec.protocol
-        self.saw_connection_close = not codec.keep_alive or _should_close_connection(codec.protocol, connection)
+        # _should_close_connection without a Connection header, inline: HTTP/1.0 closes.
+        self.saw_connection_close = not codec.keep_alive or (
+            _should_close_connection(codec.protocol, connection) if connection else codec.protocol == "HTTP/1.0")
         fm = self.filter_manager
         fm.request_headers = headers
         # Both shape local replies: set them before any can be sent (as Envoy does).
@@ -1284,11 +1288,17 @@ class ActiveStream:
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         now = self._last_activity = self._monotonic()  # _reset_idle_timer, inline
-        self.stream_info.bytes_sent += len(data)
         conn = self.conn
-        conn.write(conn.codec.encode_data(data, end_stream))
+        if data:
+            self.stream_info.bytes_sent += len(data)
+        out = conn.codec.encode_data(data, end_stream)
+        if out:  # an empty end of stream (after a content-length body) writes nothing
+            conn.write(out)
         if end_stream:
-            self._on_codec_encode_complete(now)
+            # _on_codec_encode_complete(now), inline: most responses end here.
+            self._codec_saw_local_complete = True
+            conn._outbound_responses += 1  # conn.on_response_encoded(), inline
+            self.stream_info.last_downstream_tx = now
 
     def encode_trailers(self, trailers: HeaderMap) -> None:
         self._reset_idle_timer()
