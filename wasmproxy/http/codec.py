@@ -95,7 +95,9 @@ _INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Header lines joined with "\n" need no more than decoding when they have no control character
 # but the separators (a line with a LF in it shows as an extra field) and no name or value ends
 # in whitespace (tested apart: a regex alternative for it makes the search 5 times slower).
-_CONTROL_BUT_LF = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+# The same bytes for bytes.translate(None, ...): deleting them changes the length only when one
+# is present (a third of the regex search's time).
+_CONTROL_BUT_LF_BYTES = bytes(range(0x00, 0x09)) + bytes(range(0x0b, 0x20)) + b"\x7f"
 _WHITESPACE_BYTE = frozenset((b" ", b"\t"))
 _EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 # An authority is RFC 3986 unreserved / sub-delims / ":" "@" "[" "]" and pct-encoding; Envoy
@@ -317,9 +319,12 @@ class _CodecBase:
         if not self._headers_done:
             # The usual case at once: plain lines within the limits are only decoded.
             blob = b"\n".join(raw)
-            if (b" \n" not in blob and b"\t\n" not in blob and blob[-1:] not in _WHITESPACE_BYTE
-                    and _CONTROL_BUT_LF.search(blob) is None):
-                fields = blob.decode("latin-1").split("\n")
+            text = blob.decode("latin-1")
+            # (" \n" is found faster in the str; a tab is rare, so looked for alone first.)
+            if (" \n" not in text and (b"\t" not in blob or b"\t\n" not in blob)
+                    and blob[-1:] not in _WHITESPACE_BYTE
+                    and len(blob.translate(None, _CONTROL_BUT_LF_BYTES)) == len(blob)):
+                fields = text.split("\n")
                 pairs = self._pairs
                 limit = self._max_headers_bytes
                 # Each line counts len(name) + len(value) + 4 (see _take_header_line).
