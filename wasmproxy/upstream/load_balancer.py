@@ -49,6 +49,16 @@ class RoundRobinLoadBalancer(LoadBalancer):
         self._index = 0
         self._current = [0] * len(self._candidates)
 
+    def choose_host(self, hash_key: int | None = None) -> Host | None:
+        hosts = self._candidates
+        if not hosts:
+            return None
+        if self._weighted:
+            return self._pick(hosts)
+        host = hosts[self._index % len(hosts)]  # _pick's plain rotation, without the call
+        self._index += 1
+        return host
+
     def _pick(self, hosts: tuple[Host, ...]) -> Host:
         if not self._weighted:
             host = hosts[self._index % len(hosts)]
