@@ -604,3 +604,29 @@ def test_header_value_the_upstream_codec_refuses_is_503() -> None:
         await up.stop()
 
     run(scenario())
+
+
+def test_a_completed_upstream_request_is_freed_without_the_cyclic_gc() -> None:
+    # The pool drops its stream's decoder once the response is delivered, so the router's
+    # UpstreamRequest and its RequestEncoder (which point at each other) go by refcount.
+    import gc
+    import weakref
+
+    async def scenario() -> None:
+        up = await Upstream(echo).start()
+        hx = Harness(up.port)
+        gc.disable()
+        try:
+            router, stream, _ = hx.start("/hello")
+            upstream = router.upstream
+            assert upstream is not None
+            ref = weakref.ref(upstream)
+            del upstream
+            await stream.done
+            router.on_destroy()
+            assert router.upstream is None and ref() is None
+        finally:
+            gc.enable()
+        await up.stop()
+
+    run(scenario())

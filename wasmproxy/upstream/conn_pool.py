@@ -368,6 +368,11 @@ class ActiveClient(asyncio.Protocol):
         """Reuse the connection only when both directions ended cleanly."""
         stream = self.stream
         self.stream = None
+        if stream is not None:
+            # The response is delivered: nothing calls the decoder any more, and dropping it
+            # breaks the RequestEncoder <-> decoder (the router's UpstreamRequest) cycle, so the
+            # stream is freed by refcount, not left to the cyclic gc.
+            stream.decoder = None  # type: ignore[assignment]
         if self.state != "busy":
             return
         if stream is None or not stream.request_complete or not self.codec.keep_alive or self._eof:
