@@ -411,7 +411,8 @@ class ContextBase:
 
     def on_create(self) -> None:
         """Stream context: proxy_on_context_create(id, root_id), once."""
-        if not self.is_failed() and not self.in_vm_context_created:
+        wasm = self.wasm  # not is_failed(), not created yet (inline: once per stream)
+        if wasm is not None and not wasm.failed and not self.in_vm_context_created:
             self._call("proxy_on_context_create", self.id, self.parent_context.id)
         self.in_vm_context_created = True
 
@@ -434,19 +435,21 @@ class ContextBase:
             self.call_data = _EMPTY_BUFFER
 
     def on_done(self) -> bool:
-        if not self.is_failed():
+        wasm = self.wasm
+        if wasm is not None and not wasm.failed:  # not is_failed()
             result = self._call("proxy_on_done", self.id)
             return result is None or result != 0
         return True
 
     def on_log(self) -> None:
-        if not self.is_failed():
+        wasm = self.wasm
+        if wasm is not None and not wasm.failed:  # not is_failed()
             self._call("proxy_on_log", self.id)
 
     def on_delete(self) -> None:
-        if self.in_vm_context_created and not self.is_failed():
-            self._call("proxy_on_delete", self.id)
         wasm = self.wasm
+        if self.in_vm_context_created and wasm is not None and not wasm.failed:  # not is_failed()
+            self._call("proxy_on_delete", self.id)
         if wasm is not None and self.id != 0:
             ref = wasm.contexts.get(self.id)
             if ref is not None and ref() is self:
@@ -630,7 +633,15 @@ class ContextBase:
             self.on_create()
         self.request_headers = headers
         self.end_of_stream = end_stream
-        result = _HTTP_HEADERS_STATUS[self.on_request_headers(len(headers), end_stream)]
+        # on_request_headers, inlined (once per stream).
+        wasm = self.wasm
+        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
+            args: tuple[int, ...] = (self.id, len(headers))  # 0.1.0: no end-of-stream flag
+        else:
+            args = (self.id, len(headers), int(end_stream))
+        result = _HTTP_HEADERS_STATUS[self._http_call_status(
+            "proxy_on_request_headers", args, self._headers_status,
+            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)]
         if result == HttpHeadersStatus.Continue:
             self.request_headers = None
         return result
@@ -641,7 +652,9 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.request_body_buffer = data
         self.end_of_stream = end_stream
-        result = _HTTP_DATA_STATUS[self.on_request_body(len(data), end_stream)]
+        result = _HTTP_DATA_STATUS[self._http_call_status(  # on_request_body, inlined
+            "proxy_on_request_body", (self.id, len(data), int(end_stream)), self._data_status,
+            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)]
         self.buffering_request_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.request_body_buffer = None
@@ -661,7 +674,15 @@ class ContextBase:
             return HttpHeadersStatus.Continue
         self.response_headers = headers
         self.end_of_stream = end_stream
-        result = _HTTP_HEADERS_STATUS[self.on_response_headers(len(headers), end_stream)]
+        # on_response_headers, inlined (once per stream).
+        wasm = self.wasm
+        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
+            args: tuple[int, ...] = (self.id, len(headers))  # 0.1.0: no end-of-stream flag
+        else:
+            args = (self.id, len(headers), int(end_stream))
+        result = _HTTP_HEADERS_STATUS[self._http_call_status(
+            "proxy_on_response_headers", args, self._headers_status,
+            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)]
         if result == HttpHeadersStatus.Continue:
             self.response_headers = None
         return result
@@ -671,7 +692,9 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.response_body_buffer = data
         self.end_of_stream = end_stream
-        result = _HTTP_DATA_STATUS[self.on_response_body(len(data), end_stream)]
+        result = _HTTP_DATA_STATUS[self._http_call_status(  # on_response_body, inlined
+            "proxy_on_response_body", (self.id, len(data), int(end_stream)), self._data_status,
+            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)]
         self.buffering_response_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.response_body_buffer = None
@@ -720,7 +743,11 @@ class ContextBase:
 
     def on_destroy(self) -> None:
         """The stream is gone: proxy_on_done then proxy_on_delete (once)."""
-        self.release()
+        if not self.released:  # release(), inlined
+            self.released = True
+            wasm = self.wasm
+            if wasm is not None:
+                wasm.open_contexts.n -= 1
         if self.destroyed or not self.in_vm_context_created:
             return
         self.destroyed = True
@@ -902,23 +929,39 @@ class ContextBase:
             self.env.clear_route_cache()
 
     def add_header_map_value(self, map_type: int, key: bytes, value: bytes) -> WasmResult:
-        m = self._get_map(map_type)
+        # _get_map and _headers_modified inlined for the stream's own headers (the common case).
+        if map_type == _REQUEST_HEADERS:
+            m = self.request_headers
+        elif map_type == _RESPONSE_HEADERS:
+            m = self.response_headers
+        else:
+            m = self._get_map(map_type)
         if m is None:
             return WasmResult.BadArgument
         m.add(key.decode("latin-1"), value.decode("latin-1"))
-        self._headers_modified(map_type)
+        if map_type == _REQUEST_HEADERS and self.env is not None:
+            self.env.clear_route_cache()
         return WasmResult.Ok
 
     def get_header_map_value(self, map_type: int, key: bytes) -> tuple[WasmResult, bytes]:
         assert self.wasm is not None
-        m = self._get_const_map(map_type)
-        legacy = self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0
+        # _get_const_map inlined for the stream's own headers outside the access-log phase.
+        if self.access_log_phase or map_type > _RESPONSE_HEADERS:
+            m = self._get_const_map(map_type)
+        elif map_type == _REQUEST_HEADERS:
+            m = self.request_headers
+        elif map_type == _RESPONSE_HEADERS:
+            m = self.response_headers
+        else:
+            m = self._get_const_map(map_type)
         if m is None:
             if self.access_log_phase:
+                legacy = self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0
                 return (WasmResult.Ok, b"") if legacy else (WasmResult.NotFound, b"")
             return WasmResult.BadArgument, b""
         value = m.get(key.decode("latin-1"))
         if value is None:
+            legacy = self.wasm.abi_version == AbiVersion.ProxyWasm_0_1_0
             return (WasmResult.Ok, b"") if legacy else (WasmResult.NotFound, b"")
         return WasmResult.Ok, value.encode("latin-1")
 
@@ -1396,6 +1439,10 @@ assert len(_PY_LEVELS) == LogLevel.critical + 1
 def _net_status(result: int) -> FilterStatus:
     return FilterStatus.Continue if result == 0 else FilterStatus.StopIteration
 
+
+# The stream's own header maps, as plain ints (the per-host-call fast paths compare with them).
+_REQUEST_HEADERS = int(WasmHeaderMapType.RequestHeaders)
+_RESPONSE_HEADERS = int(WasmHeaderMapType.ResponseHeaders)
 
 _HEADERS_STATUSES = tuple(FilterHeadersStatus)
 _DATA_STATUSES = tuple(FilterDataStatus)

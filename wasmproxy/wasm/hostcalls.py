@@ -29,6 +29,7 @@ from .abi import (
     WasmResult,
 )
 from ..log import get_logger
+from .context import _PY_LEVELS  # spdlog level -> Python level, as ContextBase.log_message maps it
 from .runtime import InvalidMemoryAccess, WasmMemory, with_error_result
 
 if TYPE_CHECKING:
@@ -183,6 +184,12 @@ class _Exports:
     def proxy_log(self, level: int, ptr: int, size: int) -> int:
         if level > LOG_LEVEL_MAX:
             return _BAD_ARGUMENT
+        if not _log.isEnabledFor(_PY_LEVELS[level]):
+            # Below the configured level: Envoy checks the message's range (getMemory) and its
+            # ENVOY_LOG drops the line. The same here, without reading (or copying) the message.
+            vm = self.wasm.vm
+            assert vm is not None
+            return _OK if vm.memory.in_bounds(ptr, size) else _INVALID_MEMORY
         ctx = self.wasm.context_or_effective_context()
         try:
             message = self._read(ptr, size)
@@ -395,8 +402,13 @@ class _Exports:
                                    value_size: int) -> int:
         if map_type > HEADER_MAP_TYPE_MAX:
             return _BAD_ARGUMENT
-        ctx = self.wasm.context_or_effective_context()
-        memory = self._memory()
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
+        vm = wasm.vm
+        assert vm is not None
+        memory = vm.memory
         try:
             key = memory.read(key_ptr, key_size)
             value = memory.read(value_ptr, value_size)
@@ -408,9 +420,14 @@ class _Exports:
                                    size_ptr: int) -> int:
         if map_type > HEADER_MAP_TYPE_MAX:
             return _BAD_ARGUMENT
-        ctx = self.wasm.context_or_effective_context()
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
+        vm = wasm.vm
+        assert vm is not None
         try:
-            key = self._read(key_ptr, key_size)
+            key = vm.memory.read(key_ptr, key_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         result, value = ctx.get_header_map_value(map_type, key)
@@ -422,8 +439,13 @@ class _Exports:
                                        value_size: int) -> int:
         if map_type > HEADER_MAP_TYPE_MAX:
             return _BAD_ARGUMENT
-        ctx = self.wasm.context_or_effective_context()
-        memory = self._memory()
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
+        vm = wasm.vm
+        assert vm is not None
+        memory = vm.memory
         try:
             key = memory.read(key_ptr, key_size)
             value = memory.read(value_ptr, value_size)
