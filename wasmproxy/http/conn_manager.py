@@ -505,6 +505,8 @@ class ConnectionManager(asyncio.Protocol):
             stats=handler.codec_stats(),
         )
         self.stream: ActiveStream | None = None
+        # The last stream destroyed, until the next one begins (ActiveStream.release()).
+        self._last_stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
         self._read_disable_count = 0
         self._out: list[bytes] = []
@@ -636,6 +638,10 @@ class ConnectionManager(asyncio.Protocol):
             # The last request this connection may carry: answer it with connection: close.
             self.stats.downstream_cx_max_requests_reached.inc()
             self.drain_state = _CLOSING
+        last = self._last_stream
+        if last is not None:  # the previous stream, destroyed: off the stack now
+            self._last_stream = None
+            last.release()
         self.stream = ActiveStream(self)
 
     def on_headers(self, headers: HeaderMap, end_stream: bool) -> None:
@@ -832,6 +838,7 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is not stream:
             return
         self.stream = None
+        self._last_stream = stream  # released when the next stream begins
         if self._closed:
             return
         if self.drain_state == _CLOSING:
@@ -1490,8 +1497,12 @@ class ActiveStream:
         now = self._monotonic()
         stats.downstream_rq_time.record((now - info.start_monotonic) * 1000)
         self.conn.on_stream_destroyed(self, now)
-        # Envoy deletes the stream now: drop the link to the filter manager (whose callbacks
-        # are this stream) so that the pair is freed without the cyclic gc.
+
+    def release(self) -> None:
+        """Envoy's deferred delete of the stream, done when the connection's next stream begins
+        (never inside this stream's own calls): the filter chain goes, and the link to the filter
+        manager (whose callbacks are this stream), so that all of it is freed without the cyclic gc."""
+        self.filter_manager.release()
         del self.filter_manager
 
 

@@ -1003,19 +1003,23 @@ class FilterManager:
         self.destroyed = True
         for f in self._destroy_order:
             f.on_destroy()
-        # As Envoy deletes the filters with the stream: the chain goes, which breaks the cycles
-        # this manager <-> its active filters <-> the filters (which hold their callbacks), so
-        # the stream's objects are freed when the last reference goes rather than by the cyclic
-        # gc. (Callbacks from a destroyed stream's filters stop at `destroyed`; a late
-        # encode_headers reaches no filter.)
+
+    def release(self) -> None:
+        """The owner is done with this stream for good (Envoy deletes it): drop the filter chain.
+
+        That breaks the cycles this manager <-> its active filters <-> the filters (which hold
+        their callbacks), so the stream's objects are freed when their last reference goes
+        instead of by the cyclic gc. Only after destroy_filters(), and from outside any of this
+        stream's calls (the connection manager does it when its next stream begins): a filter
+        called later reaches no other filter."""
+        assert self._filters_destroyed, "release() before destroy_filters()"
         for entry in self.decoder_filters:
             entry.handle = None
         for entry in self.encoder_filters:
             entry.handle = None
         self._destroy_order = self.decoder_filters = self.encoder_filters = _NO_FILTERS  # type: ignore[assignment]
-        if self._logged or not self.access_log_handlers:
-            # A filter may be a log handler too (the Wasm filter is): once logged, they go too.
-            self.access_log_handlers = _NO_FILTERS  # type: ignore[assignment]
+        # A filter may be an access log handler too (the Wasm filter is).
+        self.access_log_handlers = _NO_FILTERS  # type: ignore[assignment]
 
 
 _NO_FILTERS: tuple[Any, ...] = ()
