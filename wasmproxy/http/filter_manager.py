@@ -819,8 +819,9 @@ class FilterManager:
         self.callbacks.encode_data(out, modified_end_stream)
         if self.saw_downstream_reset:
             return
-        if modified_end_stream:
-            self._maybe_end_encode(True)
+        if modified_end_stream and not self.remote_encode_complete:  # _maybe_end_encode(True), inline
+            self.remote_encode_complete = True
+            self.callbacks.end_stream()
         if trailers_added_entry is not None and self.response_trailers is not None:
             self.encode_trailers_from(trailers_added_entry, self.response_trailers)
 
