@@ -312,6 +312,27 @@ def test_epoch_deadline_interrupts_a_spinning_guest_and_is_rearmed():
         spin()
 
 
+def test_each_outermost_entry_gets_the_full_deadline_whether_or_not_the_epoch_moved():
+    """The re-arm is skipped when no tick happened since the last arm (the stored deadline is
+    then the same); after a tick it is re-armed, so a spinning guest always gets 2 ticks."""
+    ticks = [0]
+
+    def tick():
+        ticks[0] += 1
+        rt.engine_tick()
+
+    vm = trap_vm(tick=tick, epoch_deadline_ticks=2)
+    ok, spin = vm.get_function("ok"), vm.get_function("spin")
+    for between in (0, 1, 0, 3, 0):
+        assert ok() == 42
+        for _ in range(between):
+            rt.engine_tick()
+        ticks[0] = 0
+        with pytest.raises(WasmTrap, match="interrupt"):
+            spin()
+        assert ticks[0] == 2
+
+
 def test_without_deadline_ticks_never_interrupt():
     ticks = [0]
 

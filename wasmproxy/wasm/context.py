@@ -322,8 +322,15 @@ class ContextBase:
         if wasm is None:
             ctx = cls(None, 0, None, plugin)
         else:
-            ref = wasm.contexts.get(root_context_id)  # Wasm.get_context, inlined
-            ctx = cls(wasm, wasm.alloc_context_id(), ref() if ref is not None else None, plugin)
+            contexts = wasm.contexts
+            ref = contexts.get(root_context_id)  # Wasm.get_context, inlined
+            # Wasm.alloc_context_id, inlined for the common case: the next id is free.
+            context_id = wasm._next_context_id
+            if context_id and context_id not in contexts:
+                wasm._next_context_id = (context_id + 1) & 0xFFFFFFFF
+            else:
+                context_id = wasm.alloc_context_id()
+            ctx = cls(wasm, context_id, ref() if ref is not None else None, plugin)
             ctx.parent_context_id = root_context_id
         ctx.env = env
         return ctx

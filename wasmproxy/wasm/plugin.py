@@ -571,9 +571,13 @@ class PluginConfig:
         """A stream context for a new stream on this thread; None: skip the filter (fail open)."""
         slot = self._slot  # _holder(), inlined: once per stream
         holder: PluginHandleHolder | None = slot.get() if slot is not None else self._singleton
-        if holder is None or holder.handle is None:
+        if holder is None:
             return None
-        wasm = holder.handle.wasm
+        handle = holder.handle
+        if handle is None:
+            return None
+        wasm_handle = handle.wasm_handle  # PluginHandle.wasm, inlined
+        wasm = wasm_handle.wasm if wasm_handle is not None else None
         if self.base is None or wasm is None or wasm.failed:  # the common case skips the reload check
             wasm = self._maybe_reload(holder)
         if wasm is None or wasm.failed:

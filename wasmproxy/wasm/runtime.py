@@ -54,7 +54,11 @@ Safety invariants this module relies on:
   ``wasmtime_context_t`` as the Store's, so nested calls use it directly; a test pins this.
 * Epoch interruption is always compiled in. A VM without a CPU deadline gets a deadline so far
   away that it never fires; with ``epoch_deadline_ticks`` the deadline is re-armed before every
-  outermost entry into the guest (without re-arming, the next call would trap at once).
+  outermost entry into the guest (without re-arming, the next call would trap at once) whose
+  epoch may have moved since the VM last armed it: wasmtime's deadline is the current epoch
+  plus the ticks, so with no tick in between the stored deadline is already the one an arm
+  would set. Advance the epoch only through ``engine_tick``/``EpochTicker`` (they keep the count
+  this check reads).
 """
 
 from __future__ import annotations
@@ -193,9 +197,23 @@ def engine() -> wasmtime.Engine:
     return _engine
 
 
+# Epoch updates, seqlock style: odd while an increment is under way, +2 per increment. A VM
+# that armed its deadline after reading an even count c, and reads c again at its next
+# outermost entry, knows no increment began in between (count updates are made under the GIL,
+# in the ticking thread's order: bump, increment, bump), so its deadline is still current.
+_epoch_seq = [0]
+_tick_lock = threading.Lock()
+
+
 def engine_tick() -> None:
     """Any thread: advance the engine's epoch; guests past their deadline trap "interrupt"."""
-    engine().increment_epoch()
+    eng = engine()
+    with _tick_lock:
+        _epoch_seq[0] += 1
+        try:
+            eng.increment_epoch()
+        finally:
+            _epoch_seq[0] += 1
 
 
 class EpochTicker:
@@ -214,9 +232,8 @@ class EpochTicker:
         return self
 
     def _run(self) -> None:
-        eng = engine()
         while not self._stop.wait(self.interval_s):
-            eng.increment_epoch()
+            engine_tick()
 
     def stop(self) -> None:
         self._stop.set()
@@ -730,6 +747,9 @@ class WasmVm:
         self._memory_limit_bytes = memory_limit_bytes
         self._deadline_ticks = epoch_deadline_ticks
         self._depth = 0  # nesting of deadline-armed guest entries (re-entrant host calls)
+        # The even _epoch_seq value and the ticks of the last arm (-1: re-arm at the next entry).
+        self._armed_seq = -1
+        self._armed_ticks = 0
         self._host_error: BaseException | None = None
         self._trap_out = c_size_t(0)
         self._trap_out_addr = addressof(self._trap_out)
@@ -838,6 +858,7 @@ class WasmVm:
         call_unchecked = _func_call_unchecked
         enter_with_deadline = self._enter_with_deadline
         set_epoch_deadline = _context_set_epoch_deadline
+        epoch_seq = _epoch_seq
         failed = self._call_failed
         vm = self
 
@@ -863,7 +884,13 @@ class WasmVm:
                     # _enter_with_deadline, inlined: this is every callback's path.
                     depth = vm._depth
                     if not depth:
-                        set_epoch_deadline(ctx, ticks)
+                        # Re-armed unless no epoch update began since the last arm (see
+                        # _epoch_seq): the deadline it would set is the one already stored.
+                        seq = epoch_seq[0]
+                        if seq != vm._armed_seq or ticks != vm._armed_ticks:
+                            set_epoch_deadline(ctx, ticks)
+                            vm._armed_seq = -1 if seq & 1 else seq
+                            vm._armed_ticks = ticks
                     vm._depth = depth + 1
                     try:
                         err = call_unchecked(ctx, func_addr, buf_addr, slots, trap_out_addr)
@@ -902,6 +929,7 @@ class WasmVm:
         re-entrant calls must not extend its own deadline."""
         if not self._depth:
             _context_set_epoch_deadline(self._ctx, self._deadline_ticks)
+            self._armed_seq = -1  # not tracked on this path: the fast path re-arms next time
         self._depth += 1
         try:
             return _func_call_unchecked(self._ctx, func_addr, buf_addr, slots, self._trap_out_addr)
@@ -1076,6 +1104,7 @@ class WasmVm:
     def set_epoch_deadline_ticks(self, ticks: int | None) -> None:
         """Owner thread: give each outermost guest entry ``ticks`` epoch ticks (None: no limit)."""
         self._deadline_ticks = ticks
+        self._armed_seq = -1
         if ticks is None:
             _context_set_epoch_deadline(self._ctx, _NO_DEADLINE_TICKS)
 
