@@ -1034,12 +1034,9 @@ class ActiveStream:
         self._monotonic = time_source.monotonic
         now = time_source.monotonic()
         assert conn.connection_info is not None
-        info = self.stream_info = StreamInfo(
-            conn.connection_info,
-            start_time=time_source.system_time(),
-            start_monotonic=now,
-            listener_name=handler.listener_name,
-        )
+        # (connection, start_time, start_monotonic) by position: keyword arguments cost more here.
+        info = self.stream_info = StreamInfo(conn.connection_info, time_source.system_time(), now)
+        info.listener_name = handler.listener_name
         fm = self.filter_manager = FilterManager(self, dispatcher, info, stream_id, config.buffer_limit)
         if config.proxy_100_continue:
             fm.proxy_100_continue = True
