@@ -207,13 +207,23 @@ _tick_lock = threading.Lock()
 
 def engine_tick() -> None:
     """Any thread: advance the engine's epoch; guests past their deadline trap "interrupt"."""
-    eng = engine()
+    engine_addr = _engine_address()
     with _tick_lock:
         _epoch_seq[0] += 1
         try:
-            eng.increment_epoch()
+            _engine_increment_epoch(engine_addr)
         finally:
             _epoch_seq[0] += 1
+
+
+_engine_addr = 0
+
+
+def _engine_address() -> int:
+    global _engine_addr
+    if not _engine_addr:
+        _engine_addr = _context_address(engine().ptr())
+    return _engine_addr
 
 
 class EpochTicker:
@@ -262,6 +272,9 @@ _func_call_unchecked = _c("wasmtime_func_call_unchecked", c_void_p,
 # a number, it never blocks or calls back): ~0.17 us instead of ~0.30 us per call.
 _context_set_epoch_deadline = PYFUNCTYPE(None, c_void_p, _WORD64 or c_uint64)(
     ("wasmtime_context_set_epoch_deadline", _dll))
+# The ticker's call keeps the GIL too (an atomic add): a tick then takes the GIL once (as it
+# wakes up) instead of twice, so a busy worker hands the GIL over to it half as often.
+_engine_increment_epoch = PYFUNCTYPE(None, c_void_p)(("wasmtime_engine_increment_epoch", _dll))
 _memory_data = _c("wasmtime_memory_data", c_size_t, c_void_p, c_void_p)
 _memory_data_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
 _trap_new = _c("wasmtime_trap_new", c_size_t, ctypes.c_char_p, c_size_t)
