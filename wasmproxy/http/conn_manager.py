@@ -505,7 +505,7 @@ class ConnectionManager(asyncio.Protocol):
             stats=handler.codec_stats(),
         )
         self.stream: ActiveStream | None = None
-        # The last stream destroyed, until the next one begins (ActiveStream.release()).
+        # The last stream destroyed, until it is released from a fresh event (_release_last_stream).
         self._last_stream: ActiveStream | None = None
         self.drain_state = _CLOSING if handler.draining else _NOT_DRAINING
         self._read_disable_count = 0
@@ -582,6 +582,8 @@ class ConnectionManager(asyncio.Protocol):
             self._reading = False
             if self._out or self._outbound_responses:  # else _flush has nothing to do
                 self._flush()
+        if self._last_stream is not None:  # a stream ended in this read
+            self._release_last_stream()
         if self.codec.has_pending_events != self._pipelining_disabled:  # else nothing to apply
             self._apply_pipelining_backpressure()
 
@@ -638,10 +640,8 @@ class ConnectionManager(asyncio.Protocol):
             # The last request this connection may carry: answer it with connection: close.
             self.stats.downstream_cx_max_requests_reached.inc()
             self.drain_state = _CLOSING
-        last = self._last_stream
-        if last is not None:  # the previous stream, destroyed: off the stack now
-            self._last_stream = None
-            last.release()
+        if self._last_stream is not None:
+            self._release_last_stream()
         self.stream = ActiveStream(self)
 
     def on_headers(self, headers: HeaderMap, end_stream: bool) -> None:
@@ -703,13 +703,26 @@ class ConnectionManager(asyncio.Protocol):
             if not self._flush_posted and not self._reading:
                 self._flush_posted = True
                 try:
-                    self.dispatcher.post(self._flush)
+                    self.dispatcher.post(self._posted_flush)
                 except RuntimeError:  # the dispatcher has exited: write now
                     self._flush()
 
     def on_response_encoded(self) -> None:
         """A response was encoded completely; it stays queued until the output is written."""
         self._outbound_responses += 1
+
+    def _posted_flush(self) -> None:
+        """The flush write() posts; a stream that ended since (the usual case) is released after."""
+        self._flush()
+        if self._last_stream is not None:
+            self._release_last_stream()
+
+    def _release_last_stream(self) -> None:
+        """Release the stream destroyed last (ActiveStream.release). Only from a fresh event (a
+        read, a posted callback, the next stream's start): never while the stream may be on the stack."""
+        last, self._last_stream = self._last_stream, None
+        if last is not None:
+            last.release()
 
     def _flush(self) -> None:
         self._flush_posted = False
@@ -838,7 +851,7 @@ class ConnectionManager(asyncio.Protocol):
         if self.stream is not stream:
             return
         self.stream = None
-        self._last_stream = stream  # released when the next stream begins
+        self._last_stream = stream  # released from the next fresh event (_release_last_stream)
         if self._closed:
             return
         if self.drain_state == _CLOSING:
@@ -1496,7 +1509,7 @@ class ActiveStream:
         self.conn.on_stream_destroyed(self, now)
 
     def release(self) -> None:
-        """Envoy's deferred delete of the stream, done when the connection's next stream begins
+        """Envoy's deferred delete of the stream, done by the connection from a fresh event
         (never inside this stream's own calls): the filter chain goes, and the link to the filter
         manager (whose callbacks are this stream), so that all of it is freed without the cyclic gc."""
         self.filter_manager.release()

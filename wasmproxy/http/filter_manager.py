@@ -1011,7 +1011,7 @@ class FilterManager:
         That breaks the cycles this manager <-> its active filters <-> the filters (which hold
         their callbacks), so the stream's objects are freed when their last reference goes
         instead of by the cyclic gc. Only after destroy_filters(), and from outside any of this
-        stream's calls (the connection manager does it when its next stream begins): a filter
+        stream's calls (the connection manager does it from its next fresh event): a filter
         called later reaches no other filter."""
         assert self._filters_destroyed, "release() before destroy_filters()"
         for entry in self.decoder_filters:
