@@ -714,8 +714,10 @@ class ConnectionManager(asyncio.Protocol):
     def _posted_flush(self) -> None:
         """The flush write() posts; a stream that ended since (the usual case) is released after."""
         self._flush()
-        if self._last_stream is not None:
-            self._release_last_stream()
+        last = self._last_stream
+        if last is not None:  # _release_last_stream(), inline: most responses end before this
+            self._last_stream = None
+            last.release()
 
     def _release_last_stream(self) -> None:
         """Release the stream destroyed last (ActiveStream.release). Only from a fresh event (a
