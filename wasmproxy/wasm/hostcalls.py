@@ -71,6 +71,13 @@ def unmarshal_pairs(buffer: bytes) -> list[tuple[bytes, bytes]]:
     sizes = struct.unpack_from(f"<{2 * count}I", buffer, 4)
     pos = 4 + count * 8
     end = len(buffer)
+    # Fast path: split at NULs. When every piece has its declared size (and the data ends with
+    # the last value's NUL), this is exactly the size-driven parse below; a key or value with a
+    # NUL inside falls back to it.
+    parts = buffer[pos:].split(b"\0")
+    last = parts.pop()
+    if not last and tuple(map(len, parts)) == sizes:
+        return list(zip(parts[0::2], parts[1::2]))
     result = []
     for i in range(count):
         klen, vlen = sizes[2 * i], sizes[2 * i + 1]
