@@ -249,8 +249,7 @@ class _Exports:
         ctx = self.wasm.context_or_effective_context()
         memory = self._memory()
         try:
-            name = memory.read(name_ptr, name_size)
-            args = memory.read(args_ptr, args_size)
+            name, args = memory.read_two(name_ptr, name_size, args_ptr, args_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         fn = self.wasm.get_foreign_function(name.decode("utf-8", "replace"))
@@ -292,8 +291,7 @@ class _Exports:
         ctx = self.wasm.context_or_effective_context()
         memory = self._memory()
         try:
-            key = memory.read(key_ptr, key_size)
-            value = memory.read(value_ptr, value_size)
+            key, value = memory.read_two(key_ptr, key_size, value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.set_property(key, value))
@@ -357,8 +355,7 @@ class _Exports:
         ctx = self.wasm.context_or_effective_context()
         memory = self._memory()
         try:
-            key = memory.read(key_ptr, key_size)
-            value = memory.read(value_ptr, value_size)
+            key, value = memory.read_two(key_ptr, key_size, value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.set_shared_data(key, value, cas))
@@ -379,8 +376,7 @@ class _Exports:
         ctx = self.wasm.context_or_effective_context()
         memory = self._memory()
         try:
-            vm_id = memory.read(vm_id_ptr, vm_id_size)
-            name = memory.read(name_ptr, name_size)
+            vm_id, name = memory.read_two(vm_id_ptr, vm_id_size, name_ptr, name_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         result, token = ctx.resolve_shared_queue(vm_id, name)
@@ -417,8 +413,7 @@ class _Exports:
         assert vm is not None
         memory = vm.memory
         try:
-            key = memory.read(key_ptr, key_size)
-            value = memory.read(value_ptr, value_size)
+            key, value = memory.read_two(key_ptr, key_size, value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.add_header_map_value(map_type, key, value))
@@ -454,8 +449,7 @@ class _Exports:
         assert vm is not None
         memory = vm.memory
         try:
-            key = memory.read(key_ptr, key_size)
-            value = memory.read(value_ptr, value_size)
+            key, value = memory.read_two(key_ptr, key_size, value_ptr, value_size)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(ctx.replace_header_map_value(map_type, key, value))

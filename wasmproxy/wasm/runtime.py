@@ -692,6 +692,17 @@ class WasmMemory:
             self._check(ptr, n)
         return self._view[ptr:end].tobytes()
 
+    def read_two(self, ptr1: int, n1: int, ptr2: int, n2: int) -> tuple[bytes, bytes]:
+        """``(read(ptr1, n1), read(ptr2, n2))`` in one call (host calls taking a key and a value)."""
+        end1, end2 = ptr1 + n1, ptr2 + n2
+        size = self._size
+        if not (0 <= ptr1 <= end1 <= size):
+            self._check(ptr1, n1)
+        if not (0 <= ptr2 <= end2 <= self._size):
+            self._check(ptr2, n2)
+        view = self._view
+        return view[ptr1:end1].tobytes(), view[ptr2:end2].tobytes()
+
     def write(self, ptr: int, data: bytes | bytearray | memoryview) -> None:
         end = ptr + len(data)
         if not (0 <= ptr <= end <= self._size):
