@@ -703,7 +703,7 @@ class ConnectionManager(asyncio.Protocol):
             if not self._flush_posted and not self._reading:
                 self._flush_posted = True
                 try:
-                    self.dispatcher.post(self._posted_flush)
+                    self.dispatcher.post(self._flush_and_release)
                 except RuntimeError:  # the dispatcher has exited: write now
                     self._flush()
 
@@ -711,7 +711,7 @@ class ConnectionManager(asyncio.Protocol):
         """A response was encoded completely; it stays queued until the output is written."""
         self._outbound_responses += 1
 
-    def _posted_flush(self) -> None:
+    def _flush_and_release(self) -> None:
         """The flush write() posts; a stream that ended since (the usual case) is released after."""
         self._flush()
         last = self._last_stream
@@ -1520,7 +1520,6 @@ class ActiveStream:
 
 _REQUEST_HOP_BY_HOP = frozenset(("connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding"))
 _RESPONSE_HOP_BY_HOP = _REQUEST_HOP_BY_HOP
-
 
 
 # The variant nibble of a version 4 UUID (10xx in binary) from a random hex digit's low bits.
