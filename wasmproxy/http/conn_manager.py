@@ -566,7 +566,9 @@ class ConnectionManager(asyncio.Protocol):
             self._idle_timer.enable_timer(self.config.idle_timeout_ms)
 
     def data_received(self, data: bytes) -> None:
-        self.stats.downstream_cx_rx_bytes_total.inc(len(data))
+        counter = self.stats.downstream_cx_rx_bytes_total  # Counter.inc, inline
+        counter.value += len(data)
+        counter.used = True
         if self._closed:
             return
         self._data_seen = True
@@ -698,7 +700,9 @@ class ConnectionManager(asyncio.Protocol):
         """Queue bytes for the socket. They go out in one write when the current event is done
         (like Envoy's connection write buffer), so a response's headers and body share a syscall."""
         if data and self.transport is not None and not self._closed:
-            self.stats.downstream_cx_tx_bytes_total.inc(len(data))
+            counter = self.stats.downstream_cx_tx_bytes_total  # Counter.inc, inline
+            counter.value += len(data)
+            counter.used = True
             self._out.append(data)
             if not self._flush_posted and not self._reading:
                 self._flush_posted = True
@@ -1058,7 +1062,9 @@ class ActiveStream:
         if config.access_logs:  # as add_access_log_handler for each
             fm.access_log_handlers.extend(config.access_logs)
         self._watermark_callbacks: list[Any] = []
-        inc_each(self.stats.rq_started)  # downstream_rq_total, _http1_total, _active (a gauge)
+        for counter in self.stats.rq_started:  # inc_each: downstream_rq_total, _http1_total, _active (a gauge)
+            counter.value += 1
+            counter.used = True
         self._idle_timeout_ms = config.stream_idle_timeout_ms  # a route's idle_timeout overrides it
         self._last_activity = now
         if config.stream_idle_timeout_ms > 0:
@@ -1296,7 +1302,9 @@ class ActiveStream:
         if 100 <= status < 600:
             listener_stats = conn.listener_stats
             if listener_stats is not None:
-                inc_each(listener_stats.rq_by_class_with_hcm[status // 100])
+                for counter in listener_stats.rq_by_class_with_hcm[status // 100]:  # inc_each, inline
+                    counter.value += 1
+                    counter.used = True
             else:
                 self.stats.rq_by_class[status // 100].inc()
         self.response_started = True
@@ -1500,10 +1508,14 @@ class ActiveStream:
             fm.log()
         fm.destroy_filters()
         stats = self.stats
-        stats.downstream_rq_active.dec()
+        gauge = stats.downstream_rq_active  # Gauge.dec, inline
+        gauge.value -= 1
+        gauge.used = True
         listener_stats = self.conn.listener_stats
         if listener_stats is not None:
-            inc_each(listener_stats.rq_completed_with_hcm)
+            for counter in listener_stats.rq_completed_with_hcm:  # inc_each, inline
+                counter.value += 1
+                counter.used = True
         else:
             stats.downstream_rq_completed.inc()
         now = self._monotonic()

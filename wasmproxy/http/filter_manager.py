@@ -65,6 +65,7 @@ _STOP_ALL_BUFFER = IterationState.StopAllBuffer
 _STOP_ALL_WATERMARK = IterationState.StopAllWatermark
 _HEADERS_CONTINUE = FilterHeadersStatus.Continue
 _HEADERS_CONTINUE_NO_END = FilterHeadersStatus.ContinueAndDontEndStream
+_HEADERS_STOP = FilterHeadersStatus.StopIteration
 _DATA_CONTINUE = FilterDataStatus.Continue
 
 
@@ -593,6 +594,9 @@ class FilterManager:
             if status is _HEADERS_CONTINUE:  # handle_after_headers(status), inline for the common case
                 entry.headers_continued = True
                 continue_iteration = entry.iteration_state is _CONTINUE
+            elif status is _HEADERS_STOP:  # handle_after_headers(status), inline: the router stops here
+                entry.iteration_state = _STOP_SINGLE
+                continue_iteration = False
             else:
                 if status == _HEADERS_CONTINUE_NO_END:
                     # The filter will inject a body: later filters must not see end_stream on headers.
