@@ -73,20 +73,17 @@ class AsyncRequest:
         _next_stream_id += 1
         self.stream_id = _next_stream_id
         self._client = client
+        self.dispatcher: Any = client.dispatcher
         self._route = route
         self._callbacks = callbacks
-        any_address = Address("0.0.0.0", 0)
-        self.stream_info = StreamInfo(ConnectionInfo(0, any_address, any_address))
+        self.stream_info = StreamInfo(client.connection_info)
         self._response_headers: HeaderMap | None = None
-        self._body = bytearray()
+        # The response body: the first chunk as it came, a bytearray once a second one arrives.
+        self._body: bytes | bytearray = b""
         self._trailers: HeaderMap | None = None
         self.complete = False
         self._router: Router = Router(client.router_config)
-        self._router.set_decoder_filter_callbacks(self)  # type: ignore[arg-type]
-
-    @property
-    def dispatcher(self) -> Any:
-        return self._client.dispatcher
+        self._router.callbacks = self  # type: ignore[assignment]  # set_decoder_filter_callbacks (no watermark callbacks here)
 
     def route(self) -> Route:
         return self._route
@@ -127,13 +124,19 @@ class AsyncRequest:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         self._response_headers = headers
-        status = headers.get(":status") or "0"
+        status = headers._index.get(":status") or "0"  # headers.get, on this package's own map
         self.stream_info.response_code = int(status) if status.isdigit() else 0
         if end_stream:
             self._finish()
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
-        self._body += data
+        body = self._body
+        if type(body) is bytearray:
+            body += data
+        elif not body and type(data) is bytes:  # kept as it is: immutable
+            self._body = data
+        else:
+            self._body = bytearray(body) + data
         if end_stream:
             self._finish()
 
@@ -159,13 +162,14 @@ class AsyncRequest:
         self.complete = True
         self._router.on_destroy()
         assert self._response_headers is not None
-        self._callbacks.on_success(self._response_headers, bytes(self._body), self._trailers)
+        body = self._body
+        self._callbacks.on_success(self._response_headers, body if type(body) is bytes else bytes(body), self._trailers)
 
     def _start(self, headers: HeaderMap, body: bytes, trailers: HeaderMap | None) -> None:
         # RequestOptions defaults: send_internal and send_xff (the server's local address).
         headers.set("x-envoy-internal", "true")
-        xff = headers.get("x-forwarded-for")
-        local = local_address()
+        xff = headers._index.get("x-forwarded-for")  # headers.get, on this package's own map
+        local = _local_address or local_address()
         headers.set("x-forwarded-for", f"{xff},{local}" if xff else local)
         router = self._router
         end_headers = not body and trailers is None
@@ -183,6 +187,9 @@ class AsyncClient:
         self._cm = cluster_manager
         self.dispatcher = cluster_manager.dispatcher
         self.router_config: RouterConfig = RouterConfig(None, lambda: cluster_manager)
+        # The downstream "connection" of every request (read only): built once, not per request.
+        any_address = Address("0.0.0.0", 0)
+        self.connection_info = ConnectionInfo(0, any_address, any_address)
         self._routes: dict[tuple[str, int], Route] = {}
 
     def send(
@@ -195,7 +202,7 @@ class AsyncClient:
         callbacks: AsyncClientCallbacks,
     ) -> AsyncRequest | None:
         """Start a request; None if it completed inline or the cluster does not exist (no callback then)."""
-        if self._cm.get(cluster) is None:
+        if cluster not in self._cm._clusters:  # self._cm.get(cluster) is None
             return None
         request = AsyncRequest(self, self._route(cluster, timeout_ms), callbacks)
         request._start(headers, body, trailers)
