@@ -257,17 +257,24 @@ def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig,
     if present is not None and not present:
         per_try_header = None  # none of the headers below
     else:
-        expected = headers.get("x-envoy-expected-rq-timeout-ms") if config.respect_expected_rq_timeout else None
+        # headers.get on this package's own map, without a call: `index` holds each key's first
+        # value; a header absent from `present` (when given) is not looked up.
+        index = headers._index
+        has = index if present is None else present
+        expected = None
+        if config.respect_expected_rq_timeout and "x-envoy-expected-rq-timeout-ms" in has:
+            expected = index["x-envoy-expected-rq-timeout-ms"]
         if expected is not None:
             if expected.isdigit():
                 timeout = int(expected)
         else:
-            header = headers.get("x-envoy-upstream-rq-timeout-ms")
+            header = index["x-envoy-upstream-rq-timeout-ms"] if "x-envoy-upstream-rq-timeout-ms" in has else None
             if header is not None:
                 if header.isdigit():
                     timeout = int(header)
                 headers.remove("x-envoy-upstream-rq-timeout-ms")
-        per_try_header = headers.get("x-envoy-upstream-rq-per-try-timeout-ms")
+        per_try_header = (index["x-envoy-upstream-rq-per-try-timeout-ms"]
+                          if "x-envoy-upstream-rq-per-try-timeout-ms" in has else None)
     if per_try_header is not None:
         if per_try_header.isdigit():
             per_try = int(per_try_header)
@@ -516,7 +523,7 @@ class Router:
         # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
         # what is left came from a filter or a trusted sender and is honoured.
         present = headers.names() & _CONTROL_HEADERS  # which of them the request carries
-        self._internal = "x-envoy-internal" in present and headers.get("x-envoy-internal") == "true"
+        self._internal = "x-envoy-internal" in present and headers._index.get("x-envoy-internal") == "true"
 
         if cluster.uses_hash and route.hash_policy:
             conn = info.connection
@@ -878,7 +885,7 @@ class Router:
         cb = self.callbacks
         info = self._info
         now = self._clock()
-        status_text = headers.get(":status") or "0"
+        status_text = headers._index.get(":status") or "0"  # headers.get, on this package's own map
         status = int(status_text) if status_text.isdigit() else 0
         assert self.cluster is not None and self.route is not None
         if status >= 500:

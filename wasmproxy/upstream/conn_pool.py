@@ -315,8 +315,8 @@ class ActiveClient(asyncio.Protocol):
         stream = self.stream
         if stream is None or stream.done:
             return
-        connection = headers.get("connection")
-        if connection is not None and connection.lower() == "close":
+        index = headers._index  # headers.get("connection"), on this package's own map
+        if "connection" in index and index["connection"].lower() == "close":
             self.pool.stats.inc("upstream_cx_close_notify")
         if end_stream:
             self._complete(stream)
