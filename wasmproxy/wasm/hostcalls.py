@@ -44,6 +44,8 @@ _INVALID_MEMORY = int(WasmResult.InvalidMemoryAccess)
 _INTERNAL_FAILURE = int(WasmResult.InternalFailure)
 
 _log = get_logger("wasm")
+# logging.Logger.isEnabledFor's level -> bool cache (cleared in place, never replaced).
+_log_enabled_cache: dict[int, bool] = _log._cache  # type: ignore[attr-defined]
 
 _U32 = struct.Struct("<I")
 
@@ -191,12 +193,22 @@ class _Exports:
     def proxy_log(self, level: int, ptr: int, size: int) -> int:
         if level > LOG_LEVEL_MAX:
             return _BAD_ARGUMENT
-        if not _log.isEnabledFor(_PY_LEVELS[level]):
+        py_level = _PY_LEVELS[level]
+        # isEnabledFor's own per-level cache first (log.py clears it on every level change);
+        # a miss asks isEnabledFor, which fills it. Plugins (the AssemblyScript SDK) log on
+        # every callback, mostly below the configured level.
+        enabled = _log_enabled_cache.get(py_level)
+        if enabled is None:
+            enabled = _log.isEnabledFor(py_level)
+        if not enabled:
             # Below the configured level: Envoy checks the message's range (getMemory) and its
             # ENVOY_LOG drops the line. The same here, without reading (or copying) the message.
             vm = self.wasm.vm
             assert vm is not None
-            return _OK if vm.memory.in_bounds(ptr, size) else _INVALID_MEMORY
+            memory = vm.memory
+            if 0 <= ptr and 0 <= size and ptr + size <= memory._size:
+                return _OK  # in_bounds' first test, inline; it refreshes the size otherwise
+            return _OK if memory.in_bounds(ptr, size) else _INVALID_MEMORY
         ctx = self.wasm.context_or_effective_context()
         try:
             message = self._read(ptr, size)
