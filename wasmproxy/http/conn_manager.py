@@ -870,7 +870,9 @@ class ConnectionManager(asyncio.Protocol):
             # Nothing parsed waits, so resuming the codec only readies it for the next request;
             # no need to post it (the posted flush shows the dispatcher has not exited).
             self.codec.resume()
-            if self.codec.has_pending_events != self._pipelining_disabled:  # else nothing to apply
+            # Nothing was queued, so the resume delivered nothing and still nothing is pending:
+            # _apply_pipelining_backpressure() has something to do only if reading was paused.
+            if self._pipelining_disabled:
                 self._apply_pipelining_backpressure()
             return
         # The next pipelined request starts from a fresh event, never inside this response's
