@@ -215,22 +215,31 @@ class Buffer:
     def size(self) -> int:
         return len(self.data)
 
-    def copy_from(self, start: int, length: int, value: bytes) -> WasmResult:
-        data = self.data
-        if not isinstance(data, bytearray):
-            return WasmResult.BadArgument
-        if start == 0:
-            # Envoy's Buffer::copyFrom: drain `length` bytes from the front, then prepend (so
-            # 0/0 prepends, 0/size replaces all, 0/n replaces the first n bytes).
-            data[:length] = value
-            return WasmResult.Ok
-        if start >= len(data):
-            data += value  # append
-            return WasmResult.Ok
+    def copy_from(self, start: int, length: int, value: bytes | memoryview) -> WasmResult:
+        return copy_into(self.data, start, length, value)
+
+
+def copy_into(data: bytes | bytearray, start: int, length: int, value: bytes | memoryview) -> WasmResult:
+    """`Buffer(data).copy_from(start, length, value)`: `value` is copied, never kept."""
+    if not isinstance(data, bytearray):
         return WasmResult.BadArgument
+    if start == 0:
+        # Envoy's Buffer::copyFrom: drain `length` bytes from the front, then prepend (so
+        # 0/0 prepends, 0/size replaces all, 0/n replaces the first n bytes).
+        data[:length] = value
+        return WasmResult.Ok
+    if start >= len(data):
+        data += value  # append
+        return WasmResult.Ok
+    return WasmResult.BadArgument
 
 
 _EMPTY_BUFFER = Buffer()
+# The per-chunk buffer types get_buffer_data looks at first (ints: no enum lookup per call).
+_HTTP_REQUEST_BODY = int(WasmBufferType.HttpRequestBody)
+_HTTP_RESPONSE_BODY = int(WasmBufferType.HttpResponseBody)
+_NETWORK_DOWNSTREAM_DATA = int(WasmBufferType.NetworkDownstreamData)
+_NETWORK_UPSTREAM_DATA = int(WasmBufferType.NetworkUpstreamData)
 
 
 def _pairs_to_header_map(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderMap:
@@ -1013,6 +1022,22 @@ class ContextBase:
         return WasmResult.Ok, m.byte_size()
 
     # Buffers (Envoy Context::getBuffer).
+
+    def get_buffer_data(self, buffer_type: int) -> bytes | bytearray | None:
+        """What get_buffer(buffer_type) wraps (None: no such buffer), without the Buffer: the
+        host calls' path. A bytearray is the live buffer, written with copy_into."""
+        if buffer_type == _HTTP_RESPONSE_BODY:
+            data = self.response_body_buffer
+        elif buffer_type == _HTTP_REQUEST_BODY:
+            data = self.request_body_buffer
+        elif buffer_type == _NETWORK_DOWNSTREAM_DATA:
+            data = self.downstream_data_buffer
+        elif buffer_type == _NETWORK_UPSTREAM_DATA:
+            data = self.upstream_data_buffer
+        else:
+            buffer = self.get_buffer(buffer_type)
+            return None if buffer is None else buffer.data
+        return b"" if data is None else data  # as Buffer(None)
 
     def get_buffer(self, buffer_type: int) -> Buffer | None:
         assert self.wasm is not None

@@ -30,6 +30,7 @@ from .abi import (
 )
 from ..log import get_logger
 from .context import _PY_LEVELS  # spdlog level -> Python level, as ContextBase.log_message maps it
+from .context import copy_into
 from .runtime import InvalidMemoryAccess, WasmMemory, with_error_result
 
 if TYPE_CHECKING:
@@ -511,40 +512,43 @@ class _Exports:
         if buffer_type > BUFFER_TYPE_MAX:
             return _BAD_ARGUMENT
         ctx = self.wasm.context_or_effective_context()
-        buffer = ctx.get_buffer(buffer_type)
-        if buffer is None:
+        data = ctx.get_buffer_data(buffer_type)
+        if data is None:
             return _NOT_FOUND
-        size = buffer.size()
+        size = len(data)
         if start > size:
             length = 0
         elif start + length > size:
             length = size - start
         if length == 0:
             return self._write_u32s((ptr_ptr, 0), (size_ptr, 0))
-        return self._copy_out(bytes(buffer.data[start:start + length]), ptr_ptr, size_ptr)
+        # One copy to bytes (bytes(bytes) is the object itself): the plugin's malloc runs
+        # before it is written into guest memory and must not see a buffer that changes.
+        chunk = bytes(data) if length == size else bytes(data[start:start + length])
+        return self._copy_out(chunk, ptr_ptr, size_ptr)
 
     def proxy_get_buffer_status(self, buffer_type: int, length_ptr: int, flags_ptr: int) -> int:
         if buffer_type > BUFFER_TYPE_MAX:
             return _BAD_ARGUMENT
         ctx = self.wasm.context_or_effective_context()
-        buffer = ctx.get_buffer(buffer_type)
-        if buffer is None:
+        data = ctx.get_buffer_data(buffer_type)
+        if data is None:
             return _NOT_FOUND
-        return self._write_u32s((length_ptr, buffer.size()), (flags_ptr, 0))
+        return self._write_u32s((length_ptr, len(data)), (flags_ptr, 0))
 
     def proxy_set_buffer_bytes(self, buffer_type: int, start: int, length: int, data_ptr: int,
                                data_size: int) -> int:
         if buffer_type > BUFFER_TYPE_MAX:
             return _BAD_ARGUMENT
         ctx = self.wasm.context_or_effective_context()
-        buffer = ctx.get_buffer(buffer_type)
-        if buffer is None:
+        data = ctx.get_buffer_data(buffer_type)
+        if data is None:
             return _NOT_FOUND
         try:
-            data = self._read(data_ptr, data_size)
+            value = self._memory().view(data_ptr, data_size)  # copied once, by copy_into
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
-        return int(buffer.copy_from(start, length, data))
+        return int(copy_into(data, start, length, value))
 
     # callouts (always on the root context)
 

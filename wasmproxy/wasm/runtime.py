@@ -692,6 +692,14 @@ class WasmMemory:
             self._check(ptr, n)
         return self._view[ptr:end].tobytes()
 
+    def view(self, ptr: int, n: int) -> memoryview:
+        """``read(ptr, n)`` without the copy: a view of guest memory, good only until the guest
+        runs again (or the memory grows). Copy from it at once and drop it."""
+        end = ptr + n
+        if not (0 <= ptr <= end <= self._size):
+            self._check(ptr, n)
+        return self._view[ptr:end]
+
     def read_two(self, ptr1: int, n1: int, ptr2: int, n2: int) -> tuple[bytes, bytes]:
         """``(read(ptr1, n1), read(ptr2, n2))`` in one call (host calls taking a key and a value)."""
         end1, end2 = ptr1 + n1, ptr2 + n2
