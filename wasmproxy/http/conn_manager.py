@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..log import get_logger
 from ..overload import DownstreamConnectionLimit, overflow_counter
-from ..stats.store import inc_each
 from .codec import CodecError, ServerCodec, reason_phrase
 from .filter import AccessLogHandler, FilterFactoryCb
 from .filter_manager import DEFAULT_BUFFER_LIMIT, FilterManager
@@ -325,7 +324,7 @@ class HcmStats:
         self.downstream_rq_time = store.histogram(prefix + "downstream_rq_time", Unit.MILLISECONDS)
         self.rq_by_class = [None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
                             self.downstream_rq_4xx, self.downstream_rq_5xx]
-        # Bumped together with one store.inc_each when a stream starts.
+        # Bumped together (as store.inc_each, inline) when a stream starts.
         self.rq_started = (self.downstream_rq_total, self.downstream_rq_http1_total, self.downstream_rq_active)
 
     # Attributes are set from _COUNTERS/_GAUGES above.
@@ -360,7 +359,7 @@ class ListenerHttpStats:
         prefix = f"listener.{listener_prefix}.http.{stat_prefix}."
         self.rq_by_class = [None] + [store.counter(f"{prefix}downstream_rq_{n}xx") for n in range(1, 6)]
         self.downstream_rq_completed = store.counter(prefix + "downstream_rq_completed")
-        # Each with the HCM's own counter, bumped together with one store.inc_each.
+        # Each with the HCM's own counter, bumped together (as store.inc_each, inline).
         self.rq_by_class_with_hcm: list[Any] = [None] + [
             (hcm.rq_by_class[n], self.rq_by_class[n]) for n in range(1, 6)]
         self.rq_completed_with_hcm = (hcm.downstream_rq_completed, self.downstream_rq_completed)
