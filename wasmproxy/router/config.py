@@ -66,6 +66,12 @@ def strip_port(host: str) -> str:
 class Route:
     """One route: its match, its action (route / direct_response / redirect) and its header mutations."""
 
+    # True once finalize_request_headers / finalize_response_headers are known to change nothing
+    # (no header parsers at any level, no host or path rewrite): the router then skips the call.
+    # Learnt on their first call, which builds the parsers.
+    finalize_request_noop = False
+    finalize_response_noop = False
+
     def __init__(self, proto: Any, vhost: "VirtualHost") -> None:
         self.virtual_host = vhost
         self.name: str = proto.name
@@ -287,6 +293,10 @@ class Route:
         parsers = self._request_parsers
         if parsers is None:
             parsers = self._parsers(True)
+            self.finalize_request_noop = (
+                not parsers and not self.host_rewrite_literal and not self.host_rewrite_header
+                and self.host_rewrite_path_regex is None and not self.prefix_rewrite and self.regex_rewrite is None
+            )
         for parser in parsers:
             parser.evaluate(headers, info)
         new_host = self.host_rewrite_literal
@@ -313,6 +323,7 @@ class Route:
         parsers = self._response_parsers
         if parsers is None:
             parsers = self._parsers(False)
+            self.finalize_response_noop = not parsers
         for parser in parsers:
             parser.evaluate(headers, info, request_headers)
 

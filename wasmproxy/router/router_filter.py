@@ -21,6 +21,7 @@ Worker thread only (the stream's dispatcher).
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, AbstractSet, Any, Callable
 
 from ..http.filter import (
@@ -108,13 +109,22 @@ class RouterStats:
             setattr(self, name, store.counter(prefix + name))
 
 
+_second = operator.itemgetter(1)
+
+
 def check_request_headers(headers: HeaderMap) -> str:
     """What Envoy's HTTP/1 request encoder refuses (checkRequiredRequestHeaders and
     checkValidRequestHeaders), as its error message; "" when the request can be sent."""
+    index = headers._index  # the map's first values, read directly
+    if ":method" in index and (":path" in index or index[":method"] == "CONNECT"):
+        # The usual case without a Python step per header: no value has a CR, LF or NUL.
+        values = "".join(map(_second, headers._entries))
+        if "\r" not in values and "\n" not in values and "\x00" not in values:
+            return ""
     method: str | None = None
     has_path = False
     invalid: str | None = None
-    for key, value in headers.items():  # one pass, judged in Envoy's order below
+    for key, value in headers._entries:  # one pass, judged in Envoy's order below
         if key == ":method":
             if method is None:
                 method = value
@@ -522,8 +532,9 @@ class Router:
         info.cluster_metadata = cluster.info.metadata
         # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
         # what is left came from a filter or a trusted sender and is honoured.
-        present = headers.names() & _CONTROL_HEADERS  # which of them the request carries
-        self._internal = "x-envoy-internal" in present and headers._index.get("x-envoy-internal") == "true"
+        index = headers._index  # the map's keys (HeaderMap.names()), read directly
+        present = _CONTROL_HEADERS.intersection(index)  # which of them the request carries
+        self._internal = "x-envoy-internal" in present and index["x-envoy-internal"] == "true"
 
         if cluster.uses_hash and route.hash_policy:
             conn = info.connection
@@ -539,10 +550,11 @@ class Router:
             if self._retry is not None:
                 self._retry_body = bytearray()
         keep_original = not self.config.suppress_envoy_headers
-        route.finalize_request_headers(headers, info, keep_original)
+        if not route.finalize_request_noop:
+            route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
-        for name in headers.names() & _HOP_BY_HOP:  # remove_hop_by_hop, inline: usually none
+        for name in _HOP_BY_HOP.intersection(headers._index):  # remove_hop_by_hop, inline: usually none
             headers.remove(name)
         if route.mirror_policies:
             self._shadow_headers = headers.copy()
@@ -912,13 +924,15 @@ class Router:
             self._per_try_timer.disable_timer()
         info.first_upstream_rx = now
         info.response_code = status  # before the encoder filters see the headers, as Envoy's router
-        for name in headers.names() & _HOP_BY_HOP:  # remove_hop_by_hop, inline: usually none
+        for name in _HOP_BY_HOP.intersection(headers._index):  # remove_hop_by_hop, inline: usually none
             headers.remove(name)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)
             headers.set("x-envoy-upstream-service-time", str(int((now - start) * 1000)))
-        self.route.finalize_response_headers(headers, info, self._request_headers)
-        if self.route.virtual_host.include_attempt_count_in_response:
+        route = self.route
+        if not route.finalize_response_noop:
+            route.finalize_response_headers(headers, info, self._request_headers)
+        if route.virtual_host.include_attempt_count_in_response:
             headers.set("x-envoy-attempt-count", str(self._attempts))
         info.response_code_details = DETAILS_VIA_UPSTREAM
         self._downstream_response_started = True
