@@ -717,6 +717,16 @@ class WasmMemory:
             self._check(ptr, len(data))
         self._view[ptr:end] = data
 
+    def write_two_u32(self, ptr1: int, value1: int, ptr2: int, value2: int) -> None:
+        """``write_u32(ptr1, value1); write_u32(ptr2, value2)`` in one call (a pointer and a size)."""
+        size = self._size
+        if not (0 <= ptr1 and ptr1 + 4 <= size):
+            self._check(ptr1, 4)
+        _U32.pack_into(self._view, ptr1, value1 & 0xFFFFFFFF)
+        if not (0 <= ptr2 and ptr2 + 4 <= self._size):
+            self._check(ptr2, 4)
+        _U32.pack_into(self._view, ptr2, value2 & 0xFFFFFFFF)
+
     def read_u32(self, ptr: int) -> int:
         if not (0 <= ptr and ptr + 4 <= self._size):
             self._check(ptr, 4)

@@ -564,12 +564,14 @@ class Wasm:
 
     def context_or_effective_context(self) -> ContextBase:
         """The context a host call acts on: the effective one if the plugin set one, else current."""
-        current = self.current_context or self.vm_context
-        if self.effective_context_id:
-            effective = self.get_context(self.effective_context_id)
-            if effective is not None:
-                return effective
-        return current
+        effective_id = self.effective_context_id
+        if effective_id:
+            ref = self.contexts.get(effective_id)  # get_context, inline
+            if ref is not None:
+                effective = ref()
+                if effective is not None:
+                    return effective
+        return self.current_context or self.vm_context
 
     def get_context(self, context_id: int) -> ContextBase | None:
         ref = self.contexts.get(context_id)
@@ -620,19 +622,26 @@ class Wasm:
         return int(ptr)
 
     def copy_to_pointer_size(self, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
-        """Copy `data` into guest memory and store (pointer, size) at ptr_ptr / size_ptr."""
+        """Copy `data` into guest memory and store (pointer, size) at ptr_ptr / size_ptr.
+
+        False when the plugin cannot allocate; InvalidMemoryAccess for a bad pointer (the
+        allocator's or an out-pointer)."""
         vm = self.vm
         assert vm is not None
         memory = vm.memory
+        size = len(data)
         ptr = 0
-        if data:
-            allocated = self.alloc_memory(len(data))
-            if allocated is None:
+        if size:
+            # alloc_memory, inline: no allocator or a null pointer is False; a pointer whose
+            # range lies outside the memory makes the write raise InvalidMemoryAccess.
+            malloc = self._malloc
+            if malloc is None:
                 return False
-            ptr = allocated
+            ptr = self.call(self.vm_context, self._malloc_name, malloc, size)
+            if not ptr:
+                return False
             memory.write(ptr, data)
-        memory.write_u32(ptr_ptr, ptr)
-        memory.write_u32(size_ptr, len(data))
+        memory.write_two_u32(ptr_ptr, ptr, size_ptr, size)
         return True
 
     # -- ticks -----------------------------------------------------------------------------
