@@ -570,7 +570,8 @@ class RouteConfig:
                     return None
                 if r.grpc_only:
                     keys.append("content-type")
-        return tuple(dict.fromkeys(keys))
+        # Lower-case, as HeaderMap keys: route() reads the map's first-value index with them.
+        return tuple(dict.fromkeys(key.lower() for key in keys))
 
     def virtual_host(self, headers: HeaderMap) -> VirtualHost | None:
         """Envoy's precedence: exact, then `*suffix` longest first, then `prefix*` longest first, then `*`."""
@@ -603,7 +604,8 @@ class RouteConfig:
         keys = self._memo_keys
         if keys is None:
             return self._route(headers, stream_id)
-        key = headers.get(":path") if len(keys) == 1 else tuple(map(headers.get, keys))
+        index = headers._index  # HeaderMap.get, on this package's own map (keys lower-case)
+        key = index.get(":path") if len(keys) == 1 else tuple(map(index.get, keys))
         memo = self._memo
         route = memo.get(key, _MISSING)
         if route is not _MISSING:
