@@ -240,10 +240,12 @@ _HTTP_REQUEST_BODY = int(WasmBufferType.HttpRequestBody)
 _HTTP_RESPONSE_BODY = int(WasmBufferType.HttpResponseBody)
 _NETWORK_DOWNSTREAM_DATA = int(WasmBufferType.NetworkDownstreamData)
 _NETWORK_UPSTREAM_DATA = int(WasmBufferType.NetworkUpstreamData)
+_HTTP_CALL_RESPONSE_BODY = int(WasmBufferType.HttpCallResponseBody)
 
 
 def _pairs_to_header_map(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderMap:
-    return HeaderMap((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in pairs)
+    # A list, not a generator (a call per pair); HeaderMap lower-cases the keys.
+    return HeaderMap([(k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs])
 
 
 class ContextBase:
@@ -1034,6 +1036,11 @@ class ContextBase:
             data = self.downstream_data_buffer
         elif buffer_type == _NETWORK_UPSTREAM_DATA:
             data = self.upstream_data_buffer
+        elif buffer_type == _HTTP_CALL_RESPONSE_BODY:
+            response = self.root_context().http_call_response
+            if response is None:
+                return None
+            data = response[1]
         else:
             buffer = self.get_buffer(buffer_type)
             return None if buffer is None else buffer.data

@@ -556,17 +556,16 @@ class _Exports:
                         body_size: int, trailers_ptr: int, trailers_size: int, timeout_ms: int,
                         token_ptr: int) -> int:
         ctx = self.wasm.context_or_effective_context().root_context()
+        memory = self._memory()
         try:
-            uri = self._read(uri_ptr, uri_size)
-            body = self._read(body_ptr, body_size)
-            headers = self._read(headers_ptr, headers_size)
-            trailers = self._read(trailers_ptr, trailers_size)
+            uri, body = memory.read_two(uri_ptr, uri_size, body_ptr, body_size)
+            headers, trailers = memory.read_two(headers_ptr, headers_size, trailers_ptr, trailers_size)
             # Verify the token pointer before starting anything asynchronous (cpp-host).
-            self._write_u32(token_ptr, 0)
+            memory.write_u32(token_ptr, 0)
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         result, token = ctx.http_call(uri, unmarshal_pairs(headers), body, unmarshal_pairs(trailers), timeout_ms)
-        self._write_u32(token_ptr, token)
+        memory.write_u32(token_ptr, token)
         return int(result)
 
     def proxy_grpc_call(self, service_ptr: int, service_size: int, service_name_ptr: int, service_name_size: int,
