@@ -518,7 +518,7 @@ class Router:
         tlcm = worker.cluster_manager
         if tlcm is None:
             tlcm = worker.cluster_manager = self.config.thread_local_cluster_manager()
-        cluster = tlcm.get(cluster_name)
+        cluster = tlcm._clusters.get(cluster_name)  # tlcm.get(cluster_name), without the call
         if cluster is None:
             info.upstream_cluster = ""
             if stats is not None:
