@@ -542,6 +542,8 @@ class ContextBase:
             if wasm.failed:  # the callback trapped: CHECK_FAIL again
                 fail = self._check_fail(first, second)
                 return open_status if fail else closed_status
+            if not result and not wasm.stop_iteration:
+                return open_status  # what every convert answers for Continue (0): no call
             return convert(result)
         finally:
             wasm.stop_iteration = False  # stop_next_iteration(False)
