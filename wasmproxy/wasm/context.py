@@ -745,7 +745,9 @@ class ContextBase:
         self.access_log_response_trailers = response_trailers
         self.access_log_stream_info = stream_info
         try:
-            self.on_log()
+            wasm = self.wasm
+            if wasm is not None and not wasm.failed:  # on_log(), inline
+                self._call("proxy_on_log", self.id)
         finally:
             self.access_log_phase = False
             self.access_log_request_headers = None
@@ -771,8 +773,20 @@ class ContextBase:
         if self.destroyed or not self.in_vm_context_created:
             return
         self.destroyed = True
-        self.on_done()
-        self.on_delete()
+        wasm = self.wasm
+        if wasm is None:
+            return
+        # on_done() then on_delete(), inline (once per stream): a trap in proxy_on_done fails
+        # the VM, and then proxy_on_delete is not called.
+        context_id = self.id
+        if not wasm.failed:
+            self._call("proxy_on_done", context_id)
+            if not wasm.failed:
+                self._call("proxy_on_delete", context_id)
+        if context_id != 0:
+            ref = wasm.contexts.get(context_id)
+            if ref is not None and ref() is self:
+                del wasm.contexts[context_id]
 
     # TCP glue (Envoy Context::onNewConnection / onData / onWrite / onEvent).
 
