@@ -1079,11 +1079,21 @@ class WasmVm:
             i64_from_address = (c_int64 * (2 * slots)).from_address
             masks = [0xFFFFFFFF if t == "i32" else -1 for t in sig.params]  # -1 & v == v
             slots_idx = range(0, 2 * nparams, 2)
+            # The slots as a tuple (itemgetter of one index gives the bare value), masked by
+            # map(): no Python frame per call.
+            if nparams > 1:
+                get_slots = itemgetter(*slots_idx)
+            elif nparams == 1:
+                def get_slots(a: Any) -> tuple:
+                    return (a[0],)
+            else:
+                def get_slots(a: Any) -> tuple:
+                    return ()
 
             def trampoline(env: int, caller: int, args: int, nargs: int) -> int:
                 try:
                     a = i64_from_address(args)
-                    params = [a[i] & m for i, m in zip(slots_idx, masks)]
+                    params = map(int.__and__, get_slots(a), masks)
                     try:
                         r = fn(*params)
                     except Exception as e:
