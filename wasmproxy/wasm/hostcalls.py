@@ -511,7 +511,10 @@ class _Exports:
                                size_ptr: int) -> int:
         if buffer_type > BUFFER_TYPE_MAX:
             return _BAD_ARGUMENT
-        ctx = self.wasm.context_or_effective_context()
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
         data = ctx.get_buffer_data(buffer_type)
         if data is None:
             return _NOT_FOUND
@@ -540,12 +543,17 @@ class _Exports:
                                data_size: int) -> int:
         if buffer_type > BUFFER_TYPE_MAX:
             return _BAD_ARGUMENT
-        ctx = self.wasm.context_or_effective_context()
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
         data = ctx.get_buffer_data(buffer_type)
         if data is None:
             return _NOT_FOUND
+        vm = wasm.vm
+        assert vm is not None
         try:
-            value = self._memory().view(data_ptr, data_size)  # copied once, by copy_into
+            value = vm.memory.view(data_ptr, data_size)  # copied once, by copy_into
         except InvalidMemoryAccess:
             return _INVALID_MEMORY
         return int(copy_into(data, start, length, value))
@@ -643,7 +651,11 @@ class _Exports:
         return self._write_u32s((id_ptr, metric_id))
 
     def proxy_increment_metric(self, metric_id: int, offset: int) -> int:
-        return int(self.wasm.context_or_effective_context().increment_metric(metric_id, offset))
+        wasm = self.wasm
+        ctx = wasm.current_context  # context_or_effective_context(), inlined for the plain case
+        if ctx is None or wasm.effective_context_id:
+            ctx = wasm.context_or_effective_context()
+        return int(ctx.increment_metric(metric_id, offset))
 
     def proxy_record_metric(self, metric_id: int, value: int) -> int:
         # The value is a u64 on the wire; the runtime hands i64 over signed.
