@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -313,8 +314,8 @@ def test_epoch_deadline_interrupts_a_spinning_guest_and_is_rearmed():
 
 
 def test_each_outermost_entry_gets_the_full_deadline_whether_or_not_the_epoch_moved():
-    """The re-arm is skipped when no tick happened since the last arm (the stored deadline is
-    then the same); after a tick it is re-armed, so a spinning guest always gets 2 ticks."""
+    """Re-armed at every outermost entry, with or without ticks since the last one: a spinning
+    guest always gets exactly its 2 ticks."""
     ticks = [0]
 
     def tick():
@@ -369,6 +370,38 @@ def test_epoch_ticker_interrupts_without_host_calls():
             vm.get_function("spin")()
     finally:
         ticker.stop()
+
+
+def test_a_guest_with_a_deadline_keeps_the_gil_between_host_calls():
+    """No thread switch per guest entry or host call: another Python thread that wants the GIL
+    does not run while the guest runs (the ticker, a native timer, needs no GIL: see
+    test_epoch_ticker_interrupts_without_host_calls)."""
+    count, seen, stop, started = [0], [], threading.Event(), threading.Event()
+
+    def tick() -> None:
+        seen.append(count[0])
+        if len(seen) == 50:
+            raise RuntimeError("enough")
+
+    def other_python_thread() -> None:
+        started.set()
+        while not stop.is_set():
+            count[0] += 1
+
+    vm = trap_vm(tick=tick, epoch_deadline_ticks=1000)
+    interval = sys.getswitchinterval()
+    thread = threading.Thread(target=other_python_thread)
+    try:
+        sys.setswitchinterval(0.05)  # longer than the 50 host calls take
+        thread.start()
+        assert started.wait(10)
+        with pytest.raises(WasmTrap, match="enough"):
+            vm.get_function("spin")()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert len(set(seen)) == 1  # the other thread never ran between two host calls
 
 
 # -- clones ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Public API (thread rules in each docstring's first line)::
 
     engine() -> wasmtime.Engine             # one per process: cranelift, epoch interruption on
     engine_tick() -> None                   # any thread: advance the epoch by one tick
-    EpochTicker(interval_s=0.01).start() / .stop()   # a daemon thread calling engine_tick()
+    EpochTicker(interval_s=0.01).start() / .stop()   # a native timer thread advancing the epoch
     compile_module(code, *, cache_dir=None, name="") -> WasmModule   # any thread, cached
     WasmModule: .sha256 .name .abi_version ("0.1.0" | "0.2.0" | "0.2.1" | None)
                 .exports {name: FuncSig}  .imports [(module, name, FuncSig)]  .from_disk_cache
@@ -54,11 +54,14 @@ Safety invariants this module relies on:
   ``wasmtime_context_t`` as the Store's, so nested calls use it directly; a test pins this.
 * Epoch interruption is always compiled in. A VM without a CPU deadline gets a deadline so far
   away that it never fires; with ``epoch_deadline_ticks`` the deadline is re-armed before every
-  outermost entry into the guest (without re-arming, the next call would trap at once) whose
-  epoch may have moved since the VM last armed it: wasmtime's deadline is the current epoch
-  plus the ticks, so with no tick in between the stored deadline is already the one an arm
-  would set. Advance the epoch only through ``engine_tick``/``EpochTicker`` (they keep the count
-  this check reads).
+  outermost entry into the guest (without re-arming, the next call would trap at once).
+* The GIL: a VM with a CPU deadline keeps the GIL while the guest runs (host callbacks then take
+  it without a switch). Releasing it around every entry let another worker thread take it each
+  time: at --concurrency 2 that was ~3 thread switches per request and ~60% more CPU. The epoch
+  still advances while a guest holds the GIL, because ``EpochTicker`` is a POSIX timer whose
+  SIGEV_THREAD notification calls ``wasmtime_engine_increment_epoch`` from a native thread that
+  never runs Python. A VM without a deadline releases the GIL around guest code, so a plugin that
+  never returns blocks only its own thread (as in Envoy).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ import tempfile
 import threading
 import weakref
 from ctypes import CFUNCTYPE, POINTER, PYFUNCTYPE, addressof, c_double, c_float, c_int64, c_size_t, c_uint32
-from ctypes import c_uint64, c_void_p
+from ctypes import c_int, c_long, c_uint64, c_void_p
 from operator import itemgetter
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -197,23 +200,9 @@ def engine() -> wasmtime.Engine:
     return _engine
 
 
-# Epoch updates, seqlock style: odd while an increment is under way, +2 per increment. A VM
-# that armed its deadline after reading an even count c, and reads c again at its next
-# outermost entry, knows no increment began in between (count updates are made under the GIL,
-# in the ticking thread's order: bump, increment, bump), so its deadline is still current.
-_epoch_seq = [0]
-_tick_lock = threading.Lock()
-
-
 def engine_tick() -> None:
     """Any thread: advance the engine's epoch; guests past their deadline trap "interrupt"."""
-    engine_addr = _engine_address()
-    with _tick_lock:
-        _epoch_seq[0] += 1
-        try:
-            _engine_increment_epoch(engine_addr)
-        finally:
-            _epoch_seq[0] += 1
+    _engine_increment_epoch(_engine_address())
 
 
 _engine_addr = 0
@@ -226,28 +215,58 @@ def _engine_address() -> int:
     return _engine_addr
 
 
+class _SigEvent(ctypes.Structure):
+    """glibc's ``struct sigevent`` (64 bytes on LP64) for SIGEV_THREAD."""
+
+    _fields_ = [("sigev_value", c_void_p), ("sigev_signo", c_int), ("sigev_notify", c_int),
+                ("sigev_notify_function", c_void_p), ("sigev_notify_attributes", c_void_p),
+                ("_pad", c_int * 8)]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", c_long), ("tv_nsec", c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+_SIGEV_THREAD = 2
+_CLOCK_MONOTONIC = 1
+
+
 class EpochTicker:
-    """Owner thread: a daemon thread that ticks the engine every ``interval_s`` until stopped.
+    """Owner thread: advances the engine's epoch every ``interval_s`` until stopped, without the
+    GIL: a POSIX timer (timer_create, SIGEV_THREAD) whose notification is
+    ``wasmtime_engine_increment_epoch(engine)`` itself, run by a glibc helper thread (a guest
+    holding the GIL is still interrupted; see the module docstring).
 
     With ``epoch_deadline_ticks=N`` a guest entry may run between (N-1) and N intervals.
     """
 
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wasm_epoch", daemon=True)
+        self._timer = c_void_p()
+        self._started = False
 
     def start(self) -> "EpochTicker":
-        self._thread.start()
+        event = _SigEvent(sigev_value=_engine_address(), sigev_notify=_SIGEV_THREAD,
+                          sigev_notify_function=ctypes.cast(_dll.wasmtime_engine_increment_epoch, c_void_p).value)
+        if _libc.timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(self._timer)):
+            raise OSError(ctypes.get_errno(), f"timer_create: {os.strerror(ctypes.get_errno())}")
+        sec, nsec = divmod(max(1, round(self.interval_s * 1e9)), 1_000_000_000)
+        period = _TimeSpec(sec, nsec)
+        if _libc.timer_settime(self._timer, 0, ctypes.byref(_ITimerSpec(period, period)), None):
+            err = ctypes.get_errno()
+            _libc.timer_delete(self._timer)
+            raise OSError(err, f"timer_settime: {os.strerror(err)}")
+        self._started = True
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            engine_tick()
-
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._started:
+            self._started = False
+            _libc.timer_delete(self._timer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +274,10 @@ class EpochTicker:
 # ---------------------------------------------------------------------------------------------
 
 _dll = _wffi.dll
+_libc = ctypes.CDLL(None, use_errno=True)  # timer_create & co. (glibc >= 2.34 has them in libc)
+_libc.timer_create.argtypes = [c_int, c_void_p, c_void_p]
+_libc.timer_settime.argtypes = [c_void_p, c_int, c_void_p, c_void_p]
+_libc.timer_delete.argtypes = [c_void_p]
 
 
 def _c(name: str, restype: Any, *argtypes: Any) -> Any:
@@ -266,19 +289,21 @@ def _c(name: str, restype: Any, *argtypes: Any) -> Any:
 # On 64-bit targets a size_t or u64 argument travels as c_void_p too (the same register), which
 # saves ~0.1 us per call in the two calls made per guest entry.
 _WORD64 = c_void_p if ctypes.sizeof(c_void_p) == 8 else None
-_func_call_unchecked = _c("wasmtime_func_call_unchecked", c_void_p,
-                          c_void_p, c_void_p, c_void_p, _WORD64 or c_size_t, c_void_p)
-# The same entry for WasmVm's per-export callables, whose five arguments never change: they pass
-# prebuilt c_void_p/c_size_t objects, which ctypes hands over as they are when the function has
-# no argtypes (~40 ns per call less than converting five ints).
+# A guest entry for VMs with a CPU deadline: it keeps the GIL (see the module docstring).
+_func_call_unchecked_gil = PYFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, _WORD64 or c_size_t, c_void_p)(
+    ("wasmtime_func_call_unchecked", _dll))
+# WasmVm's per-export callables enter through these two (releasing / keeping the GIL): their
+# five arguments never change, so they pass prebuilt c_void_p/c_size_t objects, which ctypes
+# hands over as they are when the function has no argtypes (~40 ns less than converting ints).
 _func_call_prebuilt = CFUNCTYPE(c_void_p)(("wasmtime_func_call_unchecked", _dll))
 _func_call_prebuilt.argtypes = None
+_func_call_prebuilt_gil = PYFUNCTYPE(c_void_p)(("wasmtime_func_call_unchecked", _dll))
+_func_call_prebuilt_gil.argtypes = None
 # Re-armed before every outermost guest entry: a PYFUNCTYPE keeps the GIL (the call only stores
 # a number, it never blocks or calls back): ~0.17 us instead of ~0.30 us per call.
 _context_set_epoch_deadline = PYFUNCTYPE(None, c_void_p, _WORD64 or c_uint64)(
     ("wasmtime_context_set_epoch_deadline", _dll))
-# The ticker's call keeps the GIL too (an atomic add): a tick then takes the GIL once (as it
-# wakes up) instead of twice, so a busy worker hands the GIL over to it half as often.
+# An atomic add: engine_tick (tests) keeps the GIL for it.
 _engine_increment_epoch = PYFUNCTYPE(None, c_void_p)(("wasmtime_engine_increment_epoch", _dll))
 _memory_data = _c("wasmtime_memory_data", c_size_t, c_void_p, c_void_p)
 _memory_data_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
@@ -794,9 +819,6 @@ class WasmVm:
         self._memory_limit_bytes = memory_limit_bytes
         self._deadline_ticks = epoch_deadline_ticks
         self._depth = 0  # nesting of deadline-armed guest entries (re-entrant host calls)
-        # The even _epoch_seq value and the ticks of the last arm (-1: re-arm at the next entry).
-        self._armed_seq = -1
-        self._armed_ticks = 0
         self._host_error: BaseException | None = None
         self._trap_out = c_size_t(0)
         self._trap_out_addr = addressof(self._trap_out)
@@ -902,13 +924,12 @@ class WasmVm:
         ctx, trap_out, trap_out_addr = self._ctx, self._trap_out, self._trap_out_addr
         owner = self.thread_id
         get_ident = threading.get_ident
-        call_unchecked = _func_call_prebuilt
+        call_unchecked, call_unchecked_gil = _func_call_prebuilt, _func_call_prebuilt_gil
         # Constant arguments of every call, converted once (see _func_call_prebuilt).
         a_ctx, a_func, a_buf, a_trap = (c_void_p(v) for v in (ctx, func_addr, buf_addr, trap_out_addr))
         a_slots = c_size_t(slots)
         enter_with_deadline = self._enter_with_deadline
         set_epoch_deadline = _context_set_epoch_deadline
-        epoch_seq = _epoch_seq
         failed = self._call_failed
         vm = self
 
@@ -934,16 +955,10 @@ class WasmVm:
                     # _enter_with_deadline, inlined: this is every callback's path.
                     depth = vm._depth
                     if not depth:
-                        # Re-armed unless no epoch update began since the last arm (see
-                        # _epoch_seq): the deadline it would set is the one already stored.
-                        seq = epoch_seq[0]
-                        if seq != vm._armed_seq or ticks != vm._armed_ticks:
-                            set_epoch_deadline(ctx, ticks)
-                            vm._armed_seq = -1 if seq & 1 else seq
-                            vm._armed_ticks = ticks
+                        set_epoch_deadline(ctx, ticks)
                     vm._depth = depth + 1
                     try:
-                        err = call_unchecked(a_ctx, a_func, a_buf, a_slots, a_trap)
+                        err = call_unchecked_gil(a_ctx, a_func, a_buf, a_slots, a_trap)
                     finally:
                         vm._depth = depth
                 if err or trap_out.value:
@@ -979,10 +994,9 @@ class WasmVm:
         re-entrant calls must not extend its own deadline."""
         if not self._depth:
             _context_set_epoch_deadline(self._ctx, self._deadline_ticks)
-            self._armed_seq = -1  # not tracked on this path: the fast path re-arms next time
         self._depth += 1
         try:
-            return _func_call_unchecked(self._ctx, func_addr, buf_addr, slots, self._trap_out_addr)
+            return _func_call_unchecked_gil(self._ctx, func_addr, buf_addr, slots, self._trap_out_addr)
         finally:
             self._depth -= 1
 
@@ -1164,7 +1178,6 @@ class WasmVm:
     def set_epoch_deadline_ticks(self, ticks: int | None) -> None:
         """Owner thread: give each outermost guest entry ``ticks`` epoch ticks (None: no limit)."""
         self._deadline_ticks = ticks
-        self._armed_seq = -1
         if ticks is None:
             _context_set_epoch_deadline(self._ctx, _NO_DEADLINE_TICKS)
 
