@@ -101,8 +101,8 @@ _ticker_lock = threading.Lock()
 
 
 def ensure_epoch_ticker() -> None:
-    """Any thread: start the process-wide epoch ticker once (a daemon thread; it lives as long
-    as the process, as the engine it ticks does)."""
+    """Any thread: start the process-wide epoch ticker once (a native timer thread; it lives as
+    long as the process, as the engine it ticks does)."""
     global _ticker
     if _ticker is None:
         with _ticker_lock:
