@@ -66,6 +66,7 @@ Safety invariants this module relies on:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -261,12 +262,15 @@ class EpochTicker:
             _libc.timer_delete(self._timer)
             raise OSError(err, f"timer_settime: {os.strerror(err)}")
         self._started = True
+        # Stopped before interpreter teardown frees the engine, which a tick would then touch.
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
         if self._started:
             self._started = False
             _libc.timer_delete(self._timer)
+            atexit.unregister(self.stop)
 
 
 # ---------------------------------------------------------------------------------------------
