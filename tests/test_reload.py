@@ -22,6 +22,7 @@ from support.ports import can_connect, free_ports
 from support.processes import WasmproxyProcess
 
 PLUGIN_CREATED = "wasm.envoy.wasm.runtime.v8.created"
+PLUGIN_ACTIVE = "wasm.envoy.wasm.runtime.v8.active"
 
 
 def _plugin_filter(plugin: str, value: str) -> dict[str, Any]:
@@ -325,6 +326,7 @@ def test_changed_plugin_config_builds_a_new_vm(tmp_path: Path, ports: dict[str, 
     with WasmproxyProcess(path, concurrency=2) as proc:
         assert _get(ports["listener"])[1]["x-plugin"] == "p1"
         created = _stats(proc)[PLUGIN_CREATED]
+        active = _stats(proc)[PLUGIN_ACTIVE]  # the base VM and one clone per worker
         assert proc.proc is not None
         # An HCM field other than routes changes; the filter chain does not: the plugin is kept.
         doc = _doc(ports, 1, plugin=plugin)
@@ -345,6 +347,8 @@ def test_changed_plugin_config_builds_a_new_vm(tmp_path: Path, ports: dict[str, 
             assert _get(ports["listener"])[1]["x-plugin"] == "p2"
         # A new vm_key (the configuration is part of it): a new base VM, its canary and clones.
         assert _stats(proc)[PLUGIN_CREATED] > created
+        # The replaced plugin's VMs (its base and every worker's clone) are destroyed.
+        _wait_for(proc, "the old plugin's VMs to go", _stat_is(proc, PLUGIN_ACTIVE, active))
 
 
 class _WatchingProcess(WasmproxyProcess):
