@@ -36,12 +36,17 @@ class ConnectionInfo:
     termination_details: str = ""
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class StreamInfo:
+    """One stream's facts. Built once per request: the immutable defaults stay at class level
+    (a dataclass without slots keeps them there) and __init__ sets only the per-stream values
+    and the mutable containers; any field may still be given by keyword, as before."""
+
     connection: ConnectionInfo
-    # Wall-clock start (seconds since epoch) and a monotonic start for durations.
-    start_time: float = field(default_factory=time.time)
-    start_monotonic: float = field(default_factory=time.monotonic)
+    # Wall-clock start (seconds since epoch) and a monotonic start for durations
+    # (time.time() / time.monotonic() when not given).
+    start_time: float = 0.0
+    start_monotonic: float = 0.0
     protocol: str = "HTTP/1.1"
     request_id: str = ""
     route_name: str = ""
@@ -75,6 +80,24 @@ class StreamInfo:
     attempt_count: int = 0
     upstream_request_attempt_count: int = 0
 
+    def __init__(self, connection: ConnectionInfo, start_time: float | None = None,
+                 start_monotonic: float | None = None, **fields: Any) -> None:
+        self.connection = connection
+        self.start_time = time.time() if start_time is None else start_time
+        self.start_monotonic = time.monotonic() if start_monotonic is None else start_monotonic
+        self.response_flags = []
+        self.filter_state = {}
+        self.dynamic_metadata = {}
+        self.listener_metadata = {}
+        self.route_metadata = {}
+        self.cluster_metadata = {}
+        if fields:
+            names = _STREAM_INFO_FIELDS
+            for name, value in fields.items():
+                if name not in names:
+                    raise TypeError(f"StreamInfo.__init__() got an unexpected keyword argument '{name}'")
+                setattr(self, name, value)
+
     def duration(self) -> float:
         """Seconds since the stream started."""
         return time.monotonic() - self.start_monotonic
@@ -82,3 +105,6 @@ class StreamInfo:
     def add_response_flag(self, flag: str) -> None:
         if flag not in self.response_flags:
             self.response_flags.append(flag)
+
+
+_STREAM_INFO_FIELDS = frozenset(StreamInfo.__dataclass_fields__)
