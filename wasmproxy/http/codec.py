@@ -214,6 +214,9 @@ def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[bytes, bool
 
 
 _NO_SKIP: frozenset[str] = frozenset()
+# A HeaderMap made without __init__ (HeaderMap.from_lower_pairs does the same): the codecs
+# build their maps from pairs they lowered themselves.
+_new_header_map = object.__new__
 
 
 def _chunk(data: bytes) -> bytes:
@@ -548,7 +551,8 @@ class ServerCodec(_CodecBase):
         self._paused = False
         if self._response_complete:
             self._awaiting_response = False
-        self._dispatch()
+        if self._events:  # (the usual keep-alive resume has nothing queued)
+            self._dispatch()
 
     @property
     def paused(self) -> bool:
@@ -631,7 +635,15 @@ class ServerCodec(_CodecBase):
     # -- parser callbacks ------------------------------------------------------------------
 
     def _on_message_begin(self) -> None:
-        super()._on_message_begin()
+        # _CodecBase._on_message_begin, inline (a parser callback per request).
+        self._in_head = True
+        self._headers_done = False
+        self._url = b""
+        self._pairs = []
+        self._trailer_pairs = []
+        self._head_bytes = 0
+        self._head_raw_bytes = 0
+        self._has_body = False
         self._in_message = True
         self._events.append((self._deliver_begin, ()))
 
@@ -656,8 +668,12 @@ class ServerCodec(_CodecBase):
         headers = self._request_headers(method)
         if protocol == "HTTP/1.0" and self._default_host_for_http_10 and ":authority" not in headers:
             headers = HeaderMap([(":authority", self._default_host_for_http_10), *headers.items()])
-        self._check_request_headers(headers)
         index = headers._index
+        # _check_request_headers when there is something to check: an authority that is not
+        # plain, or a Connection header.
+        authority = index.get(":authority")
+        if "connection" in index or (authority is not None and _INVALID_AUTHORITY_CHARS.search(authority) is not None):
+            self._check_request_headers(headers)
         content_length = index.get("content-length")
         transfer_encoding = index.get("transfer-encoding")
         chunked = transfer_encoding is not None
@@ -740,7 +756,10 @@ class ServerCodec(_CodecBase):
         if not absolute_form:
             pseudo.append((":scheme", scheme))
         pseudo += regular
-        return HeaderMap.from_lower_pairs(pseudo)
+        headers = _new_header_map(HeaderMap)  # HeaderMap.from_lower_pairs(pseudo), inline
+        headers._entries = pseudo
+        headers._index = dict(reversed(pseudo))
+        return headers
 
     def _on_message_complete(self) -> None:
         if self._raw_header_lines:
@@ -930,7 +949,9 @@ class ClientCodec(_CodecBase):
         self._is_1xx = 100 <= self._status < 200 and self._status != 101
         pairs = [(":status", str(self._status))]
         pairs += self._pairs
-        headers = HeaderMap.from_lower_pairs(pairs)
+        headers = _new_header_map(HeaderMap)  # HeaderMap.from_lower_pairs(pairs), inline
+        headers._entries = pairs
+        headers._index = dict(reversed(pairs))
         if self._is_1xx:
             self._events.append((self._callbacks.on_1xx, (headers,)))
             return
@@ -968,7 +989,15 @@ class ClientCodec(_CodecBase):
     def _on_message_begin(self) -> None:
         if self._after_response:
             raise _StopParsing
-        super()._on_message_begin()
+        # _CodecBase._on_message_begin, inline (a parser callback per response).
+        self._in_head = True
+        self._headers_done = False
+        self._url = b""
+        self._pairs = []
+        self._trailer_pairs = []
+        self._head_bytes = 0
+        self._head_raw_bytes = 0
+        self._has_body = False
 
     def _on_parser_error(self, error: CodecError, data: bytes) -> None:
         if not self._after_response:
