@@ -329,8 +329,10 @@ class ActiveClient(asyncio.Protocol):
         if stream is None or stream.done:
             return
         if end_stream:
-            stream.response_complete = True  # _complete, inline
-            self._finish_stream(stream)
+            stream.response_complete = True  # _complete and _finish_stream, inline
+            if not stream.done:
+                stream.done = True
+                self.pool._on_stream_done(self)
         stream.decoder.decode_data(data, end_stream)
         if end_stream:
             self._after_response()
