@@ -1376,7 +1376,7 @@ class ActiveStream:
                 info.route_resolved = route is not None
                 # refreshCachedRoute: the stream's upstream cluster is known from here on.
                 if getattr(route, "action", "") == "route":
-                    info.upstream_cluster = route.cluster_for(headers, self.stream_id)
+                    info.upstream_cluster = route.cluster_name or route.cluster_for(headers, self.stream_id)
         return self._cached_route
 
     def resolved_route(self) -> object | None:

@@ -315,11 +315,6 @@ class UpstreamRequest:
         self.router = router
         self.host = host
 
-    def start(self, pool: Any, headers: HeaderMap, end_stream: bool) -> None:
-        self._headers = headers
-        self._end_stream = end_stream
-        self._pending = pool.new_stream(self, self)
-
     # -- request, from the router --------------------------------------------------------
 
     def accept_data(self, data: bytes, end_stream: bool) -> None:
@@ -367,7 +362,14 @@ class UpstreamRequest:
             self.router.on_encode_headers_error(self, error)
             return
         self.encoder = encoder
-        self.router.on_upstream_connected(self, encoder)
+        router = self.router
+        # The router's side of the connection (its on_upstream_connected once):
+        info = router._info
+        if info.first_upstream_tx is None:
+            info.first_upstream_tx = router._clock()
+        info.upstream_local_address = encoder.local_address
+        if router._per_try_timeout_ms > 0:
+            router._maybe_start_per_try_timer()
         encoder.encode_headers(self._headers, self._end_stream)
         if self._buffer:  # the request body and trailers that came before the connection
             buffered, self._buffer = self._buffer, []
@@ -643,7 +645,10 @@ class Router:
         body = bytes(self._retry_body or b"") if replay else b""
         trailers = self._request_trailers if replay else None
         headers_end = self._downstream_end_stream and not body and trailers is None
-        upstream.start(self.cluster.conn_pool(host), headers, headers_end)
+        # The attempt starts: its pool request (the UpstreamRequest is the pool's callbacks and decoder).
+        upstream._headers = headers
+        upstream._end_stream = headers_end
+        upstream._pending = self.cluster.conn_pool(host).new_stream(upstream, upstream)
         if self.upstream is not upstream:
             return  # failed at once (pool overflow)
         if replay:
@@ -844,14 +849,6 @@ class Router:
 
     # -- upstream events ---------------------------------------------------------------------------
 
-    def on_upstream_connected(self, upstream: UpstreamRequest, encoder: RequestEncoder) -> None:
-        info = self._info
-        if info.first_upstream_tx is None:
-            info.first_upstream_tx = self._clock()
-        info.upstream_local_address = encoder.local_address
-        if self._per_try_timeout_ms > 0:
-            self._maybe_start_per_try_timer()
-
     def on_encode_headers_error(self, upstream: UpstreamRequest, message: str) -> None:
         """The upstream codec refused the request headers: 503 with its message, flag DPE."""
         if upstream is not self.upstream:
@@ -948,7 +945,14 @@ class Router:
 
     def _on_upstream_complete(self, now: float) -> None:
         self._info.last_upstream_rx = now
-        self._cleanup()
+        if self._per_try_timer is None and self._retry_timer is None:
+            # _cleanup(), inline for its usual case: only the response timer (if any) to release.
+            response_timer = self._timer
+            if response_timer is not None:
+                self._timer = None
+                self._worker.release_response_timer(response_timer)
+        else:
+            self._cleanup()
         if self.cluster is not None and self._request_complete_at:
             self.cluster.stats.record_rq_time((now - self._request_complete_at) * 1000, self._internal)
         self.upstream = None
