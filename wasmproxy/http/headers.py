@@ -138,12 +138,12 @@ class HeaderMap:
                 self._entries.append((key, value))
                 index[key] = value
             return
-        index[key] = value
         entries = self._entries
-        for i, entry in enumerate(entries):
-            if entry[0] == key:
-                entries[i] = (key, value)
-                break
+        # The key's first entry is the first (key, first value) pair: list.index finds it
+        # without a Python loop (the value is the index's own object, so it compares at once).
+        i = entries.index((key, index[key]))
+        entries[i] = (key, value)
+        index[key] = value
         if len(index) != len(entries):  # some key repeats: drop later values of this one
             entries[i + 1 :] = [e for e in entries[i + 1 :] if e[0] != key]
 
@@ -158,13 +158,12 @@ class HeaderMap:
         index = self._index
         if key not in index:
             return 0
-        del index[key]
         entries = self._entries
-        if len(index) + 1 == len(entries):  # no key repeats: one entry to delete, in place
-            for i, entry in enumerate(entries):
-                if entry[0] == key:
-                    del entries[i]
-                    return 1
+        if len(index) == len(entries):  # no key repeats: one entry to delete, in place
+            # (its first entry, found as set() finds it)
+            del entries[entries.index((key, index.pop(key)))]
+            return 1
+        del index[key]
         before = len(entries)
         self._entries = [e for e in entries if e[0] != key]
         return before - len(self._entries)
