@@ -100,6 +100,27 @@ _INVALID_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_BUT_LF_BYTES = bytes(range(0x00, 0x09)) + bytes(range(0x0b, 0x20)) + b"\x7f"
 _WHITESPACE_BYTE = frozenset((b" ", b"\t"))
 _EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+class _LowerNames(dict[str, tuple[str, ...]]):
+    """A head's header names (joined with "\\n") -> each lowered, remembered: a peer sends the
+    same names message after message (one lookup instead of lower() and split()). Bounded
+    (cleared when full; long blocks not kept), since peers choose the names. Any thread."""
+
+    __slots__ = ()
+
+    def __missing__(self, joined: str) -> tuple[str, ...]:
+        names = tuple(joined.lower().split("\n"))
+        if len(joined) <= _LOWER_NAMES_MAX_LEN:
+            if len(self) >= _LOWER_NAMES_MAX_COUNT:
+                self.clear()
+            self[joined] = names
+        return names
+
+
+_LOWER_NAMES_MAX_LEN = 1024
+_LOWER_NAMES_MAX_COUNT = 1024
+_lowered_names = _LowerNames()
 # An authority is RFC 3986 unreserved / sub-delims / ":" "@" "[" "]" and pct-encoding; Envoy
 # answers anything else with 400.
 _INVALID_AUTHORITY_CHARS = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]")
@@ -334,7 +355,7 @@ class _CodecBase:
                 head_bytes = self._head_bytes + len(blob) + raw_count + 1
                 if (len(fields) == raw_count and len(pairs) + (raw_count >> 1) <= self._max_headers_count
                         and head_bytes <= limit and self._head_raw_bytes <= limit):
-                    names = "\n".join(fields[0::2]).lower().split("\n")
+                    names = _lowered_names["\n".join(fields[0::2])]
                     pairs += zip(names, fields[1::2])
                     self._head_bytes = head_bytes
                     return
