@@ -332,7 +332,12 @@ class ActiveClient(asyncio.Protocol):
             stream.response_complete = True  # _complete and _finish_stream, inline
             if not stream.done:
                 stream.done = True
-                self.pool._on_stream_done(self)
+                pool = self.pool  # pool._on_stream_done(self), inline
+                pool._rm.requests.dec()
+                gauge = pool._rq_active
+                gauge.value -= 1
+                gauge.used = True
+                pool.host.stats.rq_active -= 1
         stream.decoder.decode_data(data, end_stream)
         if end_stream:
             self._after_response()
@@ -574,6 +579,7 @@ class Http1ConnPool:
             self._ready.remove(client)
 
     def _on_stream_done(self, client: ActiveClient) -> None:
+        # (ActiveClient.on_data does the same inline for a response's last body chunk.)
         self._rm.requests.dec()
         gauge = self._rq_active  # Gauge.dec, inline
         gauge.value -= 1
