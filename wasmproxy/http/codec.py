@@ -656,15 +656,7 @@ class ServerCodec(_CodecBase):
     # -- parser callbacks ------------------------------------------------------------------
 
     def _on_message_begin(self) -> None:
-        # _CodecBase._on_message_begin, inline (a parser callback per request).
-        self._in_head = True
-        self._headers_done = False
-        self._url = b""
-        self._pairs = []
-        self._trailer_pairs = []
-        self._head_bytes = 0
-        self._head_raw_bytes = 0
-        self._has_body = False
+        super()._on_message_begin()
         self._in_message = True
         self._events.append((self._deliver_begin, ()))
 
@@ -1010,15 +1002,7 @@ class ClientCodec(_CodecBase):
     def _on_message_begin(self) -> None:
         if self._after_response:
             raise _StopParsing
-        # _CodecBase._on_message_begin, inline (a parser callback per response).
-        self._in_head = True
-        self._headers_done = False
-        self._url = b""
-        self._pairs = []
-        self._trailer_pairs = []
-        self._head_bytes = 0
-        self._head_raw_bytes = 0
-        self._has_body = False
+        super()._on_message_begin()
 
     def _on_parser_error(self, error: CodecError, data: bytes) -> None:
         if not self._after_response:
