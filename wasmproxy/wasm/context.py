@@ -550,14 +550,15 @@ class ContextBase:
             if wasm.after_vm_call_actions:
                 wasm.do_after_vm_call_actions()
 
-    def on_request_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
+    def _headers_args(self, headers: int, end_of_stream: bool) -> tuple[int, ...]:
         wasm = self.wasm
         if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
-            args: tuple[int, ...] = (self.id, headers)  # 0.1.0: no end-of-stream flag
-        else:
-            args = (self.id, headers, int(end_of_stream))
+            return (self.id, headers)  # 0.1.0: no end-of-stream flag
+        return (self.id, headers, int(end_of_stream))
+
+    def on_request_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
         return self._http_call_status(  # type: ignore[return-value]
-            "proxy_on_request_headers", args, self._headers_status,
+            "proxy_on_request_headers", self._headers_args(headers, end_of_stream), self._headers_status,
             FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
 
     def on_request_body(self, body_length: int, end_of_stream: bool) -> FilterDataStatus:
@@ -576,13 +577,8 @@ class ContextBase:
         return 0
 
     def on_response_headers(self, headers: int, end_of_stream: bool) -> FilterHeadersStatus:
-        wasm = self.wasm
-        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
-            args: tuple[int, ...] = (self.id, headers)  # 0.1.0: no end-of-stream flag
-        else:
-            args = (self.id, headers, int(end_of_stream))
         return self._http_call_status(  # type: ignore[return-value]
-            "proxy_on_response_headers", args, self._headers_status,
+            "proxy_on_response_headers", self._headers_args(headers, end_of_stream), self._headers_status,
             FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)
 
     def on_response_body(self, body_length: int, end_of_stream: bool) -> FilterDataStatus:
@@ -653,15 +649,7 @@ class ContextBase:
             self.on_create()
         self.request_headers = headers
         self.end_of_stream = end_stream
-        # on_request_headers, inlined (once per stream).
-        wasm = self.wasm
-        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
-            args: tuple[int, ...] = (self.id, len(headers))  # 0.1.0: no end-of-stream flag
-        else:
-            args = (self.id, len(headers), int(end_stream))
-        result = _HTTP_HEADERS_STATUS[self._http_call_status(
-            "proxy_on_request_headers", args, self._headers_status,
-            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)]
+        result = _HTTP_HEADERS_STATUS[self.on_request_headers(len(headers), end_stream)]
         if result == HttpHeadersStatus.Continue:
             self.request_headers = None
         return result
@@ -672,9 +660,7 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.request_body_buffer = data
         self.end_of_stream = end_stream
-        result = _HTTP_DATA_STATUS[self._http_call_status(  # on_request_body, inlined
-            "proxy_on_request_body", (self.id, len(data), int(end_stream)), self._data_status,
-            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)]
+        result = _HTTP_DATA_STATUS[self.on_request_body(len(data), end_stream)]
         self.buffering_request_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.request_body_buffer = None
@@ -694,15 +680,7 @@ class ContextBase:
             return HttpHeadersStatus.Continue
         self.response_headers = headers
         self.end_of_stream = end_stream
-        # on_response_headers, inlined (once per stream).
-        wasm = self.wasm
-        if wasm is not None and wasm.abi_version is AbiVersion.ProxyWasm_0_1_0:
-            args: tuple[int, ...] = (self.id, len(headers))  # 0.1.0: no end-of-stream flag
-        else:
-            args = (self.id, len(headers), int(end_stream))
-        result = _HTTP_HEADERS_STATUS[self._http_call_status(
-            "proxy_on_response_headers", args, self._headers_status,
-            FilterHeadersStatus.Continue, FilterHeadersStatus.StopAllIterationAndWatermark)]
+        result = _HTTP_HEADERS_STATUS[self.on_response_headers(len(headers), end_stream)]
         if result == HttpHeadersStatus.Continue:
             self.response_headers = None
         return result
@@ -712,9 +690,7 @@ class ContextBase:
             return HttpDataStatus.Continue
         self.response_body_buffer = data
         self.end_of_stream = end_stream
-        result = _HTTP_DATA_STATUS[self._http_call_status(  # on_response_body, inlined
-            "proxy_on_response_body", (self.id, len(data), int(end_stream)), self._data_status,
-            FilterDataStatus.Continue, FilterDataStatus.StopIterationNoBuffer)]
+        result = _HTTP_DATA_STATUS[self.on_response_body(len(data), end_stream)]
         self.buffering_response_body = result == HttpDataStatus.StopIterationAndBuffer
         if result == HttpDataStatus.Continue:
             self.response_body_buffer = None
