@@ -1048,6 +1048,12 @@ class WasmVm:
         # nothing is raised, which saves the wrapper's frame on every host call.
         on_error: Callable[[Exception], Any] | None = getattr(fn, "wasm_on_error", None)
 
+        def error_result(e: Exception) -> Any:
+            """fn raised `e`: its with_error_result value, or `e` propagates (to become a trap)."""
+            if on_error is None or isinstance(e, WasmTrap):
+                raise e
+            return on_error(e)
+
         if set(sig.params + sig.results) <= {"i32"} and nresults <= 1:
             # The common case (every Proxy-Wasm import but a few): one u32 view over the array.
             arr_t = c_uint32 * (4 * slots)
@@ -1068,9 +1074,7 @@ class WasmVm:
                         try:
                             fn(*params)
                         except Exception as e:
-                            if on_error is None or isinstance(e, WasmTrap):
-                                raise
-                            on_error(e)
+                            error_result(e)
                         return 0
                     except BaseException as e:
                         return host_trap(qualname, e)
@@ -1082,9 +1086,7 @@ class WasmVm:
                         try:
                             r = fn(*params)
                         except Exception as e:
-                            if on_error is None or isinstance(e, WasmTrap):
-                                raise
-                            r = on_error(e)
+                            r = error_result(e)
                         a[0] = r
                         return 0
                     except BaseException as e:
@@ -1115,9 +1117,7 @@ class WasmVm:
                     try:
                         r = fn(*params)
                     except Exception as e:
-                        if on_error is None or isinstance(e, WasmTrap):
-                            raise
-                        r = on_error(e)
+                        r = error_result(e)
                     if nresults:
                         a[0] = r
                     return 0
@@ -1136,9 +1136,7 @@ class WasmVm:
                 try:
                     r = fn(*params)
                 except Exception as e:
-                    if on_error is None or isinstance(e, WasmTrap):
-                        raise
-                    r = on_error(e)
+                    r = error_result(e)
                 if nresults == 1:
                     vt, idx = result_dst[0]
                     vt.from_address(args)[idx] = r
