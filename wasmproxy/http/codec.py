@@ -235,9 +235,6 @@ def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[bytes, bool
 
 
 _NO_SKIP: frozenset[str] = frozenset()
-# A HeaderMap made without __init__ (HeaderMap.from_lower_pairs does the same): the codecs
-# build their maps from pairs they lowered themselves.
-_new_header_map = object.__new__
 
 
 def _chunk(data: bytes) -> bytes:
@@ -769,10 +766,7 @@ class ServerCodec(_CodecBase):
         if not absolute_form:
             pseudo.append((":scheme", scheme))
         pseudo += regular
-        headers = _new_header_map(HeaderMap)  # HeaderMap.from_lower_pairs(pseudo), inline
-        headers._entries = pseudo
-        headers._index = dict(reversed(pseudo))
-        return headers
+        return HeaderMap.from_lower_pairs(pseudo)
 
     def _on_message_complete(self) -> None:
         if self._raw_header_lines:
@@ -962,9 +956,7 @@ class ClientCodec(_CodecBase):
         self._is_1xx = 100 <= self._status < 200 and self._status != 101
         pairs = [(":status", str(self._status))]
         pairs += self._pairs
-        headers = _new_header_map(HeaderMap)  # HeaderMap.from_lower_pairs(pairs), inline
-        headers._entries = pairs
-        headers._index = dict(reversed(pairs))
+        headers = HeaderMap.from_lower_pairs(pairs)
         if self._is_1xx:
             self._events.append((self._callbacks.on_1xx, (headers,)))
             return
