@@ -214,7 +214,7 @@ def _header_lines(headers: HeaderMap, skip: frozenset[str]) -> tuple[bytes, bool
     whether they include content-length."""
     # The map is this package's own: its pairs and first-value index are read directly.
     entries = headers._entries
-    index = headers._index
+    index = headers.first_values
     if skip is _NO_SKIP or skip.isdisjoint(index):
         # The usual case, joined without a Python call per line: the pseudo-headers lead the
         # map, so the regular ones are the rest. Any line that would start with ":" (an empty
@@ -599,7 +599,7 @@ class ServerCodec(_CodecBase):
         Adds `content-length: 0` to a headers-only response (not 1xx/204, not to HEAD), and
         `transfer-encoding: chunked` when a body follows without a content-length.
         """
-        status = int(headers._index.get(":status") or 0)
+        status = int(headers.first_values.get(":status") or 0)
         lines, saw_content_length = _header_lines(headers, _NO_SKIP)
         status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
         if self.protocol == "HTTP/1.0":
@@ -678,7 +678,7 @@ class ServerCodec(_CodecBase):
         headers = self._request_headers(method)
         if protocol == "HTTP/1.0" and self._default_host_for_http_10 and ":authority" not in headers:
             headers = HeaderMap([(":authority", self._default_host_for_http_10), *headers.items()])
-        index = headers._index
+        index = headers.first_values
         # _check_request_headers when there is something to check: an authority that is not
         # plain, or a Connection header.
         authority = index.get(":authority")
@@ -715,7 +715,7 @@ class ServerCodec(_CodecBase):
 
     def _check_request_headers(self, headers: HeaderMap) -> None:
         """The checks Envoy's codec makes once a request's headers are in (before any filter)."""
-        get = headers._index.get  # the map this codec just built: its first-value index
+        get = headers.first_values.get
         authority = get(":authority")
         if authority is not None and _INVALID_AUTHORITY_CHARS.search(authority) is not None:
             self._fail(CodecError(400, DETAILS_INVALID_AUTHORITY, "invalid authority"))
@@ -872,7 +872,7 @@ class ClientCodec(_CodecBase):
 
     def encode_request_headers(self, headers: HeaderMap, end_stream: bool) -> bytes:
         """Request line from :method/:path, `host` from :authority, then the regular headers."""
-        get = headers._index.get  # this package's map: its first-value index, keys lower-case
+        get = headers.first_values.get
         method = get(":method") or "GET"
         path = get(":path") or "/"
         authority = get(":authority")
@@ -960,7 +960,7 @@ class ClientCodec(_CodecBase):
         if self._is_1xx:
             self._events.append((self._callbacks.on_1xx, (headers,)))
             return
-        index = headers._index
+        index = headers.first_values
         content_length = index.get("content-length")
         chunked = "chunked" in (index.get("transfer-encoding") or "").lower()
         no_body = self._is_head_request or self._status in (204, 304)

@@ -1089,7 +1089,7 @@ class ActiveStream:
         codec = self.conn.codec
         # The request's header names, once: a header most requests lack is looked up only when
         # its name is here. (Nothing below adds one of those before reading it.)
-        present = set(headers._index)  # HeaderMap.names(), read directly (as headers.get below)
+        present = set(headers.first_values)
         connection = headers.get("connection") if "connection" in present else None
         self.stream_info.protocol = codec.protocol
         # _should_close_connection without a Connection header, inline: HTTP/1.0 closes.
@@ -1098,7 +1098,7 @@ class ActiveStream:
         fm = self.filter_manager
         fm.request_headers = headers
         # Both shape local replies: set them before any can be sent (as Envoy does).
-        method = headers._index.get(":method")
+        method = headers.first_values.get(":method")
         fm.is_head_request = method == "HEAD"
         fm.is_grpc_request = "content-type" in present and (headers.get("content-type") or "").startswith(
             "application/grpc")
@@ -1115,7 +1115,7 @@ class ActiveStream:
             self.conn.drain_state = _CLOSING
             fm.send_local_reply(400, "", None, None, DETAILS_MISSING_HOST)
             return
-        path = headers._index.get(":path")  # the map's current index: "expect" may be gone
+        path = headers.first_values.get(":path")  # the map's current index: "expect" may be gone
         if path is not None and "#" in path:
             # Envoy rejects a fragment in the request target (path normalization).
             self.stats.downstream_rq_failed_path_normalization.inc()
@@ -1214,12 +1214,12 @@ class ActiveStream:
             if not config.skip_xff_append:
                 own = _local_address() if _is_loopback(peer) else peer
                 headers.set("x-forwarded-for", f"{xff},{own}" if xff else own)
-            headers.set("x-forwarded-proto", headers._index.get(":scheme") or "http")
+            headers.set("x-forwarded-proto", headers.first_values.get(":scheme") or "http")
         else:
             from_xff, single_xff_address = _last_xff_address(xff, hops) if xff else (None, False)
             final_remote = from_xff
             if "x-forwarded-proto" not in present or headers.get("x-forwarded-proto") is None:
-                headers.add("x-forwarded-proto", headers._index.get(":scheme") or "http")
+                headers.add("x-forwarded-proto", headers.first_values.get(":scheme") or "http")
         if from_xff is not None:
             # The stream's downstream remote address (source.address, %DOWNSTREAM_REMOTE_ADDRESS%)
             # is the client x-forwarded-for names, with port 0; the peer stays the direct one.
@@ -1265,7 +1265,7 @@ class ActiveStream:
         now = self._last_activity = self._monotonic()  # _reset_idle_timer, inline
         config = self.config
         conn = self.conn
-        present = set(headers._index)  # the names the filters let through (HeaderMap.names())
+        present = set(headers.first_values)  # the names the filters let through
         if "date" not in present:
             headers.add("date", conn.handler.date.value())
         if config.server_header_transformation == _OVERWRITE:
@@ -1297,7 +1297,7 @@ class ActiveStream:
             self.stats.downstream_rq_response_before_rq_complete.inc()
         if conn.drain_state != _NOT_DRAINING:
             headers.set("connection", "close")
-        status = int(headers._index.get(":status") or 0)  # headers.get, on the map's index
+        status = int(headers.first_values.get(":status") or 0)
         info = self.stream_info
         info.response_code = status
         if 100 <= status < 600:

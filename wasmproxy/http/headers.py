@@ -39,14 +39,16 @@ _lower_key = _LowerKeys()
 class HeaderMap:
     """An ordered multimap of (lower-case key, value) pairs. Not thread-safe: one stream owns it."""
 
-    # _entries: every (key, value) pair in order; _index: each key's first value.
-    __slots__ = ("_entries", "_index")
+    # _entries: every (key, value) pair in order. first_values: each lower-case key's first
+    # value, public for reading only: hot paths that already hold a lower-case key read it
+    # directly (`headers.first_values.get(":path")`) instead of calling get().
+    __slots__ = ("_entries", "first_values")
 
     def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
         entries: list[tuple[str, str]] = []
         index: dict[str, str] = {}
         self._entries = entries
-        self._index = index
+        self.first_values = index
         lower_key = _lower_key
         for key, value in pairs:
             key = lower_key[key]
@@ -63,7 +65,7 @@ class HeaderMap:
         codec produces them). The map takes `pairs` over instead of copying it."""
         new = cls.__new__(cls)
         new._entries = pairs
-        new._index = dict(reversed(pairs))  # the first value of a key is written last
+        new.first_values = dict(reversed(pairs))  # the first value of a key is written last
         return new
 
     # -- reading ---------------------------------------------------------------------------
@@ -71,17 +73,17 @@ class HeaderMap:
     def get(self, key: str) -> str | None:
         """The first value for `key`, or None."""
         key = _lower_key[key]
-        index = self._index
+        index = self.first_values
         return index[key] if key in index else None
 
     def get_all(self, key: str) -> list[str]:
         key = _lower_key[key]
-        if key not in self._index:
+        if key not in self.first_values:
             return []
         return [e[1] for e in self._entries if e[0] == key]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and _lower_key[key] in self._index
+        return isinstance(key, str) and _lower_key[key] in self.first_values
 
     def items(self) -> list[tuple[str, str]]:
         """A snapshot of all pairs in order (pseudo-headers first)."""
@@ -94,7 +96,7 @@ class HeaderMap:
         """The distinct keys, lower-case, as a live read-only view: `headers.names() & keys`
         tells which of `keys` are present in one set operation (the router's control headers).
         Not `keys()`: that would make dict(headers) treat the map as a Mapping."""
-        return self._index.keys()
+        return self.first_values.keys()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,7 +114,7 @@ class HeaderMap:
             self._insert_pseudo(key, value)
             return
         self._entries.append((key, value))
-        index = self._index
+        index = self.first_values
         if key not in index:
             index[key] = value
 
@@ -123,14 +125,14 @@ class HeaderMap:
             i += 1
         entries.insert(i, (key, value))
         # Inserted after every pseudo-header, so after any other entry of this key.
-        index = self._index
+        index = self.first_values
         if key not in index:
             index[key] = value
 
     def set(self, key: str, value: str) -> None:
         """Replace every value of `key` with one: the first entry keeps its position."""
         key = _lower_key[key]
-        index = self._index
+        index = self.first_values
         if key not in index:  # added, as add() does
             if key[:1] == ":":
                 self._insert_pseudo(key, value)
@@ -149,13 +151,13 @@ class HeaderMap:
 
     def set_default(self, key: str, value: str) -> None:
         """Set `key` only when absent."""
-        if _lower_key[key] not in self._index:
+        if _lower_key[key] not in self.first_values:
             self.add(key, value)
 
     def remove(self, key: str) -> int:
         """Remove all values of `key`; returns how many were removed."""
         key = _lower_key[key]
-        index = self._index
+        index = self.first_values
         if key not in index:
             return 0
         entries = self._entries
@@ -171,11 +173,11 @@ class HeaderMap:
     def remove_prefix(self, prefix: str) -> None:
         prefix = prefix.lower()
         self._entries = [e for e in self._entries if not e[0].startswith(prefix)]
-        self._index = dict(reversed(self._entries))
+        self.first_values = dict(reversed(self._entries))
 
     def clear(self) -> None:
         self._entries = []
-        self._index = {}
+        self.first_values = {}
 
     def replace_all(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Replace the whole map (proxy_set_header_map_pairs)."""
@@ -186,7 +188,7 @@ class HeaderMap:
     def copy(self) -> "HeaderMap":
         new = HeaderMap.__new__(HeaderMap)
         new._entries = self._entries.copy()
-        new._index = self._index.copy()
+        new.first_values = self.first_values.copy()
         return new
 
     def __eq__(self, other: object) -> bool:

@@ -604,7 +604,7 @@ class RouteConfig:
         keys = self._memo_keys
         if keys is None:
             return self._route(headers, stream_id)
-        index = headers._index  # HeaderMap.get, on this package's own map (keys lower-case)
+        index = headers.first_values
         key = index.get(":path") if len(keys) == 1 else tuple(map(index.get, keys))
         memo = self._memo
         route = memo.get(key, _MISSING)

@@ -115,7 +115,7 @@ _second = operator.itemgetter(1)
 def check_request_headers(headers: HeaderMap) -> str:
     """What Envoy's HTTP/1 request encoder refuses (checkRequiredRequestHeaders and
     checkValidRequestHeaders), as its error message; "" when the request can be sent."""
-    index = headers._index  # the map's first values, read directly
+    index = headers.first_values
     if ":method" in index and (":path" in index or index[":method"] == "CONNECT"):
         # The usual case without a Python step per header: no value has a CR, LF or NUL.
         values = "".join(map(_second, headers._entries))
@@ -269,7 +269,7 @@ def final_timeout_ms(route: "Route", headers: HeaderMap, config: RouterConfig,
     else:
         # headers.get on this package's own map, without a call: `index` holds each key's first
         # value; a header absent from `present` (when given) is not looked up.
-        index = headers._index
+        index = headers.first_values
         has = index if present is None else present
         expected = None
         if config.respect_expected_rq_timeout and "x-envoy-expected-rq-timeout-ms" in has:
@@ -534,7 +534,7 @@ class Router:
         info.cluster_metadata = cluster.info.metadata
         # The HCM already stripped a downstream request's control headers (cleanInternalHeaders);
         # what is left came from a filter or a trusted sender and is honoured.
-        index = headers._index  # the map's keys (HeaderMap.names()), read directly
+        index = headers.first_values  # the map's keys
         present = _CONTROL_HEADERS.intersection(index)  # which of them the request carries
         self._internal = "x-envoy-internal" in present and index["x-envoy-internal"] == "true"
 
@@ -556,7 +556,7 @@ class Router:
             route.finalize_request_headers(headers, info, keep_original)
         if route.auto_host_rewrite and host.hostname:
             update_authority(headers, host.hostname, route.append_x_forwarded_host, keep_original)
-        for name in _HOP_BY_HOP.intersection(headers._index):  # remove_hop_by_hop, inline: usually none
+        for name in _HOP_BY_HOP.intersection(headers.first_values):  # remove_hop_by_hop, inline: usually none
             headers.remove(name)
         if route.mirror_policies:
             self._shadow_headers = headers.copy()
@@ -894,7 +894,7 @@ class Router:
         cb = self.callbacks
         info = self._info
         now = self._clock()
-        status_text = headers._index.get(":status") or "0"  # headers.get, on this package's own map
+        status_text = headers.first_values.get(":status") or "0"
         status = int(status_text) if status_text.isdigit() else 0
         assert self.cluster is not None and self.route is not None
         if status >= 500:
@@ -921,7 +921,7 @@ class Router:
             self._per_try_timer.disable_timer()
         info.first_upstream_rx = now
         info.response_code = status  # before the encoder filters see the headers, as Envoy's router
-        for name in _HOP_BY_HOP.intersection(headers._index):  # remove_hop_by_hop, inline: usually none
+        for name in _HOP_BY_HOP.intersection(headers.first_values):  # remove_hop_by_hop, inline: usually none
             headers.remove(name)
         if not self.config.suppress_envoy_headers:
             start = self._request_complete_at or (info.first_upstream_tx or now)

@@ -124,7 +124,7 @@ class AsyncRequest:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         self._response_headers = headers
-        status = headers._index.get(":status") or "0"  # headers.get, on this package's own map
+        status = headers.first_values.get(":status") or "0"
         self.stream_info.response_code = int(status) if status.isdigit() else 0
         if end_stream:
             self._finish()
@@ -168,7 +168,7 @@ class AsyncRequest:
     def _start(self, headers: HeaderMap, body: bytes, trailers: HeaderMap | None) -> None:
         # RequestOptions defaults: send_internal and send_xff (the server's local address).
         headers.set("x-envoy-internal", "true")
-        xff = headers._index.get("x-forwarded-for")  # headers.get, on this package's own map
+        xff = headers.first_values.get("x-forwarded-for")
         local = _local_address or local_address()
         headers.set("x-forwarded-for", f"{xff},{local}" if xff else local)
         router = self._router

@@ -315,7 +315,7 @@ class ActiveClient(asyncio.Protocol):
         stream = self.stream
         if stream is None or stream.done:
             return
-        index = headers._index  # headers.get("connection"), on this package's own map
+        index = headers.first_values
         if "connection" in index and index["connection"].lower() == "close":
             self.pool.stats.inc("upstream_cx_close_notify")
         if end_stream:
